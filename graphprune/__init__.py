@@ -1,0 +1,26 @@
+"""graphprune: token reduction for transformers as a compiler pass.
+
+    import graphprune
+    fast = graphprune.optimize(model, recipe="tome", r=13)
+"""
+
+from graphprune import ops  # noqa: F401  (registers the token ops)
+from graphprune.api import optimize
+from graphprune.errors import (
+    ExportError,
+    GraphPruneError,
+    RecipeError,
+    ScheduleError,
+    UnsupportedArchitectureError,
+    UntrustedFileError,
+)
+from graphprune.exporters.eager import OptimizedModel, load
+from graphprune.exporters.onnx import OnnxModel
+from graphprune.recipes import RECIPES, list_recipes
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ExportError", "GraphPruneError", "OnnxModel", "OptimizedModel", "RECIPES", "RecipeError", "ScheduleError",
+    "UnsupportedArchitectureError", "UntrustedFileError", "list_recipes", "load", "optimize", "__version__",
+]

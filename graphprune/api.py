@@ -1,0 +1,92 @@
+"""``graphprune.optimize``: capture → analyze → plan → rewrite → lower → verify → report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from graphprune.capture import capture, eval_mode
+from graphprune.errors import GraphPruneError
+from graphprune.exporters.eager import OptimizedModel
+from graphprune.exporters.files import check_writable
+from graphprune.exporters.onnx import export_onnx, max_abs_diff
+from graphprune.exporters.trt import export_trt
+from graphprune.passes import remove_markers
+from graphprune.patterns import analyze
+from graphprune.recipes import get_recipe
+from graphprune.report import Report, count_flops
+
+TARGETS = ("eager", "onnx", "trt")
+
+
+def default_example_inputs(model: torch.nn.Module) -> tuple:
+    """One image of the size the model was built for (timm's ``pretrained_cfg`` or ``patch_embed``)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = cfg.get("input_size")
+    pe = getattr(model, "patch_embed", None)
+    if pe is not None and getattr(pe, "img_size", None) is not None:
+        chans = getattr(getattr(pe, "proj", None), "in_channels", 3)
+        size = (chans, *pe.img_size)
+    if size is None:
+        raise GraphPruneError("cannot tell the model's input shape: pass example_inputs=(tensor, ...)")
+    return (torch.randn(2, *size),)
+
+
+def _batch1(inputs: tuple) -> tuple:
+    return tuple(t[:1] if isinstance(t, torch.Tensor) and t.dim() > 0 else t for t in inputs)
+
+
+def optimize(model: torch.nn.Module, recipe: str, target: str = "eager", example_inputs=None, output=None, **options):
+    """Apply a token-reduction recipe to ``model`` and lower the result to ``target``.
+
+    Returns an :class:`OptimizedModel` (``target="eager"``) or an :class:`OnnxModel`
+    (``target="onnx"``, written to ``output``). Both are callable with the original inputs
+    and carry ``.report``. The input model is not modified.
+    """
+    if target not in TARGETS:
+        raise GraphPruneError(f"unknown target '{target}'; choose one of {', '.join(TARGETS)}")
+    rec = get_recipe(recipe, **options)
+    if target == "trt":
+        export_trt()
+    if target == "onnx":
+        if output is None:
+            raise GraphPruneError("target='onnx' needs output='path/to/model.onnx'")
+        output = Path(output)
+        if output.suffix != ".onnx":
+            output = output / "model.onnx"
+        check_writable(output)
+    if example_inputs is None:
+        example_inputs = default_example_inputs(model)
+    elif isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    example_inputs = tuple(example_inputs)
+
+    captured = capture(model, example_inputs)
+    graph = analyze(captured)
+    rec.check(graph)
+    inputs = captured.example_inputs
+    one = _batch1(inputs)
+    with eval_mode(model), torch.no_grad():
+        reference = model(*inputs)
+        parity = {"capture": max_abs_diff(graph.gm(*inputs), reference)}
+        flops_before = count_flops(graph.gm, one)
+    tokens = rec.apply(graph)
+    remove_markers(graph.gm)
+    with torch.no_grad():
+        graph.gm(*inputs)  # the rewritten graph must run
+        flops_after = count_flops(graph.gm, one)
+    layout = graph.layout
+    report = Report(
+        recipe=rec.name, options=rec.options(), tokens_per_block=tokens, flops_before=flops_before,
+        flops_after=flops_after, parity=parity,
+        layout={"prefix_tokens": layout.prefix, "roles": layout.roles, "pooling": layout.pooling},
+    )
+    result = OptimizedModel(graph.gm, report, inputs)
+    if target == "onnx":
+        runner, diff = export_onnx(result.gm, inputs, output)
+        report.parity["onnx"] = diff
+        report.artifact = str(output)
+        runner.report = report
+        return runner
+    return result

@@ -1,0 +1,41 @@
+"""The eager target: the rewritten graph as a module, savable as a ``torch.export`` .pt2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from graphprune.capture import export
+from graphprune.exporters.files import atomic_path
+from graphprune.report import Report
+
+
+class OptimizedModel(torch.nn.Module):
+    """The rewritten model. Call it like the original; ``.report`` says what was done."""
+
+    def __init__(self, gm: torch.fx.GraphModule, report: Report, example_inputs: tuple):
+        super().__init__()
+        self.gm = gm
+        self.report = report
+        self.example_inputs = example_inputs
+
+    def forward(self, *args, **kwargs):
+        return self.gm(*args, **kwargs)
+
+    def export(self) -> torch.export.ExportedProgram:
+        """The rewritten model as an ExportedProgram with a dynamic batch dimension."""
+        return export(self.gm, self.example_inputs)  # the inner graph keeps the original signature
+
+    def save(self, path) -> Path:
+        """Write a ``.pt2`` file; reload it with ``graphprune.load(path)``."""
+        path = Path(path)
+        program = self.export()
+        with atomic_path(path) as tmp:
+            torch.export.save(program, tmp)
+        return path
+
+
+def load(path) -> torch.nn.Module:
+    """Load a ``.pt2`` written by :meth:`OptimizedModel.save` (graphprune's ops are registered on import)."""
+    return torch.export.load(str(path)).module()

@@ -1,0 +1,45 @@
+"""EViT token reorganisation (Liang et al., ICLR 2022).
+
+``graphprune::evit_select(x, score, keep, protected)``: ``score`` is the class token's
+attention (after softmax, averaged over heads) to every token, shape (B, N). Of the
+non-protected tokens, the ``ceil(keep * (N - protected))`` with the highest score are kept
+(in descending score order, as ``topk`` returns them); the rest are fused into one extra
+token ``sum(score_i * x_i)`` (not renormalised). Output: ``[protected..., kept..., fused]``.
+When every token would be kept the input is returned unchanged (no fused token), as in the
+published code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def evit_keep_count(n: int, keep: float, protected: int) -> int:
+    """Tokens kept out of the ``n - protected`` candidates."""
+    return math.ceil(keep * (n - protected))
+
+
+def evit_out_tokens(n: int, keep: float, protected: int) -> int:
+    k = evit_keep_count(n, keep, protected)
+    return n if k >= n - protected else protected + k + 1
+
+
+@torch.library.custom_op("graphprune::evit_select", mutates_args=())
+def evit_select(x: torch.Tensor, score: torch.Tensor, keep: float, protected: int) -> torch.Tensor:
+    b, n, c = x.shape
+    k = evit_keep_count(n, keep, protected)
+    if k >= n - protected:
+        return x.clone()
+    rest, s = x[:, protected:], score[:, protected:]
+    _, idx = torch.topk(s, k, dim=1, largest=True, sorted=True)
+    kept = rest.gather(1, idx.unsqueeze(-1).expand(-1, -1, c))
+    dropped = torch.ones_like(s).scatter_(1, idx, 0.0)
+    fused = (rest * (s * dropped).unsqueeze(-1)).sum(dim=1, keepdim=True)
+    return torch.cat([x[:, :protected], kept, fused], dim=1)
+
+
+@evit_select.register_fake
+def _evit_select_fake(x, score, keep, protected):
+    return x.new_empty((x.shape[0], evit_out_tokens(x.shape[1], keep, protected), x.shape[2]))

@@ -1,0 +1,116 @@
+"""ONNX lowerings of the token ops, for ``torch.onnx.export(..., custom_translation_table=...)``.
+
+Only standard ONNX ops (opset 18) are used, so ONNX Runtime and a plugin-free TensorRT
+build can run them. Merges are written as a one-hot assignment matrix times the tokens
+(MatMul): correct when several tokens merge into the same destination, with no
+``ScatterElements`` reduction (a plugin in TensorRT) and no ``scatter_reduce``.
+The token count must be static in the exported graph (only the batch is dynamic);
+it is, because every recipe's token counts are a function of N and the schedule.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import torch
+from onnxscript import opset18 as op
+
+from graphprune.errors import ExportError
+from graphprune.ops.evit import evit_keep_count
+from graphprune.ops.tome import tome_effective_r
+
+
+def _ints(*v):
+    return op.Constant(value_ints=list(v))
+
+
+def _static(value, axis: int, what: str) -> int:
+    dim = value.shape[axis] if value.shape is not None else None
+    if not isinstance(dim, int):
+        raise ExportError(f"{what}: the token dimension must be static for ONNX export (got {dim})")
+    return dim
+
+
+def _slice(t, start: int, end: int, axis: int = 1, step: int = 1):
+    return op.Slice(t, _ints(start), _ints(end), _ints(axis), _ints(step))
+
+
+def _take(t, idx, width: int):
+    """Batched gather along axis 1: t (B, N, C), idx (B, k) -> (B, k, C)."""
+    return op.GatherElements(t, op.Expand(op.Unsqueeze(idx, _ints(-1)), _ints(1, 1, width)), axis=1)
+
+
+def _one_hot(idx, n: int, like):
+    """(B, k) int64 -> (B, k, n) one-hot in the dtype of ``like``."""
+    hits = op.Equal(op.Unsqueeze(idx, _ints(-1)), op.Range(op.Constant(value_int=0), op.Constant(value_int=n), op.Constant(value_int=1)))
+    return op.CastLike(hits, like)
+
+
+def _interleave_prefix(unm, dst, protected: int):
+    pa, pb = (protected + 1) // 2, protected // 2
+    parts = []
+    for i in range(pa):
+        parts.append(_slice(unm, i, i + 1))
+        if i < pb:
+            parts.append(_slice(dst, i, i + 1))
+    parts += [_slice(unm, pa, 2**62), _slice(dst, pb, 2**62)]
+    return op.Concat(*parts, axis=1)
+
+
+def tome_merge(x, size, metric, r: int, protected: int):
+    n = _static(x, 1, "tome_merge")
+    r = tome_effective_r(n, r, protected)
+    if r == 0:
+        return op.Identity(x), op.Identity(size)
+    na, nb = (n + 1) // 2, n // 2
+    pa, pb = (protected + 1) // 2, protected // 2
+
+    m = op.Div(metric, op.ReduceL2(metric, _ints(-1), keepdims=1))
+    scores = op.MatMul(_slice(m, 0, n, step=2), op.Transpose(_slice(m, 1, n, step=2), perm=[0, 2, 1]))
+    if protected:
+        mask = np.zeros((na, nb), dtype=np.float32)
+        mask[:pa, :] = -np.inf
+        mask[:, :pb] = -np.inf
+        scores = op.Add(scores, op.CastLike(op.Constant(value=ir.tensor(mask)), scores))
+    node_max = op.ReduceMax(scores, _ints(-1), keepdims=0)
+    node_idx = op.ArgMax(scores, axis=-1, keepdims=0)
+    _, edge = op.TopK(node_max, _ints(na), axis=-1, largest=1, sorted=1)
+    src_idx = _slice(edge, 0, r)
+    unm_idx = _slice(edge, r, na)
+    if protected:  # unmerged A tokens back in positional order
+        pos, _ = op.TopK(op.Cast(unm_idx, to=ir.DataType.FLOAT), _ints(na - r), axis=-1, largest=0, sorted=1)
+        unm_idx = op.Cast(pos, to=ir.DataType.INT64)
+    dst_idx = op.GatherElements(node_idx, src_idx, axis=1)
+    assign = op.Transpose(_one_hot(dst_idx, nb, x), perm=[0, 2, 1])  # (B, nb, r)
+
+    def merge(t, width: int):
+        src, dst = _slice(t, 0, n, step=2), _slice(t, 1, n, step=2)
+        unm = _take(src, unm_idx, width)
+        moved = _take(src, src_idx, width)
+        dst = op.Add(dst, op.MatMul(assign, moved))
+        return _interleave_prefix(unm, dst, protected)
+
+    c = _static(x, 2, "tome_merge")
+    new_size = merge(size, 1)
+    return op.Div(merge(op.Mul(x, size), c), new_size), new_size
+
+
+def evit_select(x, score, keep: float, protected: int):
+    n, c = _static(x, 1, "evit_select"), _static(x, 2, "evit_select")
+    k = evit_keep_count(n, keep, protected)
+    if k >= n - protected:
+        return op.Identity(x)
+    rest, s = _slice(x, protected, n), _slice(score, protected, n)
+    _, idx = op.TopK(s, _ints(k), axis=1, largest=1, sorted=1)
+    kept = _take(rest, idx, c)
+    chosen = op.ReduceSum(_one_hot(idx, n - protected, s), _ints(1), keepdims=0)
+    weight = op.Mul(s, op.Sub(op.CastLike(op.Constant(value_float=1.0), s), chosen))
+    fused = op.ReduceSum(op.Mul(rest, op.Unsqueeze(weight, _ints(-1))), _ints(1), keepdims=1)
+    parts = ([_slice(x, 0, protected)] if protected else []) + [kept, fused]
+    return op.Concat(*parts, axis=1)
+
+
+TRANSLATIONS = {
+    torch.ops.graphprune.tome_merge.default: tome_merge,
+    torch.ops.graphprune.evit_select.default: evit_select,
+}

@@ -1,0 +1,89 @@
+"""ToMe bipartite soft matching and size-weighted merge (Bolya et al., ICLR 2023).
+
+``graphprune::tome_merge(x, size, metric, r, protected)`` merges ``r`` tokens of ``x``:
+
+* tokens alternate into set A (even positions) and set B (odd positions);
+* the similarity is the cosine between head-averaged attention keys (``metric``);
+* the first ``protected`` tokens (class, distillation, register tokens) are never merged
+  away (their A rows are -inf) and never receive merges (their B columns are -inf);
+* every A token picks its most similar B token; the ``r`` A tokens with the highest
+  similarity are merged into their match as a size-weighted average; sizes add up;
+* output order is ``[unmerged A, B]`` with the protected tokens interleaved back at the
+  front in their original order (for one class token and one distillation token this is
+  exactly the published ``[unm[0], B[0], unm[1:], B[1:]]``). With protected tokens the
+  unmerged A tokens keep their positional order, as in the published code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def tome_effective_r(n: int, r: int, protected: int) -> int:
+    """The r actually applied to ``n`` tokens: at most half of the unprotected tokens."""
+    return max(0, min(r, (n - protected) // 2))
+
+
+def _interleave_prefix(unm: torch.Tensor, dst: torch.Tensor, protected: int) -> torch.Tensor:
+    """[A0, B0, A1, B1, ...] for the protected prefix, then the remaining A, then the remaining B."""
+    pa, pb = (protected + 1) // 2, protected // 2
+    parts = []
+    for i in range(pa):
+        parts.append(unm[:, i : i + 1])
+        if i < pb:
+            parts.append(dst[:, i : i + 1])
+    parts += [unm[:, pa:], dst[:, pb:]]
+    return torch.cat(parts, dim=1)
+
+
+def match(metric: torch.Tensor, r: int, protected: int):
+    """Bipartite soft matching. Returns (unm_idx, src_idx, dst_idx), each (B, k, 1)."""
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    a, b = metric[..., ::2, :], metric[..., 1::2, :]
+    scores = a @ b.transpose(-1, -2)
+    pa, pb = (protected + 1) // 2, protected // 2
+    if pa:
+        scores[..., :pa, :] = -math.inf
+    if pb:
+        scores[..., :, :pb] = -math.inf
+    node_max, node_idx = scores.max(dim=-1)
+    edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
+    unm_idx = edge_idx[..., r:, :]
+    src_idx = edge_idx[..., :r, :]
+    dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
+    if protected:
+        unm_idx = unm_idx.sort(dim=1)[0]
+    return unm_idx, src_idx, dst_idx
+
+
+def merge_sum(x: torch.Tensor, unm_idx, src_idx, dst_idx, protected: int) -> torch.Tensor:
+    """Sum every merged A token into its B destination (repeated destinations add up)."""
+    src, dst = x[..., ::2, :], x[..., 1::2, :]
+    n, t1, c = src.shape
+    r = src_idx.shape[1]
+    unm = src.gather(dim=-2, index=unm_idx.expand(n, t1 - r, c))
+    src = src.gather(dim=-2, index=src_idx.expand(n, r, c))
+    dst = dst.scatter_reduce(-2, dst_idx.expand(n, r, c), src, reduce="sum")
+    return _interleave_prefix(unm, dst, protected)
+
+
+@torch.library.custom_op("graphprune::tome_merge", mutates_args=())
+def tome_merge(
+    x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r: int, protected: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r = tome_effective_r(x.shape[1], r, protected)
+    if r == 0:
+        return x.clone(), size.clone()
+    with torch.no_grad():
+        idx = match(metric, r, protected)
+    merged = merge_sum(x * size, *idx, protected)
+    new_size = merge_sum(size, *idx, protected)
+    return merged / new_size, new_size
+
+
+@tome_merge.register_fake
+def _tome_merge_fake(x, size, metric, r, protected):
+    n = x.shape[1] - tome_effective_r(x.shape[1], r, protected)
+    return x.new_empty((x.shape[0], n, x.shape[2])), size.new_empty((size.shape[0], n, 1))

@@ -1,0 +1,62 @@
+"""Pattern matching on the captured graph: attention sites, blocks, token layout."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+from graphprune.errors import UnsupportedArchitectureError
+from graphprune.ops.markers import MARKER
+from graphprune.patterns.attention import AttentionSite, find_attention_sites
+from graphprune.patterns.block import Block, check_tokenwise_after, find_residual
+from graphprune.patterns.layout import TokenLayout, analyze_head, find_prefix
+
+__all__ = ["AttentionSite", "Block", "ModelGraph", "TokenLayout", "analyze", "find_attention_sites"]
+
+
+@dataclass
+class ModelGraph:
+    gm: torch.fx.GraphModule
+    blocks: list[Block]
+    output: torch.fx.Node  # marker on the last block's output
+    layout: TokenLayout
+    example_inputs: tuple
+
+    @property
+    def tokens(self) -> int:
+        return self.blocks[0].tokens
+
+
+def analyze(captured) -> ModelGraph:
+    """Find blocks, their attention and residual, and the token layout in a captured graph."""
+    gm = captured.gm
+    nodes = list(gm.graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    markers = [n for n in nodes if n.target is MARKER]
+    sites = find_attention_sites(gm.graph)
+    blocks = []
+    for i, (path, marker) in enumerate(zip(captured.block_paths, markers)):
+        end = markers[i + 1]
+        own = [s for s in sites if order[marker] < order[s.node] < order[end]]
+        if len(own) != 1:
+            raise UnsupportedArchitectureError(
+                f"block {path} has {len(own)} attention sites; graphprune supports blocks with one self-attention"
+            )
+        site = own[0]
+        tokens = markers[0].args[0].meta["val"].shape[1]  # unreduced, every block sees N tokens
+        if not isinstance(tokens, int):
+            raise UnsupportedArchitectureError(f"block {path}: the token count entering it is not static ({tokens})")
+        if site.k.meta["val"].shape[-2] != marker.meta["val"].shape[1]:
+            raise UnsupportedArchitectureError(
+                f"block {path}: attention runs over a different number of tokens than the block's input "
+                "(windowed or pooled attention); not supported"
+            )
+        residual = find_residual(marker, site, order, end, path)
+        check_tokenwise_after(marker, residual, order, end, path)
+        blocks.append(Block(index=i, path=path, input=marker, site=site, residual=residual, tokens=tokens))
+    prefix, roles = find_prefix(markers[0])
+    layout = TokenLayout(prefix=prefix, roles=roles)
+    analyze_head(markers[-1], layout)
+    return ModelGraph(gm=gm, blocks=blocks, output=markers[-1], layout=layout, example_inputs=captured.example_inputs)

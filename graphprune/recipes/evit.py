@@ -1,0 +1,77 @@
+"""EViT: Expediting Vision Transformers via Token Reorganizations (Liang et al., ICLR 2022)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from graphprune.errors import RecipeError
+from graphprune.ops.evit import evit_out_tokens
+from graphprune.patterns import AttentionSite, ModelGraph
+from graphprune.recipes.base import Recipe, option, register
+from graphprune.passes import reduce_after_residual
+from graphprune.schedule import parse_keep, parse_locations
+
+EVIT = torch.ops.graphprune.evit_select.default
+
+
+def cls_attention(site: AttentionSite):
+    """A function of the site's nodes giving the class token's attention to every token, (B, N).
+
+    Only the class row of the attention matrix is computed (softmax(q_cls · kᵀ · scale)), so
+    this works when the model uses fused attention that never materialises the matrix.
+    """
+    if site.kind == "explicit":
+        return lambda probs: probs[:, :, 0, :].mean(dim=1), (site.node,)
+    scale = site.scale()
+
+    def score(q, k, mask=None):
+        logits = (q[:, :, :1] @ k.transpose(-2, -1)) * scale
+        if mask is not None:
+            logits = logits + mask[..., :1, :]
+        return logits.softmax(dim=-1).mean(dim=1)[:, 0]
+
+    return score, (site.q, site.k) + ((site.mask,) if site.mask is not None else ())
+
+
+def _select(x, keep, protected, score_fn, *score_args):
+    return EVIT(x, score_fn(*score_args), keep, protected)
+
+
+@register
+@dataclass
+class EViT(Recipe):
+    name = "evit"
+    summary = "keep the tokens the class token attends to most, fuse the rest into one token"
+    paper = "EViT: Expediting Vision Transformers via Token Reorganizations (ICLR 2022)"
+
+    keep: float = option(0.7, "fraction of (non-protected) tokens kept at each location")
+    locations: Optional[list] = option(None, "block indices where tokens are reorganised (default L/4, L/2, 3L/4)")
+
+    def validate(self) -> None:
+        parse_keep(self.keep)
+        if self.locations is not None:
+            parse_locations(self.locations, 10**6)
+
+    def check(self, graph: ModelGraph) -> None:
+        roles = graph.layout.roles
+        if not roles or roles[0] not in ("cls", "prefix"):
+            raise RecipeError(
+                "recipe 'evit' ranks tokens by the class token's attention, and this model has no class token "
+                f"(pooling: {graph.layout.pooling}); use recipe 'tome' instead"
+            )
+        parse_locations(self.locations, len(graph.blocks))
+
+    def apply(self, graph: ModelGraph) -> list[int]:
+        keep, protected = parse_keep(self.keep), graph.layout.prefix
+        where = set(parse_locations(self.locations, len(graph.blocks)))
+        n, counts = graph.tokens, []
+        for block in graph.blocks:
+            counts.append(n)
+            if block.index in where and evit_out_tokens(n, keep, protected) != n:
+                score_fn, score_args = cls_attention(block.site)
+                reduce_after_residual(block, _select, keep, protected, score_fn, *score_args)
+                n = evit_out_tokens(n, keep, protected)
+        return counts
