@@ -1,8 +1,7 @@
 """Capture: ``torch.export`` with a dynamic batch and a symbolic token dimension.
 
-Two exports. The first, plain one finds the attention sites and the transformer blocks
-that own them (from ``nn_module_stack``). The second routes every block's input, and the
-last block's output, through the pass-through marker op ``graphprune::tokens`` whose fake
+One eager forward pass finds the transformer blocks in which attention runs. The export
+then routes every block's input, and the last block's output, through the pass-through marker op ``graphprune::tokens`` whose fake
 implementation returns a fresh data-dependent token count: each reshape inside a block then
 reads its token count from the tensor (``sym_size``) instead of a literal, so later passes
 may change the number of tokens flowing between blocks. Markers are attached with
@@ -17,11 +16,13 @@ import re
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+import torch.utils._pytree as pytree
 from torch.export import Dim
+from torch.overrides import TorchFunctionMode
 
 from graphprune.errors import GraphPruneError, UnsupportedArchitectureError
 from graphprune.ops.markers import MARKER
-from graphprune.patterns.attention import find_attention_sites
 
 
 @dataclass
@@ -29,6 +30,8 @@ class Captured:
     gm: torch.fx.GraphModule  # unlifted graph, markers still in place
     example_inputs: tuple
     block_paths: list[str]
+    reference: object  # the original model's output on example_inputs
+    max_abs_diff: float  # captured graph vs original model
 
 
 @contextlib.contextmanager
@@ -65,13 +68,59 @@ def export(module, example_inputs: tuple):
 _INDEXED = re.compile(r"\.\d+$")
 
 
-def block_path_of(node: torch.fx.Node) -> str | None:
-    """The innermost enclosing module whose path ends in a container index (``blocks.3``)."""
-    paths = [p for p, _ in node.meta.get("nn_module_stack", {}).values()]
-    for path in reversed(paths):
-        if _INDEXED.search(path):
-            return path
-    return None
+_ATTENTION_FUNCS = {F.scaled_dot_product_attention, torch.softmax, F.softmax, torch.Tensor.softmax}
+
+
+class _AttentionSpy(TorchFunctionMode):
+    """Records the module stack whenever attention (SDPA or a softmax) runs."""
+
+    def __init__(self, stack: list, found: list):
+        super().__init__()
+        self.stack, self.found = stack, found
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _ATTENTION_FUNCS:
+            path = next((p for p in reversed(self.stack) if p and _INDEXED.search(p)), None)
+            if path is not None and path not in self.found:
+                self.found.append(path)
+        return func(*args, **(kwargs or {}))
+
+
+def find_block_paths(model: torch.nn.Module, example_inputs: tuple) -> list[str]:
+    """Run the model once eagerly and name the indexed blocks (``blocks.3``) in which attention runs.
+
+    Cheap (one forward pass, no export); the marked export that follows matches and validates
+    the attention sites themselves.
+    """
+    names = {m: n for n, m in model.named_modules()}
+    stack: list = []
+    found: list = []
+    h1 = torch.nn.modules.module.register_module_forward_pre_hook(lambda m, a: stack.append(names.get(m)))
+
+    def leave(module, args, output):
+        stack.pop()  # returns None: the output is left alone
+
+    h2 = torch.nn.modules.module.register_module_forward_hook(leave)
+    try:
+        with _AttentionSpy(stack, found):
+            model(*example_inputs)
+    except GraphPruneError:
+        raise
+    except Exception as err:  # noqa: BLE001  (the user's model raised: report why)
+        shapes = [tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)]
+        raise GraphPruneError(
+            f"the example inputs {shapes} do not fit the model ({_first_line(err)}); "
+            "pass example_inputs (or --input-size) of the shape the model expects"
+        ) from err
+    finally:
+        h1.remove()
+        h2.remove()
+    if not found:
+        raise UnsupportedArchitectureError(
+            "no attention (scaled_dot_product_attention or softmax) runs inside a stack of indexed blocks "
+            "(blocks.0, blocks.1, ...): graphprune reduces tokens of transformer models"
+        )
+    return found
 
 
 def _first_line(err: BaseException) -> str:
@@ -82,32 +131,7 @@ def _first_line(err: BaseException) -> str:
 def capture(model: torch.nn.Module, example_inputs: tuple) -> Captured:
     example_inputs = batch_inputs(example_inputs)
     with eval_mode(model), torch.no_grad():
-        try:
-            model(*example_inputs)
-        except Exception as err:  # noqa: BLE001  (the user's model raised: report why)
-            shapes = [tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)]
-            raise GraphPruneError(
-                f"the example inputs {shapes} do not fit the model ({_first_line(err)}); "
-                "pass example_inputs (or --input-size) of the shape the model expects"
-            ) from err
-        try:
-            plain = export(model, example_inputs)
-        except Exception as err:  # noqa: BLE001
-            raise UnsupportedArchitectureError(f"torch.export could not capture the model: {_first_line(err)}") from err
-
-        sites = find_attention_sites(plain.graph_module.graph)
-        if not sites:
-            raise UnsupportedArchitectureError(
-                "no attention found in the captured graph (neither scaled_dot_product_attention "
-                "nor softmax(q @ k^T) @ v): graphprune reduces tokens of transformer models"
-            )
-        paths: list[str] = []
-        for site in sites:
-            path = block_path_of(site.node)
-            if path is not None and path not in paths:
-                paths.append(path)
-        if not paths:
-            raise UnsupportedArchitectureError("attention was found, but not inside a stack of indexed blocks (blocks.0, blocks.1, ...)")
+        paths = find_block_paths(model, example_inputs)
         blocks = {model.get_submodule(p): p for p in paths}
         last = model.get_submodule(paths[-1])
 
@@ -156,4 +180,14 @@ def capture(model: torch.nn.Module, example_inputs: tuple) -> Captured:
             f"expected {len(paths)} block inputs and one output in the graph, found {n_markers} token markers: "
             "a block is called more than once or not at all"
         )
-    return Captured(gm=gm, example_inputs=example_inputs, block_paths=paths)
+    with eval_mode(model), torch.no_grad():
+        reference = model(*example_inputs)
+        try:
+            got = gm(*example_inputs)
+        except Exception as err:  # noqa: BLE001
+            raise UnsupportedArchitectureError(
+                f"the captured graph does not run with a variable token count ({_first_line(err)}); the model "
+                "probably changes or indexes tokens between or inside its blocks"
+            ) from err
+    diff = max(float((a.float() - b.float()).abs().max()) for a, b in zip(pytree.tree_leaves(got), pytree.tree_leaves(reference)))
+    return Captured(gm=gm, example_inputs=example_inputs, block_paths=paths, reference=reference, max_abs_diff=diff)

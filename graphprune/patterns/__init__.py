@@ -29,6 +29,10 @@ class ModelGraph:
         return self.blocks[0].tokens
 
 
+def _inside(node: torch.fx.Node, path: str) -> bool:
+    return any(p == path or p.startswith(path + ".") for p, _ in node.meta.get("nn_module_stack", {}).values())
+
+
 def analyze(captured) -> ModelGraph:
     """Find blocks, their attention and residual, and the token layout in a captured graph."""
     gm = captured.gm
@@ -52,6 +56,11 @@ def analyze(captured) -> ModelGraph:
             raise UnsupportedArchitectureError(
                 f"block {path}: attention runs over a different number of tokens than the block's input "
                 "(windowed or pooled attention); not supported"
+            )
+        if i > 0 and not _inside(marker.args[0], captured.block_paths[i - 1]):
+            raise UnsupportedArchitectureError(
+                f"'{marker.args[0].name}' runs between block {captured.block_paths[i - 1]} and block {path} "
+                "(pooling, a convolution or a stage transition): tokens can only be reduced in a plain stack of blocks"
             )
         residual = find_residual(marker, site, order, end, path)
         check_tokenwise_after(marker, residual, order, end, path)

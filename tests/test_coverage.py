@@ -1,0 +1,103 @@
+"""Every supported timm family: zero reduction is exact, reduction runs, ONNX matches eager."""
+
+import pytest
+import torch
+
+import graphprune
+from graphprune.errors import RecipeError, UnsupportedArchitectureError
+from tests.conftest import FAMILIES, family, images, tiny
+
+NO_CLS = {"mean_pooled", "reg4_gap"}
+
+
+def _diff(a, b):
+    return float((a - b).abs().max())
+
+
+@pytest.mark.parametrize("key", sorted(FAMILIES))
+def test_zero_reduction_reproduces_original(key):
+    model = family(key)
+    x = images(3)
+    with torch.no_grad():
+        expected = model(x)
+        fast = graphprune.optimize(model, "tome", example_inputs=(x,), r=0)
+        assert _diff(fast(x), expected) <= 1e-5
+        assert fast.report.tokens_per_block == [fast.report.tokens_per_block[0]] * len(model.blocks)
+        if key not in NO_CLS:
+            fast = graphprune.optimize(model, "evit", example_inputs=(x,), keep=1.0)
+            assert _diff(fast(x), expected) <= 1e-5
+
+
+@pytest.mark.parametrize("key", sorted(FAMILIES))
+def test_reduction_runs_and_exports(key, tmp_path):
+    model = family(key)
+    x = images(2)
+    recipes = [("tome", {"r": 6})] + ([] if key in NO_CLS else [("evit", {"keep": 0.5, "locations": [1, 3]})])
+    for recipe, opts in recipes:
+        onnx = graphprune.optimize(model, recipe, target="onnx", output=tmp_path / recipe / "m.onnx", example_inputs=(x,), **opts)
+        rep = onnx.report
+        assert rep.tokens_per_block[-1] < rep.tokens_per_block[0]
+        assert rep.flops_after < rep.flops_before
+        assert rep.parity["onnx"] <= 1e-4
+        eager = graphprune.optimize(model, recipe, example_inputs=(x,), **opts)
+        x5 = images(5, seed=7)  # another batch size: the batch axis is dynamic
+        with torch.no_grad():
+            assert _diff(onnx(x5), eager(x5)) <= 1e-4
+
+
+def test_layout_detection():
+    cases = {
+        "vit": (1, "cls"), "deit_distilled": (2, "cls"), "reg4": (5, "cls"),
+        "mean_pooled": (0, "mean"), "mean_pooled_cls": (1, "mean"), "reg4_gap": (4, "mean"),
+    }
+    for key, (prefix, pooling) in cases.items():
+        rep = graphprune.optimize(family(key), "tome", example_inputs=(images(2),), r=0).report
+        assert (rep.layout["prefix_tokens"], rep.layout["pooling"]) == (prefix, pooling), key
+    roles = graphprune.optimize(family("reg4"), "tome", example_inputs=(images(2),), r=0).report.layout["roles"]
+    assert roles == ["cls"] + ["register"] * 4
+
+
+def test_protected_tokens_survive_aggressive_merging():
+    """cls and distillation tokens stay in place even when nearly everything merges."""
+    model = family("deit_distilled")
+    x = images(2)
+    fast = graphprune.optimize(model, "tome", example_inputs=(x,), r=[32, 16, 8, 4])
+    assert fast.report.tokens_per_block == [66, 34, 18, 10]
+    with torch.no_grad():
+        fast(x)
+
+
+def test_evit_needs_a_class_token():
+    with pytest.raises(RecipeError, match="class token"):
+        graphprune.optimize(family("mean_pooled"), "evit", example_inputs=(images(2),))
+
+
+@pytest.mark.parametrize(
+    "name,kw,reason",
+    [
+        ("swin_tiny_patch4_window7_224", dict(img_size=56, embed_dim=24, depths=(1, 1), num_heads=(1, 2)), "windowed|token sequence"),
+        ("beit_base_patch16_224", dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3), "fixed token count|position"),
+        ("pit_ti_224", dict(img_size=64), "token sequence|fixed token count|convolution"),
+    ],
+)
+def test_unsupported_architectures_are_refused_with_a_reason(name, kw, reason):
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10, **kw).eval()
+    size = kw.get("img_size", 224)
+    with pytest.raises(UnsupportedArchitectureError, match=reason):
+        graphprune.optimize(model, "tome", example_inputs=(torch.randn(2, 3, size, size),), r=2)
+
+
+def test_no_attention_is_refused():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten())
+    with pytest.raises(UnsupportedArchitectureError, match="attention"):
+        graphprune.optimize(model, "tome", example_inputs=(torch.randn(2, 3, 8, 8),))
+
+
+def test_explicit_attention_form_exports():
+    model = tiny("vit_tiny_patch16_224", fused=False, qk_norm=True)
+    x = images(2)
+    with torch.no_grad():
+        assert _diff(graphprune.optimize(model, "tome", example_inputs=(x,), r=0)(x), model(x)) <= 1e-5

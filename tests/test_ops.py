@@ -1,0 +1,99 @@
+"""The token ops: merge invariants, batch independence, ONNX lowering with repeated destinations."""
+
+import math
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch.export import Dim
+
+import graphprune  # noqa: F401
+from graphprune.ops.evit import evit_keep_count
+from graphprune.ops.onnx import TRANSLATIONS
+
+TOME = torch.ops.graphprune.tome_merge
+EVIT = torch.ops.graphprune.evit_select
+
+
+def _inputs(b=3, n=33, c=8, d=4, seed=0, duplicate=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, n, c, generator=g)
+    size = torch.randint(1, 4, (b, n, 1), generator=g).float()
+    metric = torch.randn(b, n, d, generator=g)
+    if duplicate:  # identical keys: many A tokens pick the same B destination
+        metric[:, 4:20] = metric[:, 3:4]
+    return x, size, metric
+
+
+@pytest.mark.parametrize("protected", [0, 1, 2, 5])
+def test_tome_merge_preserves_mass(protected):
+    x, size, metric = _inputs()
+    out, new_size = TOME(x, size, metric, 10, protected)
+    assert out.shape == (3, 23, 8) and new_size.shape == (3, 23, 1)
+    torch.testing.assert_close(new_size.sum(1), size.sum(1))  # sizes add up
+    torch.testing.assert_close((out * new_size).sum(1), (x * size).sum(1), rtol=1e-5, atol=1e-4)  # Σ size·x kept
+    torch.testing.assert_close(out[:, :protected], x[:, :protected])  # protected tokens untouched, in place
+    torch.testing.assert_close(new_size[:, :protected], size[:, :protected])
+
+
+def test_tome_merge_caps_r_and_r0_is_identity():
+    x, size, metric = _inputs(n=9)
+    out, s = TOME(x, size, metric, 100, 1)
+    assert out.shape[1] == 9 - (9 - 1) // 2
+    out, s = TOME(x, size, metric, 0, 1)
+    assert torch.equal(out, x) and torch.equal(s, size)
+
+
+def test_tome_merge_batch_independent():
+    x, size, metric = _inputs()
+    out, _ = TOME(x, size, metric, 7, 1)
+    x2, size2, metric2 = x.clone(), size.clone(), metric.clone()
+    x2[1:] = torch.randn_like(x2[1:])
+    metric2[1:] = torch.randn_like(metric2[1:])
+    out2, _ = TOME(x2, size2, metric2, 7, 1)
+    torch.testing.assert_close(out2[0], out[0])
+    single, _ = TOME(x[:1], size[:1], metric[:1], 7, 1)
+    torch.testing.assert_close(single[0], out[0])
+
+
+def test_evit_select_definition():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 11, 4, generator=g)
+    score = torch.rand(2, 11, generator=g)
+    out = EVIT(x, score, 0.5, 1)
+    k = evit_keep_count(11, 0.5, 1)
+    assert k == math.ceil(0.5 * 10) and out.shape == (2, 1 + k + 1, 4)
+    for b in range(2):
+        order = torch.argsort(score[b, 1:], descending=True)
+        torch.testing.assert_close(out[b, 0], x[b, 0])
+        torch.testing.assert_close(out[b, 1 : 1 + k], x[b, 1 + order[:k]])
+        dropped = order[k:]
+        torch.testing.assert_close(out[b, -1], (score[b, 1 + dropped, None] * x[b, 1 + dropped]).sum(0))
+    assert torch.equal(EVIT(x, score, 1.0, 1), x)  # nothing dropped: unchanged, no fused token
+
+
+class _Ops(torch.nn.Module):
+    def forward(self, x, size, metric, score):
+        y, s = TOME(x, size, metric, 10, 2)
+        y2, s2 = TOME(y, s, y[..., :4], 6, 2)
+        return y, s, y2, s2, EVIT(y2, score[:, : y2.shape[1]], 0.6, 2)
+
+
+def test_onnx_lowering_matches_eager_with_repeated_destinations(tmp_path):
+    x, size, metric = _inputs()
+    score = torch.rand(3, 33)
+    b = Dim("b")
+    prog = torch.onnx.export(_Ops(), (x, size, metric, score), dynamo=True, dynamic_shapes=({0: b},) * 4,
+                             custom_translation_table=TRANSLATIONS, opset_version=18, verbose=False)
+    path = tmp_path / "ops.onnx"
+    prog.save(str(path))
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for seed, batch in [(0, 3), (5, 1), (9, 4)]:  # other batch sizes too
+        x, size, metric = _inputs(b=batch, seed=seed)
+        score = torch.rand(batch, 33)
+        feeds = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), (x, size, metric, score))}
+        for got, want in zip(sess.run(None, feeds), _Ops()(x, size, metric, score)):
+            np.testing.assert_allclose(got, want.numpy(), atol=1e-5, rtol=1e-5)
+    ops = {n.op_type for n in __import__("onnx").load(str(path)).graph.node}
+    assert "ScatterElements" not in ops  # merges lower to a one-hot MatMul (TensorRT-native)

@@ -1,0 +1,67 @@
+"""Each recipe equals the published algorithm (direct per-sample implementation in reference.py)."""
+
+import pytest
+import torch
+
+import graphprune
+from graphprune.schedule import parse_r
+from tests.conftest import images, tiny
+from tests.reference import evit_reference, tome_reference
+
+TOL = 1e-5
+
+
+def _close(a, b):
+    return float((a - b).abs().max())
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "explicit"])
+@pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"])
+@pytest.mark.parametrize("r", [3, (4, 0.5), [10, 8, 0, 6]], ids=["const", "ramp", "list"])
+def test_tome_equals_published(name, r, fused):
+    model = tiny(name, fused=fused)
+    x = images(3)
+    fast = graphprune.optimize(model, "tome", example_inputs=(x,), r=r)
+    ref = tome_reference(model, x, parse_r(r, len(model.blocks)))
+    with torch.no_grad():
+        assert _close(fast(x), ref) < TOL
+    assert fast.report.tokens_per_block[1] < fast.report.tokens_per_block[0] or parse_r(r, 4)[0] == 0
+
+
+def test_tome_without_proportional_attention_equals_published():
+    model = tiny("deit_tiny_patch16_224")
+    x = images(2)
+    fast = graphprune.optimize(model, "tome", example_inputs=(x,), r=5, prop_attn=False)
+    with torch.no_grad():
+        assert _close(fast(x), tome_reference(model, x, [5] * 4, prop_attn=False)) < TOL
+        # and proportional attention really changes the result
+        assert _close(fast(x), tome_reference(model, x, [5] * 4, prop_attn=True)) > 1e-4
+
+
+def test_tome_mean_pooled_weights_pool_by_size():
+    model = tiny("vit_tiny_patch16_224", global_pool="avg", class_token=False)
+    x = images(2)
+    fast = graphprune.optimize(model, "tome", example_inputs=(x,), r=6)
+    with torch.no_grad():
+        assert _close(fast(x), tome_reference(model, x, [6] * 4)) < TOL
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "explicit"])
+@pytest.mark.parametrize("keep,locations", [(0.7, None), (0.5, [0, 2])])
+def test_evit_equals_published(keep, locations, fused):
+    model = tiny("deit_tiny_patch16_224", fused=fused)
+    x = images(3)
+    opts = {"keep": keep} if locations is None else {"keep": keep, "locations": locations}
+    fast = graphprune.optimize(model, "evit", example_inputs=(x,), **opts)
+    where = locations if locations is not None else [1, 2, 3]  # ⌊L/4⌋, ⌊L/2⌋, ⌊3L/4⌋ for L = 4
+    with torch.no_grad():
+        assert _close(fast(x), evit_reference(model, x, keep, where)) < TOL
+    assert fast.report.tokens_per_block[-1] < 65
+
+
+def test_evit_default_locations_for_12_blocks():
+    model = tiny("deit_tiny_patch16_224", depth=12)
+    fast = graphprune.optimize(model, "evit", example_inputs=(images(2),), keep=0.5)
+    t = fast.report.tokens_per_block
+    changes = [i for i in range(1, 12) if t[i] != t[i - 1]]
+    assert changes == [4, 7, 10]  # reduced inside blocks 3, 6, 9
