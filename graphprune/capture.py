@@ -12,6 +12,7 @@ is never modified (its train/eval flags are switched for the export and restored
 from __future__ import annotations
 
 import contextlib
+import copy
 import re
 from dataclasses import dataclass
 
@@ -23,6 +24,8 @@ from torch.overrides import TorchFunctionMode
 
 from graphprune.errors import GraphPruneError, UnsupportedArchitectureError
 from graphprune.ops.markers import MARKER
+from graphprune.patterns.attention import find_attention_sites
+from graphprune.patterns.block import inside as _inside
 
 
 @dataclass
@@ -38,7 +41,8 @@ class Captured:
 def eval_mode(model: torch.nn.Module):
     """Run ``model`` in eval mode, then restore every submodule's own training flag."""
     flags = [(m, m.training) for m in model.modules()]
-    model.eval()
+    for m, _ in flags:  # not model.eval(): modules loaded from a .pt2 refuse it
+        m.training = False
     try:
         yield model
     finally:
@@ -128,8 +132,65 @@ def _first_line(err: BaseException) -> str:
     return text[0] if text else type(err).__name__
 
 
+def _indexed_path(node: torch.fx.Node) -> str | None:
+    paths = [p for p, _ in node.meta.get("nn_module_stack", {}).values()]
+    return next((p for p in reversed(paths) if _INDEXED.search(p)), None)
+
+
+_SHAPE_OPS = {torch.ops.aten.reshape.default, torch.ops.aten.view.default, torch.ops.aten.expand.default, torch.ops.aten._unsafe_view.default}
+
+
+def mark_graph(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, list[str]]:
+    """Markers for a module that is already a graph (e.g. loaded from a .pt2), on a copy of its graph.
+
+    Blocks come from the ``nn_module_stack`` recorded at export. A .pt2 graph carries literal
+    token counts in its reshapes; inside each block they are replaced by the block input's
+    ``sym_size`` so the token count can change. The parameters are shared, not copied.
+    """
+    new = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    graph = new.graph
+    paths: list[str] = []
+    for site in find_attention_sites(graph):
+        path = _indexed_path(site.node)
+        if path is not None and path not in paths:
+            paths.append(path)
+    if not paths:
+        raise UnsupportedArchitectureError("no attention found inside indexed blocks (blocks.0, ...) of the graph; it needs the module metadata torch.export records")
+    aten = torch.ops.aten
+    for i, path in enumerate(paths):
+        members = [n for n in graph.nodes if n.op == "call_function" and _inside(n, path)]
+        own = set(members)
+        streams = {a for n in members for a in n.all_input_nodes
+                   if a not in own and a.op != "get_attr" and isinstance(a.meta.get("val"), torch.Tensor) and a.meta["val"].dim() == 3}
+        if len(streams) != 1:
+            raise UnsupportedArchitectureError(f"block {path} of the graph does not take exactly one token sequence")
+        stream = streams.pop()
+        n_tok = stream.meta["val"].shape[1]
+        with graph.inserting_before(members[0]):
+            marker = graph.call_function(MARKER, (stream,))
+            size = graph.call_function(aten.sym_size.int, (marker, 1))
+        for n in members:
+            n.replace_input_with(stream, marker)
+            if n.target in _SHAPE_OPS and isinstance(n.args[1], (list, tuple)):
+                n.args = (n.args[0], [size if (isinstance(d, int) and d == n_tok) else d for d in n.args[1]], *n.args[2:])
+        if i == len(paths) - 1:
+            outs = [n for n in members if any(u not in own for u in n.users)]
+            if len(outs) != 1:
+                raise UnsupportedArchitectureError(f"block {path} of the graph does not produce exactly one output")
+            users = [u for u in outs[0].users if u not in own]
+            with graph.inserting_after(outs[0]):
+                out_marker = graph.call_function(MARKER, (outs[0],))
+            for u in users:
+                u.replace_input_with(outs[0], out_marker)
+    graph.lint()
+    new.recompile()
+    return new, paths
+
+
 def capture(model: torch.nn.Module, example_inputs: tuple) -> Captured:
     example_inputs = batch_inputs(example_inputs)
+    if isinstance(model, torch.fx.GraphModule):
+        return _capture_graph(model, example_inputs)
     with eval_mode(model), torch.no_grad():
         paths = find_block_paths(model, example_inputs)
         blocks = {model.get_submodule(p): p for p in paths}
@@ -173,7 +234,27 @@ def capture(model: torch.nn.Module, example_inputs: tuple) -> Captured:
         finally:
             h1.remove()
             h2.remove()
-    gm = marked.module()
+    return _finish(model, marked.module(), example_inputs, paths)
+
+
+def _capture_graph(model: torch.fx.GraphModule, example_inputs: tuple) -> Captured:
+    with torch.no_grad():
+        try:
+            model(*example_inputs)
+        except Exception as err:  # noqa: BLE001
+            raise GraphPruneError(f"the example inputs do not fit the model ({_first_line(err)}); pass inputs of the shape it was exported with") from err
+        marked, paths = mark_graph(model)
+        try:
+            program = export(marked, example_inputs)
+        except Exception as err:  # noqa: BLE001
+            raise UnsupportedArchitectureError(
+                f"the graph's blocks depend on a fixed token count ({_first_line(err)}); a program exported with a "
+                "static batch, or one whose token count is folded into other shapes, cannot be re-captured"
+            ) from err
+    return _finish(model, program.module(), example_inputs, paths)
+
+
+def _finish(model, gm: torch.fx.GraphModule, example_inputs: tuple, paths: list[str]) -> Captured:
     n_markers = sum(1 for n in gm.graph.nodes if n.target is MARKER)
     if n_markers != len(paths) + 1:
         raise UnsupportedArchitectureError(

@@ -10,7 +10,7 @@ import torch
 from graphprune.errors import UnsupportedArchitectureError
 from graphprune.ops.markers import MARKER
 from graphprune.patterns.attention import AttentionSite, find_attention_sites
-from graphprune.patterns.block import Block, check_tokenwise_after, find_residual
+from graphprune.patterns.block import Block, check_tokenwise_after, find_residual, inside
 from graphprune.patterns.layout import TokenLayout, analyze_head, find_prefix
 
 __all__ = ["AttentionSite", "Block", "ModelGraph", "TokenLayout", "analyze", "find_attention_sites"]
@@ -27,10 +27,6 @@ class ModelGraph:
     @property
     def tokens(self) -> int:
         return self.blocks[0].tokens
-
-
-def _inside(node: torch.fx.Node, path: str) -> bool:
-    return any(p == path or p.startswith(path + ".") for p, _ in node.meta.get("nn_module_stack", {}).values())
 
 
 def analyze(captured) -> ModelGraph:
@@ -57,7 +53,7 @@ def analyze(captured) -> ModelGraph:
                 f"block {path}: attention runs over a different number of tokens than the block's input "
                 "(windowed or pooled attention); not supported"
             )
-        if i > 0 and not _inside(marker.args[0], captured.block_paths[i - 1]):
+        if i > 0 and not inside(marker.args[0], captured.block_paths[i - 1]):
             raise UnsupportedArchitectureError(
                 f"'{marker.args[0].name}' runs between block {captured.block_paths[i - 1]} and block {path} "
                 "(pooling, a convolution or a stage transition): tokens can only be reduced in a plain stack of blocks"

@@ -23,6 +23,11 @@ class Block:
     tokens: int  # tokens entering the block in the unreduced model
 
 
+def inside(node: Node, path: str) -> bool:
+    """Whether ``node`` was recorded inside the module at ``path`` (or one of its children)."""
+    return any(p == path or p.startswith(path + ".") for p, _ in node.meta.get("nn_module_stack", {}).values())
+
+
 def descendants(start: Node, stop_at: set[Node]) -> set[Node]:
     seen, stack = set(), [start]
     while stack:

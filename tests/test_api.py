@@ -1,0 +1,135 @@
+"""optimize(): the user's model is untouched, batching is honest, artifacts reload, bad input is refused."""
+
+import os
+
+import pytest
+import torch
+
+import graphprune
+from graphprune.errors import ExportError, GraphPruneError, RecipeError, ScheduleError
+from tests.conftest import family, images, tiny
+
+
+def _snapshot(model):
+    return (
+        type(model),
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [(n, m.training, type(m), len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in model.named_modules()],
+    )
+
+
+@pytest.mark.parametrize("recipe,opts", [("tome", {"r": 5}), ("evit", {"keep": 0.5})])
+def test_input_model_is_unchanged(recipe, opts, tmp_path):
+    model = family("deit3_layerscale")
+    model.train()  # even a model left in training mode keeps its flags
+    model.blocks[1].eval()
+    before = _snapshot(model)
+    x = images(2)
+    with torch.no_grad():
+        out_before = model.eval()(x)
+    model.train()
+    model.blocks[1].eval()
+    before = _snapshot(model)
+    graphprune.optimize(model, recipe, example_inputs=(x,), **opts)
+    graphprune.optimize(model, recipe, target="onnx", output=tmp_path / "m.onnx", example_inputs=(x,), **opts)
+    after = _snapshot(model)
+    assert after[0] is before[0]
+    assert after[2] == before[2]
+    for k, v in before[1].items():
+        assert torch.equal(v, after[1][k]), k
+    assert not torch.nn.modules.module._global_forward_hooks and not torch.nn.modules.module._global_forward_pre_hooks
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), out_before)
+
+
+@pytest.mark.parametrize("recipe,opts", [("tome", {"r": 7}), ("evit", {"keep": 0.4})])
+def test_batch_independence_and_batch_one(recipe, opts):
+    model = family("vit")
+    fast = graphprune.optimize(model, recipe, example_inputs=(images(1),), **opts)  # batch 1 example
+    x = images(4)
+    with torch.no_grad():
+        full = fast(x)
+        single = fast(x[2:3])
+        other = x.clone()
+        other[0] = torch.randn_like(other[0]) * 3
+        changed = fast(other)
+    torch.testing.assert_close(single[0], full[2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(changed[1:], full[1:], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(changed[0], full[0])
+
+
+def test_report_and_save_reload(tmp_path):
+    model = family("deit_distilled")
+    x = images(2)
+    fast = graphprune.optimize(model, "tome", example_inputs=(x,), r=8)
+    rep = fast.report
+    assert rep.tokens_per_block == [66, 58, 50, 42]
+    assert 0.3 < rep.flop_ratio < 1.0
+    assert rep.parity["capture"] <= 1e-5
+    assert '"flop_ratio"' in rep.to_json()
+    path = fast.save(tmp_path / "m.pt2")
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt2"]  # no temporary files left
+    again = graphprune.load(path)
+    x3 = images(3, seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x3), fast(x3))
+
+
+def test_flops_count_attention():
+    """Attention FLOPs are included (FlopCounterMode alone misses SDPA on CPU)."""
+    model = tiny("vit_tiny_patch16_224", depth=1, embed_dim=48, num_heads=3)
+    rep = graphprune.optimize(model, "tome", example_inputs=(images(2),), r=0).report
+    n, c = 65, 48
+    linear = 2 * n * (c * 3 * c + c * c + 2 * c * 4 * c)
+    attention = 2 * 2 * n * n * c
+    patch = 2 * 64 * c * 3 * 16
+    head = 2 * c * 10
+    assert rep.flops_before == linear + attention + patch + head
+
+
+def test_bad_recipe_and_options():
+    model = family("vit")
+    x = (images(2),)
+    with pytest.raises(RecipeError, match="unknown recipe 'tomee'.*Did you mean 'tome'"):
+        graphprune.optimize(model, "tomee", example_inputs=x)
+    with pytest.raises(RecipeError, match="no option keep"):
+        graphprune.optimize(model, "tome", example_inputs=x, keep=0.5)
+    with pytest.raises(ScheduleError, match=">= 0"):
+        graphprune.optimize(model, "tome", example_inputs=x, r=-1)
+    with pytest.raises(ScheduleError, match="5 per-block values but the model has 4 blocks"):
+        graphprune.optimize(model, "tome", example_inputs=x, r=[1, 1, 1, 1, 1])
+    for keep in (0.0, 1.5, -0.2):
+        with pytest.raises(ScheduleError, match=r"\(0, 1\]"):
+            graphprune.optimize(model, "evit", example_inputs=x, keep=keep)
+    with pytest.raises(ScheduleError, match="not a block index"):
+        graphprune.optimize(model, "evit", example_inputs=x, locations=[7])
+    with pytest.raises(GraphPruneError, match="unknown target"):
+        graphprune.optimize(model, "tome", target="tflite", example_inputs=x)
+
+
+def test_wrong_input_shape():
+    with pytest.raises(GraphPruneError, match="do not fit the model"):
+        graphprune.optimize(family("vit"), "tome", example_inputs=(torch.randn(2, 3, 20, 20),))
+
+
+def test_trt_target_says_what_to_do():
+    with pytest.raises(ExportError, match="target='onnx'"):
+        graphprune.optimize(family("vit"), "tome", target="trt", example_inputs=(images(2),))
+
+
+def test_onnx_needs_output_and_a_writable_place(tmp_path):
+    with pytest.raises(GraphPruneError, match="output"):
+        graphprune.optimize(family("vit"), "tome", target="onnx", example_inputs=(images(2),))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ExportError, match="cannot create"):
+        graphprune.optimize(family("vit"), "tome", target="onnx", output=blocker / "sub" / "m.onnx", example_inputs=(images(2),))
+
+
+def test_failed_onnx_validation_leaves_nothing(tmp_path, monkeypatch):
+    import graphprune.exporters.onnx as onnx_exporter
+
+    monkeypatch.setattr(onnx_exporter, "max_abs_diff", lambda a, b: 1.0)
+    with pytest.raises(ExportError, match="nothing was written"):
+        graphprune.optimize(family("vit"), "tome", target="onnx", output=tmp_path / "m.onnx", example_inputs=(images(2),))
+    assert os.listdir(tmp_path) == []
