@@ -16,6 +16,7 @@ from graphprune.capture import dynamic_batch_shapes
 from graphprune.errors import ExportError
 from graphprune.exporters.files import publish, staging_dir
 from graphprune.ops.onnx import TRANSLATIONS
+from graphprune.passes.layout import pin_attention_layout
 
 TOLERANCE = 1e-4
 OPSET = 18
@@ -53,7 +54,7 @@ def max_abs_diff(a, b) -> float:
     return max(float((x.float() - y.float()).abs().max()) for x, y in zip(la, lb))
 
 
-def export_onnx(module: torch.nn.Module, example_inputs: tuple, output: Path, tolerance: float = TOLERANCE):
+def export_onnx(module: torch.fx.GraphModule, example_inputs: tuple, output: Path, tolerance: float = TOLERANCE):
     """Export ``module`` to ``output`` (.onnx plus .onnx.data), validated in ORT. Returns (OnnxModel, diff)."""
     output = Path(output)
     with staging_dir(output.parent) as tmp:
@@ -64,7 +65,7 @@ def export_onnx(module: torch.nn.Module, example_inputs: tuple, output: Path, to
                 warnings.simplefilter("ignore")
                 logging.getLogger("torch.onnx").setLevel(logging.ERROR)
                 program = torch.onnx.export(
-                    module, example_inputs, dynamo=True, dynamic_shapes=dynamic_batch_shapes(example_inputs),
+                    pin_attention_layout(module), example_inputs, dynamo=True, dynamic_shapes=dynamic_batch_shapes(example_inputs),
                     custom_translation_table=TRANSLATIONS, opset_version=OPSET, verbose=False,
                 )
                 program.save(str(staged), external_data=True)
