@@ -96,7 +96,7 @@ def analyze_head(out_marker: Node, layout: TokenLayout) -> None:
             elif t == SDPA and heads and node in u.args[1:3]:
                 if (u, start) not in [(p, s) for p, s in layout.attention_pools]:
                     layout.attention_pools.append((u, start))
-            elif t in TO_HEADS or (t == aten.linear.default and heads) or (u.op == "call_function" and t.__name__ == "getitem" and heads):
+            elif t in TO_HEADS or (t == aten.linear.default and heads) or (u.op == "call_function" and getattr(t, "__name__", "") == "getitem" and heads):
                 stack.append((u, start, True))
             elif heads:
                 raise UnsupportedArchitectureError(f"the head reshapes the tokens and uses them in '{u.name}' ({t}); not supported")

@@ -29,6 +29,9 @@ class Recipe:
     summary: ClassVar[str]
     paper: ClassVar[str]
 
+    def validate(self) -> None:
+        """Raise ScheduleError for options of the wrong form; runs before any capture work."""
+
     def check(self, graph: ModelGraph) -> None:
         """Raise RecipeError / ScheduleError if the options cannot apply to this model."""
 

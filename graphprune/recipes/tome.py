@@ -38,7 +38,11 @@ class ToMe(Recipe):
     prop_attn: bool = option(True, "proportional attention: add log(token size) to the attention logits")
 
     def validate(self) -> None:
-        parse_r(self.r, 10**6 if not isinstance(self.r, list) else max(len(self.r), 1))
+        """Check the option's form before capture; the block count is checked by ``check``."""
+        parse_r(self.r, max(len(self.r), 2) if isinstance(self.r, list) else 2)
+
+    def check(self, graph: ModelGraph) -> None:
+        parse_r(self.r, len(graph.blocks))
 
     def schedule(self, num_blocks: int) -> list[int]:
         return parse_r(self.r, num_blocks)
