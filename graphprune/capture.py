@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import torch.utils._pytree as pytree
 from torch.export import Dim
 from torch.overrides import TorchFunctionMode
 
@@ -26,6 +25,7 @@ from graphprune.errors import GraphPruneError, UnsupportedArchitectureError
 from graphprune.ops.markers import MARKER
 from graphprune.patterns.attention import find_attention_sites
 from graphprune.patterns.block import inside as _inside
+from graphprune.report import max_abs_diff
 
 
 @dataclass
@@ -111,11 +111,7 @@ def find_block_paths(model: torch.nn.Module, example_inputs: tuple) -> list[str]
     except GraphPruneError:
         raise
     except Exception as err:  # noqa: BLE001  (the user's model raised: report why)
-        shapes = [tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)]
-        raise GraphPruneError(
-            f"the example inputs {shapes} do not fit the model ({_first_line(err)}); "
-            "pass example_inputs (or --input-size) of the shape the model expects"
-        ) from err
+        raise _inputs_do_not_fit(example_inputs, err) from err
     finally:
         h1.remove()
         h2.remove()
@@ -125,6 +121,14 @@ def find_block_paths(model: torch.nn.Module, example_inputs: tuple) -> list[str]
             "(blocks.0, blocks.1, ...): graphprune reduces tokens of transformer models"
         )
     return found
+
+
+def _inputs_do_not_fit(example_inputs: tuple, err: BaseException) -> GraphPruneError:
+    shapes = [tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)]
+    return GraphPruneError(
+        f"the example inputs {shapes} do not fit the model ({_first_line(err)}); "
+        "pass example_inputs (or --input-size) of the shape the model expects"
+    )
 
 
 def _first_line(err: BaseException) -> str:
@@ -242,7 +246,7 @@ def _capture_graph(model: torch.fx.GraphModule, example_inputs: tuple) -> Captur
         try:
             model(*example_inputs)
         except Exception as err:  # noqa: BLE001
-            raise GraphPruneError(f"the example inputs do not fit the model ({_first_line(err)}); pass inputs of the shape it was exported with") from err
+            raise _inputs_do_not_fit(example_inputs, err) from err
         marked, paths = mark_graph(model)
         try:
             program = export(marked, example_inputs)
@@ -270,5 +274,5 @@ def _finish(model, gm: torch.fx.GraphModule, example_inputs: tuple, paths: list[
                 f"the captured graph does not run with a variable token count ({_first_line(err)}); the model "
                 "probably changes or indexes tokens between or inside its blocks"
             ) from err
-    diff = max(float((a.float() - b.float()).abs().max()) for a, b in zip(pytree.tree_leaves(got), pytree.tree_leaves(reference)))
+    diff = max_abs_diff(got, reference)
     return Captured(gm=gm, example_inputs=example_inputs, block_paths=paths, reference=reference, max_abs_diff=diff)

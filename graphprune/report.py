@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.utils._pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
 aten = torch.ops.aten
@@ -31,6 +32,12 @@ _CUSTOM = {
     aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops,
     torch.ops.graphprune.tome_merge: _tome_flops,
 }
+
+
+def max_abs_diff(a, b) -> float:
+    """Largest absolute difference over matching tensors of two (nested) outputs."""
+    la, lb = pytree.tree_leaves(a), pytree.tree_leaves(b)
+    return max(float((x.float() - y.float()).abs().max()) for x, y in zip(la, lb))
 
 
 def count_flops(module, inputs: tuple) -> int:

@@ -17,6 +17,7 @@ from graphprune.errors import ExportError
 from graphprune.exporters.files import publish, staging_dir
 from graphprune.ops.onnx import TRANSLATIONS
 from graphprune.passes.layout import pin_attention_layout
+from graphprune.report import max_abs_diff
 
 TOLERANCE = 1e-4
 OPSET = 18
@@ -47,11 +48,6 @@ class OnnxModel:
         if self.out_spec is None:
             return outs[0] if len(outs) == 1 else tuple(outs)
         return pytree.tree_unflatten(outs, self.out_spec)
-
-
-def max_abs_diff(a, b) -> float:
-    la, lb = pytree.tree_leaves(a), pytree.tree_leaves(b)
-    return max(float((x.float() - y.float()).abs().max()) for x, y in zip(la, lb))
 
 
 def export_onnx(module: torch.fx.GraphModule, example_inputs: tuple, output: Path, tolerance: float = TOLERANCE):
