@@ -22,7 +22,7 @@ from torch.export import Dim
 from torch.overrides import TorchFunctionMode
 
 from graphprune.errors import GraphPruneError, UnsupportedArchitectureError
-from graphprune.ops.markers import MARKER
+from graphprune.ops.markers import MASK_MARKER, MARKER
 from graphprune.patterns.attention import find_attention_sites
 from graphprune.patterns.block import inside as _inside
 from graphprune.report import max_abs_diff
@@ -209,12 +209,22 @@ def capture(model: torch.nn.Module, example_inputs: tuple) -> Captured:
                 )
             return torch.ops.graphprune.tokens(t)
 
+        seq: dict = {}
+
         def pre_hook(module, args):
-            if module in blocks:
-                if not args:
-                    raise UnsupportedArchitectureError(f"block {blocks[module]} takes its tokens as a keyword argument; not supported yet")
-                return (mark(args[0], f"the input of block {blocks[module]}"),) + tuple(args[1:])
-            return None
+            if module not in blocks:
+                return None
+            if not args:
+                raise UnsupportedArchitectureError(f"block {blocks[module]} takes its tokens as a keyword argument; not supported yet")
+            x = mark(args[0], f"the input of block {blocks[module]}")
+            n = seq.setdefault("n", args[0].shape[1])  # the first block sees the concrete count
+
+            def follow(t):  # other tensors indexed by token (attention masks) share the token symbol
+                if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[0] == x.shape[0] and n in t.shape[1:]:
+                    return torch.ops.graphprune.token_mask(t, x, n)
+                return t
+
+            return (x, *map(follow, args[1:]))
 
         def post_hook(module, args, output):
             if module is last:

@@ -29,31 +29,51 @@ def _inputs(b=3, n=33, c=8, d=4, seed=0, duplicate=True):
 @pytest.mark.parametrize("protected", [0, 1, 2, 5])
 def test_tome_merge_preserves_mass(protected):
     x, size, metric = _inputs()
-    out, new_size = TOME(x, size, metric, 10, protected)
+    out, new_size, assign, rep = TOME(x, size, metric, 10, protected)
     assert out.shape == (3, 23, 8) and new_size.shape == (3, 23, 1)
     torch.testing.assert_close(new_size.sum(1), size.sum(1))  # sizes add up
     torch.testing.assert_close((out * new_size).sum(1), (x * size).sum(1), rtol=1e-5, atol=1e-4)  # Σ size·x kept
     torch.testing.assert_close(out[:, :protected], x[:, :protected])  # protected tokens untouched, in place
     torch.testing.assert_close(new_size[:, :protected], size[:, :protected])
+    # token maps: every output token is the size-weighted mean of the inputs assigned to it
+    for b in range(3):
+        for j in range(out.shape[1]):
+            members = assign[b] == j
+            assert members.any() and assign[b, rep[b, j]] == j
+            torch.testing.assert_close(new_size[b, j, 0], size[b, members, 0].sum())
+            torch.testing.assert_close(out[b, j] * new_size[b, j], (x[b, members] * size[b, members]).sum(0), rtol=1e-5, atol=1e-4)
+
+
+def test_tome_merge_never_mixes_padding_with_real_tokens():
+    x, size, metric = _inputs(b=2, n=21)
+    valid = torch.ones(2, 21, dtype=torch.bool)
+    valid[0, 13:] = False
+    valid[1, 6:] = False
+    metric[:, 12:15] = metric[:, 11:12]  # a padded key identical to a real one: still kept apart
+    out, new_size, assign, rep = TOME(x, size, metric, 6, 1, valid)
+    for b in range(2):
+        for j in range(out.shape[1]):
+            assert valid[b, assign[b] == j].unique().numel() == 1
 
 
 def test_tome_merge_caps_r_and_r0_is_identity():
     x, size, metric = _inputs(n=9)
-    out, s = TOME(x, size, metric, 100, 1)
+    out, s, _, _ = TOME(x, size, metric, 100, 1)
     assert out.shape[1] == 9 - (9 - 1) // 2
-    out, s = TOME(x, size, metric, 0, 1)
+    out, s, assign, rep = TOME(x, size, metric, 0, 1)
     assert torch.equal(out, x) and torch.equal(s, size)
+    assert torch.equal(assign, torch.arange(9).expand(3, 9)) and torch.equal(rep, assign)
 
 
 def test_tome_merge_batch_independent():
     x, size, metric = _inputs()
-    out, _ = TOME(x, size, metric, 7, 1)
+    out = TOME(x, size, metric, 7, 1)[0]
     x2, size2, metric2 = x.clone(), size.clone(), metric.clone()
     x2[1:] = torch.randn_like(x2[1:])
     metric2[1:] = torch.randn_like(metric2[1:])
-    out2, _ = TOME(x2, size2, metric2, 7, 1)
+    out2 = TOME(x2, size2, metric2, 7, 1)[0]
     torch.testing.assert_close(out2[0], out[0])
-    single, _ = TOME(x[:1], size[:1], metric[:1], 7, 1)
+    single = TOME(x[:1], size[:1], metric[:1], 7, 1)[0]
     torch.testing.assert_close(single[0], out[0])
 
 
@@ -61,7 +81,7 @@ def test_evit_select_definition():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 11, 4, generator=g)
     score = torch.rand(2, 11, generator=g)
-    out = EVIT(x, score, 0.5, 1)
+    out, assign, rep = EVIT(x, score, 0.5, 1)
     k = evit_keep_count(11, 0.5, 1)
     assert k == math.ceil(0.5 * 10) and out.shape == (2, 1 + k + 1, 4)
     for b in range(2):
@@ -70,14 +90,19 @@ def test_evit_select_definition():
         torch.testing.assert_close(out[b, 1 : 1 + k], x[b, 1 + order[:k]])
         dropped = order[k:]
         torch.testing.assert_close(out[b, -1], (score[b, 1 + dropped, None] * x[b, 1 + dropped]).sum(0))
-    assert torch.equal(EVIT(x, score, 1.0, 1), x)  # nothing dropped: unchanged, no fused token
+        # maps: kept tokens point at their slot, dropped ones at the fused token, which stands for the best dropped
+        assert torch.equal(assign[b, 1 + order[:k]], torch.arange(1, 1 + k)) and assign[b, 0] == 0
+        assert (assign[b, 1 + dropped] == k + 1).all() and rep[b, -1] == 1 + dropped[0]
+        assert torch.equal(rep[b, : k + 1], torch.cat([torch.zeros(1, dtype=torch.long), 1 + order[:k]]))
+    assert torch.equal(EVIT(x, score, 1.0, 1)[0], x)  # nothing dropped: unchanged, no fused token
 
 
 class _Ops(torch.nn.Module):
     def forward(self, x, size, metric, score):
-        y, s = TOME(x, size, metric, 10, 2)
-        y2, s2 = TOME(y, s, y[..., :4], 6, 2)
-        return y, s, y2, s2, EVIT(y2, score[:, : y2.shape[1]], 0.6, 2)
+        y, s, a, r = TOME(x, size, metric, 10, 2)
+        y2, s2, a2, r2 = TOME(y, s, y[..., :4], 6, 2, score[:, : y.shape[1]] > 0.2)
+        e, a3, r3 = EVIT(y2, score[:, : y2.shape[1]], 0.6, 2)
+        return y, s, a, r, y2, s2, a2, r2, e, a3, r3
 
 
 def test_onnx_lowering_matches_eager_with_repeated_destinations(tmp_path):
@@ -95,5 +120,8 @@ def test_onnx_lowering_matches_eager_with_repeated_destinations(tmp_path):
         feeds = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), (x, size, metric, score))}
         for got, want in zip(sess.run(None, feeds), _Ops()(x, size, metric, score)):
             np.testing.assert_allclose(got, want.numpy(), atol=1e-5, rtol=1e-5)
-    ops = {n.op_type for n in __import__("onnx").load(str(path)).graph.node}
-    assert "ScatterElements" not in ops  # merges lower to a one-hot MatMul (TensorRT-native)
+            assert got.dtype == want.numpy().dtype
+    nodes = __import__("onnx").load(str(path)).graph.node
+    # merges lower to a one-hot MatMul: no ScatterElements with a reduction (a TensorRT plugin, wrong with repeats)
+    assert not [a for n in nodes if n.op_type == "ScatterElements" for a in n.attribute if a.name == "reduction" and a.s != b"none"]
+    assert "MatMul" in {n.op_type for n in nodes}

@@ -15,6 +15,8 @@ import math
 
 import torch
 
+from graphprune.ops.maps import identity_maps
+
 
 def evit_keep_count(n: int, keep: float, protected: int) -> int:
     """Tokens kept out of the ``n - protected`` candidates."""
@@ -27,19 +29,33 @@ def evit_out_tokens(n: int, keep: float, protected: int) -> int:
 
 
 @torch.library.custom_op("graphprune::evit_select", mutates_args=())
-def evit_select(x: torch.Tensor, score: torch.Tensor, keep: float, protected: int) -> torch.Tensor:
+def evit_select(x: torch.Tensor, score: torch.Tensor, keep: float, protected: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (tokens, assign (B, N) output index per input token, rep (B, n) an input per output token).
+
+    Dropped tokens are assigned to the fused token; the fused token's representative is the
+    dropped token with the highest score.
+    """
     b, n, c = x.shape
     k = evit_keep_count(n, keep, protected)
     if k >= n - protected:
-        return x.clone()
+        return x.clone(), *identity_maps(x)
     rest, s = x[:, protected:], score[:, protected:]
     _, idx = torch.topk(s, k, dim=1, largest=True, sorted=True)
     kept = rest.gather(1, idx.unsqueeze(-1).expand(-1, -1, c))
     dropped = torch.ones_like(s).scatter_(1, idx, 0.0)
     fused = (rest * (s * dropped).unsqueeze(-1)).sum(dim=1, keepdim=True)
-    return torch.cat([x[:, :protected], kept, fused], dim=1)
+    out = torch.cat([x[:, :protected], kept, fused], dim=1)
+    head = torch.arange(protected, device=x.device).expand(b, protected)
+    best_dropped = (s * dropped - (1 - dropped)).argmax(dim=1, keepdim=True)
+    rep = torch.cat([head, idx + protected, best_dropped + protected], dim=1)
+    assign = torch.full((b, n), protected + k, dtype=torch.long, device=x.device)
+    assign[:, :protected] = head
+    assign = assign.scatter(1, idx + protected, torch.arange(protected, protected + k, device=x.device).expand(b, k))
+    return out, assign, rep
 
 
 @evit_select.register_fake
 def _evit_select_fake(x, score, keep, protected):
-    return x.new_empty((x.shape[0], evit_out_tokens(x.shape[1], keep, protected), x.shape[2]))
+    b, n_in = x.shape[0], x.shape[1]
+    n = evit_out_tokens(n_in, keep, protected)
+    return x.new_empty((b, n, x.shape[2])), x.new_empty((b, n_in), dtype=torch.long), x.new_empty((b, n), dtype=torch.long)

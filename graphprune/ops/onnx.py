@@ -42,7 +42,7 @@ def _take(t, idx, width: int):
 
 def _one_hot(idx, n: int, like):
     """(B, k) int64 -> (B, k, n) one-hot in the dtype of ``like``."""
-    hits = op.Equal(op.Unsqueeze(idx, _ints(-1)), op.Range(op.Constant(value_int=0), op.Constant(value_int=n), op.Constant(value_int=1)))
+    hits = op.Equal(op.Unsqueeze(idx, _ints(-1)), _arange(n))
     return op.CastLike(hits, like)
 
 
@@ -57,11 +57,25 @@ def _interleave_prefix(unm, dst, protected: int):
     return op.Concat(*parts, axis=1)
 
 
-def tome_merge(x, size, metric, r: int, protected: int):
+def _arange(n: int):
+    return op.Range(op.Constant(value_int=0), op.Constant(value_int=n), op.Constant(value_int=1))
+
+
+def _positions(like, n: int):
+    """(B, n) int64 rows of 0..n-1, with the batch size of ``like``."""
+    return op.Expand(op.Unsqueeze(_arange(n), _ints(0)), op.Concat(op.Shape(like, start=0, end=1), _ints(n), axis=0))
+
+
+def _identity_maps(x, n: int):
+    idx = _positions(x, n)
+    return op.Identity(idx), op.Identity(idx)
+
+
+def tome_merge(x, size, metric, r: int, protected: int, valid=None):
     n = _static(x, 1, "tome_merge")
     r = tome_effective_r(n, r, protected)
     if r == 0:
-        return op.Identity(x), op.Identity(size)
+        return op.Identity(x), op.Identity(size), *_identity_maps(x, n)
     na, nb = (n + 1) // 2, n // 2
     pa, pb = (protected + 1) // 2, protected // 2
 
@@ -72,6 +86,9 @@ def tome_merge(x, size, metric, r: int, protected: int):
         mask[:pa, :] = -np.inf
         mask[:, :pb] = -np.inf
         scores = op.Add(scores, op.CastLike(op.Constant(value=ir.tensor(mask)), scores))
+    if valid is not None:  # padding never merges with real tokens
+        same = op.Equal(op.Unsqueeze(_slice(valid, 0, n, step=2), _ints(2)), op.Unsqueeze(_slice(valid, 1, n, step=2), _ints(1)))
+        scores = op.Where(same, scores, op.CastLike(op.Constant(value_float=-np.inf), scores))
     node_max = op.ReduceMax(scores, _ints(-1), keepdims=0)
     node_idx = op.ArgMax(scores, axis=-1, keepdims=0)
     _, edge = op.TopK(node_max, _ints(na), axis=-1, largest=1, sorted=1)
@@ -92,22 +109,38 @@ def tome_merge(x, size, metric, r: int, protected: int):
 
     c = _static(x, 2, "tome_merge")
     new_size = merge(size, 1)
-    return op.Div(merge(op.Mul(x, size), c), new_size), new_size
+    # token maps: rep = positions of [unm A, B] in the input; assign inverts it, merged A follow their destination
+    two, one = op.Constant(value_int=2), op.Constant(value_int=1)
+    b_pos = op.Add(op.Mul(_positions(node_idx, nb), two), one)
+    rep = op.Squeeze(_interleave_prefix(op.Unsqueeze(op.Mul(unm_idx, two), _ints(-1)), op.Unsqueeze(b_pos, _ints(-1)), protected), _ints(-1))
+    zeros = op.Mul(_positions(node_idx, n), op.Constant(value_int=0))
+    where = op.ScatterElements(zeros, rep, _positions(rep, n - r), axis=1)
+    where = op.ScatterElements(where, op.Mul(src_idx, two), op.GatherElements(where, op.Add(op.Mul(dst_idx, two), one), axis=1), axis=1)
+    return op.Div(merge(op.Mul(x, size), c), new_size), new_size, where, rep
 
 
 def evit_select(x, score, keep: float, protected: int):
     n, c = _static(x, 1, "evit_select"), _static(x, 2, "evit_select")
     k = evit_keep_count(n, keep, protected)
     if k >= n - protected:
-        return op.Identity(x)
+        return op.Identity(x), *_identity_maps(x, n)
     rest, s = _slice(x, protected, n), _slice(score, protected, n)
     _, idx = op.TopK(s, _ints(k), axis=1, largest=1, sorted=1)
     kept = _take(rest, idx, c)
     chosen = op.ReduceSum(_one_hot(idx, n - protected, s), _ints(1), keepdims=0)
-    weight = op.Mul(s, op.Sub(op.CastLike(op.Constant(value_float=1.0), s), chosen))
+    one = op.CastLike(op.Constant(value_float=1.0), s)
+    dropped = op.Sub(one, chosen)
+    weight = op.Mul(s, dropped)
     fused = op.ReduceSum(op.Mul(rest, op.Unsqueeze(weight, _ints(-1))), _ints(1), keepdims=1)
     parts = ([_slice(x, 0, protected)] if protected else []) + [kept, fused]
-    return op.Concat(*parts, axis=1)
+    # token maps: kept tokens at their output slot, dropped ones at the fused token
+    p = op.Constant(value_int=protected)
+    best = op.ArgMax(op.Sub(weight, chosen), axis=1, keepdims=1)
+    rep = op.Concat(*([_positions(idx, protected)] if protected else []), op.Add(idx, p), op.Add(best, p), axis=1)
+    fill = op.Add(op.Mul(_positions(s, n - protected), op.Constant(value_int=0)), op.Constant(value_int=protected + k))
+    tail = op.ScatterElements(fill, idx, op.Add(_positions(idx, k), p), axis=1)
+    assign = op.Concat(*([_positions(idx, protected)] if protected else []), tail, axis=1)
+    return op.Concat(*parts, axis=1), assign, rep
 
 
 TRANSLATIONS = {

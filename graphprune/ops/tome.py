@@ -8,6 +8,7 @@
   away (their A rows are -inf) and never receive merges (their B columns are -inf);
 * every A token picks its most similar B token; the ``r`` A tokens with the highest
   similarity are merged into their match as a size-weighted average; sizes add up;
+* with ``valid`` (B, N) given (padding), a valid token and a padded one never merge;
 * output order is ``[unmerged A, B]`` with the protected tokens interleaved back at the
   front in their original order (for one class token and one distillation token this is
   exactly the published ``[unm[0], B[0], unm[1:], B[1:]]``). With protected tokens the
@@ -19,6 +20,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from graphprune.ops.maps import identity_maps
 
 
 def tome_effective_r(n: int, r: int, protected: int) -> int:
@@ -38,11 +41,13 @@ def _interleave_prefix(unm: torch.Tensor, dst: torch.Tensor, protected: int) -> 
     return torch.cat(parts, dim=1)
 
 
-def match(metric: torch.Tensor, r: int, protected: int):
+def match(metric: torch.Tensor, r: int, protected: int, valid: torch.Tensor | None = None):
     """Bipartite soft matching. Returns (unm_idx, src_idx, dst_idx), each (B, k, 1)."""
     metric = metric / metric.norm(dim=-1, keepdim=True)
     a, b = metric[..., ::2, :], metric[..., 1::2, :]
     scores = a @ b.transpose(-1, -2)
+    if valid is not None:  # padding never merges with real tokens
+        scores = scores.masked_fill(valid[:, ::2, None] != valid[:, None, 1::2], -math.inf)
     pa, pb = (protected + 1) // 2, protected // 2
     if pa:
         scores[..., :pa, :] = -math.inf
@@ -69,21 +74,37 @@ def merge_sum(x: torch.Tensor, unm_idx, src_idx, dst_idx, protected: int) -> tor
     return _interleave_prefix(unm, dst, protected)
 
 
+def token_maps(n: int, unm_idx, src_idx, dst_idx, protected: int):
+    """Where the tokens went: ``assign`` (B, n) output index of every input token, ``rep`` (B, n_out) one input per output."""
+    bsz = unm_idx.shape[0]
+    nb = n // 2
+    b_pos = (torch.arange(nb, device=unm_idx.device) * 2 + 1).expand(bsz, nb)[..., None]
+    rep = _interleave_prefix(unm_idx * 2, b_pos, protected)[..., 0]
+    positions = torch.arange(rep.shape[1], device=rep.device).expand_as(rep)
+    assign = torch.zeros(bsz, n, dtype=torch.long, device=rep.device).scatter(1, rep, positions)
+    assign = assign.scatter(1, src_idx[..., 0] * 2, assign.gather(1, dst_idx[..., 0] * 2 + 1))
+    return assign, rep
+
+
 @torch.library.custom_op("graphprune::tome_merge", mutates_args=())
 def tome_merge(
-    x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r: int, protected: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+    x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r: int, protected: int, valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (merged x, new sizes, assign (B, N) output index per input token, rep (B, n) an input per output)."""
     r = tome_effective_r(x.shape[1], r, protected)
     if r == 0:
-        return x.clone(), size.clone()
+        return x.clone(), size.clone(), *identity_maps(x)
     with torch.no_grad():
-        idx = match(metric, r, protected)
+        idx = match(metric, r, protected, valid)
     merged = merge_sum(x * size, *idx, protected)
     new_size = merge_sum(size, *idx, protected)
-    return merged / new_size, new_size
+    return merged / new_size, new_size, *token_maps(x.shape[1], *idx, protected)
 
 
 @tome_merge.register_fake
-def _tome_merge_fake(x, size, metric, r, protected):
-    n = x.shape[1] - tome_effective_r(x.shape[1], r, protected)
-    return x.new_empty((x.shape[0], n, x.shape[2])), size.new_empty((size.shape[0], n, 1))
+def _tome_merge_fake(x, size, metric, r, protected, valid=None):
+    b, n_in = x.shape[0], x.shape[1]
+    n = n_in - tome_effective_r(n_in, r, protected)
+    long = dict(dtype=torch.long)
+    return (x.new_empty((b, n, x.shape[2])), size.new_empty((b, n, 1)),
+            x.new_empty((b, n_in), **long), x.new_empty((b, n), **long))

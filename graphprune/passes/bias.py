@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import torch
 from torch.fx import Node
 
 from graphprune.passes.emit import emit_before
@@ -14,9 +17,10 @@ def add_attention_bias(site: AttentionSite, bias: Node) -> None:
     if site.kind == "sdpa":
         mask = site.mask
         if mask is not None:
-            if mask.meta["val"].dtype.is_floating_point is False:
-                raise NotImplementedError("boolean attention masks with proportional attention")
-            bias = emit_before(graph, node, lambda m, b: m + b, mask, bias)
+            if mask.meta["val"].dtype == torch.bool:  # True = attend
+                bias = emit_before(graph, node, lambda m, b: b.masked_fill(~m, -math.inf), mask, bias)
+            else:
+                bias = emit_before(graph, node, lambda m, b: m + b, mask, bias)
         args = list(node.args[:3])
         kwargs = dict(node.kwargs)
         for i, name in enumerate(("attn_mask", "dropout_p", "is_causal"), start=3):

@@ -8,7 +8,7 @@ import torch
 
 
 from graphprune.errors import UnsupportedArchitectureError
-from graphprune.ops.markers import MARKER
+from graphprune.ops.markers import MASK_MARKER, MARKER
 from graphprune.patterns.attention import AttentionSite, find_attention_sites
 from graphprune.patterns.block import Block, check_tokenwise_after, find_residual, inside
 from graphprune.patterns.layout import TokenLayout, analyze_head, find_prefix
@@ -60,7 +60,8 @@ def analyze(captured) -> ModelGraph:
             )
         residual = find_residual(marker, site, order, end, path)
         check_tokenwise_after(marker, residual, order, end, path)
-        blocks.append(Block(index=i, path=path, input=marker, site=site, residual=residual, tokens=tokens))
+        masks = [n for n in nodes[order[marker] : order[end]] if n.target is MASK_MARKER]
+        blocks.append(Block(index=i, path=path, input=marker, site=site, residual=residual, tokens=tokens, masks=masks))
     prefix, roles = find_prefix(markers[0])
     layout = TokenLayout(prefix=prefix, roles=roles)
     analyze_head(markers[-1], layout)

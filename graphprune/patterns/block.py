@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.fx import Node
@@ -21,6 +21,7 @@ class Block:
     site: AttentionSite
     residual: Node  # x + attn(...): where reduction happens, before the MLP
     tokens: int  # tokens entering the block in the unreduced model
+    masks: list = field(default_factory=list)  # token_mask markers: other block inputs indexed by token
 
 
 def inside(node: Node, path: str) -> bool:

@@ -32,6 +32,12 @@ class TokenLayout:
     mean_pools: list[tuple[Node, int]] = field(default_factory=list)  # (mean node, first token)
     attention_pools: list[tuple[Node, int]] = field(default_factory=list)  # (SDPA node, first token)
     returns_tokens: bool = False
+    opaque: str = ""  # why the head's use of the tokens could not be followed ("" when it could)
+
+    @property
+    def per_token(self) -> bool:
+        """Whether the output depends on more than the protected prefix tokens (so reduced tokens show)."""
+        return bool(self.returns_tokens or self.mean_pools or self.attention_pools or self.opaque)
 
 
 def _depends_on_input(node: Node, memo: dict) -> bool:
@@ -89,7 +95,7 @@ def analyze_head(out_marker: Node, layout: TokenLayout) -> None:
             t = u.target
             if u.op == "output":
                 if heads:
-                    raise UnsupportedArchitectureError("the model returns reshaped tokens; graphprune cannot follow them")
+                    layout.opaque = "the model returns reshaped tokens"
                 layout.returns_tokens = True
             elif t == aten.sym_size.int:
                 continue
@@ -99,7 +105,7 @@ def analyze_head(out_marker: Node, layout: TokenLayout) -> None:
             elif t in TO_HEADS or (t == aten.linear.default and heads) or (u.op == "call_function" and getattr(t, "__name__", "") == "getitem" and heads):
                 stack.append((u, start, True))
             elif heads:
-                raise UnsupportedArchitectureError(f"the head reshapes the tokens and uses them in '{u.name}' ({t}); not supported")
+                layout.opaque = f"the head reshapes the tokens and uses them in '{u.name}' ({t})"
             elif t in TOKENWISE:
                 stack.append((u, start, False))
             elif t == aten.select.int and u.args[1] in (1, -2):
@@ -114,16 +120,15 @@ def analyze_head(out_marker: Node, layout: TokenLayout) -> None:
             elif t == aten.mean.dim and list(u.args[1]) in ([1], [-2]):
                 layout.mean_pools.append((u, start))
             else:
-                raise UnsupportedArchitectureError(
-                    f"the output head consumes the tokens through '{u.name}' ({t}); graphprune cannot tell "
-                    "which tokens it needs, so it will not reduce them"
-                )
-    bad = [i for i in layout.reads if i >= layout.prefix]
+                layout.opaque = f"the output head consumes the tokens through '{u.name}' ({t})"
+    reads = sorted(set(layout.reads))
+    if reads and reads == list(range(len(reads))) and len(reads) > layout.prefix:
+        # leading tokens the head reads by position (BERT's [CLS]) are kept in place like learned ones
+        layout.roles += ["cls" if not layout.roles else "prefix"] * (len(reads) - layout.prefix)
+        layout.prefix = len(reads)
+    bad = [i for i in reads if i >= layout.prefix]
     if bad:
-        raise UnsupportedArchitectureError(
-            f"the head reads token(s) {sorted(set(bad))} by position, but only the first {layout.prefix} "
-            "token(s) are learned prefix tokens that reduction keeps in place"
-        )
+        layout.opaque = f"the head reads token(s) {bad} by position, beyond the {layout.prefix} leading token(s) kept in place"
     if layout.attention_pools:
         layout.pooling = "attention"
     elif layout.mean_pools:

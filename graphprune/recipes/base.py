@@ -29,6 +29,11 @@ class Recipe:
     summary: ClassVar[str]
     paper: ClassVar[str]
 
+    restore_tokens: bool = option(
+        True, "per-token outputs keep the original token count (each reduced token copied back to the positions it "
+        "came from); False returns the reduced tokens and their sizes: (output, sizes)"
+    )
+
     def validate(self) -> None:
         """Raise ScheduleError for options of the wrong form; runs before any capture work."""
 

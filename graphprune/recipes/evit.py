@@ -11,7 +11,7 @@ from graphprune.errors import RecipeError
 from graphprune.ops.evit import evit_out_tokens
 from graphprune.patterns import AttentionSite, ModelGraph
 from graphprune.recipes.base import Recipe, option, register
-from graphprune.passes import reduce_after_residual
+from graphprune.passes.flow import TokenFlow
 from graphprune.schedule import parse_keep, parse_locations
 
 EVIT = torch.ops.graphprune.evit_select.default
@@ -37,7 +37,8 @@ def cls_attention(site: AttentionSite):
 
 
 def _select(x, keep, protected, score_fn, *score_args):
-    return EVIT(x, score_fn(*score_args), keep, protected)
+    out, assign, rep = EVIT(x, score_fn(*score_args), keep, protected)
+    return out, assign, rep
 
 
 @register
@@ -67,11 +68,10 @@ class EViT(Recipe):
     def apply(self, graph: ModelGraph) -> list[int]:
         keep, protected = parse_keep(self.keep), graph.layout.prefix
         where = set(parse_locations(self.locations, len(graph.blocks)))
-        n, counts = graph.tokens, []
-        for block in graph.blocks:
-            counts.append(n)
-            if block.index in where and evit_out_tokens(n, keep, protected) != n:
+        flow = TokenFlow(graph, restore=self.restore_tokens)
+        for block in flow.blocks():
+            n_out = evit_out_tokens(flow.n, keep, protected)
+            if block.index in where and n_out != flow.n:
                 score_fn, score_args = cls_attention(block.site)
-                reduce_after_residual(block, _select, keep, protected, score_fn, *score_args)
-                n = evit_out_tokens(n, keep, protected)
-        return counts
+                flow.reduce(block, _select, keep, protected, score_fn, *score_args, out_tokens=n_out)
+        return flow.counts

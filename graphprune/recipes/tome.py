@@ -8,7 +8,7 @@ from typing import Union
 import torch
 
 from graphprune.ops import tome_effective_r
-from graphprune.passes import add_attention_bias, emit, reduce_after_residual, size_weighted_pooling
+from graphprune.passes.flow import TokenFlow
 from graphprune.patterns import ModelGraph
 from graphprune.recipes.base import Recipe, option, register
 from graphprune.schedule import parse_r
@@ -16,15 +16,11 @@ from graphprune.schedule import parse_r
 TOME = torch.ops.graphprune.tome_merge.default
 
 
-def _merge(x, size, k, r, protected):
+def _merge(x, size, k, r, protected, valid):
     if size is None:
         size = torch.ones_like(x[..., :1])
-    out = TOME(x, size, k.mean(dim=1), r, protected)
-    return out[0], out[1]
-
-
-def _log_size_bias(size):
-    return size[..., 0].log()[:, None, None, :]
+    x, size, assign, rep = TOME(x, size, k.mean(dim=1), r, protected, valid)
+    return x, assign, rep, size
 
 
 @register
@@ -49,20 +45,9 @@ class ToMe(Recipe):
 
     def apply(self, graph: ModelGraph) -> list[int]:
         protected = graph.layout.prefix
-        rs = self.schedule(len(graph.blocks))
-        n, size, bias, counts = graph.tokens, None, None, []
-        for block, r in zip(graph.blocks, rs):
-            counts.append(n)
-            if bias is not None:
-                add_attention_bias(block.site, bias)
-            r = tome_effective_r(n, r, protected)
-            if r == 0:
-                continue
-            merged = reduce_after_residual(block, _merge, size, block.site.k, r, protected)
-            size = merged[1]
-            if self.prop_attn:
-                bias = emit(size.graph, size, _log_size_bias, size)
-            n -= r
-        if size is not None:
-            size_weighted_pooling(graph.layout, size)
-        return counts
+        flow = TokenFlow(graph, prop_attn=self.prop_attn, restore=self.restore_tokens)
+        for block, r in zip(flow.blocks(), self.schedule(len(graph.blocks))):
+            r = tome_effective_r(flow.n, r, protected)
+            if r:
+                flow.reduce(block, _merge, flow.size, block.site.k, r, protected, flow.valid(block), out_tokens=flow.n - r)
+        return flow.counts
