@@ -100,6 +100,8 @@ def export(
     prop_attn: Optional[bool] = typer.Option(None, "--prop-attn/--no-prop-attn", help="tome: proportional attention"),
     keep: Optional[float] = typer.Option(None, "--keep", help="evit: fraction of tokens kept"),
     locations: Optional[str] = typer.Option(None, "--locations", help="evit: comma-separated block indices"),
+    restore_tokens: Optional[bool] = typer.Option(None, "--restore-tokens/--no-restore-tokens", help="per-token outputs at the original token count (default) or reduced, with sizes"),
+    option: list[str] = typer.Option([], "--option", "-O", help="any recipe option as KEY=VALUE (VALUE parsed as JSON when it can be, e.g. -O counts=[10,10,8])"),
     weights: Optional[Path] = typer.Option(None, "--weights", help="weights for a timm model: .safetensors or a weights-only state dict"),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow loading a pickled model (runs code from the file)"),
     batch: int = typer.Option(2, "--batch", min=1, help="example batch size used for capture and checks"),
@@ -126,6 +128,16 @@ def export(
                 options["locations"] = [int(v) for v in locations.split(",") if v.strip()]
             except ValueError:
                 _fail(f"--locations takes comma-separated block indices, got '{locations}'")
+        if restore_tokens is not None:
+            options["restore_tokens"] = restore_tokens
+        for item in option:
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                _fail(f"--option takes KEY=VALUE, got '{item}'")
+            try:
+                options[key.strip()] = json.loads(value)
+            except json.JSONDecodeError:
+                options[key.strip()] = value
         if target not in ("eager", "onnx", "trt"):
             _fail(f"unknown target '{target}'; choose eager, onnx or trt")
         graphprune.recipes.get_recipe(recipe, **options)  # bad recipe or options: fail before loading anything

@@ -7,9 +7,6 @@ import graphprune
 from graphprune.errors import RecipeError, UnsupportedArchitectureError
 from tests.conftest import FAMILIES, family, images, tiny
 
-NO_CLS = {"mean_pooled", "reg4_gap"}
-
-
 def _diff(a, b):
     return float((a - b).abs().max())
 
@@ -23,16 +20,15 @@ def test_zero_reduction_reproduces_original(key):
         fast = graphprune.optimize(model, "tome", example_inputs=(x,), r=0)
         assert _diff(fast(x), expected) <= 1e-5
         assert fast.report.tokens_per_block == [fast.report.tokens_per_block[0]] * len(model.blocks)
-        if key not in NO_CLS:
-            fast = graphprune.optimize(model, "evit", example_inputs=(x,), keep=1.0)
-            assert _diff(fast(x), expected) <= 1e-5
+        fast = graphprune.optimize(model, "evit", example_inputs=(x,), keep=1.0)
+        assert _diff(fast(x), expected) <= 1e-5
 
 
 @pytest.mark.parametrize("key", sorted(FAMILIES))
 def test_reduction_runs_and_exports(key, tmp_path):
     model = family(key)
     x = images(2)
-    recipes = [("tome", {"r": 6})] + ([] if key in NO_CLS else [("evit", {"keep": 0.5, "locations": [1, 3]})])
+    recipes = [("tome", {"r": 6}), ("evit", {"keep": 0.5, "locations": [1, 3]})]
     for recipe, opts in recipes:
         onnx = graphprune.optimize(model, recipe, target="onnx", output=tmp_path / recipe / "m.onnx", example_inputs=(x,), **opts)
         rep = onnx.report
@@ -67,9 +63,27 @@ def test_protected_tokens_survive_aggressive_merging():
         fast(x)
 
 
-def test_evit_needs_a_class_token():
-    with pytest.raises(RecipeError, match="class token"):
-        graphprune.optimize(family("mean_pooled"), "evit", example_inputs=(images(2),))
+def test_evit_without_class_token_ranks_by_received_attention():
+    """No class token (mean pooling): tokens are ranked by the attention they receive from all queries."""
+    from graphprune.patterns import analyze
+    from graphprune.capture import capture
+    from graphprune.recipes.evit import cls_attention
+
+    model, x = family("mean_pooled"), images(2)
+    graph = analyze(capture(model, (x,)))
+    assert graph.layout.prefix == 0
+    site = graph.blocks[1].site
+    score_fn, _ = cls_attention(site, has_cls=False)
+    blk = model.blocks[1]
+    with torch.no_grad():
+        h = model.patch_embed(x) + model.pos_embed
+        h = model.blocks[0](h)
+        qkv = blk.attn.qkv(blk.norm1(h)).reshape(2, 64, 3, 3, 16).permute(2, 0, 3, 1, 4)
+        q, k = qkv[0], qkv[1]
+        probs = ((q @ k.transpose(-2, -1)) * 16**-0.5).softmax(-1)
+        torch.testing.assert_close(score_fn(q, k), probs.mean(dim=(1, 2)))
+        fast = graphprune.optimize(model, "evit", example_inputs=(x,), keep=0.5)
+        assert fast.report.tokens_per_block == [64, 64, 33, 18]  # ceil(0.5·64)+1 fused, then ceil(0.5·33)+1
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ TOME = torch.ops.graphprune.tome_merge
 EVIT = torch.ops.graphprune.evit_select
 
 
-def _inputs(b=3, n=33, c=8, d=4, seed=0, duplicate=True):
+def _inputs(b=3, n=33, c=8, d=4, seed=0, duplicate=True):  # noqa: PLR0913
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(b, n, c, generator=g)
     size = torch.randint(1, 4, (b, n, 1), generator=g).float()
@@ -116,6 +116,8 @@ def test_onnx_lowering_matches_eager_with_repeated_destinations(tmp_path):
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for seed, batch in [(0, 3), (5, 1), (9, 4)]:  # other batch sizes too
         x, size, metric = _inputs(b=batch, seed=seed)
+        if seed == 5:  # zero keys of protected tokens (zero-initialised cls/dist): NaN scores must stay masked
+            metric[:, :2] = 0
         score = torch.rand(batch, 33)
         feeds = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), (x, size, metric, score))}
         for got, want in zip(sess.run(None, feeds), _Ops()(x, size, metric, score)):

@@ -40,7 +40,7 @@ def evit_select(x: torch.Tensor, score: torch.Tensor, keep: float, protected: in
     if k >= n - protected:
         return x.clone(), *identity_maps(x)
     rest, s = x[:, protected:], score[:, protected:]
-    _, idx = torch.topk(s, k, dim=1, largest=True, sorted=True)
+    idx = s.argsort(dim=1, descending=True, stable=True)[:, :k]  # topk; ties keep the lower index (as ONNX TopK)
     kept = rest.gather(1, idx.unsqueeze(-1).expand(-1, -1, c))
     dropped = torch.ones_like(s).scatter_(1, idx, 0.0)
     fused = (rest * (s * dropped).unsqueeze(-1)).sum(dim=1, keepdim=True)

@@ -8,7 +8,8 @@
   away (their A rows are -inf) and never receive merges (their B columns are -inf);
 * every A token picks its most similar B token; the ``r`` A tokens with the highest
   similarity are merged into their match as a size-weighted average; sizes add up;
-* with ``valid`` (B, N) given (padding), a valid token and a padded one never merge;
+* with ``valid`` (B, N) given (padding), a valid token and a padded one never merge, and
+  padding merges first (into padding), so which real tokens merge never depends on the padding;
 * output order is ``[unmerged A, B]`` with the protected tokens interleaved back at the
   front in their original order (for one class token and one distillation token this is
   exactly the published ``[unm[0], B[0], unm[1:], B[1:]]``). With protected tokens the
@@ -46,15 +47,16 @@ def match(metric: torch.Tensor, r: int, protected: int, valid: torch.Tensor | No
     metric = metric / metric.norm(dim=-1, keepdim=True)
     a, b = metric[..., ::2, :], metric[..., 1::2, :]
     scores = a @ b.transpose(-1, -2)
-    if valid is not None:  # padding never merges with real tokens
-        scores = scores.masked_fill(valid[:, ::2, None] != valid[:, None, 1::2], -math.inf)
+    if valid is not None:  # padding merges first, into padding only; real tokens never merge with padding
+        va, vb = valid[:, ::2, None], valid[:, None, 1::2]
+        scores = scores.masked_fill(va != vb, -math.inf).masked_fill(~va & ~vb, math.inf)
     pa, pb = (protected + 1) // 2, protected // 2
     if pa:
         scores[..., :pa, :] = -math.inf
     if pb:
         scores[..., :, :pb] = -math.inf
     node_max, node_idx = scores.max(dim=-1)
-    edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
+    edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)[..., None]  # ties: lower index first, as ONNX TopK
     unm_idx = edge_idx[..., r:, :]
     src_idx = edge_idx[..., :r, :]
     dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)

@@ -7,7 +7,6 @@ from typing import Optional
 
 import torch
 
-from graphprune.errors import RecipeError
 from graphprune.ops.evit import evit_out_tokens
 from graphprune.patterns import AttentionSite, ModelGraph
 from graphprune.recipes.base import Recipe, option, register
@@ -17,21 +16,29 @@ from graphprune.schedule import parse_keep, parse_locations
 EVIT = torch.ops.graphprune.evit_select.default
 
 
-def cls_attention(site: AttentionSite):
-    """A function of the site's nodes giving the class token's attention to every token, (B, N).
+def cls_attention(site: AttentionSite, has_cls: bool = True):
+    """A function of the site's nodes giving each token's importance, (B, N).
 
-    Only the class row of the attention matrix is computed (softmax(q_cls · kᵀ · scale)), so
-    this works when the model uses fused attention that never materialises the matrix.
+    With a class token: the class token's attention to every token, from the class row only
+    (softmax(q_cls · kᵀ · scale)), so this works with fused attention that never materialises
+    the matrix. Without one (e.g. SigLIP): the attention each token receives, averaged over
+    all queries and heads, which needs the full matrix at this block.
     """
     if site.kind == "explicit":
-        return lambda probs: probs[:, :, 0, :].mean(dim=1), (site.node,)
+        if has_cls:
+            return lambda probs: probs[:, :, 0, :].mean(dim=1), (site.node,)
+        return lambda probs: probs.mean(dim=(1, 2)), (site.node,)
     scale = site.scale()
 
+    boolean = site.mask is not None and site.mask.meta["val"].dtype == torch.bool
+
     def score(q, k, mask=None):
-        logits = (q[:, :, :1] @ k.transpose(-2, -1)) * scale
+        rows = q[:, :, :1] if has_cls else q
+        logits = (rows @ k.transpose(-2, -1)) * scale
         if mask is not None:
-            logits = logits + mask[..., :1, :]
-        return logits.softmax(dim=-1).mean(dim=1)[:, 0]
+            m = mask[..., :1, :] if has_cls else mask
+            logits = logits.masked_fill(~m, float("-inf")) if boolean else logits + m
+        return logits.softmax(dim=-1).mean(dim=(1, 2))
 
     return score, (site.q, site.k) + ((site.mask,) if site.mask is not None else ())
 
@@ -57,12 +64,6 @@ class EViT(Recipe):
             parse_locations(self.locations, 10**6)
 
     def check(self, graph: ModelGraph) -> None:
-        roles = graph.layout.roles
-        if not roles or roles[0] not in ("cls", "prefix"):
-            raise RecipeError(
-                "recipe 'evit' ranks tokens by the class token's attention, and this model has no class token "
-                f"(pooling: {graph.layout.pooling}); use recipe 'tome' instead"
-            )
         parse_locations(self.locations, len(graph.blocks))
 
     def apply(self, graph: ModelGraph) -> list[int]:
@@ -72,6 +73,6 @@ class EViT(Recipe):
         for block in flow.blocks():
             n_out = evit_out_tokens(flow.n, keep, protected)
             if block.index in where and n_out != flow.n:
-                score_fn, score_args = cls_attention(block.site)
+                score_fn, score_args = cls_attention(block.site, has_cls=graph.layout.roles[:1] in (["cls"], ["prefix"]))
                 flow.reduce(block, _select, keep, protected, score_fn, *score_args, out_tokens=n_out)
         return flow.counts
