@@ -145,7 +145,64 @@ def evit_select(x, score, keep: float, protected: int):
     return op.Concat(*parts, axis=1), assign, rep
 
 
+def _rank(score, n: int, protected: int):
+    """Non-protected tokens best first (TopK keeps the lower index on ties), as input indices."""
+    _, order = op.TopK(_slice(score, protected, n), _ints(n - protected), axis=1, largest=1, sorted=1)
+    return op.Add(order, op.Constant(value_int=protected))
+
+
+def _with_head(like, idx, protected: int):
+    return op.Concat(_positions(like, protected), idx, axis=1) if protected else op.Identity(idx)
+
+
+def prune(x, score, keep: int, protected: int):
+    n, c = _static(x, 1, "prune"), _static(x, 2, "prune")
+    if keep >= n - protected:
+        return op.Identity(x), *_identity_maps(x, n)
+    rep = _with_head(x, _slice(_rank(score, n, protected), 0, keep), protected)
+    minus = op.Sub(op.Mul(_positions(x, n), op.Constant(value_int=0)), op.Constant(value_int=1))
+    assign = op.ScatterElements(minus, rep, _positions(x, protected + keep), axis=1)
+    return _take(x, rep, c), assign, rep
+
+
+def merge_nearest(x, size, metric, score, keep: int, protected: int, valid=None, squeeze: bool = False):
+    n, c = _static(x, 1, "merge_nearest"), _static(x, 2, "merge_nearest")
+    if keep >= n - protected:
+        return op.Identity(x), op.Identity(size), *_identity_maps(x, n)
+    order = _rank(score, n, protected)
+    kept, rest = _slice(order, 0, keep), _slice(order, keep, n)
+    rep = _with_head(x, kept, protected)
+    d = _static(metric, 2, "merge_nearest")
+    m = op.Div(metric, op.ReduceL2(metric, _ints(-1), keepdims=1))
+    sim = op.MatMul(_take(m, rest, d), op.Transpose(_take(m, kept, d), perm=[0, 2, 1]))
+    if valid is not None:
+        vr, vk = op.GatherElements(valid, rest, axis=1), op.GatherElements(valid, kept, axis=1)
+        same = op.Equal(op.Unsqueeze(vr, _ints(2)), op.Unsqueeze(vk, _ints(1)))
+        sim = op.Where(same, sim, op.CastLike(op.Constant(value_float=-np.inf), sim))
+    best = op.ReduceMax(sim, _ints(-1), keepdims=0)
+    host = op.Add(op.ArgMax(sim, axis=-1, keepdims=0), op.Constant(value_int=protected))
+    finite = op.Not(op.Or(op.IsInf(best), op.IsNaN(best)))  # no host of its kind: dropped
+    ok = op.Unsqueeze(op.CastLike(finite, x), _ints(-1))
+    into = op.Transpose(_one_hot(host, protected + keep, x), perm=[0, 2, 1])  # (B, n_out, n_rest)
+    moved_size = op.Mul(_take(size, rest, 1), ok)
+    new_size = op.Add(_take(size, rep, 1), op.MatMul(into, moved_size))
+    if squeeze:
+        w = op.Mul(op.Where(finite, op.Exp(best), op.CastLike(op.Constant(value_float=0.0), best)), op.Squeeze(ok, _ints(-1)))
+        w = op.Unsqueeze(w, _ints(-1))
+        weight = op.Add(op.CastLike(op.Constant(value_float=1.0), w), op.MatMul(into, w))
+        out = op.Div(op.Add(_take(x, rep, c), op.MatMul(into, op.Mul(w, _take(x, rest, c)))), weight)
+    else:
+        xs = op.Mul(x, size)
+        out = op.Div(op.Add(_take(xs, rep, c), op.MatMul(into, op.Mul(ok, _take(xs, rest, c)))), new_size)
+    zeros = op.Mul(_positions(x, n), op.Constant(value_int=0))
+    hosted = op.Where(finite, host, op.Constant(value_int=-1))
+    assign = op.ScatterElements(op.ScatterElements(zeros, rep, _positions(x, protected + keep), axis=1), rest, hosted, axis=1)
+    return out, new_size, assign, rep
+
+
 TRANSLATIONS = {
+    torch.ops.graphprune.prune.default: prune,
+    torch.ops.graphprune.merge_nearest.default: merge_nearest,
     torch.ops.graphprune.tome_merge.default: tome_merge,
     torch.ops.graphprune.evit_select.default: evit_select,
 }

@@ -44,6 +44,29 @@ def _key_valid(mask, dtype: torch.dtype):
     return ok.flatten(1, -2).any(dim=1)
 
 
+def _compose(old, assign):
+    """Where each original token is now, given where it was (``old``; -1: dropped) and the step's ``assign``."""
+    return torch.where(old >= 0, assign.gather(1, old.clamp(min=0)), -1)
+
+
+def _at_origin(x, origin):
+    return x.gather(1, origin.clamp(min=0)[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def _freeze(x, old, new, canvas=None):
+    """Record the tokens dropped by this step, at their original positions."""
+    before = x if old is None else _at_origin(x, old)
+    dropped = (new < 0)[..., None]
+    if old is not None:
+        dropped = dropped & (old >= 0)[..., None]
+    return torch.where(dropped, before, before.new_zeros(()) if canvas is None else canvas)
+
+
+def _restore(x, origin, canvas=None):
+    full = _at_origin(x, origin)
+    return full if canvas is None else torch.where((origin >= 0)[..., None], full, canvas)
+
+
 def _token_dims(node: Node) -> list[int]:
     val = node.meta["val"]
     return [d for d in range(1, val.dim()) if not isinstance(val.shape[d], int)]
@@ -60,6 +83,7 @@ class TokenFlow:
         self.rep: Node | None = None
         self.counts: list[int] = []
         self._bias: Node | None = None
+        self._canvas: Node | None = None  # (B, N, C) dropped tokens as they were when dropped
         if not restore and graph.layout.opaque:
             raise RecipeError(
                 f"restore_tokens=False needs a head graphprune can follow, but {graph.layout.opaque}; "
@@ -94,8 +118,13 @@ class TokenFlow:
             return None
         return emit(self.fx, masks[0], _key_valid, masks[0], masks[0].meta["val"].dtype)
 
-    def reduce(self, block: Block, fn: Callable, *args, out_tokens: int) -> tuple:
-        """Insert ``fn(x, *args) -> (x, assign, rep[, size])`` at the block's reduction point."""
+    def reduce(self, block: Block, fn: Callable, *args, out_tokens: int, drops: bool = False) -> tuple:
+        """Insert ``fn(x, *args) -> (x, assign, rep[, size])`` at the block's reduction point.
+
+        ``drops``: the op may drop tokens (``assign == -1``); a restored output then shows a
+        dropped token as it was when it was dropped.
+        """
+        x_in = block.residual
         out = reduce_after_residual(block, fn, *args)
         x, assign, rep = out[:3]
         if len(out) > 3:
@@ -104,9 +133,11 @@ class TokenFlow:
                 self._bias = emit(self.fx, self.size, lambda s: s[..., 0].log()[:, None, None, :], self.size)
         elif self.size is not None:
             raise RecipeError("a token reduction without sizes after one with sizes is not supported")
-        compose = lambda old, new: new if old is None else new.gather(1, old)  # noqa: E731
-        self.origin = assign if self.origin is None else emit(self.fx, rep, compose, self.origin, assign)
-        self.rep = rep if self.rep is None else emit(self.fx, self.origin, lambda old, new: old.gather(1, new), self.rep, rep)
+        old = self.origin
+        self.origin = assign if old is None else emit(self.fx, rep, _compose, old, assign)
+        self.rep = rep if self.rep is None else emit(self.fx, self.origin, lambda prev, new: prev.gather(1, new), self.rep, rep)
+        if drops and self.restore and self.graph.layout.per_token:
+            self._canvas = emit(self.fx, self.origin, _freeze, x_in, old, self.origin, self._canvas)
         self.n = out_tokens
         return out
 
@@ -116,7 +147,7 @@ class TokenFlow:
             return
         if self.restore:
             users = list(output.users)
-            full = emit(self.fx, output, lambda x, o: x.gather(1, o[..., None].expand(-1, -1, x.shape[-1])), output, self.origin)
+            full = emit(self.fx, output, _restore, output, self.origin, self._canvas)
             for u in users:
                 u.replace_input_with(output, full)
             return

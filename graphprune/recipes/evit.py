@@ -8,39 +8,13 @@ from typing import Optional
 import torch
 
 from graphprune.ops.evit import evit_out_tokens
-from graphprune.patterns import AttentionSite, ModelGraph
+from graphprune.patterns import ModelGraph
+from graphprune.recipes.scores import cls_attention, has_class_token
 from graphprune.recipes.base import Recipe, option, register
 from graphprune.passes.flow import TokenFlow
 from graphprune.schedule import parse_keep, parse_locations
 
 EVIT = torch.ops.graphprune.evit_select.default
-
-
-def cls_attention(site: AttentionSite, has_cls: bool = True):
-    """A function of the site's nodes giving each token's importance, (B, N).
-
-    With a class token: the class token's attention to every token, from the class row only
-    (softmax(q_cls · kᵀ · scale)), so this works with fused attention that never materialises
-    the matrix. Without one (e.g. SigLIP): the attention each token receives, averaged over
-    all queries and heads, which needs the full matrix at this block.
-    """
-    if site.kind == "explicit":
-        if has_cls:
-            return lambda probs: probs[:, :, 0, :].mean(dim=1), (site.node,)
-        return lambda probs: probs.mean(dim=(1, 2)), (site.node,)
-    scale = site.scale()
-
-    boolean = site.mask is not None and site.mask.meta["val"].dtype == torch.bool
-
-    def score(q, k, mask=None):
-        rows = q[:, :, :1] if has_cls else q
-        logits = (rows @ k.transpose(-2, -1)) * scale
-        if mask is not None:
-            m = mask[..., :1, :] if has_cls else mask
-            logits = logits.masked_fill(~m, float("-inf")) if boolean else logits + m
-        return logits.softmax(dim=-1).mean(dim=(1, 2))
-
-    return score, (site.q, site.k) + ((site.mask,) if site.mask is not None else ())
 
 
 def _select(x, keep, protected, score_fn, *score_args):
@@ -73,6 +47,6 @@ class EViT(Recipe):
         for block in flow.blocks():
             n_out = evit_out_tokens(flow.n, keep, protected)
             if block.index in where and n_out != flow.n:
-                score_fn, score_args = cls_attention(block.site, has_cls=graph.layout.roles[:1] in (["cls"], ["prefix"]))
+                score_fn, score_args = cls_attention(block.site, has_cls=has_class_token(graph))
                 flow.reduce(block, _select, keep, protected, score_fn, *score_args, out_tokens=n_out)
         return flow.counts

@@ -1,0 +1,109 @@
+"""Score-ranked token selection: prune, and merge into the nearest kept token.
+
+Both ops rank the non-protected tokens by ``score`` (B, N), highest first; ties keep the
+lower index (a stable sort, as ONNX ``TopK``). The first ``protected`` tokens stay in place.
+
+``graphprune::prune(x, score, keep, protected)``: keep the ``keep`` best-ranked tokens (in
+rank order) and drop the rest. Dropped tokens get ``assign = -1``: a restored output shows
+them as they were when they were dropped.
+
+``graphprune::merge_nearest(x, size, metric, score, keep, protected, valid, squeeze)``: the
+``keep`` best-ranked tokens stay (in rank order); every other token is merged into the kept
+token whose ``metric`` is most similar (cosine). With ``squeeze=False`` the merge is the
+size-weighted average (ToMe's rule: sizes add up). With ``squeeze=True`` each merged token
+j is added to its host i with weight ``exp(cos_ij)`` and the host is renormalised by
+``1 + Σ exp(cos_ij)`` (TPS's squeeze); sizes still add up. With ``valid`` (padding), padded
+tokens only merge into padded ones and real tokens only into real ones; a token with no kept
+token of its kind is dropped (``assign = -1``), which in practice only happens to padding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from graphprune.ops.maps import identity_maps
+
+
+def rank(score: torch.Tensor, protected: int) -> torch.Tensor:
+    """Indices (B, N - protected) of the non-protected tokens, best first; ties: lower index first."""
+    return score[:, protected:].argsort(dim=1, descending=True, stable=True) + protected
+
+
+def _head(x: torch.Tensor, protected: int) -> torch.Tensor:
+    return torch.arange(protected, device=x.device).expand(x.shape[0], protected)
+
+
+def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
+
+
+@torch.library.custom_op("graphprune::prune", mutates_args=())
+def prune(x: torch.Tensor, score: torch.Tensor, keep: int, protected: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    b, n, _ = x.shape
+    if keep >= n - protected:
+        return x.clone(), *identity_maps(x)
+    kept = rank(score, protected)[:, :keep]
+    rep = torch.cat([_head(x, protected), kept], dim=1)
+    assign = torch.full((b, n), -1, dtype=torch.long, device=x.device)
+    assign = assign.scatter(1, rep, torch.arange(protected + keep, device=x.device).expand(b, -1))
+    return _take(x, rep), assign, rep
+
+
+@prune.register_fake
+def _prune_fake(x, score, keep, protected):
+    b, n = x.shape[0], x.shape[1]
+    m = n if keep >= n - protected else protected + keep
+    return x.new_empty((b, m, x.shape[2])), x.new_empty((b, n), dtype=torch.long), x.new_empty((b, m), dtype=torch.long)
+
+
+def nearest(metric: torch.Tensor, rep: torch.Tensor, rest: torch.Tensor, valid: torch.Tensor | None, protected: int) -> torch.Tensor:
+    """For each token in ``rest``, (its best cosine similarity, the index among the non-protected kept tokens)."""
+    m = metric / metric.norm(dim=-1, keepdim=True)
+    kept = rep[:, protected:]
+    sim = _take(m, rest) @ _take(m, kept).transpose(1, 2)  # (B, n_rest, n_kept)
+    if valid is not None:
+        v = valid.gather(1, rest)[:, :, None] != valid.gather(1, kept)[:, None, :]
+        sim = sim.masked_fill(v, -math.inf)
+    return sim.max(dim=-1)
+
+
+@torch.library.custom_op("graphprune::merge_nearest", mutates_args=())
+def merge_nearest(
+    x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, score: torch.Tensor, keep: int, protected: int,
+    valid: torch.Tensor | None = None, squeeze: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    b, n, c = x.shape
+    if keep >= n - protected:
+        return x.clone(), size.clone(), *identity_maps(x)
+    order = rank(score, protected)
+    rep = torch.cat([_head(x, protected), order[:, :keep]], dim=1)
+    rest = order[:, keep:]
+    with torch.no_grad():
+        sim, host = nearest(metric, rep, rest, valid, protected)
+    host = host + protected  # output slot of the host
+    ok = sim.isfinite()[..., None].to(x.dtype)  # no host of its kind (padding among real tokens): dropped
+    moved_size = _take(size, rest) * ok
+    if squeeze:
+        w = sim.exp().nan_to_num(0.0)[..., None] * ok  # (B, n_rest, 1)
+        weight = torch.ones_like(size[:, : rep.shape[1]]).scatter_add(1, host[..., None], w)
+        total = _take(x, rep).scatter_add(1, host[..., None].expand(-1, -1, c), w * _take(x, rest))
+        out = total / weight
+    else:
+        xs = x * size
+        total = _take(xs, rep).scatter_add(1, host[..., None].expand(-1, -1, c), ok * _take(xs, rest))
+        out = total / _take(size, rep).scatter_add(1, host[..., None], moved_size)
+    new_size = _take(size, rep).scatter_add(1, host[..., None], moved_size)
+    assign = torch.zeros(b, n, dtype=torch.long, device=x.device)
+    hosted = torch.where(ok[..., 0] > 0, host, -1)
+    assign = assign.scatter(1, rep, torch.arange(rep.shape[1], device=x.device).expand(b, -1)).scatter(1, rest, hosted)
+    return out, new_size, assign, rep
+
+
+@merge_nearest.register_fake
+def _merge_nearest_fake(x, size, metric, score, keep, protected, valid=None, squeeze=False):
+    b, n = x.shape[0], x.shape[1]
+    m = n if keep >= n - protected else protected + keep
+    long = dict(dtype=torch.long)
+    return (x.new_empty((b, m, x.shape[2])), size.new_empty((b, m, 1)), x.new_empty((b, n), **long), x.new_empty((b, m), **long))
