@@ -35,10 +35,10 @@ def test_prune_keeps_the_best_ranked_in_rank_order():
     assert torch.equal(PRUNE(x, score, 15, 2)[0], x)
 
 
-@pytest.mark.parametrize("squeeze", [False, True])
-def test_merge_nearest_definition(squeeze):
+@pytest.mark.parametrize("mode", ["size", "squeeze", "mean"])
+def test_merge_nearest_definition(mode):
     x, size, metric, score = _data()
-    out, new_size, assign, rep = MERGE(x, size, metric, score, 6, 1, None, squeeze)
+    out, new_size, assign, rep = MERGE(x, size, metric, score, 6, 1, None, mode)
     m = metric / metric.norm(dim=-1, keepdim=True)
     for b in range(3):
         order = sorted(range(1, 17), key=lambda i: (-float(score[b, i]), i))
@@ -48,11 +48,16 @@ def test_merge_nearest_definition(squeeze):
         for slot, i in enumerate(kept):
             members = [i] + [j for j in rest if hosts[j] == slot]
             assert sorted(torch.nonzero(assign[b] == slot)[:, 0].tolist()) == sorted(members)
-            torch.testing.assert_close(new_size[b, slot], size[b, members].sum(0))
-            if squeeze:
-                w = torch.stack([torch.tensor(1.0)] + [(m[b, j] @ m[b, i]).exp() for j in members[1:]])
-                want = (w[:, None] * x[b, members]).sum(0) / w.sum()
+            sims = torch.stack([torch.tensor(1.0)] + [m[b, j] @ m[b, i] for j in members[1:]])
+            if mode == "mean":  # DiffRate: plain mean; guests add similarity-weighted size
+                want = x[b, members].mean(0)
+                torch.testing.assert_close(new_size[b, slot, 0], (sims * size[b, members, 0]).sum())
             else:
+                torch.testing.assert_close(new_size[b, slot], size[b, members].sum(0))
+            if mode == "squeeze":  # TPS: softmax over similarities, the host's own being 1
+                w = sims.exp()
+                want = (w[:, None] * x[b, members]).sum(0) / w.sum()
+            if mode == "size":
                 want = (size[b, members] * x[b, members]).sum(0) / size[b, members].sum()
             torch.testing.assert_close(out[b, slot], want, atol=1e-5, rtol=1e-5)
 
@@ -74,9 +79,10 @@ def test_merge_nearest_keeps_padding_apart():
 class _Ops(torch.nn.Module):
     def forward(self, x, size, metric, score):
         p = PRUNE(x, score, 9, 1)
-        m = MERGE(x, size, metric, score, 7, 2, score > 0.3, False)
-        s = MERGE(x, size, metric, score, 5, 0, None, True)
-        return (*p, *m, *s)
+        m = MERGE(x, size, metric, score, 7, 2, score > 0.3, "size")
+        s = MERGE(x, size, metric, score, 5, 0, None, "squeeze")
+        d = MERGE(x, size, metric, score, 6, 1, score > 0.5, "mean")
+        return (*p, *m, *s, *d)
 
 
 def test_onnx_lowerings_match_eager(tmp_path):

@@ -165,7 +165,7 @@ def prune(x, score, keep: int, protected: int):
     return _take(x, rep, c), assign, rep
 
 
-def merge_nearest(x, size, metric, score, keep: int, protected: int, valid=None, squeeze: bool = False):
+def merge_nearest(x, size, metric, score, keep: int, protected: int, valid=None, mode: str = "size"):
     n, c = _static(x, 1, "merge_nearest"), _static(x, 2, "merge_nearest")
     if keep >= n - protected:
         return op.Identity(x), op.Identity(size), *_identity_maps(x, n)
@@ -173,7 +173,8 @@ def merge_nearest(x, size, metric, score, keep: int, protected: int, valid=None,
     kept, rest = _slice(order, 0, keep), _slice(order, keep, n)
     rep = _with_head(x, kept, protected)
     d = _static(metric, 2, "merge_nearest")
-    m = op.Div(metric, op.ReduceL2(metric, _ints(-1), keepdims=1))
+    norm = op.Max(op.ReduceL2(metric, _ints(-1), keepdims=1), op.CastLike(op.Constant(value_float=1e-6), metric))
+    m = op.Div(metric, norm)
     sim = op.MatMul(_take(m, rest, d), op.Transpose(_take(m, kept, d), perm=[0, 2, 1]))
     if valid is not None:
         vr, vk = op.GatherElements(valid, rest, axis=1), op.GatherElements(valid, kept, axis=1)
@@ -183,17 +184,27 @@ def merge_nearest(x, size, metric, score, keep: int, protected: int, valid=None,
     host = op.Add(op.ArgMax(sim, axis=-1, keepdims=0), op.Constant(value_int=protected))
     finite = op.Not(op.Or(op.IsInf(best), op.IsNaN(best)))  # no host of its kind: dropped
     ok = op.Unsqueeze(op.CastLike(finite, x), _ints(-1))
+    zero = op.CastLike(op.Constant(value_float=0.0), x)
+    best = op.Unsqueeze(op.Where(finite, best, zero), _ints(-1))
     into = op.Transpose(_one_hot(host, protected + keep, x), perm=[0, 2, 1])  # (B, n_out, n_rest)
-    moved_size = op.Mul(_take(size, rest, 1), ok)
-    new_size = op.Add(_take(size, rep, 1), op.MatMul(into, moved_size))
-    if squeeze:
-        w = op.Mul(op.Where(finite, op.Exp(best), op.CastLike(op.Constant(value_float=0.0), best)), op.Squeeze(ok, _ints(-1)))
-        w = op.Unsqueeze(w, _ints(-1))
-        weight = op.Add(op.CastLike(op.Constant(value_float=1.0), w), op.MatMul(into, w))
-        out = op.Div(op.Add(_take(x, rep, c), op.MatMul(into, op.Mul(w, _take(x, rest, c)))), weight)
-    else:
+
+    def gather_in(base, guests):
+        return op.Add(base, op.MatMul(into, guests))
+
+    guest_size = op.Mul(_take(size, rest, 1), ok)
+    if mode == "size":
         xs = op.Mul(x, size)
-        out = op.Div(op.Add(_take(xs, rep, c), op.MatMul(into, op.Mul(ok, _take(xs, rest, c)))), new_size)
+        new_size = gather_in(_take(size, rep, 1), guest_size)
+        out = op.Div(gather_in(_take(xs, rep, c), op.Mul(ok, _take(xs, rest, c))), new_size)
+    elif mode == "squeeze":
+        e = op.CastLike(op.Constant(value_float=float(np.e)), x)
+        w = op.Mul(op.Exp(best), ok)
+        out = op.Div(gather_in(op.Mul(e, _take(x, rep, c)), op.Mul(w, _take(x, rest, c))), gather_in(e, w))
+        new_size = gather_in(_take(size, rep, 1), guest_size)
+    else:  # mean
+        one = op.CastLike(op.Constant(value_float=1.0), x)
+        out = op.Div(gather_in(_take(x, rep, c), op.Mul(ok, _take(x, rest, c))), gather_in(one, ok))
+        new_size = gather_in(_take(size, rep, 1), op.Mul(best, guest_size))
     zeros = op.Mul(_positions(x, n), op.Constant(value_int=0))
     hosted = op.Where(finite, host, op.Constant(value_int=-1))
     assign = op.ScatterElements(op.ScatterElements(zeros, rep, _positions(x, protected + keep), axis=1), rest, hosted, axis=1)

@@ -7,12 +7,17 @@ lower index (a stable sort, as ONNX ``TopK``). The first ``protected`` tokens st
 rank order) and drop the rest. Dropped tokens get ``assign = -1``: a restored output shows
 them as they were when they were dropped.
 
-``graphprune::merge_nearest(x, size, metric, score, keep, protected, valid, squeeze)``: the
+``graphprune::merge_nearest(x, size, metric, score, keep, protected, valid, mode)``: the
 ``keep`` best-ranked tokens stay (in rank order); every other token is merged into the kept
-token whose ``metric`` is most similar (cosine). With ``squeeze=False`` the merge is the
-size-weighted average (ToMe's rule: sizes add up). With ``squeeze=True`` each merged token
-j is added to its host i with weight ``exp(cos_ij)`` and the host is renormalised by
-``1 + Σ exp(cos_ij)`` (TPS's squeeze); sizes still add up. With ``valid`` (padding), padded
+token whose ``metric`` is most similar (cosine, argmax). ``mode`` is the merge rule:
+
+* ``"size"``: size-weighted average, sizes add up (ToMe's rule);
+* ``"squeeze"``: host i becomes ``(e·x_i + Σ_j exp(cos_ij)·x_j) / (e + Σ_j exp(cos_ij))``
+  (TPS: a softmax over the host's self-similarity 1 and its guests' similarities); sizes add up;
+* ``"mean"``: plain mean of the host and its guests, and the host's size grows by
+  ``Σ_j cos_ij·size_j`` (DiffRate).
+
+With ``valid`` (padding), padded
 tokens only merge into padded ones and real tokens only into real ones; a token with no kept
 token of its kind is dropped (``assign = -1``), which in practice only happens to padding.
 """
@@ -60,7 +65,7 @@ def _prune_fake(x, score, keep, protected):
 
 def nearest(metric: torch.Tensor, rep: torch.Tensor, rest: torch.Tensor, valid: torch.Tensor | None, protected: int) -> torch.Tensor:
     """For each token in ``rest``, (its best cosine similarity, the index among the non-protected kept tokens)."""
-    m = metric / metric.norm(dim=-1, keepdim=True)
+    m = metric / metric.norm(dim=-1, keepdim=True).clamp(min=1e-6)
     kept = rep[:, protected:]
     sim = _take(m, rest) @ _take(m, kept).transpose(1, 2)  # (B, n_rest, n_kept)
     if valid is not None:
@@ -69,10 +74,13 @@ def nearest(metric: torch.Tensor, rep: torch.Tensor, rest: torch.Tensor, valid: 
     return sim.max(dim=-1)
 
 
+MODES = ("size", "squeeze", "mean")
+
+
 @torch.library.custom_op("graphprune::merge_nearest", mutates_args=())
 def merge_nearest(
     x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, score: torch.Tensor, keep: int, protected: int,
-    valid: torch.Tensor | None = None, squeeze: bool = False,
+    valid: torch.Tensor | None = None, mode: str = "size",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     b, n, c = x.shape
     if keep >= n - protected:
@@ -82,27 +90,31 @@ def merge_nearest(
     rest = order[:, keep:]
     with torch.no_grad():
         sim, host = nearest(metric, rep, rest, valid, protected)
-    host = host + protected  # output slot of the host
+    host = host[..., None] + protected  # output slot of the host, (B, n_rest, 1)
     ok = sim.isfinite()[..., None].to(x.dtype)  # no host of its kind (padding among real tokens): dropped
-    moved_size = _take(size, rest) * ok
-    if squeeze:
-        w = sim.exp().nan_to_num(0.0)[..., None] * ok  # (B, n_rest, 1)
-        weight = torch.ones_like(size[:, : rep.shape[1]]).scatter_add(1, host[..., None], w)
-        total = _take(x, rep).scatter_add(1, host[..., None].expand(-1, -1, c), w * _take(x, rest))
-        out = total / weight
+    sim = sim.nan_to_num(0.0, posinf=0.0, neginf=0.0)[..., None]
+    guest_size = _take(size, rest) * ok
+    into = lambda base, t: base.scatter_add(1, host.expand(-1, -1, t.shape[-1]), t)  # noqa: E731
+    if mode == "size":
+        new_size = into(_take(size, rep), guest_size)
+        out = into(_take(x * size, rep), ok * _take(x * size, rest)) / new_size
+    elif mode == "squeeze":
+        w = sim.exp() * ok
+        out = into(math.e * _take(x, rep), w * _take(x, rest)) / into(torch.full_like(size[:, : rep.shape[1]], math.e), w)
+        new_size = into(_take(size, rep), guest_size)
+    elif mode == "mean":
+        out = into(_take(x, rep), ok * _take(x, rest)) / into(torch.ones_like(size[:, : rep.shape[1]]), ok)
+        new_size = into(_take(size, rep), sim * guest_size)
     else:
-        xs = x * size
-        total = _take(xs, rep).scatter_add(1, host[..., None].expand(-1, -1, c), ok * _take(xs, rest))
-        out = total / _take(size, rep).scatter_add(1, host[..., None], moved_size)
-    new_size = _take(size, rep).scatter_add(1, host[..., None], moved_size)
+        raise ValueError(f"merge_nearest mode must be one of {MODES}, got {mode!r}")
     assign = torch.zeros(b, n, dtype=torch.long, device=x.device)
-    hosted = torch.where(ok[..., 0] > 0, host, -1)
+    hosted = torch.where(ok[..., 0] > 0, host[..., 0], -1)
     assign = assign.scatter(1, rep, torch.arange(rep.shape[1], device=x.device).expand(b, -1)).scatter(1, rest, hosted)
     return out, new_size, assign, rep
 
 
 @merge_nearest.register_fake
-def _merge_nearest_fake(x, size, metric, score, keep, protected, valid=None, squeeze=False):
+def _merge_nearest_fake(x, size, metric, score, keep, protected, valid=None, mode="size"):
     b, n = x.shape[0], x.shape[1]
     m = n if keep >= n - protected else protected + keep
     long = dict(dtype=torch.long)

@@ -132,13 +132,16 @@ class TokenFlow:
             if self.prop_attn:
                 self._bias = emit(self.fx, self.size, lambda s: s[..., 0].log()[:, None, None, :], self.size)
         elif self.size is not None:
-            raise RecipeError("a token reduction without sizes after one with sizes is not supported")
+            if not drops:
+                raise RecipeError("a token reduction without sizes after one with sizes is not supported")
+            self.size = emit(self.fx, rep, lambda s, r: s.gather(1, r[..., None]), self.size, rep)  # a selection
         old = self.origin
         self.origin = assign if old is None else emit(self.fx, rep, _compose, old, assign)
         self.rep = rep if self.rep is None else emit(self.fx, self.origin, lambda prev, new: prev.gather(1, new), self.rep, rep)
         if drops and self.restore and self.graph.layout.per_token:
             self._canvas = emit(self.fx, self.origin, _freeze, x_in, old, self.origin, self._canvas)
         self.n = out_tokens
+        block.residual = x  # a second reduction in this block acts on the reduced tokens
         return out
 
     def _finish(self) -> None:

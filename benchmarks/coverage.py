@@ -1,0 +1,620 @@
+"""Architecture coverage of graphprune: which models it captures, reduces and exports.
+
+    python benchmarks/coverage.py                     # full sweep → docs/coverage.md + docs/coverage.json
+    python benchmarks/coverage.py --no-onnx           # skip the ONNX export checks (much faster)
+    python benchmarks/coverage.py --only deit --limit 5
+
+Every model is built tiny with random weights (nothing is downloaded): timm Vision
+Transformer-like architectures (one name per architecture, found with ``timm.list_models``)
+and a few Hugging Face architectures from tiny configs. For each model and each recipe in
+``graphprune.list_recipes()`` the sweep checks:
+
+1. capture: ``optimize(model, "tome", r=0)`` succeeds (a refusal records its reason);
+2. zero reduction: the recipe at its no-op setting (tome r=0, evit keep=1.0) reproduces the
+   original output, max |Δ| ≤ 1e-5 (recipes without a known no-op setting: n/a);
+3. reduction: the recipe at a small reduction runs and the last block sees fewer tokens
+   than the first;
+4. ONNX: the same reduction exported with ``target="onnx"`` matches the eager graph in ONNX
+   Runtime, max |Δ| ≤ 1e-4.
+
+Each check runs in its own cell: an exception is recorded and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import io
+import json
+import logging
+import os
+import re
+import shlex
+import signal
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import timm
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+import graphprune
+from graphprune.api import default_example_inputs
+from graphprune.errors import GraphPruneError
+from graphprune.recipes import RECIPES
+from graphprune.report import max_abs_diff
+
+ZERO_TOL = 1e-5
+ONNX_TOL = 1e-4
+CELL_TIMEOUT_S = 240
+MAX_DEFAULT_PARAMS = 40e6  # a model that cannot be shrunk is built at its own size only below this
+
+# --------------------------------------------------------------------------------------------
+# recipes: the no-op and the small-reduction setting of each
+# --------------------------------------------------------------------------------------------
+
+KNOWN_ZERO = {"tome": {"r": 0}, "evit": {"keep": 1.0}}
+KNOWN_REDUCE = {"tome": {"r": 4}, "evit": {"keep": 0.7}}
+ZERO_HOOKS = ("zero_options", "zero_settings", "zero_reduction", "identity_options", "no_reduction_options")
+REDUCE_HOOKS = ("default_reduction", "reduction_options", "example_options", "demo_options", "default_options")
+
+
+def _hook(cls, names) -> dict | None:
+    """A dict the recipe class exposes under one of ``names`` (attribute or classmethod)."""
+    for name in names:
+        value = getattr(cls, name, None)
+        if callable(value):
+            try:
+                value = value()
+            except Exception:  # an instance method, or a hook with another signature
+                continue
+        if isinstance(value, dict):
+            return dict(value)
+    return None
+
+
+def recipe_settings() -> dict:
+    """recipe -> {"zero": options or None (unknown), "reduce": options}."""
+    out = {}
+    for name in graphprune.list_recipes():
+        cls = RECIPES[name]
+        zero = _hook(cls, ZERO_HOOKS)
+        if zero is None:
+            zero = KNOWN_ZERO.get(name)
+        reduce = KNOWN_REDUCE.get(name)
+        if reduce is None:
+            reduce = _hook(cls, REDUCE_HOOKS) or {}
+        out[name] = {"zero": zero, "reduce": reduce}
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# timm models: one name per architecture, built tiny
+# --------------------------------------------------------------------------------------------
+
+TIMM_PATTERNS = [
+    "vit_*", "deit*", "eva*", "beit*", "flexivit*", "samvit*", "naflexvit*",  # plain-token ViTs (and a few refusals)
+    "swin*", "pit_*", "cait*", "xcit*", "levit*", "crossvit*", "twins*", "mvitv2*", "volo*", "tnt*",
+    "convit*", "hiera*", "tiny_vit*", "gcvit*", "davit*", "vitamin*",
+]
+# size words: dropped when grouping names by architecture; the smallest name of a group is kept
+SIZE_RANK = [
+    "tiny", "ti", "xxtiny", "xtiny", "nano", "mini", "micro", "xxs", "xs", "wee", "pwee", "dwee", "little",
+    "dlittle", "xsmall", "s", "small", "betwixt", "medium", "mediumd", "m", "base", "b", "large", "l", "large2",
+    "xlarge", "huge", "so150m", "so150m2", "so400m", "intern300m", "giant", "giantopt", "gigantic", "enormous",
+    "5b", "7b",
+]
+_SIZE_WORDS = set(SIZE_RANK)
+_SHAPE_WORD = re.compile(
+    r"patch\d+|p\d+|\d+|\d+to\d+|window\d+(to\d+)?|x*s\d\d+|m\d+|d\d|\d+[msd]|\d+x\d+|r\d+"
+)
+
+
+def arch_key(name: str) -> str:
+    """The architecture a timm name stands for: the name without size, patch and resolution words."""
+    parts = name.split("_")
+    kept = [parts[0]] + [p for p in parts[1:] if p not in _SIZE_WORDS and not _SHAPE_WORD.fullmatch(p)]
+    return "_".join(kept)
+
+
+def _size_rank(name: str) -> tuple:
+    ranks = [SIZE_RANK.index(p) for p in name.split("_")[1:] if p in _SIZE_WORDS]
+    numbers = [int(n) for n in re.findall(r"\d+", name)]
+    return (min(ranks) if ranks else len(SIZE_RANK) // 2, max(numbers) if numbers else 0, len(name), name)
+
+
+def timm_names() -> list[str]:
+    groups: dict[str, list[str]] = {}
+    for pattern in TIMM_PATTERNS:
+        for name in timm.list_models(pattern):
+            groups.setdefault(arch_key(name), []).append(name)
+    return [min(names, key=_size_rank) for names in groups.values()]
+
+
+TINY = dict(embed_dim=48, depth=4, num_heads=3)
+# hierarchical / multi-stage families: settings that keep them tiny (tried first)
+FAMILY_TINY = {
+    "swin_": dict(img_size=64, window_size=4, embed_dim=24, depths=(2, 2), num_heads=(3, 3)),
+    "swinv2_": dict(img_size=64, window_size=4, embed_dim=24, depths=(2, 2), num_heads=(3, 3)),
+    "swinv2_cr": dict(img_size=(64, 64), window_size=4, embed_dim=24, depths=(2, 2), num_heads=(3, 3)),
+    "pit_": dict(img_size=64, depth=(1, 1, 1)),
+    "cait": dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3),
+    "xcit": dict(img_size=64, embed_dim=48, depth=4, num_heads=3),
+    "levit": dict(img_size=64, depth=(1, 1, 1)),
+    "crossvit": dict(img_size=(64, 96), depth=((1, 1, 0),)),
+    "twins": dict(img_size=64, depths=(1, 1, 1, 1)),
+    "mvitv2": dict(img_size=64, depths=(1, 1, 1, 1)),
+    "volo": dict(img_size=64, layers=(1, 1, 1, 1)),
+    "tnt": dict(img_size=64, depth=2),
+    "convit": dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, local_up_to_layer=2),
+    "hiera": dict(img_size=64, stages=(1, 1, 1, 1)),
+    "tiny_vit": dict(img_size=64, depths=(1, 1, 1, 1)),
+    "gcvit": dict(img_size=64, depths=(1, 1, 1, 1)),
+    "davit": dict(depths=(1, 1, 1, 1)),
+    "vitamin": dict(img_size=64, depth=2),
+}
+
+
+def _patch(name: str) -> int:
+    m = re.search(r"patch(\d+)", name)
+    return int(m.group(1)) if m else 16
+
+
+def override_ladder(name: str) -> list[dict]:
+    """Overrides to try, smallest model first; the last step is the model's own size."""
+    patch = _patch(name)
+    steps = [v for k, v in FAMILY_TINY.items() if name.startswith(k)]
+    steps += [
+        dict(img_size=32, patch_size=4, **TINY),  # 64 patches, like the test suite
+        dict(img_size=4 * patch, **TINY),  # 16 patches at the model's own patch size
+        dict(TINY),
+        dict(depth=4),
+        {},
+    ]
+    return steps
+
+
+def _param_count(name: str, kw: dict) -> int:
+    with torch.device("meta"):
+        m = timm.create_model(name, pretrained=False, num_classes=10, **kw)
+    return sum(p.numel() for p in m.parameters())
+
+
+def build_timm(name: str, seed: int = 0):
+    """(model, inputs, overrides) for the first override set that builds and runs a forward pass."""
+    errors = []
+    for kw in override_ladder(name):
+        try:
+            with quiet():
+                try:
+                    params = _param_count(name, kw)
+                except Exception:  # models that cannot be built on the meta device
+                    params = None
+                if params is not None and params > MAX_DEFAULT_PARAMS:
+                    raise ValueError(f"{params / 1e6:.0f}M parameters with these overrides; too large for the sweep")
+                torch.manual_seed(seed)
+                model = timm.create_model(name, pretrained=False, num_classes=10, **kw).eval()
+                x = default_example_inputs(model)
+                torch.manual_seed(seed + 1)
+                x = tuple(torch.randn_like(t) for t in x)
+                with torch.no_grad():
+                    model(*x)
+            return model, x, kw
+        except Exception as e:  # unsupported kwargs (TypeError), incompatible sizes, ...
+            errors.append(f"{kw}: {first_line(e)}")
+    raise BuildError("cannot build: " + errors[-1] if errors else "cannot build")
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face models: tiny random configs
+# --------------------------------------------------------------------------------------------
+
+HF_BASE = dict(hidden_size=48, num_hidden_layers=4, num_attention_heads=3, intermediate_size=96)
+HF_VISION = dict(image_size=32, patch_size=4)
+HF_TEXT = dict(vocab_size=100, max_position_embeddings=64)
+HF = {  # name -> (model class, config class, config overrides)
+    "ViTModel": ("ViTModel", "ViTConfig", HF_VISION),
+    "ViTForImageClassification": ("ViTForImageClassification", "ViTConfig", dict(num_labels=5, **HF_VISION)),
+    "DeiTForImageClassificationWithTeacher": (
+        "DeiTForImageClassificationWithTeacher", "DeiTConfig", dict(num_labels=5, **HF_VISION)),
+    "Dinov2Model": ("Dinov2Model", "Dinov2Config", HF_VISION),
+    "CLIPVisionModel": ("CLIPVisionModel", "CLIPVisionConfig", HF_VISION),
+    "SiglipVisionModel": ("SiglipVisionModel", "SiglipVisionConfig", HF_VISION),
+    "BertModel": ("BertModel", "BertConfig", HF_TEXT),
+    "RobertaModel": ("RobertaModel", "RobertaConfig", HF_TEXT),
+}
+HF_TEXT_MODELS = {"BertModel", "RobertaModel"}
+
+
+def hf_inputs(name: str, batch: int, seed: int = 1) -> tuple:
+    """Images, or token ids with an attention mask padding two samples on the right."""
+    g = torch.Generator().manual_seed(seed)
+    if name not in HF_TEXT_MODELS:
+        return (torch.randn(batch, 3, 32, 32, generator=g),)
+    ids = torch.randint(3, 100, (batch, 20), generator=g)
+    mask = torch.ones(batch, 20, dtype=torch.long)
+    for b, length in zip(range(1, batch), (14, 9, 17)):
+        mask[b, length:] = 0
+        ids[b, length:] = 1  # the pad id
+    return ids, mask
+
+
+def build_hf(name: str, seed: int = 0):
+    import transformers
+
+    cls_name, cfg_name, kw = HF[name]
+    with quiet():
+        cfg = getattr(transformers, cfg_name)(**{**HF_BASE, **kw})
+        torch.manual_seed(seed)
+        model = getattr(transformers, cls_name)(cfg).eval()
+    batch = 3 if name in HF_TEXT_MODELS else 2
+    return model, hf_inputs(name, batch), {**HF_BASE, **kw}
+
+
+# --------------------------------------------------------------------------------------------
+# cells: one check each, quiet, time-limited, never raising
+# --------------------------------------------------------------------------------------------
+
+
+class BuildError(Exception):
+    pass
+
+
+class CellTimeout(Exception):
+    pass
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    line = text.splitlines()[0].strip() if text else ""
+    if isinstance(e, (GraphPruneError, BuildError)):
+        return line or type(e).__name__
+    return f"{type(e).__name__}: {line}" if line else type(e).__name__
+
+
+def _where(e: BaseException) -> str | None:
+    """The innermost traceback frame inside graphprune, to point at the code that failed."""
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if "/graphprune/" in f.filename.replace("\\", "/")]
+    if not frames:
+        return None
+    f = frames[-1]
+    return f"{Path(f.filename).name}:{f.lineno} ({f.name})"
+
+
+@contextlib.contextmanager
+def quiet():
+    """Silence Python and C-level stdout/stderr, warnings and logging for the duration."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    sink = tempfile.TemporaryFile()
+    prev_disable = logging.root.manager.disable
+    try:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        logging.disable(logging.CRITICAL)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(prev_disable)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+        sink.close()
+
+
+def _alarm(signum, frame):
+    raise CellTimeout(f"timed out after {CELL_TIMEOUT_S} s")
+
+
+def cell(fn):
+    """Run ``fn()`` quietly under a time limit: {"ok": True, **result} or {"ok": False, "reason": ...}."""
+    t0 = time.perf_counter()
+    use_alarm = hasattr(signal, "SIGALRM")
+    if use_alarm:
+        old = signal.signal(signal.SIGALRM, _alarm)
+        signal.alarm(CELL_TIMEOUT_S)
+    try:
+        with quiet():
+            result = fn()
+        out = {"ok": True, **result}
+    except Exception as e:
+        out = {"ok": False, "reason": first_line(e), "error": type(e).__name__,
+               "refused": isinstance(e, GraphPruneError)}
+        where = _where(e)
+        if where and not isinstance(e, GraphPruneError):
+            out["where"] = where
+    finally:
+        if use_alarm:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, old)
+    out["seconds"] = round(time.perf_counter() - t0, 2)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# one model
+# --------------------------------------------------------------------------------------------
+
+
+def check_model(model, x, settings: dict, onnx: bool, tmp: Path) -> dict:
+    row: dict = {}
+    with torch.no_grad(), quiet():
+        expected = model(*x)
+
+    def zero(recipe, opts):
+        def run():
+            fast = graphprune.optimize(model, recipe, example_inputs=x, **opts)
+            with torch.no_grad():
+                diff = max_abs_diff(fast(*x), expected)
+            if not diff <= ZERO_TOL:
+                raise AssertionError(f"max |Δ| = {diff:.2e} > {ZERO_TOL:g}")
+            return {"diff": diff, "tokens": fast.report.tokens_per_block, "options": opts}
+        return run
+
+    # (1) capture, and (2) tome's zero reduction from the same run
+    row["capture"] = cell(zero("tome", {"r": 0}))
+    cap = row["capture"]
+    if not cap["ok"] and "max |Δ|" in cap["reason"]:  # captured, but not exact: capture itself worked
+        row["capture"] = {"ok": True, "seconds": cap["seconds"]}
+    row["zero"] = {}
+    if not row["capture"]["ok"]:
+        return row
+    for recipe, s in settings.items():
+        if s["zero"] is None:
+            row["zero"][recipe] = None  # n/a: no known no-op setting
+        elif recipe == "tome" and s["zero"] == {"r": 0}:
+            row["zero"][recipe] = cap
+        else:
+            row["zero"][recipe] = cell(zero(recipe, s["zero"]))
+
+    # (3) each recipe reduces tokens
+    row["reduce"] = {}
+    for recipe, s in settings.items():
+        def run(recipe=recipe, opts=s["reduce"]):
+            fast = graphprune.optimize(model, recipe, example_inputs=x, **opts)
+            with torch.no_grad():
+                fast(*x)
+            rep = fast.report
+            tokens = rep.tokens_per_block
+            result = {"tokens": tokens, "options": opts, "flop_ratio": rep.flop_ratio}
+            if not tokens[-1] < tokens[0]:
+                raise AssertionError(f"no reduction: tokens {tokens[0]}→{tokens[-1]}")
+            return result
+        row["reduce"][recipe] = cell(run)
+
+    # (4) ONNX parity for each recipe
+    row["onnx"] = {}
+    for recipe, s in settings.items():
+        if not onnx:
+            row["onnx"][recipe] = None
+            continue
+        def run(recipe=recipe, opts=s["reduce"]):
+            runner = graphprune.optimize(model, recipe, target="onnx", output=tmp / recipe / "model.onnx",
+                                         example_inputs=x, **opts)
+            diff = runner.report.parity["onnx"]
+            if not diff <= ONNX_TOL:
+                raise AssertionError(f"ONNX max |Δ| = {diff:.2e} > {ONNX_TOL:g}")
+            return {"diff": diff, "tokens": runner.report.tokens_per_block}
+        row["onnx"][recipe] = cell(run)
+    return row
+
+
+def passes_all(row: dict) -> bool:
+    if row.get("status") != "ok":
+        return False
+    checks = [row["capture"]] + [c for c in row["zero"].values() if c is not None]
+    checks += list(row["reduce"].values()) + [c for c in row["onnx"].values() if c is not None]
+    return all(c["ok"] for c in checks)
+
+
+def status_of(row: dict) -> str:
+    if row.get("status") == "unbuildable":
+        return "unbuildable"
+    if not row["capture"]["ok"]:
+        return "refused" if row["capture"].get("refused") else "error"
+    return "pass" if passes_all(row) else "fail"
+
+
+# --------------------------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------------------------
+
+
+def _md(text: str, limit: int = 90) -> str:
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _fmt_zero(row: dict) -> str:
+    zero = row.get("zero") or {}
+    known = {k: v for k, v in zero.items() if v is not None}
+    if not row.get("capture", {}).get("ok"):
+        return "—"
+    bad = {k: v for k, v in known.items() if not v["ok"]}
+    if bad:
+        return "✗ " + "; ".join(f"{k}: {_md(v['reason'], 40)}" for k, v in bad.items())
+    if not known:
+        return "n/a"
+    worst = max(v["diff"] for v in known.values())
+    na = [k for k, v in zero.items() if v is None]
+    return f"✓ {worst:.1e}" + (f" ({', '.join(na)}: n/a)" if na else "")
+
+
+def _fmt_reduce(c) -> str:
+    if c is None:
+        return "—"
+    if c["ok"]:
+        return f"✓ {c['tokens'][0]}→{c['tokens'][-1]}"
+    return "✗ " + _md(c["reason"], 50)
+
+
+def _fmt_onnx(c) -> str:
+    if c is None:
+        return "—"
+    if c["ok"]:
+        return f"✓ {c['diff']:.1e}"
+    return "✗ " + _md(c["reason"], 50)
+
+
+def _reason(row: dict) -> str:
+    st = row["status"]
+    if st in ("refused", "error", "unbuildable"):
+        return _md(row.get("reason", ""), 110)
+    if st == "fail":
+        cells = [("capture", row["capture"])] + [(f"zero {k}", v) for k, v in row["zero"].items() if v]
+        cells += [(k, v) for k, v in row["reduce"].items()] + [(f"onnx {k}", v) for k, v in row["onnx"].items() if v]
+        bad = [f"{k}: {v['reason']}" for k, v in cells if not v["ok"]]
+        return _md(bad[0], 110) if bad else ""
+    return ""
+
+
+def write_markdown(path: Path, data: dict) -> None:
+    recipes = data["recipes"]
+    t = data["totals"]
+    lines = [
+        "# Architecture coverage",
+        "",
+        f"Generated by `{data['command']}` on {data['date']} ({data['runtime_s'] / 60:.1f} min; "
+        f"torch {data['versions']['torch']}, timm {data['versions']['timm']}, "
+        f"transformers {data['versions']['transformers']}). Reproduce with `python benchmarks/coverage.py`.",
+        "",
+        f"**Totals:** {t['timm_pass']} of {t['timm']} timm architectures and {t['hf_pass']} of {t['hf']} Hugging Face "
+        f"architectures pass every check; {t['refused']} refused with a reason, {t['fail']} failed a check after "
+        f"capture, {t['error']} crashed in capture, {t['unbuildable']} could not be built tiny.",
+        "",
+        "Every model is built tiny with random weights (timm: depth 4, width 48, 3 heads, 32×32 images in 4×4 "
+        "patches where the architecture accepts these overrides; Hugging Face: 4 layers, hidden 48, 3 heads, "
+        "32×32 images in 4×4 patches, or 20 token ids with right padding on two samples). Checks: "
+        "**capture**: `optimize(model, \"tome\", r=0)` succeeds; "
+        f"**zero**: the no-op setting of every recipe ({', '.join(f'{k} {v}' for k, v in data['zero_settings'].items())}) "
+        f"reproduces the original output, max |Δ| ≤ {ZERO_TOL:g} (worst recipe shown); "
+        f"**recipe columns**: the recipe with {', '.join(f'{k} {v}' for k, v in data['reduce_settings'].items())} "
+        "runs and the last block sees fewer tokens than the first (tokens first→last); "
+        f"**onnx**: the same reduction exported with `target=\"onnx\"` matches eager in ONNX Runtime, max |Δ| ≤ {ONNX_TOL:g}."
+        + (" ONNX was skipped in this run (`--no-onnx`)." if not data["onnx"] else ""),
+        "",
+    ]
+    head = ["model", "source", "capture", "zero-reduction"] + recipes + [f"onnx {r}" for r in recipes] + ["reason"]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    for row in data["rows"]:
+        st = row["status"]
+        if st == "unbuildable":
+            capture = "✗ build"
+        elif row["capture"]["ok"]:
+            capture = "✓"
+        else:
+            capture = "✗ refused" if st == "refused" else "✗ error"
+        cols = [f"`{row['model']}`", row["source"], capture, _fmt_zero(row)]
+        cols += [_fmt_reduce((row.get("reduce") or {}).get(r)) for r in recipes]
+        cols += [_fmt_onnx((row.get("onnx") or {}).get(r)) for r in recipes]
+        cols.append(_reason(row))
+        lines.append("| " + " | ".join(cols) + " |")
+    lines.append("")
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--limit", type=int, default=None, help="check at most N models")
+    ap.add_argument("--only", default=None, help="only models whose name contains SUBSTRING (case-insensitive)")
+    ap.add_argument("--no-onnx", action="store_true", help="skip the ONNX export checks")
+    ap.add_argument("--out", type=Path, default=Path("docs/coverage.md"), help="markdown table (JSON written next to it)")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    # the console writes to a copy of the terminal, untouched when cells silence fds 1 and 2
+    console = Console(file=os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1))
+    settings = recipe_settings()
+    recipes = list(settings)
+
+    models = [("timm", n) for n in timm_names()] + [("hf", n) for n in HF]
+    if args.only:
+        models = [(s, n) for s, n in models if args.only.lower() in n.lower()]
+    if args.limit is not None:
+        models = models[: args.limit]
+
+    console.print(f"[bold]graphprune coverage[/]: {len(models)} models, recipes {', '.join(recipes)}, "
+                  f"onnx {'off' if args.no_onnx else 'on'}")
+    rows = []
+    t_start = time.perf_counter()
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("[dim]{task.fields[current]}")]
+    with Progress(*columns, console=console, redirect_stdout=False, redirect_stderr=False) as progress:
+        task = progress.add_task("coverage", total=len(models), current="")
+        for source, name in models:
+            progress.update(task, current=name)
+            t0 = time.perf_counter()
+            row = {"model": name, "source": source}
+            try:
+                model, x, overrides = (build_timm if source == "timm" else build_hf)(name)
+                row["overrides"] = {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}
+                row["input_shapes"] = [list(t.shape) for t in x]
+                with tempfile.TemporaryDirectory(prefix="gp_coverage_") as tmp:
+                    row.update(check_model(model, x, settings, not args.no_onnx, Path(tmp)))
+                row["status"] = "ok"
+                row["status"] = status_of(row)
+                if row["status"] in ("refused", "error"):
+                    row["reason"] = row["capture"]["reason"]
+            except Exception as e:  # a build failure, or a bug in this script: record it and go on
+                row["status"] = "unbuildable" if isinstance(e, BuildError) else "error"
+                row["reason"] = first_line(e)
+            row["seconds"] = round(time.perf_counter() - t0, 1)
+            rows.append(row)
+            mark = {"pass": "[green]pass[/]", "refused": "[yellow]refused[/]"}.get(row["status"], f"[red]{row['status']}[/]")
+            detail = f" [dim]{_md(row.get('reason') or _reason(row), 100)}[/]" if row["status"] != "pass" else ""
+            progress.console.print(f"{mark:>18} {name} ({row['seconds']:.0f} s){detail}")
+            progress.advance(task)
+
+    runtime = time.perf_counter() - t_start
+    count = lambda src, st=None: sum(1 for r in rows if r["source"] == src and (st is None or r["status"] == st))  # noqa: E731
+    totals = {
+        "timm": count("timm"), "timm_pass": count("timm", "pass"), "hf": count("hf"), "hf_pass": count("hf", "pass"),
+        **{st: sum(1 for r in rows if r["status"] == st) for st in ("pass", "refused", "fail", "error", "unbuildable")},
+    }
+    import transformers
+
+    given = sys.argv[1:] if argv is None else list(argv)
+    command = " ".join(["python benchmarks/coverage.py", *map(shlex.quote, given)])
+    data = {
+        "command": command,
+        "date": datetime.date.today().isoformat(),
+        "runtime_s": round(runtime, 1),
+        "versions": {"torch": torch.__version__, "timm": timm.__version__, "transformers": transformers.__version__},
+        "threads": args.threads,
+        "onnx": not args.no_onnx,
+        "recipes": recipes,
+        "zero_settings": {k: (v["zero"] if v["zero"] is not None else "n/a") for k, v in settings.items()},
+        "reduce_settings": {k: v["reduce"] for k, v in settings.items()},
+        "tolerances": {"zero": ZERO_TOL, "onnx": ONNX_TOL},
+        "totals": totals,
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_markdown(args.out, data)
+    args.out.with_suffix(".json").write_text(json.dumps(data, indent=1, default=str) + "\n", encoding="utf-8")
+    console.print(f"[bold]{totals['timm_pass']}/{totals['timm']}[/] timm and [bold]{totals['hf_pass']}/{totals['hf']}[/] "
+                  f"HF architectures pass every check; {totals['refused']} refused, {totals['fail']} failed, "
+                  f"{totals['error']} crashed, {totals['unbuildable']} unbuildable ({runtime / 60:.1f} min)")
+    console.print(f"wrote {args.out} and {args.out.with_suffix('.json')}")
+
+
+if __name__ == "__main__":
+    main()
