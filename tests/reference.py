@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 def tome_merge_one(x, size, metric, r, cls: bool, dist: bool):
@@ -128,3 +129,148 @@ def evit_reference(model, x, keep: float, locations: list[int]):
             x = torch.stack(rows)
         x = x + blk.ls2(blk.mlp(blk.norm2(x)))
     return _head(model, x, None, model.num_prefix_tokens)
+
+
+def _blocks(model, x, reduce, prop_attn: bool):
+    """Run a timm ViT (cls token) block by block; ``reduce(i, b, x_b, size_b, probs_b, k_b, v_b)`` returns the
+    reduced (x_b, size_b) of sample b after block i's attention residual."""
+    x = _embed(model, x)
+    size = torch.ones(x.shape[0], x.shape[1], 1)
+    for i, blk in enumerate(model.blocks):
+        h = blk.norm1(x)
+        bias = size.log()[:, None, None, :, 0] if prop_attn else None
+        out, k, probs = _attention(blk.attn, h, bias)
+        b, n, c = h.shape
+        v = blk.attn.qkv(h).reshape(b, n, 3, blk.attn.num_heads, c // blk.attn.num_heads).permute(2, 0, 3, 1, 4)[2]
+        x = x + blk.ls1(out)
+        outs = [reduce(i, j, x[j], size[j], probs[j], k[j], v[j]) for j in range(x.shape[0])]
+        x = torch.stack([o[0] for o in outs])
+        size = torch.stack([o[1] for o in outs])
+        x = x + blk.ls2(blk.mlp(blk.norm2(x)))
+    return _head(model, x, size, model.num_prefix_tokens)
+
+
+def _ranked(score) -> list[int]:
+    """Patch tokens (1..N-1) by descending score; ties: lower index first."""
+    return sorted(range(1, score.shape[0] + 1), key=lambda t: (-float(score[t - 1]), t))
+
+
+def _cos(a, b):
+    return float(a @ b / (a.norm().clamp(min=1e-6) * b.norm().clamp(min=1e-6)))
+
+
+@torch.no_grad()
+def diffrate_reference(model, x, prune: list[int], merge: list[int]):
+    """DiffRate: sort by cls attention, keep prune[i] tokens, merge the tail past merge[i] into the most
+    similar head token (cosine of x; plain mean; size += sim·size). Block 0 untouched; prop. attention on."""
+
+    def reduce(i, b, xb, sb, probs, k, v):
+        n = xb.shape[0]
+        if i == 0 or merge[i] >= n:
+            return xb, sb
+        order = _ranked(probs[:, 0, 1:].mean(dim=0))[: prune[i] - 1]
+        head, tail = order[: merge[i] - 1], order[merge[i] - 1 :]
+        groups = {h: [h] for h in head}
+        sizes = {h: sb[h].clone() for h in head}
+        for t in tail:
+            sims = [_cos(xb[t], xb[h]) for h in head]
+            j = max(range(len(head)), key=lambda q: sims[q])
+            groups[head[j]].append(t)
+            sizes[head[j]] = sizes[head[j]] + sims[j] * sb[t]
+        rows = [xb[0]] + [torch.stack([xb[g] for g in groups[h]]).mean(0) for h in head]
+        return torch.stack(rows), torch.stack([sb[0]] + [sizes[h] for h in head])
+
+    return _blocks(model, x, reduce, prop_attn=True)
+
+
+@torch.no_grad()
+def tps_reference(model, x, keep: float, locations: list[int]):
+    """Training-free TPS: keep int(P·keep^(k+1)) tokens by cls attention at the k-th location; squeeze each
+    pruned token into its most similar kept token with softmax weights over cosine similarities (host: 1)."""
+    patches = None
+
+    def reduce(i, b, xb, sb, probs, k, v):
+        nonlocal patches
+        patches = patches or xb.shape[0] - 1
+        if i not in locations:
+            return xb, sb
+        count = int(patches * keep ** (locations.index(i) + 1))
+        order = _ranked(probs[:, 0, 1:].mean(dim=0))
+        kept, pruned = order[:count], order[count:]
+        num = {h: math.e * xb[h] for h in kept}
+        den = {h: math.e for h in kept}
+        tot = {h: sb[h].clone() for h in kept}
+        for t in pruned:
+            sims = [_cos(xb[t], xb[h]) for h in kept]
+            j = max(range(len(kept)), key=lambda q: sims[q])
+            w = math.exp(sims[j])
+            num[kept[j]] = num[kept[j]] + w * xb[t]
+            den[kept[j]] += w
+            tot[kept[j]] = tot[kept[j]] + sb[t]
+        rows = [xb[0]] + [num[h] / den[h] for h in kept]
+        return torch.stack(rows), torch.stack([sb[0]] + [tot[h] for h in kept])
+
+    return _blocks(model, x, reduce, prop_attn=False)
+
+
+@torch.no_grad()
+def ppt_reference(model, x, r: int, locations: list[int], threshold: float):
+    """PPT: significance = cls attention (head sum) × ‖v‖, normalised; variance < threshold: ToMe merge of r
+    tokens, else keep the N-1-r most significant (descending). Sizes tracked, proportional attention on."""
+
+    def reduce(i, b, xb, sb, probs, k, v):
+        n = xb.shape[0]
+        rr = min(r, (n - 1) // 2)
+        if i not in locations or rr == 0:
+            return xb, sb
+        sig = probs[:, 0, 1:].sum(dim=0) * v.transpose(0, 1).flatten(1).norm(dim=-1)[1:]
+        sig = sig / sig.sum()
+        if float(sig.var()) < threshold:
+            return tome_merge_one(xb, sb, k.mean(dim=0), rr, cls=True, dist=False)
+        order = [0] + _ranked(sig)[: n - 1 - rr]
+        return xb[order], sb[order]
+
+    return _blocks(model, x, reduce, prop_attn=True)
+
+
+def pitome_merge_one(x, size, metric, r, protected, margin, all_pairs):
+    """One sample: PiToMe energy ordering, then bipartite (all_pairs) or top-2r merging, size-weighted."""
+    n = x.shape[0]
+    toks = list(range(protected, n))
+    m = {i: metric[i] / metric[i].norm() for i in toks}
+    energy = {i: sum(float(F.elu(m[i] @ m[j] - margin)) for j in toks) / len(toks) for i in toks}
+    order = sorted(toks, key=lambda i: (-energy[i], i))
+    pool = order if all_pairs else order[: 2 * r]
+    a, b = pool[0::2], pool[1::2]
+    best = {i: max(b, key=lambda j: (float(m[i] @ m[j]), -b.index(j))) for i in a}
+    if all_pairs:
+        merged = sorted(a, key=lambda i: (-float(m[i] @ m[best[i]]), a.index(i)))[:r]
+        kept = [i for i in a if i not in merged]
+    else:
+        merged, kept = a, order[2 * r :]
+    out_x, out_s = [], []
+    for i in list(range(protected)) + kept:
+        out_x.append(x[i])
+        out_s.append(size[i])
+    for j in b:
+        group = [j] + [i for i in merged if best[i] == j]
+        s = sum(size[i] for i in group)
+        out_x.append(sum(size[i] * x[i] for i in group) / s)
+        out_s.append(s)
+    return torch.stack(out_x), torch.stack(out_s)
+
+
+@torch.no_grad()
+def pitome_reference(model, x, ratio: float, margin: float = 0.75):
+    """PiToMe on a timm ViT: r = floor(T - T·ratio) per block, margin 0.75 - 0.75·l/L, bipartite in the first
+    ceil(L/2) blocks, top-2r afterwards; no proportional attention."""
+    depth = len(model.blocks)
+
+    def reduce(i, b, xb, sb, probs, k, v):
+        t = xb.shape[0] - 1
+        r = min(math.floor(t - t * ratio), t // 2)
+        if r <= 0:
+            return xb, sb
+        return pitome_merge_one(xb, sb, k.mean(dim=0), r, 1, margin - margin * i / depth, i < math.ceil(depth / 2))
+
+    return _blocks(model, x, reduce, prop_attn=False)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import graphprune
-from graphprune.errors import RecipeError, UnsupportedArchitectureError
+from graphprune.errors import UnsupportedArchitectureError
+from graphprune.recipes import RECIPES
 from tests.conftest import FAMILIES, family, images, tiny
 
 def _diff(a, b):
@@ -17,28 +18,29 @@ def test_zero_reduction_reproduces_original(key):
     x = images(3)
     with torch.no_grad():
         expected = model(x)
-        fast = graphprune.optimize(model, "tome", example_inputs=(x,), r=0)
-        assert _diff(fast(x), expected) <= 1e-5
-        assert fast.report.tokens_per_block == [fast.report.tokens_per_block[0]] * len(model.blocks)
-        fast = graphprune.optimize(model, "evit", example_inputs=(x,), keep=1.0)
-        assert _diff(fast(x), expected) <= 1e-5
+        for name, recipe in sorted(RECIPES.items()):
+            fast = graphprune.optimize(model, name, example_inputs=(x,), **recipe.zero)
+            assert _diff(fast(x), expected) <= 1e-5, name
+            assert fast.report.tokens_per_block == [fast.report.tokens_per_block[0]] * len(model.blocks)
 
 
-@pytest.mark.parametrize("key", sorted(FAMILIES))
-def test_reduction_runs_and_exports(key, tmp_path):
+CASES = [(key, "tome", {"r": 6}) for key in sorted(FAMILIES)] + [(key, "evit", {"keep": 0.5, "locations": [1, 3]}) for key in sorted(FAMILIES)]
+CASES += [(key, name, {}) for key in ("deit_distilled", "reg4_gap", "qk_norm") for name in ("diffrate", "tps", "ppt", "pitome")]
+
+
+@pytest.mark.parametrize("key,recipe,opts", CASES, ids=[f"{k}-{r}" for k, r, _ in CASES])
+def test_reduction_runs_and_exports(key, recipe, opts, tmp_path):
     model = family(key)
     x = images(2)
-    recipes = [("tome", {"r": 6}), ("evit", {"keep": 0.5, "locations": [1, 3]})]
-    for recipe, opts in recipes:
-        onnx = graphprune.optimize(model, recipe, target="onnx", output=tmp_path / recipe / "m.onnx", example_inputs=(x,), **opts)
-        rep = onnx.report
-        assert rep.tokens_per_block[-1] < rep.tokens_per_block[0]
-        assert rep.flops_after < rep.flops_before
-        assert rep.parity["onnx"] <= 1e-4
-        eager = graphprune.optimize(model, recipe, example_inputs=(x,), **opts)
-        x5 = images(5, seed=7)  # another batch size: the batch axis is dynamic
-        with torch.no_grad():
-            assert _diff(onnx(x5), eager(x5)) <= 1e-4
+    onnx = graphprune.optimize(model, recipe, target="onnx", output=tmp_path / recipe / "m.onnx", example_inputs=(x,), **opts)
+    rep = onnx.report
+    assert rep.tokens_per_block[-1] < rep.tokens_per_block[0]
+    assert rep.flops_after < rep.flops_before
+    assert rep.parity["onnx"] <= 1e-4
+    eager = graphprune.optimize(model, recipe, example_inputs=(x,), **opts)
+    x5 = images(5, seed=7)  # another batch size: the batch axis is dynamic
+    with torch.no_grad():
+        assert _diff(onnx(x5), eager(x5)) <= 1e-4
 
 
 def test_layout_detection():

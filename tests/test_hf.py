@@ -7,7 +7,10 @@ import graphprune
 from graphprune.report import max_abs_diff
 from tests.conftest import HF, TEXT, hf_inputs
 
+from graphprune.recipes import RECIPES as ALL
+
 RECIPES = [("tome", {"r": 4}, {"r": 0}), ("evit", {"keep": 0.6, "locations": [1, 2]}, {"keep": 1.0})]
+MORE = [(name, {}, ALL[name].zero) for name in ("diffrate", "tps", "ppt", "pitome")]
 
 
 def _leaves(out):
@@ -19,32 +22,35 @@ def test_zero_reduction_reproduces_original(key):
     model, x = HF[key](), hf_inputs(key)
     with torch.no_grad():
         expected = model(*x)
-        for recipe, _, zero in RECIPES:
+        for recipe, _, zero in RECIPES + MORE:
             fast = graphprune.optimize(model, recipe, example_inputs=x, **zero)
             assert max_abs_diff(fast(*x), expected) <= 1e-5, recipe
 
 
-@pytest.mark.parametrize("key", sorted(HF))
-def test_reduction_runs_and_onnx_matches(key, tmp_path):
+CASES = [(key, r, o) for key in sorted(HF) for r, o, _ in RECIPES]
+CASES += [(key, r, o) for key in ("bert", "siglip_vision", "deit_distilled") for r, o, _ in MORE]
+
+
+@pytest.mark.parametrize("key,recipe,opts", CASES, ids=[f"{k}-{r}" for k, r, _ in CASES])
+def test_reduction_runs_and_onnx_matches(key, recipe, opts, tmp_path):
     model, x = HF[key](), hf_inputs(key)
     with torch.no_grad():
         expected = _leaves(model(*x))
-    for recipe, opts, _ in RECIPES:
-        onnx = graphprune.optimize(model, recipe, target="onnx", output=tmp_path / recipe, example_inputs=x, **opts)
-        rep = onnx.report
-        assert rep.tokens_per_block[-1] < rep.tokens_per_block[0] and rep.flops_after < rep.flops_before
-        assert rep.parity["onnx"] <= 1e-4
-        got = _leaves(onnx(*x))
-        # drop-in: every output keeps its shape (per-token outputs are restored to the original count)
-        assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in expected.items()}
-        x5 = hf_inputs(key, batch=5, seed=4)  # the batch axis stays dynamic
-        eager = graphprune.optimize(model, recipe, example_inputs=x, **opts)
-        with torch.no_grad():
-            assert max_abs_diff(onnx(*x5), eager(*x5)) <= 1e-4
+    onnx = graphprune.optimize(model, recipe, target="onnx", output=tmp_path / recipe, example_inputs=x, **opts)
+    rep = onnx.report
+    assert rep.tokens_per_block[-1] < rep.tokens_per_block[0] and rep.flops_after < rep.flops_before
+    assert rep.parity["onnx"] <= 1e-4
+    got = _leaves(onnx(*x))
+    # drop-in: every output keeps its shape (per-token outputs are restored to the original count)
+    assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in expected.items()}
+    x5 = hf_inputs(key, batch=5, seed=4)  # the batch axis stays dynamic
+    eager = graphprune.optimize(model, recipe, example_inputs=x, **opts)
+    with torch.no_grad():
+        assert max_abs_diff(onnx(*x5), eager(*x5)) <= 1e-4
 
 
 @pytest.mark.parametrize("key", sorted(TEXT))
-@pytest.mark.parametrize("recipe,opts", [(r, o) for r, o, _ in RECIPES])
+@pytest.mark.parametrize("recipe,opts", [(r, o) for r, o, _ in RECIPES + MORE])
 def test_padding_never_mixes_with_real_tokens(key, recipe, opts):
     """Changing what sits in the padded positions changes nothing at the real ones: padding neither merges
     into real tokens nor absorbs them, and stays masked out of attention after every reduction."""

@@ -6,7 +6,7 @@ import torch
 import graphprune
 from graphprune.schedule import parse_r
 from tests.conftest import images, tiny
-from tests.reference import evit_reference, tome_reference
+from tests.reference import diffrate_reference, evit_reference, pitome_reference, ppt_reference, tome_reference, tps_reference
 
 TOL = 1e-5
 
@@ -65,3 +65,44 @@ def test_evit_default_locations_for_12_blocks():
     t = fast.report.tokens_per_block
     changes = [i for i in range(1, 12) if t[i] != t[i - 1]]
     assert changes == [4, 7, 10]  # reduced inside blocks 3, 6, 9
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "explicit"])
+def test_diffrate_equals_published(fused):
+    model = tiny("deit_tiny_patch16_224", fused=fused)
+    x = images(3)
+    prune, merge = [65, 60, 44, 30], [65, 50, 40, 30]
+    fast = graphprune.optimize(model, "diffrate", example_inputs=(x,), prune=prune, merge=merge)
+    assert fast.report.tokens_per_block == [65, 65, 50, 40]
+    with torch.no_grad():
+        assert _close(fast(x), diffrate_reference(model, x, prune, merge)) < TOL
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "explicit"])
+def test_tps_equals_published(fused):
+    model = tiny("deit_tiny_patch16_224", fused=fused)
+    x = images(3)
+    fast = graphprune.optimize(model, "tps", example_inputs=(x,), keep=0.7)
+    assert fast.report.tokens_per_block == [65, 65, 1 + 44, 1 + 31]  # int(64·0.7), int(64·0.49)
+    with torch.no_grad():
+        assert _close(fast(x), tps_reference(model, x, 0.7, [1, 2, 3])) < TOL
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.0, 2.2e-4], ids=["prune", "pool", "mixed"])
+def test_ppt_equals_published(threshold):
+    model = tiny("deit_tiny_patch16_224")
+    x = images(4)
+    fast = graphprune.optimize(model, "ppt", example_inputs=(x,), r=12, threshold=threshold)
+    assert fast.report.tokens_per_block == [65, 65, 53, 41]
+    with torch.no_grad():
+        assert _close(fast(x), ppt_reference(model, x, 12, [1, 2, 3], threshold)) < TOL
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "explicit"])
+def test_pitome_equals_published(fused):
+    model = tiny("deit_tiny_patch16_224", fused=fused)
+    x = images(3)
+    fast = graphprune.optimize(model, "pitome", example_inputs=(x,), ratio=0.85)
+    assert fast.report.tokens_per_block == [65, 56, 48, 41]  # floor(64·0.15) = 9, then 8, 7
+    with torch.no_grad():
+        assert _close(fast(x), pitome_reference(model, x, 0.85)) < TOL

@@ -6,7 +6,7 @@ a fake (shape) implementation, an eager implementation, and an ONNX lowering
 they survive ``torch.export``, save/load of ``.pt2`` files and ONNX export.
 """
 
-from graphprune.ops import evit, markers, select, tome  # noqa: F401  (registers the ops)
+from graphprune.ops import evit, markers, pitome, select, tome  # noqa: F401  (registers the ops)
 from graphprune.ops.evit import evit_keep_count
 from graphprune.ops.tome import tome_effective_r
 

@@ -17,6 +17,7 @@ from onnxscript import opset18 as op
 
 from graphprune.errors import ExportError
 from graphprune.ops.evit import evit_keep_count
+from graphprune.ops.pitome import pitome_r
 from graphprune.ops.tome import tome_effective_r
 
 
@@ -211,7 +212,65 @@ def merge_nearest(x, size, metric, score, keep: int, protected: int, valid=None,
     return out, new_size, assign, rep
 
 
+def _sort_desc(t, n: int):
+    """Indices sorting (B, n) ``t`` descending; ties keep the lower index (ONNX TopK)."""
+    _, idx = op.TopK(t, _ints(n), axis=1, largest=1, sorted=1)
+    return idx
+
+
+def pitome_merge(x, size, metric, r: int, protected: int, margin: float, all_pairs: bool, valid=None):
+    n, c = _static(x, 1, "pitome_merge"), _static(x, 2, "pitome_merge")
+    r = pitome_r(n, r, protected, all_pairs)
+    if r == 0:
+        return op.Identity(x), op.Identity(size), *_identity_maps(x, n)
+    t, d = n - protected, _static(metric, 2, "pitome_merge")
+    m = _slice(metric, protected, n)
+    m = op.Div(m, op.ReduceL2(m, _ints(-1), keepdims=1))
+    e = op.Elu(op.Sub(op.MatMul(m, op.Transpose(m, perm=[0, 2, 1])), op.CastLike(op.Constant(value_float=margin), m)), alpha=1.0)
+    inf = op.CastLike(op.Constant(value_float=np.inf), m)
+    if valid is not None:
+        v = _slice(valid, protected, n)
+        vf = op.CastLike(v, m)
+        count = op.Max(op.ReduceSum(vf, _ints(-1), keepdims=1), op.CastLike(op.Constant(value_float=1.0), m))
+        e = op.Where(v, op.Div(op.ReduceSum(op.Mul(e, op.Unsqueeze(vf, _ints(1))), _ints(-1), keepdims=0), count), inf)
+    else:
+        e = op.ReduceMean(e, _ints(-1), keepdims=0)
+    order = _sort_desc(e, t)
+    pool = order if all_pairs else _slice(order, 0, 2 * r)
+    width = t if all_pairs else 2 * r
+    a, b = _slice(pool, 0, width, step=2), _slice(pool, 1, width, step=2)
+    na, nb = (width + 1) // 2, width // 2
+    scores = op.MatMul(_take(m, a, d), op.Transpose(_take(m, b, d), perm=[0, 2, 1]))
+    if valid is not None:
+        va = op.Unsqueeze(op.GatherElements(v, a, axis=1), _ints(2))
+        vb = op.Unsqueeze(op.GatherElements(v, b, axis=1), _ints(1))
+        scores = op.Where(op.Equal(va, vb), scores, op.Neg(inf))
+        scores = op.Where(op.And(op.Not(va), op.Not(vb)), inf, scores)
+    best = op.ReduceMax(scores, _ints(-1), keepdims=0)
+    host = op.ArgMax(scores, axis=-1, keepdims=0)
+    if all_pairs:
+        edge = _sort_desc(best, na)
+        unm, _ = op.TopK(op.Cast(_slice(edge, r, na), to=ir.DataType.FLOAT), _ints(na - r), axis=-1, largest=0, sorted=1)
+        src, kept_a = _slice(edge, 0, r), op.GatherElements(a, op.Cast(unm, to=ir.DataType.INT64), axis=1)
+    else:
+        src, kept_a = _positions(x, na), _slice(order, 2 * r, t)
+    p = op.Constant(value_int=protected)
+    n_kept = (na - r) if all_pairs else (t - 2 * r)
+    kept_a, merged, b = op.Add(kept_a, p), op.Add(op.GatherElements(a, src, axis=1), p), op.Add(b, p)
+    slot = op.Add(op.GatherElements(host, src, axis=1), op.Constant(value_int=protected + n_kept))
+    rep = _with_head(x, op.Concat(kept_a, b, axis=1), protected)
+    n_out = protected + n_kept + nb
+    into = op.Transpose(_one_hot(slot, n_out, x), perm=[0, 2, 1])
+    xs = op.Mul(x, size)
+    new_size = op.Add(_take(size, rep, 1), op.MatMul(into, _take(size, merged, 1)))
+    out = op.Div(op.Add(_take(xs, rep, c), op.MatMul(into, _take(xs, merged, c))), new_size)
+    zeros = op.Mul(_positions(x, n), op.Constant(value_int=0))
+    assign = op.ScatterElements(op.ScatterElements(zeros, rep, _positions(x, n_out), axis=1), merged, slot, axis=1)
+    return out, new_size, assign, rep
+
+
 TRANSLATIONS = {
+    torch.ops.graphprune.pitome_merge.default: pitome_merge,
     torch.ops.graphprune.prune.default: prune,
     torch.ops.graphprune.merge_nearest.default: merge_nearest,
     torch.ops.graphprune.tome_merge.default: tome_merge,

@@ -17,7 +17,7 @@ def add_attention_bias(site: AttentionSite, bias: Node) -> None:
     if site.kind == "sdpa":
         mask = site.mask
         if mask is not None:
-            if mask.meta["val"].dtype == torch.bool:  # True = attend
+            if site.mask_is_bool:  # True = attend
                 bias = emit_before(graph, node, lambda m, b: b.masked_fill(~m, -math.inf), mask, bias)
             else:
                 bias = emit_before(graph, node, lambda m, b: m + b, mask, bias)

@@ -49,6 +49,11 @@ def _compose(old, assign):
     return torch.where(old >= 0, assign.gather(1, old.clamp(min=0)), -1)
 
 
+def compose_maps(first: tuple, second: tuple) -> tuple:
+    """The (assign, rep) maps of two reductions applied one after the other."""
+    return _compose(first[0], second[0]), first[1].gather(1, second[1])
+
+
 def _at_origin(x, origin):
     return x.gather(1, origin.clamp(min=0)[..., None].expand(-1, -1, x.shape[-1]))
 

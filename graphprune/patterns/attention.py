@@ -34,6 +34,12 @@ class AttentionSite:
             return None
         return self.node.args[3] if len(self.node.args) > 3 else self.node.kwargs.get("attn_mask")
 
+    @property
+    def mask_is_bool(self) -> bool:
+        """A boolean mask (True = attend). Masks graphprune inserted itself carry no metadata and are additive."""
+        val = self.mask.meta.get("val") if self.mask is not None else None
+        return val is not None and val.dtype == torch.bool
+
     def scale(self) -> float:
         """SDPA's softmax scale (explicit scale, or 1/sqrt(head_dim))."""
         s = self.node.kwargs.get("scale")

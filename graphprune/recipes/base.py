@@ -28,6 +28,7 @@ class Recipe:
     name: ClassVar[str]
     summary: ClassVar[str]
     paper: ClassVar[str]
+    zero: ClassVar[dict]  # options under which the recipe reduces nothing (the model is reproduced exactly)
 
     restore_tokens: bool = option(
         True, "per-token outputs keep the original token count (each reduced token copied back to the positions it "

@@ -28,6 +28,7 @@ class EViT(Recipe):
     name = "evit"
     summary = "keep the tokens the class token attends to most, fuse the rest into one token"
     paper = "EViT: Expediting Vision Transformers via Token Reorganizations (ICLR 2022)"
+    zero = {"keep": 1.0}
 
     keep: float = option(0.7, "fraction of (non-protected) tokens kept at each location")
     locations: Optional[list] = option(None, "block indices where tokens are reorganised (default L/4, L/2, 3L/4)")

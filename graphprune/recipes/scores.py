@@ -19,7 +19,7 @@ def has_class_token(graph: ModelGraph) -> bool:
 def _probs(site: AttentionSite, rows: slice | None):
     """A function (q, k[, mask]) -> softmax attention probabilities for the query ``rows`` (all when None)."""
     scale = site.scale()
-    boolean = site.mask is not None and site.mask.meta["val"].dtype == torch.bool
+    boolean = site.mask_is_bool
 
     def probs(q, k, mask=None):
         if rows is not None:
@@ -54,3 +54,15 @@ def cls_attention(site: AttentionSite, has_cls: bool = True):
         return lambda probs: probs.mean(dim=(1, 2)), (site.node,)
     probs, nodes = _probs(site, slice(0, 1) if has_cls else None)
     return (lambda *a: probs(*a).mean(dim=(1, 2))), nodes
+
+
+def cls_attention_value_norm(site: AttentionSite, has_cls: bool = True):
+    """ATS/PPT significance: class attention (summed over heads) × ‖v_j‖ (all heads), prefix excluded
+    by the caller, normalised to sum to 1 over the tokens scored."""
+    attn, nodes = cls_attention(site, has_cls)
+
+    def score(v, *args):
+        s = attn(*args) * v.transpose(1, 2).flatten(2).norm(dim=-1)
+        return s
+
+    return score, (site.v, *nodes)

@@ -29,6 +29,7 @@ class ToMe(Recipe):
     name = "tome"
     summary = "merge the r most similar tokens in every block (bipartite soft matching on attention keys)"
     paper = "Token Merging: Your ViT But Faster (ICLR 2023)"
+    zero = {"r": 0}
 
     r: Union[int, tuple, list] = option(13, "tokens merged per block: an int, (r, inflection) for a ramp, or one r per block")
     prop_attn: bool = option(True, "proportional attention: add log(token size) to the attention logits")

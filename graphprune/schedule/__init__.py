@@ -58,3 +58,26 @@ def parse_locations(locations: Sequence[int] | None, num_blocks: int) -> list[in
     if len(set(out)) != len(out):
         raise ScheduleError(f"locations repeat a block: {list(locations)}")
     return sorted(out)
+
+
+def parse_counts(counts: Sequence, num_blocks: int, tokens: int, protected: int, what: str) -> list[int]:
+    """Tokens left after each block (protected included): ints, or floats as fractions of the initial count.
+
+    A list shorter or longer than the model is resampled by block position (so a 12-block
+    schedule applies to a 24-block model). Counts never go up and never below protected + 1.
+    """
+    values = list(counts)
+    if not values:
+        raise ScheduleError(f"{what} is empty")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            raise ScheduleError(f"{what} holds token counts (ints) or fractions of the tokens (floats in (0, 1]), got {v!r}")
+    if len(values) != num_blocks:
+        values = [values[round(i * (len(values) - 1) / max(num_blocks - 1, 1))] for i in range(num_blocks)]
+    out, prev = [], tokens
+    for v in values:
+        n = round(v * tokens) if isinstance(v, float) else int(v)
+        n = min(max(n, protected + 1), prev)
+        out.append(n)
+        prev = n
+    return out
