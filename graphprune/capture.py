@@ -22,7 +22,7 @@ from torch.export import Dim
 from torch.overrides import TorchFunctionMode
 
 from graphprune.errors import GraphPruneError, UnsupportedArchitectureError
-from graphprune.ops.markers import MASK_MARKER, MARKER
+from graphprune.ops.markers import MARKER
 from graphprune.patterns.attention import find_attention_sites
 from graphprune.patterns.block import inside as _inside
 from graphprune.report import max_abs_diff

@@ -21,6 +21,7 @@ FAMILIES = {
     "mean_pooled_cls": ("vit_tiny_patch16_224", {"global_pool": "avg"}),
     "reg4_gap": ("vit_medium_patch16_reg4_gap_256", {}),
     "qk_norm": ("vit_tiny_patch16_224", {"qk_norm": True}),
+    "map_pooled": ("vit_tiny_patch16_224", {"global_pool": "map", "class_token": False}),
 }
 
 

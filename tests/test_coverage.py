@@ -65,6 +65,18 @@ def test_protected_tokens_survive_aggressive_merging():
         fast(x)
 
 
+def test_attention_pool_sees_restored_tokens_as_size_bias():
+    """An attention-pooling head (MAP) over restored tokens (each merged token repeated size times) equals the
+    head over the reduced tokens with + log(size) on its keys: the two ways of handling sizes agree."""
+    model, x = family("map_pooled"), images(2)
+    restored = graphprune.optimize(model, "tome", example_inputs=(x,), r=6)
+    reduced = graphprune.optimize(model, "tome", example_inputs=(x,), r=6, restore_tokens=False)
+    assert reduced.report.layout["pooling"] == "attention"
+    with torch.no_grad():
+        assert _diff(restored(x), reduced(x)) <= 1e-5
+        assert _diff(restored(x), model(x)) > 1e-4
+
+
 def test_evit_without_class_token_ranks_by_received_attention():
     """No class token (mean pooling): tokens are ranked by the attention they receive from all queries."""
     from graphprune.patterns import analyze

@@ -82,16 +82,16 @@ def tome_merge(x, size, metric, r: int, protected: int, valid=None):
 
     m = op.Div(metric, op.ReduceL2(metric, _ints(-1), keepdims=1))
     scores = op.MatMul(_slice(m, 0, n, step=2), op.Transpose(_slice(m, 1, n, step=2), perm=[0, 2, 1]))
-    if protected:  # Where, not Add: a protected token's score may be NaN (a zero key, e.g. a zero-initialised cls token)
-        mask = np.zeros((na, nb), dtype=np.bool_)
-        mask[:pa, :] = True
-        mask[:, :pb] = True
-        scores = op.Where(op.Constant(value=ir.tensor(mask)), op.CastLike(op.Constant(value_float=-np.inf), scores), scores)
     if valid is not None:  # padding merges first, into padding only; real tokens never merge with padding
         va, vb = op.Unsqueeze(_slice(valid, 0, n, step=2), _ints(2)), op.Unsqueeze(_slice(valid, 1, n, step=2), _ints(1))
         inf = op.CastLike(op.Constant(value_float=np.inf), scores)
         scores = op.Where(op.Equal(va, vb), scores, op.Neg(inf))
         scores = op.Where(op.And(op.Not(va), op.Not(vb)), inf, scores)
+    if protected:  # last, so nothing overrides it; Where, not Add: a protected token's score may be NaN (a zero key, e.g. a zero-initialised cls token)
+        mask = np.zeros((na, nb), dtype=np.bool_)
+        mask[:pa, :] = True
+        mask[:, :pb] = True
+        scores = op.Where(op.Constant(value=ir.tensor(mask)), op.CastLike(op.Constant(value_float=-np.inf), scores), scores)
     node_max = op.ReduceMax(scores, _ints(-1), keepdims=0)
     node_idx = op.ArgMax(scores, axis=-1, keepdims=0)
     _, edge = op.TopK(node_max, _ints(na), axis=-1, largest=1, sorted=1)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch.fx import Node
 
 from graphprune.passes.emit import emit_before

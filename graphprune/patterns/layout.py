@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx import Node
 
-from graphprune.errors import UnsupportedArchitectureError
 from graphprune.patterns.attention import SDPA
 
 aten = torch.ops.aten

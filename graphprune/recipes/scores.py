@@ -7,7 +7,6 @@ attention keep it.
 
 from __future__ import annotations
 
-import torch
 
 from graphprune.patterns import AttentionSite, ModelGraph
 
