@@ -12,14 +12,18 @@ def _diff(a, b):
     return float((a - b).abs().max())
 
 
+ALL_RECIPES = {"deit_distilled", "reg4_gap", "map_pooled"}  # every recipe's no-op here; tome and evit everywhere
+
+
 @pytest.mark.parametrize("key", sorted(FAMILIES))
 def test_zero_reduction_reproduces_original(key):
     model = family(key)
     x = images(3)
     with torch.no_grad():
         expected = model(x)
-        for name, recipe in sorted(RECIPES.items()):
-            fast = graphprune.optimize(model, name, example_inputs=(x,), **recipe.zero)
+        names = sorted(RECIPES) if key in ALL_RECIPES else ["evit", "tome"]
+        for name in names:
+            fast = graphprune.optimize(model, name, example_inputs=(x,), **RECIPES[name].zero)
             assert _diff(fast(x), expected) <= 1e-5, name
             assert fast.report.tokens_per_block == [fast.report.tokens_per_block[0]] * len(model.blocks)
 
