@@ -25,10 +25,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import fnmatch
 import io
 import json
 import logging
+import multiprocessing as mp
 import os
+import queue
 import re
 import shlex
 import signal
@@ -61,7 +64,7 @@ MAX_DEFAULT_PARAMS = 40e6  # a model that cannot be shrunk is built at its own s
 
 KNOWN_ZERO = {"tome": {"r": 0}, "evit": {"keep": 1.0}}
 KNOWN_REDUCE = {"tome": {"r": 4}, "evit": {"keep": 0.7}}
-ZERO_HOOKS = ("zero_options", "zero_settings", "zero_reduction", "identity_options", "no_reduction_options")
+ZERO_HOOKS = ("zero", "zero_options", "zero_settings", "zero_reduction", "identity_options", "no_reduction_options")
 REDUCE_HOOKS = ("default_reduction", "reduction_options", "example_options", "demo_options", "default_options")
 
 
@@ -111,15 +114,20 @@ SIZE_RANK = [
     "5b", "7b",
 ]
 _SIZE_WORDS = set(SIZE_RANK)
-_SHAPE_WORD = re.compile(
-    r"patch\d+|p\d+|\d+|\d+to\d+|window\d+(to\d+)?|x*s\d\d+|m\d+|d\d|\d+[msd]|\d+x\d+|r\d+"
-)
+# variants with the same blocks as their base name (activation, bias, pretraining config, ...)
+# (position-embedding flavour, pretraining config, release version): the blocks and token layout are the same
+_VARIANT_WORDS = {
+    "plus", "quickgelu", "qkvb", "core", "lang", "spatial", "fl", "legacy", "ns", "miil", "v3", "v4", "par",
+    "parfac", "ape", "mixed",
+}
+_SHAPE_WORD = re.compile(r"patch\d+|p\d+|\d+|\d+to\d+|window\d+(to\d+)?|x*s\d\d+|m\d+|d\d|\d+[msd]|\d+x\d+")
 
 
 def arch_key(name: str) -> str:
     """The architecture a timm name stands for: the name without size, patch and resolution words."""
-    parts = name.split("_")
-    kept = [parts[0]] + [p for p in parts[1:] if p not in _SIZE_WORDS and not _SHAPE_WORD.fullmatch(p)]
+    parts = [re.sub(r"^(r|resnet)\d+d?$", r"\1", p) for p in name.split("_")]  # hybrids: one per stem kind
+    kept = [parts[0]] + [p for p in parts[1:]
+                         if p not in _SIZE_WORDS and p not in _VARIANT_WORDS and not _SHAPE_WORD.fullmatch(p)]
     return "_".join(kept)
 
 
@@ -138,26 +146,30 @@ def timm_names() -> list[str]:
 
 
 TINY = dict(embed_dim=48, depth=4, num_heads=3)
-# hierarchical / multi-stage families: settings that keep them tiny (tried first)
+# families whose constructors take other arguments (stage lists, per-block settings): settings
+# that keep them tiny, tried first (fnmatch patterns on the timm name)
 FAMILY_TINY = {
-    "swin_": dict(img_size=64, window_size=4, embed_dim=24, depths=(2, 2), num_heads=(3, 3)),
-    "swinv2_": dict(img_size=64, window_size=4, embed_dim=24, depths=(2, 2), num_heads=(3, 3)),
-    "swinv2_cr": dict(img_size=(64, 64), window_size=4, embed_dim=24, depths=(2, 2), num_heads=(3, 3)),
-    "pit_": dict(img_size=64, depth=(1, 1, 1)),
-    "cait": dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3),
-    "xcit": dict(img_size=64, embed_dim=48, depth=4, num_heads=3),
-    "levit": dict(img_size=64, depth=(1, 1, 1)),
-    "crossvit": dict(img_size=(64, 96), depth=((1, 1, 0),)),
-    "twins": dict(img_size=64, depths=(1, 1, 1, 1)),
-    "mvitv2": dict(img_size=64, depths=(1, 1, 1, 1)),
-    "volo": dict(img_size=64, layers=(1, 1, 1, 1)),
-    "tnt": dict(img_size=64, depth=2),
-    "convit": dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, local_up_to_layer=2),
-    "hiera": dict(img_size=64, stages=(1, 1, 1, 1)),
-    "tiny_vit": dict(img_size=64, depths=(1, 1, 1, 1)),
-    "gcvit": dict(img_size=64, depths=(1, 1, 1, 1)),
-    "davit": dict(depths=(1, 1, 1, 1)),
-    "vitamin": dict(img_size=64, depth=2),
+    "swin_*": dict(img_size=64, window_size=4, embed_dim=24, depths=(2, 2), num_heads=(3, 3)),
+    "swinv2_*": dict(img_size=64, window_size=4, embed_dim=24, depths=(2, 2), num_heads=(3, 3)),
+    "swinv2_cr_*": dict(img_size=(64, 64), window_size=4, embed_dim=24, depths=(2, 2), num_heads=(3, 3)),
+    "vit_*resnet*": dict(img_size=128, **TINY),  # hybrids: a CNN stem (stride 16-32) before the blocks
+    "vit_*_r*_s*": dict(img_size=128, **TINY),
+    "*sapiens2*": dict(img_size=32, patch_size=4, num_kv_heads=(3, 3, 3, 3), **TINY),
+    "pit_*": dict(img_size=64, depth=(1, 1, 1)),
+    "cait*": dict(img_size=32, patch_size=4, depth_token_only=1, **TINY),
+    "xcit*": dict(img_size=64, **TINY),
+    "levit*": dict(img_size=64, depth=(1, 1, 1)),
+    "crossvit*": dict(img_size=(64, 96), depth=((1, 1, 0),)),
+    "twins*": dict(img_size=64, depths=(1, 1, 1, 1)),
+    "mvitv2*": dict(img_size=64, depths=(1, 1, 1, 1)),
+    "volo*": dict(img_size=64, layers=(1, 1, 1, 1)),
+    "tnt*": dict(img_size=64, depth=2),
+    "convit*": dict(img_size=32, patch_size=4, local_up_to_layer=2, **TINY),
+    "hiera*": dict(img_size=64, stages=(1, 1, 1, 1)),
+    "tiny_vit*": dict(img_size=64, depths=(1, 1, 1, 1)),
+    "gcvit*": dict(img_size=64, depths=(1, 1, 1, 1)),
+    "davit*": dict(depths=(1, 1, 1, 1)),
+    "vitamin*": dict(img_size=128, depth=2),
 }
 
 
@@ -169,7 +181,7 @@ def _patch(name: str) -> int:
 def override_ladder(name: str) -> list[dict]:
     """Overrides to try, smallest model first; the last step is the model's own size."""
     patch = _patch(name)
-    steps = [v for k, v in FAMILY_TINY.items() if name.startswith(k)]
+    steps = [v for k, v in FAMILY_TINY.items() if fnmatch.fnmatchcase(name, k)]
     steps += [
         dict(img_size=32, patch_size=4, **TINY),  # 64 patches, like the test suite
         dict(img_size=4 * patch, **TINY),  # 16 patches at the model's own patch size
@@ -186,8 +198,45 @@ def _param_count(name: str, kw: dict) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
+def _hw(size) -> tuple:
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def example_inputs(model, kw: dict, seed: int) -> tuple[tuple, str | None]:
+    """Batch-2 images of the size the model expects: ``default_example_inputs``, unless it
+    disagrees with the ``img_size`` the model was built with or the model rejects its shape
+    (then the built size with 3 channels; the note says why)."""
+    try:
+        default = tuple(default_example_inputs(model)[0].shape)
+    except Exception as e:
+        default, err = None, first_line(e)
+    shapes = []
+    if default is not None:
+        if "img_size" in kw and default[2:] != _hw(kw["img_size"]):
+            shapes.append(((default[0], default[1], *_hw(kw["img_size"])),
+                           f"default_example_inputs gave {list(default)}; the model was built for img_size={kw['img_size']}"))
+        shapes.append((default, None))
+    hw = _hw(kw["img_size"]) if "img_size" in kw else (default[2:] if default else None)
+    if hw is None:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        hw = tuple(cfg.get("input_size", (3, 224, 224))[1:])
+    shapes.append(((2, 3, *hw), f"default_example_inputs gave {list(default) if default else err}; "
+                                "the model rejects it, used 3-channel images"))
+    last = None
+    for shape, note in shapes:
+        torch.manual_seed(seed)
+        x = (torch.randn(*shape),)
+        try:
+            with torch.no_grad():
+                model(*x)
+            return x, note
+        except Exception as e:
+            last = e
+    raise last
+
+
 def build_timm(name: str, seed: int = 0):
-    """(model, inputs, overrides) for the first override set that builds and runs a forward pass."""
+    """(model, inputs, overrides, note) for the first override set that builds and runs a forward pass."""
     errors = []
     for kw in override_ladder(name):
         try:
@@ -197,18 +246,15 @@ def build_timm(name: str, seed: int = 0):
                 except Exception:  # models that cannot be built on the meta device
                     params = None
                 if params is not None and params > MAX_DEFAULT_PARAMS:
-                    raise ValueError(f"{params / 1e6:.0f}M parameters with these overrides; too large for the sweep")
+                    raise ValueError(f"{params / 1e6:.0f}M parameters at this size; too large for the sweep")
                 torch.manual_seed(seed)
                 model = timm.create_model(name, pretrained=False, num_classes=10, **kw).eval()
-                x = default_example_inputs(model)
-                torch.manual_seed(seed + 1)
-                x = tuple(torch.randn_like(t) for t in x)
-                with torch.no_grad():
-                    model(*x)
-            return model, x, kw
+                x, note = example_inputs(model, kw, seed + 1)
+            return model, x, kw, note
         except Exception as e:  # unsupported kwargs (TypeError), incompatible sizes, ...
-            errors.append(f"{kw}: {first_line(e)}")
-    raise BuildError("cannot build: " + errors[-1] if errors else "cannot build")
+            errors.append((kw, first_line(e)))
+    (kw0, e0), (kw1, e1) = errors[0], errors[-1]
+    raise BuildError(f"cannot build tiny ({e0})" + (f"; at its own size: {e1}" if kw1 != kw0 else ""))
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,7 +300,7 @@ def build_hf(name: str, seed: int = 0):
         torch.manual_seed(seed)
         model = getattr(transformers, cls_name)(cfg).eval()
     batch = 3 if name in HF_TEXT_MODELS else 2
-    return model, hf_inputs(name, batch), {**HF_BASE, **kw}
+    return model, hf_inputs(name, batch), {**HF_BASE, **kw}, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,9 +398,9 @@ def check_model(model, x, settings: dict, onnx: bool, tmp: Path) -> dict:
     with torch.no_grad(), quiet():
         expected = model(*x)
 
-    def zero(recipe, opts):
+    def zero(recipe, opts, optimized=None):
         def run():
-            fast = graphprune.optimize(model, recipe, example_inputs=x, **opts)
+            fast = optimized if optimized is not None else graphprune.optimize(model, recipe, example_inputs=x, **opts)
             with torch.no_grad():
                 diff = max_abs_diff(fast(*x), expected)
             if not diff <= ZERO_TOL:
@@ -362,51 +408,59 @@ def check_model(model, x, settings: dict, onnx: bool, tmp: Path) -> dict:
             return {"diff": diff, "tokens": fast.report.tokens_per_block, "options": opts}
         return run
 
-    # (1) capture, and (2) tome's zero reduction from the same run
-    row["capture"] = cell(zero("tome", {"r": 0}))
-    cap = row["capture"]
-    if not cap["ok"] and "max |Δ|" in cap["reason"]:  # captured, but not exact: capture itself worked
-        row["capture"] = {"ok": True, "seconds": cap["seconds"]}
+    # (1) capture: tome at r=0 is optimized without error; its output is checked in (2)
+    captured = {}
+
+    def capture():
+        captured["model"] = graphprune.optimize(model, "tome", example_inputs=x, r=0)
+        return {"tokens": captured["model"].report.tokens_per_block}
+
+    row["capture"] = cell(capture)
     row["zero"] = {}
     if not row["capture"]["ok"]:
         return row
+    # (2) zero reduction: every recipe at its no-op setting reproduces the original output
     for recipe, s in settings.items():
         if s["zero"] is None:
             row["zero"][recipe] = None  # n/a: no known no-op setting
         elif recipe == "tome" and s["zero"] == {"r": 0}:
-            row["zero"][recipe] = cap
+            row["zero"][recipe] = cell(zero(recipe, s["zero"], captured["model"]))
         else:
             row["zero"][recipe] = cell(zero(recipe, s["zero"]))
 
-    # (3) each recipe reduces tokens
-    row["reduce"] = {}
+    # (3) each recipe reduces tokens, and (4) its ONNX export matches. optimize() runs the rewritten
+    # eager graph before exporting, so with ONNX on, a successful ONNX run also answers (3); the
+    # eager-only run is made when ONNX is off or its export failed.
+    row["reduce"], row["onnx"] = {}, {}
     for recipe, s in settings.items():
-        def run(recipe=recipe, opts=s["reduce"]):
+        opts = s["reduce"]
+
+        def run_onnx(recipe=recipe, opts=opts):
+            runner = graphprune.optimize(model, recipe, target="onnx", output=tmp / recipe / "model.onnx",
+                                         example_inputs=x, **opts)
+            rep = runner.report
+            diff = rep.parity["onnx"]
+            if not diff <= ONNX_TOL:
+                raise AssertionError(f"ONNX max |Δ| = {diff:.2e} > {ONNX_TOL:g}")
+            return {"diff": diff, "tokens": rep.tokens_per_block, "flop_ratio": rep.flop_ratio}
+
+        def run_eager(recipe=recipe, opts=opts):
             fast = graphprune.optimize(model, recipe, example_inputs=x, **opts)
             with torch.no_grad():
                 fast(*x)
             rep = fast.report
-            tokens = rep.tokens_per_block
-            result = {"tokens": tokens, "options": opts, "flop_ratio": rep.flop_ratio}
-            if not tokens[-1] < tokens[0]:
-                raise AssertionError(f"no reduction: tokens {tokens[0]}→{tokens[-1]}")
-            return result
-        row["reduce"][recipe] = cell(run)
+            return {"tokens": rep.tokens_per_block, "flop_ratio": rep.flop_ratio}
 
-    # (4) ONNX parity for each recipe
-    row["onnx"] = {}
-    for recipe, s in settings.items():
-        if not onnx:
-            row["onnx"][recipe] = None
-            continue
-        def run(recipe=recipe, opts=s["reduce"]):
-            runner = graphprune.optimize(model, recipe, target="onnx", output=tmp / recipe / "model.onnx",
-                                         example_inputs=x, **opts)
-            diff = runner.report.parity["onnx"]
-            if not diff <= ONNX_TOL:
-                raise AssertionError(f"ONNX max |Δ| = {diff:.2e} > {ONNX_TOL:g}")
-            return {"diff": diff, "tokens": runner.report.tokens_per_block}
-        row["onnx"][recipe] = cell(run)
+        row["onnx"][recipe] = cell(run_onnx) if onnx else None
+        if onnx and row["onnx"][recipe]["ok"]:
+            o = row["onnx"][recipe]
+            red = {"ok": True, "tokens": o["tokens"], "flop_ratio": o["flop_ratio"], "seconds": 0.0, "from": "onnx run"}
+        else:
+            red = cell(run_eager)
+        red["options"] = opts
+        if red["ok"] and not red["tokens"][-1] < red["tokens"][0]:
+            red.update(ok=False, reason=f"no reduction: tokens {red['tokens'][0]}→{red['tokens'][-1]}")
+        row["reduce"][recipe] = red
     return row
 
 
@@ -485,7 +539,10 @@ def write_markdown(path: Path, data: dict) -> None:
     lines = [
         "# Architecture coverage",
         "",
-        f"Generated by `{data['command']}` on {data['date']} ({data['runtime_s'] / 60:.1f} min; "
+        f"Generated by `{data['command']}` on {data['date']} ({data['runtime_s'] / 60:.1f} min with "
+        f"{data['jobs']} worker process{'es' if data['jobs'] != 1 else ''} on {data['threads']} threads"
+        + (f", {data['reused_from_checkpoint']} models from an earlier interrupted run" if data["reused_from_checkpoint"] else "")
+        + "; "
         f"torch {data['versions']['torch']}, timm {data['versions']['timm']}, "
         f"transformers {data['versions']['transformers']}). Reproduce with `python benchmarks/coverage.py`.",
         "",
@@ -512,6 +569,8 @@ def write_markdown(path: Path, data: dict) -> None:
         st = row["status"]
         if st == "unbuildable":
             capture = "✗ build"
+        elif "capture" not in row:
+            capture = "✗ error"
         elif row["capture"]["ok"]:
             capture = "✓"
         else:
@@ -521,6 +580,10 @@ def write_markdown(path: Path, data: dict) -> None:
         cols += [_fmt_onnx((row.get("onnx") or {}).get(r)) for r in recipes]
         cols.append(_reason(row))
         lines.append("| " + " | ".join(cols) + " |")
+    notes = [r for r in data["rows"] if r.get("input_note")]
+    if notes:
+        lines += ["", "Inputs not taken from `graphprune.api.default_example_inputs` as it stands:", ""]
+        lines += [f"- `{r['model']}`: {r['input_note']}" for r in notes]
     lines.append("")
     path.write_text("\n".join(lines), encoding="utf-8")
 
@@ -530,13 +593,113 @@ def write_markdown(path: Path, data: dict) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def check_one(source: str, name: str, settings: dict, onnx: bool) -> dict:
+    """Build one model and run every check on it; never raises."""
+    t0 = time.perf_counter()
+    row = {"model": name, "source": source}
+    try:
+        model, x, overrides, note = (build_timm if source == "timm" else build_hf)(name)
+        if note:
+            row["input_note"] = note
+        row["overrides"] = {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}
+        row["input_shapes"] = [list(t.shape) for t in x]
+        with tempfile.TemporaryDirectory(prefix="gp_coverage_") as tmp:
+            row.update(check_model(model, x, settings, onnx, Path(tmp)))
+        row["status"] = "ok"
+        row["status"] = status_of(row)
+        if row["status"] in ("refused", "error"):
+            row["reason"] = row["capture"]["reason"]
+    except Exception as e:  # a build failure, or a bug in this script: record it and go on
+        row["status"] = "unbuildable" if isinstance(e, BuildError) else "error"
+        row["reason"] = first_line(e)
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    return row
+
+
+def _worker(wid: int, threads: int, onnx: bool, tasks, results) -> None:
+    """A worker process: checks the models it is sent until it is sent None."""
+    torch.set_num_threads(threads)
+    settings = recipe_settings()
+    while True:
+        item = tasks.get()
+        if item is None:
+            return
+        index, source, name = item
+        results.put(("start", wid, index, None))
+        results.put(("done", wid, index, check_one(source, name, settings, onnx)))
+
+
+def run_models(models: list, todo: list, jobs: int, threads: int, onnx: bool, on_start, on_done) -> None:
+    """Check ``models[i]`` for i in ``todo`` in ``jobs`` worker processes (in this process when jobs == 1).
+
+    A worker that dies (a crash in native code) records its model as crashed and is replaced."""
+    if not todo:
+        return
+    if jobs <= 1:
+        torch.set_num_threads(threads)
+        settings = recipe_settings()
+        for index in todo:
+            source, name = models[index]
+            on_start(index)
+            on_done(index, check_one(source, name, settings, onnx))
+        return
+    ctx = mp.get_context("spawn")
+    tasks, results = ctx.Queue(), ctx.Queue()
+    for index in todo:
+        tasks.put((index, *models[index]))
+    per_worker = max(1, threads // jobs)
+    workers, current = {}, {}
+
+    def start(wid):
+        proc = ctx.Process(target=_worker, args=(wid, per_worker, onnx, tasks, results), daemon=True)
+        proc.start()
+        workers[wid], current[wid] = proc, None
+
+    jobs = min(jobs, len(todo))
+    for wid in range(jobs):
+        tasks.put(None)
+        start(wid)
+    remaining = len(todo)
+    next_wid = jobs
+    while remaining:
+        try:
+            kind, wid, index, row = results.get(timeout=2)
+        except queue.Empty:
+            for wid, proc in list(workers.items()):
+                if proc.is_alive() or current[wid] is None:
+                    continue
+                index = current.pop(wid)
+                del workers[wid]
+                source, name = models[index]
+                on_done(index, {"model": name, "source": source, "status": "error",
+                                "reason": f"the worker process died (exit code {proc.exitcode})"})
+                remaining -= 1
+                tasks.put(None)  # the replacement needs its own stop marker
+                start(next_wid)
+                next_wid += 1
+            continue
+        if kind == "start":
+            current[wid] = index
+            on_start(index)
+        else:
+            current[wid] = None
+            on_done(index, row)
+            remaining -= 1
+    for proc in workers.values():
+        proc.join(timeout=10)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--limit", type=int, default=None, help="check at most N models")
     ap.add_argument("--only", default=None, help="only models whose name contains SUBSTRING (case-insensitive)")
     ap.add_argument("--no-onnx", action="store_true", help="skip the ONNX export checks")
     ap.add_argument("--out", type=Path, default=Path("docs/coverage.md"), help="markdown table (JSON written next to it)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads in all (shared by the workers)")
+    ap.add_argument("--checkpoint", type=Path, default=None,
+                    help="JSON-lines file: each finished model is appended; models already in it are not run again")
+    ap.add_argument("--jobs", type=int, default=2,
+                    help="worker processes (default 2: exports are single-threaded Python, so two overlap well)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -552,36 +715,44 @@ def main(argv=None) -> None:
         models = models[: args.limit]
 
     console.print(f"[bold]graphprune coverage[/]: {len(models)} models, recipes {', '.join(recipes)}, "
-                  f"onnx {'off' if args.no_onnx else 'on'}")
-    rows = []
+                  f"onnx {'off' if args.no_onnx else 'on'}, {args.jobs} jobs", soft_wrap=True)
+    rows: list = [None] * len(models)
+    running: dict = {}
+    stamp = {"recipes": recipes, "onnx": not args.no_onnx}
+    if args.checkpoint and args.checkpoint.exists():
+        done = {}
+        for line in args.checkpoint.read_text(encoding="utf-8").splitlines():
+            entry = json.loads(line)
+            if entry.get("stamp") == stamp:
+                done[(entry["row"]["source"], entry["row"]["model"])] = entry["row"]
+        for index, key in enumerate(models):
+            rows[index] = done.get(key)
+        console.print(f"{sum(r is not None for r in rows)} models reused from {args.checkpoint}")
+    reused = sum(r is not None for r in rows)
+    todo = [i for i, r in enumerate(rows) if r is None]
     t_start = time.perf_counter()
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("[dim]{task.fields[current]}")]
     with Progress(*columns, console=console, redirect_stdout=False, redirect_stderr=False) as progress:
-        task = progress.add_task("coverage", total=len(models), current="")
-        for source, name in models:
-            progress.update(task, current=name)
-            t0 = time.perf_counter()
-            row = {"model": name, "source": source}
-            try:
-                model, x, overrides = (build_timm if source == "timm" else build_hf)(name)
-                row["overrides"] = {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}
-                row["input_shapes"] = [list(t.shape) for t in x]
-                with tempfile.TemporaryDirectory(prefix="gp_coverage_") as tmp:
-                    row.update(check_model(model, x, settings, not args.no_onnx, Path(tmp)))
-                row["status"] = "ok"
-                row["status"] = status_of(row)
-                if row["status"] in ("refused", "error"):
-                    row["reason"] = row["capture"]["reason"]
-            except Exception as e:  # a build failure, or a bug in this script: record it and go on
-                row["status"] = "unbuildable" if isinstance(e, BuildError) else "error"
-                row["reason"] = first_line(e)
-            row["seconds"] = round(time.perf_counter() - t0, 1)
-            rows.append(row)
+        task = progress.add_task("coverage", total=len(models), completed=reused, current="")
+
+        def on_start(index):
+            running[index] = models[index][1]
+            progress.update(task, current=", ".join(running.values()))
+
+        def on_done(index, row):
+            running.pop(index, None)
+            rows[index] = row
+            if args.checkpoint:
+                with open(args.checkpoint, "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"stamp": stamp, "row": row}, default=str) + "\n")
             mark = {"pass": "[green]pass[/]", "refused": "[yellow]refused[/]"}.get(row["status"], f"[red]{row['status']}[/]")
             detail = f" [dim]{_md(row.get('reason') or _reason(row), 100)}[/]" if row["status"] != "pass" else ""
-            progress.console.print(f"{mark:>18} {name} ({row['seconds']:.0f} s){detail}")
-            progress.advance(task)
+            secs = f" ({row['seconds']:.0f} s)" if "seconds" in row else ""
+            progress.console.print(f"{mark:>18} {row['model']}{secs}{detail}", soft_wrap=True)
+            progress.update(task, advance=1, current=", ".join(running.values()))
+
+        run_models(models, todo, args.jobs, args.threads, not args.no_onnx, on_start, on_done)
 
     runtime = time.perf_counter() - t_start
     count = lambda src, st=None: sum(1 for r in rows if r["source"] == src and (st is None or r["status"] == st))  # noqa: E731
@@ -592,13 +763,18 @@ def main(argv=None) -> None:
     import transformers
 
     given = sys.argv[1:] if argv is None else list(argv)
+    for flag in ("--checkpoint", "--jobs"):  # how the run was scheduled, not what it checked
+        given = [a for i, a in enumerate(given)
+                 if not (a == flag or a.startswith(flag + "=") or (i and given[i - 1] == flag))]
     command = " ".join(["python benchmarks/coverage.py", *map(shlex.quote, given)])
     data = {
         "command": command,
         "date": datetime.date.today().isoformat(),
         "runtime_s": round(runtime, 1),
+        "reused_from_checkpoint": reused,
         "versions": {"torch": torch.__version__, "timm": timm.__version__, "transformers": transformers.__version__},
         "threads": args.threads,
+        "jobs": args.jobs,
         "onnx": not args.no_onnx,
         "recipes": recipes,
         "zero_settings": {k: (v["zero"] if v["zero"] is not None else "n/a") for k, v in settings.items()},
@@ -612,7 +788,7 @@ def main(argv=None) -> None:
     args.out.with_suffix(".json").write_text(json.dumps(data, indent=1, default=str) + "\n", encoding="utf-8")
     console.print(f"[bold]{totals['timm_pass']}/{totals['timm']}[/] timm and [bold]{totals['hf_pass']}/{totals['hf']}[/] "
                   f"HF architectures pass every check; {totals['refused']} refused, {totals['fail']} failed, "
-                  f"{totals['error']} crashed, {totals['unbuildable']} unbuildable ({runtime / 60:.1f} min)")
+                  f"{totals['error']} crashed, {totals['unbuildable']} unbuildable ({runtime / 60:.1f} min)", soft_wrap=True)
     console.print(f"wrote {args.out} and {args.out.with_suffix('.json')}")
 
 
