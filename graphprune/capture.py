@@ -220,9 +220,14 @@ def capture(model: torch.nn.Module, example_inputs: tuple) -> Captured:
             n = seq.setdefault("n", args[0].shape[1])  # the first block sees the concrete count
 
             def follow(t):  # other tensors indexed by token (attention masks) share the token symbol
-                if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[0] == x.shape[0] and n in t.shape[1:]:
-                    return torch.ops.graphprune.token_mask(t, x, n)
-                return t
+                if not isinstance(t, torch.Tensor) or t.dim() < 2 or n not in t.shape[1:]:
+                    return t
+                if t.shape[0] != x.shape[0]:
+                    raise UnsupportedArchitectureError(
+                        f"block {blocks[module]} takes a {tuple(t.shape)} tensor indexed by token but not by sample "
+                        "(rotary or other per-position embeddings); it cannot follow reduced tokens yet"
+                    )
+                return torch.ops.graphprune.token_mask(t, x, n)
 
             return (x, *map(follow, args[1:]))
 

@@ -110,6 +110,7 @@ def test_evit_without_class_token_ranks_by_received_attention():
         ("swin_tiny_patch4_window7_224", dict(img_size=56, embed_dim=24, depths=(1, 1), num_heads=(1, 2)), "windowed|token sequence"),
         ("beit_base_patch16_224", dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3), "fixed token count|position"),
         ("pit_ti_224", dict(img_size=64), "token sequence|fixed token count|convolution"),
+        ("vit_small_patch16_rope_224", dict(img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=3), "fixed token count|rotary"),
     ],
 )
 def test_unsupported_architectures_are_refused_with_a_reason(name, kw, reason):
