@@ -53,6 +53,32 @@ from graphprune.errors import GraphPruneError
 from graphprune.recipes import RECIPES
 from graphprune.report import max_abs_diff
 
+def _source_hash() -> str:
+    """Fingerprint of the graphprune sources this process imported (rows from other states are not reused)."""
+    import hashlib
+
+    h = hashlib.sha1()
+    root = Path(graphprune.__file__).parent
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _git_state() -> str:
+    import subprocess
+
+    root = Path(graphprune.__file__).parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "graphprune"], cwd=root, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "unknown"
+    return (head or "unknown") + ("+local changes" if dirty else "")
+
+
+GRAPHPRUNE_SRC = _source_hash()
+
 ZERO_TOL = 1e-5
 ONNX_TOL = 1e-4
 CELL_TIMEOUT_S = 240
@@ -477,7 +503,12 @@ def status_of(row: dict) -> str:
         return "unbuildable"
     if not row["capture"]["ok"]:
         return "refused" if row["capture"].get("refused") else "error"
-    return "pass" if passes_all(row) else "fail"
+    if passes_all(row):
+        return "pass"
+    # refused after capture (e.g. blocks that only run at the full token count): every failed check is a refusal
+    checks = [c for group in ("zero", "reduce", "onnx") for c in row[group].values() if c is not None]
+    failed = [c for c in checks if not c["ok"]]
+    return "refused" if all(c.get("refused") for c in failed) else "fail"
 
 
 # --------------------------------------------------------------------------------------------
@@ -543,7 +574,7 @@ def write_markdown(path: Path, data: dict) -> None:
         f"{data['jobs']} worker process{'es' if data['jobs'] != 1 else ''} on {data['threads']} threads"
         + (f", {data['reused_from_checkpoint']} models from an earlier interrupted run" if data["reused_from_checkpoint"] else "")
         + "; "
-        f"torch {data['versions']['torch']}, timm {data['versions']['timm']}, "
+        f"graphprune {data['graphprune']['git']}, torch {data['versions']['torch']}, timm {data['versions']['timm']}, "
         f"transformers {data['versions']['transformers']}). Reproduce with `python benchmarks/coverage.py`.",
         "",
         f"**Totals:** {t['timm_pass']} of {t['timm']} timm architectures and {t['hf_pass']} of {t['hf']} Hugging Face "
@@ -596,7 +627,7 @@ def write_markdown(path: Path, data: dict) -> None:
 def check_one(source: str, name: str, settings: dict, onnx: bool) -> dict:
     """Build one model and run every check on it; never raises."""
     t0 = time.perf_counter()
-    row = {"model": name, "source": source}
+    row = {"model": name, "source": source, "graphprune_src": GRAPHPRUNE_SRC}
     try:
         model, x, overrides, note = (build_timm if source == "timm" else build_hf)(name)
         if note:
@@ -608,7 +639,8 @@ def check_one(source: str, name: str, settings: dict, onnx: bool) -> dict:
         row["status"] = "ok"
         row["status"] = status_of(row)
         if row["status"] in ("refused", "error"):
-            row["reason"] = row["capture"]["reason"]
+            failed = [c for c in [row["capture"], *row["reduce"].values()] if c is not None and not c["ok"]]
+            row["reason"] = failed[0]["reason"]
     except Exception as e:  # a build failure, or a bug in this script: record it and go on
         row["status"] = "unbuildable" if isinstance(e, BuildError) else "error"
         row["reason"] = first_line(e)
@@ -723,7 +755,7 @@ def main(argv=None) -> None:
         done = {}
         for line in args.checkpoint.read_text(encoding="utf-8").splitlines():
             entry = json.loads(line)
-            if entry.get("stamp") == stamp:
+            if entry.get("stamp") == stamp and entry["row"].get("graphprune_src") == GRAPHPRUNE_SRC:
                 done[(entry["row"]["source"], entry["row"]["model"])] = entry["row"]
         for index, key in enumerate(models):
             rows[index] = done.get(key)
@@ -770,6 +802,8 @@ def main(argv=None) -> None:
     data = {
         "command": command,
         "date": datetime.date.today().isoformat(),
+        "graphprune": {"git": _git_state(), "source_hash": GRAPHPRUNE_SRC,
+                       "rows_from_other_sources": sum(r.get("graphprune_src") != GRAPHPRUNE_SRC for r in rows)},
         "runtime_s": round(runtime, 1),
         "reused_from_checkpoint": reused,
         "versions": {"torch": torch.__version__, "timm": timm.__version__, "transformers": transformers.__version__},

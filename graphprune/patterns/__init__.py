@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 
 from graphprune.errors import UnsupportedArchitectureError
@@ -48,10 +49,17 @@ def analyze(captured) -> ModelGraph:
         tokens = markers[0].args[0].meta["val"].shape[1]  # unreduced, every block sees N tokens
         if not isinstance(tokens, int):
             raise UnsupportedArchitectureError(f"block {path}: the token count entering it is not static ({tokens})")
-        if site.k.meta["val"].shape[-2] != marker.meta["val"].shape[1]:
+        kv_tokens, block_tokens = site.k.meta["val"].shape[-2], marker.meta["val"].shape[1]
+        if statically_known_true(kv_tokens != block_tokens):
             raise UnsupportedArchitectureError(
                 f"block {path}: attention runs over a different number of tokens than the block's input "
                 "(windowed or pooled attention); not supported"
+            )
+        if not statically_known_true(kv_tokens == block_tokens):
+            raise UnsupportedArchitectureError(
+                f"block {path}: its attention splits the tokens and joins them again ({kv_tokens} tokens), e.g. "
+                "rotary embeddings applied to the patch tokens only (DINOv3-style); graphprune cannot follow "
+                "reduced tokens through such a split yet"
             )
         if i > 0 and not inside(marker.args[0], captured.block_paths[i - 1]):
             raise UnsupportedArchitectureError(
