@@ -274,3 +274,48 @@ def pitome_reference(model, x, ratio: float, margin: float = 0.75):
         return pitome_merge_one(xb, sb, k.mean(dim=0), r, 1, margin - margin * i / depth, i < math.ceil(depth / 2))
 
     return _blocks(model, x, reduce, prop_attn=False)
+
+
+def bipartite_merge_one(x, size, metric, src, dst, r, protected):
+    """One sample: ToMe soft matching over a given split (A = src positions, B = dst positions)."""
+    m = metric / metric.norm(dim=-1, keepdim=True)
+    best, match = [], []
+    for a in src:
+        row = [float(m[a] @ m[b]) for b in dst]
+        j = max(range(len(dst)), key=lambda q: row[q])
+        best.append(row[j])
+        match.append(j)
+    order = sorted(range(len(src)), key=lambda i: (-best[i], i))
+    merged, unm = order[:r], sorted(order[r:])
+    tot_x = [size[b] * x[b] for b in dst]
+    tot_s = [size[b].clone() for b in dst]
+    for i in merged:
+        tot_x[match[i]] = tot_x[match[i]] + size[src[i]] * x[src[i]]
+        tot_s[match[i]] = tot_s[match[i]] + size[src[i]]
+    xs = [x[p] for p in range(protected)] + [x[src[i]] for i in unm] + [t / s for t, s in zip(tot_x, tot_s)]
+    ss = [size[p] for p in range(protected)] + [size[src[i]] for i in unm] + tot_s
+    return torch.stack(xs), torch.stack(ss)
+
+
+@torch.no_grad()
+def tome_split_reference(model, x, rs: list[int], split: str, k: int = 2, seed: int = 0):
+    """ToMe with the published random split (A = r random tokens, all merge) or k-th split (B = every k-th
+    token, the r best-matched A tokens merge), class token protected, proportional attention on."""
+    import random
+
+    def reduce(i, b, xb, sb, probs, keys, v):
+        n = xb.shape[0]
+        if split == "random":
+            order = list(range(1, n))
+            random.Random(seed * 100003 + i).shuffle(order)
+            r = min(rs[i], n - 2)
+            src, dst = order[:r], order[r:]
+        else:
+            dst = [t for t in range(1, n) if (t - 1) % k == k - 1]
+            src = [t for t in range(1, n) if t not in dst]
+            r = min(rs[i], len(src))
+        if r == 0:
+            return xb, sb
+        return bipartite_merge_one(xb, sb, keys.mean(dim=0), src, dst, r, 1)
+
+    return _blocks(model, x, reduce, prop_attn=True)

@@ -6,7 +6,9 @@ import torch
 import graphprune
 from graphprune.schedule import parse_r
 from tests.conftest import images, tiny
-from tests.reference import diffrate_reference, evit_reference, pitome_reference, ppt_reference, tome_reference, tps_reference
+from tests.reference import (
+    diffrate_reference, evit_reference, pitome_reference, ppt_reference, tome_reference, tome_split_reference, tps_reference,
+)
 
 TOL = 1e-5
 
@@ -26,6 +28,26 @@ def test_tome_equals_published(name, r, fused):
     with torch.no_grad():
         assert _close(fast(x), ref) < TOL
     assert fast.report.tokens_per_block[1] < fast.report.tokens_per_block[0] or parse_r(r, 4)[0] == 0
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "explicit"])
+@pytest.mark.parametrize("split,k,r", [("random", 2, [20, 9, 0, 5]), ("kth", 3, [4, 40, 3, 6]), ("kth", 2, [6, 6, 6, 6])])
+def test_tome_splits_equal_published(split, k, r, fused):
+    model = tiny("deit_tiny_patch16_224", fused=fused)
+    x = images(3)
+    fast = graphprune.optimize(model, "tome", example_inputs=(x,), r=r, split=split, k=k, seed=3)
+    with torch.no_grad():
+        assert _close(fast(x), tome_split_reference(model, x, r, split, k, seed=3)) < TOL
+        # the split matters: the alternating split gives another result
+        assert _close(fast(x), tome_reference(model, x, r)) > 1e-4
+
+
+def test_tome_kth_merges_every_source_when_r_covers_them():
+    """r >= |A|: the published kth_bipartite_soft_matching, N patch tokens -> N // k."""
+    model = tiny("deit_tiny_patch16_224")
+    fast = graphprune.optimize(model, "tome", example_inputs=(images(2),), r=[1000, 0, 0, 0], split="kth", k=4)
+    patches = fast.report.tokens_per_block[0] - 1
+    assert fast.report.tokens_per_block[1] == 1 + patches // 4
 
 
 def test_tome_without_proportional_attention_equals_published():

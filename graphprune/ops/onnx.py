@@ -269,7 +269,16 @@ def pitome_merge(x, size, metric, r: int, protected: int, margin: float, all_pai
     return out, new_size, assign, rep
 
 
+def sort_stable(self, stable=None, dim: int = -1, descending: bool = False):
+    """``torch.sort(stable=True)`` (and argsort): ONNX TopK over the whole axis keeps equal values in index
+    order, which is the stable order in both directions."""
+    axis = dim % len(self.shape)
+    values, idx = op.TopK(self, _ints(_static(self, axis, "sort")), axis=axis, largest=int(descending), sorted=1)
+    return values, idx
+
+
 TRANSLATIONS = {
+    torch.ops.aten.sort.stable: sort_stable,
     torch.ops.graphprune.pitome_merge.default: pitome_merge,
     torch.ops.graphprune.prune.default: prune,
     torch.ops.graphprune.merge_nearest.default: merge_nearest,

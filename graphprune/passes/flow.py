@@ -132,6 +132,8 @@ class TokenFlow:
         x_in = block.residual
         out = reduce_after_residual(block, fn, *args)
         x, assign, rep = out[:3]
+        produced = {n for n in out if isinstance(n, Node)}
+        anchor = next(n for n in reversed(self.fx.nodes) if n in produced)  # maps are used after all of them exist
         if len(out) > 3:
             self.size = out[3]
             if self.prop_attn:
@@ -139,10 +141,11 @@ class TokenFlow:
         elif self.size is not None:
             if not drops:
                 raise RecipeError("a token reduction without sizes after one with sizes is not supported")
-            self.size = emit(self.fx, rep, lambda s, r: s.gather(1, r[..., None]), self.size, rep)  # a selection
+            self.size = emit(self.fx, anchor, lambda s, r: s.gather(1, r[..., None]), self.size, rep)  # a selection
         old = self.origin
-        self.origin = assign if old is None else emit(self.fx, rep, _compose, old, assign)
-        self.rep = rep if self.rep is None else emit(self.fx, self.origin, lambda prev, new: prev.gather(1, new), self.rep, rep)
+        self.origin = assign if old is None else emit(self.fx, anchor, _compose, old, assign)
+        self.rep = rep if self.rep is None else emit(self.fx, anchor if old is None else self.origin,
+                                                      lambda prev, new: prev.gather(1, new), self.rep, rep)
         if drops and self.restore and self.graph.layout.per_token:
             self._canvas = emit(self.fx, self.origin, _freeze, x_in, old, self.origin, self._canvas)
         self.n = out_tokens

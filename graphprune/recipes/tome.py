@@ -1,4 +1,15 @@
-"""ToMe: Token Merging (Bolya et al., ICLR 2023), training-free."""
+"""ToMe: Token Merging (Bolya et al., ICLR 2023), training-free.
+
+``split`` picks the bipartite partition of the published code: ``alternate`` (the default,
+A = even and B = odd positions, the r best-matched A tokens merge), ``random``
+(``random_bipartite_soft_matching``: A = r random tokens, every one merges into its most
+similar B token) or ``kth`` (``kth_bipartite_soft_matching``: B = every k-th token, the r
+best-matched A tokens merge; r ≥ |A| merges all of A, N → N/k). Differences from the
+published helpers: the prefix tokens (class, registers) are protected, the random draw is
+made once per block when the model is optimized (from ``seed``, so the graph is
+deterministic and exports), and with ``kth`` the N mod k trailing tokens are sources like
+the others instead of being dropped.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +18,9 @@ from typing import Union
 
 import torch
 
+from graphprune.errors import ScheduleError
 from graphprune.ops import tome_effective_r
+from graphprune.ops.bipartite import bipartite_merge, kth_split, random_split
 from graphprune.passes.flow import TokenFlow
 from graphprune.patterns import ModelGraph
 from graphprune.recipes.base import Recipe, option, register
@@ -23,6 +36,16 @@ def _merge(x, size, k, r, protected, valid):
     return x, assign, rep, size
 
 
+def _bipartite(x, size, k, src, dst, r, protected, valid):
+    if size is None:
+        size = torch.ones_like(x[..., :1])
+    x, size, assign, rep = bipartite_merge(x, size, k.mean(dim=1), src, dst, r, protected, valid)
+    return x, assign, rep, size
+
+
+SPLITS = ("alternate", "random", "kth")
+
+
 @register
 @dataclass
 class ToMe(Recipe):
@@ -33,10 +56,34 @@ class ToMe(Recipe):
 
     r: Union[int, tuple, list] = option(13, "tokens merged per block: an int, (r, inflection) for a ramp, or one r per block")
     prop_attn: bool = option(True, "proportional attention: add log(token size) to the attention logits")
+    split: str = option("alternate", "bipartite partition: 'alternate' (published default), 'random' (r random "
+                        "tokens merge into the rest) or 'kth' (every k-th token is a destination)")
+    k: int = option(2, "with split='kth': every k-th token is a destination (k >= 2)")
+    seed: int = option(0, "with split='random': seed of the per-block random draw")
 
     def validate(self) -> None:
         """Check the option's form before capture; the block count is checked by ``check``."""
         parse_r(self.r, max(len(self.r), 2) if isinstance(self.r, list) else 2)
+        if self.split not in SPLITS:
+            raise ScheduleError(f"tome split must be one of {', '.join(SPLITS)}, got {self.split!r}")
+        if not isinstance(self.k, int) or self.k < 2:
+            raise ScheduleError(f"tome k must be an integer >= 2 (every k-th token is a destination), got {self.k!r}")
+
+    def _step(self, flow: TokenFlow, block, r: int, protected: int, valid) -> None:
+        n = flow.n
+        if self.split == "alternate":
+            r = tome_effective_r(n, r, protected)
+            if r:
+                flow.reduce(block, _merge, flow.size, block.site.k, r, protected, valid, out_tokens=n - r)
+            return
+        if self.split == "random":
+            src, dst = random_split(n, protected, min(r, n - protected - 1), self.seed * 100003 + block.index)
+            r = len(src)
+        else:
+            src, dst = kth_split(n, protected, self.k)
+            r = min(r, len(src))
+        if r > 0 and dst:
+            flow.reduce(block, _bipartite, flow.size, block.site.k, src, dst, r, protected, valid, out_tokens=n - r)
 
     def check(self, graph: ModelGraph) -> None:
         parse_r(self.r, len(graph.blocks))
@@ -48,7 +95,5 @@ class ToMe(Recipe):
         protected = graph.layout.prefix
         flow = TokenFlow(graph, prop_attn=self.prop_attn, restore=self.restore_tokens)
         for block, r in zip(flow.blocks(), self.schedule(len(graph.blocks))):
-            r = tome_effective_r(flow.n, r, protected)
-            if r:
-                flow.reduce(block, _merge, flow.size, block.site.k, r, protected, flow.valid(block), out_tokens=flow.n - r)
+            self._step(flow, block, r, protected, flow.valid(block))
         return flow.counts
