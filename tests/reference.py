@@ -319,3 +319,36 @@ def tome_split_reference(model, x, rs: list[int], split: str, k: int = 2, seed: 
         return bipartite_merge_one(xb, sb, keys.mean(dim=0), src, dst, r, 1)
 
     return _blocks(model, x, reduce, prop_attn=True)
+
+
+@torch.no_grad()
+def ats_reference(model, x, samples: int, locations: list[int]):
+    """ATS per image with compaction (each image keeps its own token count): significance = cls attention
+    summed over heads × ‖v‖ (cls excluded, normalised); ``samples`` evenly spaced points from the smallest
+    positive normalised CDF value to 1, each taking the token with the nearest CDF value; distinct picks kept
+    after cls in ascending significance."""
+    outs = []
+    for b in range(x.shape[0]):
+        t = _embed(model, x[b : b + 1])
+        for i, blk in enumerate(model.blocks):
+            h = blk.norm1(t)
+            out, _, probs = _attention(blk.attn, h)
+            n, c = h.shape[1], h.shape[2]
+            v = blk.attn.qkv(h)[0, :, 2 * c :]  # (n, C): every head's value, concatenated
+            t = t + blk.ls1(out)
+            if i in locations:
+                sig = probs[0, :, 0, 1:].sum(dim=0) * v[1:].norm(dim=-1)
+                sig = (sig / sig.sum()).tolist()
+                order = sorted(range(n - 1), key=lambda j: (sig[j], j))
+                cdf, run = [], 0.0
+                for j in order:
+                    run += sig[j]
+                    cdf.append(run)
+                cdf = [(u - cdf[0]) / (cdf[-1] - cdf[0]) for u in cdf]
+                y0 = min(u for u in cdf if u > 0)
+                ys = [y0 + q * (1 - y0) / (samples - 1) for q in range(samples)]
+                picks = sorted({min(range(n - 1), key=lambda j: (abs(y - cdf[j]), j)) for y in ys})
+                t = t[:, [0] + [1 + order[p] for p in picks]]
+            t = t + blk.ls2(blk.mlp(blk.norm2(t)))
+        outs.append(_head(model, t, None, model.num_prefix_tokens))
+    return torch.cat(outs)

@@ -7,7 +7,7 @@ import graphprune
 from graphprune.schedule import parse_r
 from tests.conftest import images, tiny
 from tests.reference import (
-    diffrate_reference, evit_reference, pitome_reference, ppt_reference, tome_reference, tome_split_reference, tps_reference,
+    ats_reference, diffrate_reference, evit_reference, pitome_reference, ppt_reference, tome_reference, tome_split_reference, tps_reference,
 )
 
 TOL = 1e-5
@@ -128,3 +128,14 @@ def test_pitome_equals_published(fused):
     assert fast.report.tokens_per_block == [65, 56, 48, 41]  # floor(64·0.15) = 9, then 8, 7
     with torch.no_grad():
         assert _close(fast(x), pitome_reference(model, x, 0.85)) < TOL
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "explicit"])
+@pytest.mark.parametrize("capacity,locations", [(40, [1, 2, 3]), (64, [1, 3]), (20, [2])])
+def test_ats_fixed_capacity_equals_per_image_compaction(capacity, locations, fused):
+    """The exported form (fixed capacity, padding masked) equals ATS run image by image with its own count."""
+    model = tiny("deit_tiny_patch16_224", fused=fused)
+    x = images(3)
+    fast = graphprune.optimize(model, "ats", example_inputs=(x,), capacity=capacity, locations=locations)
+    with torch.no_grad():
+        assert _close(fast(x), ats_reference(model, x, capacity, locations)) < TOL
