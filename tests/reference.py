@@ -352,3 +352,44 @@ def ats_reference(model, x, samples: int, locations: list[int]):
             t = t + blk.ls2(blk.mlp(blk.norm2(t)))
         outs.append(_head(model, t, None, model.num_prefix_tokens))
     return torch.cat(outs)
+
+
+def _wpr_one(probs, iterations):
+    """Weighted PageRank of one image: probs (H, N, N); cls starts √N times the others; RMS over the heads
+    whose variance of N·s lies in [0.01, 0.7] (all heads when none does)."""
+    h, n, _ = probs.shape
+    start = torch.tensor([math.sqrt(n)] + [1.0] * (n - 1))
+    per_head = []
+    for head in range(h):
+        s = start / start.sum()
+        for _ in range(iterations):
+            s = probs[head].T @ s  # s_j = sum_i s_i A_ij
+        per_head.append(s)
+    ok = [s for s in per_head if 0.01 <= float((s * n).var(unbiased=False)) <= 0.7] or per_head
+    return torch.stack([s * s for s in ok]).mean(0).sqrt()
+
+
+@torch.no_grad()
+def zero_tprune_reference(model, x, keep: float, similar: float, locations: list[int]):
+    """Zero-TPrune, I′ → S → I: one-iteration importance splits the patch tokens in halves; the S-stage drops
+    the round(similar·R) less-important tokens most similar (key cosine) to the important half; the I-stage
+    keeps the ceil(keep·(N-1)) most important of the rest (converged WPR: 30/10/1 iterations by depth)."""
+    depth = len(model.blocks)
+
+    def reduce(i, b, xb, sb, probs, k, v):
+        n = xb.shape[0]
+        kept = math.ceil(keep * (n - 1))
+        if i not in locations or kept >= n - 1:
+            return xb, sb
+        iters = (30, 10, 1)[min(3 * i // depth, 2)]
+        rough, imp = _wpr_one(probs, 1), _wpr_one(probs, iters)
+        order = _ranked(rough[1:])
+        half_b, half_a = order[: (n - 1) - (n - 1) // 2], order[(n - 1) - (n - 1) // 2 :]
+        metric = k.mean(dim=0)
+        best = {a: max(_cos(metric[a], metric[t]) for t in half_b) for a in half_a}
+        drop = round(similar * (n - 1 - kept))
+        gone = set(sorted(half_a, key=lambda a: (-best[a], half_a.index(a)))[:drop])
+        rest = [t for t in _ranked(imp[1:]) if t not in gone][:kept]
+        return xb[[0] + rest], sb[[0] + rest]
+
+    return _blocks(model, x, reduce, prop_attn=False)
