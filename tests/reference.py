@@ -393,3 +393,38 @@ def zero_tprune_reference(model, x, keep: float, similar: float, locations: list
         return xb[[0] + rest], sb[[0] + rest]
 
     return _blocks(model, x, reduce, prop_attn=False)
+
+
+@torch.no_grad()
+def evo_vit_reference(model, x, keep: float, starts: list[int], alpha: float = 0.5):
+    """Evo-ViT (DeiT release, inference): g = cls attention summed over heads (block before the first stage);
+    each stage runs its blocks on cls + the int(keep·P) patch tokens of highest g, updating their g as
+    (1-α)·g + α·g_block; the slow tokens stay frozen and the fast ones are written back at the stage end."""
+    outs = []
+    depth = len(model.blocks)
+    for b in range(x.shape[0]):
+        t = _embed(model, x[b : b + 1])
+        p = t.shape[1] - 1
+        k = int(p * keep)
+        g, sel, stage_end = None, None, None
+        for i, blk in enumerate(model.blocks):
+            if i in starts:
+                sel = sorted(range(p), key=lambda j: (-float(g[j]), j))[:k]
+                full, stage_end = t, min([s for s in starts if s > i] + [depth])
+                t = full[:, [0] + [1 + j for j in sel]]
+            out, _, probs = _attention(blk.attn, blk.norm1(t))
+            cls_row = probs[0, :, 0, 1:].sum(dim=0)
+            if sel is None:
+                g = cls_row
+            else:
+                g = g.clone()
+                for q, j in enumerate(sel):
+                    g[j] = (1 - alpha) * g[j] + alpha * cls_row[q]
+            t = t + blk.ls1(out)
+            t = t + blk.ls2(blk.mlp(blk.norm2(t)))
+            if stage_end == i + 1:
+                full = full.clone()
+                full[:, [0] + [1 + j for j in sel]] = t
+                t, sel = full, None
+        outs.append(_head(model, t, None, model.num_prefix_tokens))
+    return torch.cat(outs)

@@ -7,7 +7,7 @@ import graphprune
 from graphprune.schedule import parse_r
 from tests.conftest import images, tiny
 from tests.reference import (
-    ats_reference, diffrate_reference, evit_reference, pitome_reference, ppt_reference, tome_reference, tome_split_reference, tps_reference,
+    ats_reference, diffrate_reference, evo_vit_reference, evit_reference, pitome_reference, ppt_reference, tome_reference, tome_split_reference, tps_reference,
 )
 
 TOL = 1e-5
@@ -139,3 +139,38 @@ def test_ats_fixed_capacity_equals_per_image_compaction(capacity, locations, fus
     fast = graphprune.optimize(model, "ats", example_inputs=(x,), capacity=capacity, locations=locations)
     with torch.no_grad():
         assert _close(fast(x), ats_reference(model, x, capacity, locations)) < TOL
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "explicit"])
+@pytest.mark.parametrize("keep,locations", [(0.5, [1, 3]), (0.3, [2]), (0.6, [1, 2])])
+def test_evo_vit_equals_published(keep, locations, fused):
+    model = tiny("deit_tiny_patch16_224", fused=fused)
+    x = images(3)
+    fast = graphprune.optimize(model, "evo_vit", example_inputs=(x,), keep=keep, locations=locations)
+    with torch.no_grad():
+        assert _close(fast(x), evo_vit_reference(model, x, keep, locations)) < TOL
+    assert fast.report.tokens_per_block[locations[0]] == 1 + int(64 * keep)
+
+
+def test_evo_vit_slow_tokens_wait_and_come_back():
+    """Per-token outputs keep every token; with one stage at the last block, the 48 slow patch tokens come out
+    as they entered it, and the 16 fast ones are updated."""
+
+    class Features(torch.nn.Module):
+        def __init__(self, vit):
+            super().__init__()
+            self.vit = vit
+
+        def forward(self, x):
+            return self.vit.forward_features(x)
+
+    model = tiny("deit_tiny_patch16_224")
+    x = images(2)
+    fast = graphprune.optimize(Features(model), "evo_vit", example_inputs=(x,), keep=0.25, locations=[3])
+    with torch.no_grad():
+        out = fast(x)
+        h = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+        waited = model.norm(model.blocks[:3](h))
+    assert out.shape == waited.shape
+    same = ((out - waited).abs().amax(dim=-1) < 1e-6)[:, 1:]
+    assert same.sum(dim=1).tolist() == [48, 48]
