@@ -428,3 +428,46 @@ def evo_vit_reference(model, x, keep: float, starts: list[int], alpha: float = 0
                 t, sel = full, None
         outs.append(_head(model, t, None, model.num_prefix_tokens))
     return torch.cat(outs)
+
+
+def agglomerative_one(metric, clusters: int, linkage: str) -> list[list[int]]:
+    """Clusters (lists of token indices, ordered by their lowest index) of one sample by naive agglomerative
+    clustering: repeatedly join the two clusters at the smallest linkage distance (1 - cosine)."""
+    m = metric / metric.norm(dim=-1, keepdim=True)
+    dist = (1 - m @ m.T).tolist()
+    groups = [[t] for t in range(metric.shape[0])]
+    pick = {"average": lambda ds: sum(ds) / len(ds), "complete": max, "single": min}[linkage]
+    while len(groups) > clusters:
+        best = None
+        for a in range(len(groups)):
+            for b in range(a + 1, len(groups)):
+                d = pick([dist[s][t] for s in groups[a] for t in groups[b]])
+                if best is None or d < best[0]:
+                    best = (d, a, b)
+        _, a, b = best
+        groups[a] = sorted(groups[a] + groups.pop(b))
+    return sorted(groups)
+
+
+@torch.no_grad()
+def atc_reference(model, x, keep: float, locations: list[int], linkage: str):
+    """ATC: at the k-th location cluster the patch tokens into int(P·keep^(k+1)) clusters (key mean over heads,
+    1 - cosine), each cluster -> size-weighted mean token, sizes add up; proportional attention on."""
+    patches = None
+
+    def reduce(i, b, xb, sb, probs, k, v):
+        nonlocal patches
+        patches = patches or xb.shape[0] - 1
+        if i not in locations:
+            return xb, sb
+        count = int(patches * keep ** (locations.index(i) + 1))
+        groups = agglomerative_one(k.mean(dim=0)[1:], count, linkage)
+        rows, sizes = [xb[0]], [sb[0]]
+        for g in groups:
+            idx = [1 + t for t in g]
+            s = sb[idx]
+            rows.append((xb[idx] * s).sum(0) / s.sum())
+            sizes.append(s.sum(0))
+        return torch.stack(rows), torch.stack(sizes)
+
+    return _blocks(model, x, reduce, prop_attn=True)

@@ -21,6 +21,7 @@ from graphprune.report import max_abs_diff
 
 TOLERANCE = 1e-4
 OPSET = 18
+LARGE_GRAPH = 1500  # FX nodes
 
 
 def _session(path: Path, threads: int | None = None):
@@ -63,6 +64,9 @@ def export_onnx(module: torch.fx.GraphModule, example_inputs: tuple, output: Pat
                 program = torch.onnx.export(
                     pin_attention_layout(module), example_inputs, dynamo=True, dynamic_shapes=dynamic_batch_shapes(example_inputs),
                     custom_translation_table=TRANSLATIONS, opset_version=OPSET, verbose=False,
+                    # onnxscript's rewriter is slow on very large graphs (unrolled loops such as ATC's
+                    # clustering): there ONNX Runtime's own graph optimisations at load time suffice
+                    optimize=len(module.graph.nodes) < LARGE_GRAPH,
                 )
                 program.save(str(staged), external_data=True)
         except Exception as err:  # noqa: BLE001
