@@ -9,7 +9,8 @@
   ``random_bipartite_soft_matching`` (A = r random tokens) and ``kth_bipartite_soft_matching``
   (B = every k-th token);
 * the first ``protected`` tokens are in neither set and stay first;
-* with ``valid`` (padding), a real token and a padded one never merge and padding merges first.
+* with ``valid`` (padding), a real token and a padded one never merge and padding merges first;
+  a token with no B token of its kind is dropped (``assign = -1``).
 
 Output order: ``[protected, unmerged A (in src order), B (in dst order)]``. The split is a
 constant of the graph (``src``/``dst`` are Python lists), so this is plain tensor code that
@@ -60,8 +61,11 @@ def bipartite_merge(x, size, metric, src: list[int], dst: list[int], r: int, pro
     slots = torch.ones_like(rep).cumsum(1) - 1
     assign = torch.zeros_like(x[..., 0], dtype=long).scatter(1, rep, slots)
     host = protected + na - r + match.gather(1, merged)  # (B, r) slot of the B token each merged A joins
+    # a token with no B token of its kind (padding when all of B is real) is dropped, not merged across
+    host = torch.where(best.gather(1, merged) > -math.inf, host, torch.full_like(host, -1))
     assign = assign.scatter(1, src_t[merged], host)
     both = torch.cat([x * size, size], dim=-1)
-    weighted = torch.zeros_like(both[:, :1]).expand(-1, n_out, -1).scatter_add(1, assign[..., None].expand_as(both), both)
-    new_size = weighted[..., c:]
-    return weighted[..., :c] / new_size, new_size, assign, rep
+    into = torch.where(assign >= 0, assign, torch.full_like(assign, n_out))  # dropped: a spare row
+    total = torch.zeros_like(both[:, :1]).expand(-1, n_out + 1, -1).scatter_add(1, into[..., None].expand_as(both), both)
+    new_size = total[:, :n_out, c:]
+    return total[:, :n_out, :c] / new_size, new_size, assign, rep

@@ -83,7 +83,8 @@ class ToMe(Recipe):
             src, dst = kth_split(n, protected, self.k)
             r = min(r, len(src))
         if r > 0 and dst:
-            flow.reduce(block, _bipartite, flow.size, block.site.k, src, dst, r, protected, valid, out_tokens=n - r)
+            flow.reduce(block, _bipartite, flow.size, block.site.k, src, dst, r, protected, valid, out_tokens=n - r,
+                        drops=valid is not None)
 
     def check(self, graph: ModelGraph) -> None:
         parse_r(self.r, len(graph.blocks))
