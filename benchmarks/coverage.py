@@ -639,7 +639,7 @@ def check_one(source: str, name: str, settings: dict, onnx: bool) -> dict:
         row["status"] = "ok"
         row["status"] = status_of(row)
         if row["status"] in ("refused", "error"):
-            failed = [c for c in [row["capture"], *row["reduce"].values()] if c is not None and not c["ok"]]
+            failed = [c for c in [row["capture"], *row.get("reduce", {}).values()] if c is not None and not c["ok"]]
             row["reason"] = failed[0]["reason"]
     except Exception as e:  # a build failure, or a bug in this script: record it and go on
         row["status"] = "unbuildable" if isinstance(e, BuildError) else "error"
