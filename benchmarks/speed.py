@@ -23,11 +23,13 @@ import torch
 import graphprune
 
 # every recipe at a setting with about 35 % fewer FLOPs on DeiT-S, plus ToMe's published r = 13 and 16
-VARIANTS = [
+AT_35 = [
     ("tome", {"r": 11}), ("evit", {"keep": 0.7}), ("tps", {"keep": 0.7}), ("diffrate", {}), ("ppt", {}),
-    ("pitome", {"ratio": 0.92}), ("tome", {"r": 13}), ("tome", {"r": 16}),
+    ("pitome", {"ratio": 0.92}), ("ats", {"capacity": 0.5}), ("zero_tprune", {"keep": 0.7}), ("evo_vit", {"keep": 0.5}),
+    ("atc", {"keep": 0.7}), ("tome", {"r": 11, "split": "random"}), ("tome", {"r": 11, "split": "kth", "k": 3}),
 ]
-ONNX_VARIANTS = VARIANTS[:7]  # and ToMe r=13, issue 2's ORT target
+VARIANTS = AT_35 + [("tome", {"r": 13}), ("tome", {"r": 16})]
+ONNX_VARIANTS = AT_35 + [("tome", {"r": 13})]  # ToMe r=13: issue 2's ORT target
 
 
 def interleaved(fns: dict, x, rounds: int, warmup: int = 3) -> dict:
