@@ -163,12 +163,13 @@ def _size_rank(name: str) -> tuple:
     return (min(ranks) if ranks else len(SIZE_RANK) // 2, max(numbers) if numbers else 0, len(name), name)
 
 
-def timm_names() -> list[str]:
+def timm_names(per_arch: int = 1) -> list[str]:
+    """One name per architecture (the smallest), or the ``per_arch`` smallest names of each."""
     groups: dict[str, list[str]] = {}
     for pattern in TIMM_PATTERNS:
         for name in timm.list_models(pattern):
             groups.setdefault(arch_key(name), []).append(name)
-    return [min(names, key=_size_rank) for names in groups.values()]
+    return [n for names in groups.values() for n in sorted(set(names), key=_size_rank)[:per_arch]]
 
 
 TINY = dict(embed_dim=48, depth=4, num_heads=3)
@@ -642,7 +643,8 @@ def check_one(source: str, name: str, settings: dict, onnx: bool) -> dict:
         row["status"] = "ok"
         row["status"] = status_of(row)
         if row["status"] in ("refused", "error"):
-            failed = [c for c in [row["capture"], *row.get("reduce", {}).values()] if c is not None and not c["ok"]]
+            cells = [row["capture"]] + [c for g in ("zero", "reduce", "onnx") for c in row.get(g, {}).values()]
+            failed = [c for c in cells if c is not None and not c["ok"]]
             row["reason"] = failed[0]["reason"]
     except Exception as e:  # a build failure, or a bug in this script: record it and go on
         row["status"] = "unbuildable" if isinstance(e, BuildError) else "error"
@@ -729,6 +731,7 @@ def main(argv=None) -> None:
     ap.add_argument("--limit", type=int, default=None, help="check at most N models")
     ap.add_argument("--only", default=None, help="only models whose name contains SUBSTRING (case-insensitive)")
     ap.add_argument("--no-onnx", action="store_true", help="skip the ONNX export checks")
+    ap.add_argument("--per-arch", type=int, default=1, help="timm names checked per architecture (default 1)")
     ap.add_argument("--onnx-recipes", default=None,
                     help="comma-separated recipes whose ONNX export is checked (default: all; each export takes seconds)")
     ap.add_argument("--out", type=Path, default=Path("docs/coverage.md"), help="markdown table (JSON written next to it)")
@@ -752,7 +755,7 @@ def main(argv=None) -> None:
         for name in recipes:
             settings[name]["onnx"] = name in chosen
 
-    models = [("timm", n) for n in timm_names()] + [("hf", n) for n in HF]
+    models = [("timm", n) for n in timm_names(args.per_arch)] + [("hf", n) for n in HF]
     if args.only:
         models = [(s, n) for s, n in models if args.only.lower() in n.lower()]
     if args.limit is not None:

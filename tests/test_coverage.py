@@ -29,10 +29,17 @@ def test_zero_reduction_reproduces_original(key):
 
 
 CASES = [(key, "tome", {"r": 6}) for key in sorted(FAMILIES)] + [(key, "evit", {"keep": 0.5, "locations": [1, 3]}) for key in sorted(FAMILIES)]
-CASES += [(key, name, {}) for key in ("deit_distilled", "reg4_gap", "qk_norm") for name in ("diffrate", "tps", "ppt", "pitome")]
+CASES += [(key, name, {}) for key in ("deit_distilled", "reg4_gap") for name in ("diffrate", "tps", "ppt", "pitome")]
+CASES += [("reg4_gap", name, {}) for name in ("ats", "zero_tprune", "evo_vit")] + [("deit_distilled", "atc", {})]
+CASES += [pytest.param("qk_norm", name, {}, marks=pytest.mark.slow) for name in ("diffrate", "tps", "ppt", "pitome")]
 
 
-@pytest.mark.parametrize("key,recipe,opts", CASES, ids=[f"{k}-{r}" for k, r, _ in CASES])
+def _id(case):
+    key, recipe, _ = case.values if hasattr(case, "values") else case
+    return f"{key}-{recipe}"
+
+
+@pytest.mark.parametrize("key,recipe,opts", CASES, ids=[_id(c) for c in CASES])
 def test_reduction_runs_and_exports(key, recipe, opts, tmp_path):
     model = family(key)
     x = images(2)
