@@ -657,6 +657,9 @@ def _worker(wid: int, threads: int, onnx: bool, tasks, results) -> None:
     """A worker process: checks the models it is sent until it is sent None."""
     torch.set_num_threads(threads)
     settings = recipe_settings()
+    if isinstance(onnx, (set, frozenset)):  # --onnx-recipes
+        for name in settings:
+            settings[name]["onnx"] = name in onnx
     while True:
         item = tasks.get()
         if item is None:
@@ -799,7 +802,8 @@ def main(argv=None) -> None:
             progress.console.print(f"{mark:>18} {row['model']}{secs}{detail}", soft_wrap=True)
             progress.update(task, advance=1, current=", ".join(running.values()))
 
-        run_models(models, todo, args.jobs, args.threads, not args.no_onnx, on_start, on_done)
+        onnx = {r for r in recipes if settings[r].get("onnx", True)} if args.onnx_recipes else not args.no_onnx
+        run_models(models, todo, args.jobs, args.threads, onnx, on_start, on_done)
 
     runtime = time.perf_counter() - t_start
     count = lambda src, st=None: sum(1 for r in rows if r["source"] == src and (st is None or r["status"] == st))  # noqa: E731
