@@ -509,7 +509,7 @@ def status_of(row: dict) -> str:
     # refused after capture (e.g. blocks that only run at the full token count): every failed check is a refusal
     checks = [c for group in ("zero", "reduce", "onnx") for c in row[group].values() if c is not None]
     failed = [c for c in checks if not c["ok"]]
-    return "refused" if all(c.get("refused") for c in failed) else "fail"
+    return "refused" if all(c.get("error") == "UnsupportedArchitectureError" for c in failed) else "fail"
 
 
 # --------------------------------------------------------------------------------------------
