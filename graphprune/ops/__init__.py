@@ -1,9 +1,10 @@
 """Token op library.
 
-Each token-reduction primitive is defined once here as a ``torch.library`` custom op with
-a fake (shape) implementation, an eager implementation, and an ONNX lowering
-(:mod:`graphprune.ops.onnx`). Rewrite passes insert these ops as single graph nodes, so
-they survive ``torch.export``, save/load of ``.pt2`` files and ONNX export.
+Each token-reduction primitive is defined once here, in one of two forms: a
+``torch.library`` custom op with a fake (shape) implementation, an eager implementation and
+an ONNX lowering (:mod:`graphprune.ops.onnx`), inserted as a single graph node; or plain
+tensor code with static shapes (``bipartite``, ``ats``, ``pagerank``, ``cluster``), traced
+into the graph, which torch.export and the ONNX exporter handle as they are.
 """
 
 from graphprune.ops import evit, markers, pitome, select, tome  # noqa: F401  (registers the ops)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from graphprune.ops.maps import prefix_index
+
 
 def ats_capacity(n: int, samples: int, protected: int) -> int:
     return protected + min(samples, n - protected)
@@ -45,7 +47,7 @@ def ats_sample(x, score, samples: int, protected: int, n: int):
     unique = torch.where(repeated, torch.full_like(picks, p), picks).sort(dim=1, stable=True)[0][:, :slots]
     valid = unique < p  # (B, slots): distinct picks first (ascending significance), then padding
     token = order.gather(1, unique.clamp(max=p - 1)) + protected
-    head = torch.zeros_like(x[:, :protected, 0], dtype=long) + x.new_tensor(list(range(protected)), dtype=long)
+    head = prefix_index(x, protected)
     rep = torch.cat([head, token], dim=1)
     slot = torch.ones_like(rep).cumsum(1) - 1
     # padding slots scatter into a spare column, so each kept token's slot is written once

@@ -24,6 +24,8 @@ import random
 
 import torch
 
+from graphprune.ops.maps import merge_by_assign, prefix_index
+
 
 def kth_split(n: int, protected: int, k: int) -> tuple[list[int], list[int]]:
     """B = every k-th unprotected token (positions k-1, 2k-1, ... after the prefix), A = the others."""
@@ -41,7 +43,6 @@ def random_split(n: int, protected: int, r: int, seed: int) -> tuple[list[int], 
 
 def bipartite_merge(x, size, metric, src: list[int], dst: list[int], r: int, protected: int, valid=None):
     """Returns (x, size, assign, rep) with ``protected + len(src) - r + len(dst)`` tokens."""
-    c = x.shape[-1]
     na = len(src)
     src_t = x.new_tensor(src, dtype=torch.long)  # graph constants (a method call, so FX tracing records it)
     dst_t = x.new_tensor(dst, dtype=torch.long)
@@ -55,7 +56,7 @@ def bipartite_merge(x, size, metric, src: list[int], dst: list[int], r: int, pro
     merged, kept = order[:, :r], order[:, r:].sort(dim=-1)[0]  # unmerged A keep their src order
     n_out = protected + na - r + len(dst)
     long = torch.long
-    head = torch.zeros_like(x[:, :protected, 0], dtype=long) + x.new_tensor(list(range(protected)), dtype=long)
+    head = prefix_index(x, protected)
     rep = torch.cat([head, src_t[kept], torch.zeros_like(scores[:, 0], dtype=long) + dst_t], dim=1)  # an input per output
     # output slot of every input token: its own slot if it stays, its match's slot if it merges
     slots = torch.ones_like(rep).cumsum(1) - 1
@@ -64,8 +65,4 @@ def bipartite_merge(x, size, metric, src: list[int], dst: list[int], r: int, pro
     # a token with no B token of its kind (padding when all of B is real) is dropped, not merged across
     host = torch.where(best.gather(1, merged) > -math.inf, host, torch.full_like(host, -1))
     assign = assign.scatter(1, src_t[merged], host)
-    both = torch.cat([x * size, size], dim=-1)
-    into = torch.where(assign >= 0, assign, torch.full_like(assign, n_out))  # dropped: a spare row
-    total = torch.zeros_like(both[:, :1]).expand(-1, n_out + 1, -1).scatter_add(1, into[..., None].expand_as(both), both)
-    new_size = total[:, :n_out, c:]
-    return total[:, :n_out, :c] / new_size, new_size, assign, rep
+    return (*merge_by_assign(x, size, assign, n_out), assign, rep)

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from graphprune.ops.maps import merge_by_assign, prefix_index
+
 LINKAGES = ("average", "complete", "single")
 FAR = 1e9  # distance of removed clusters and of a cluster to itself
 APART = 1e4  # distance between a real token and padding
@@ -70,10 +72,7 @@ def agglomerative_merge(x, size, metric, clusters: int, protected: int, n: int, 
     alive = count > 0  # exactly `clusters` roots per sample
     slot = alive.to(long).cumsum(dim=1) - 1  # output slot of each root, by index
     roots = alive.to(x.dtype).argsort(dim=1, descending=True, stable=True)[:, :clusters]
-    head = torch.zeros_like(x[:, :protected, 0], dtype=long) + x.new_tensor(list(range(protected)), dtype=long)
+    head = prefix_index(x, protected)
     assign = torch.cat([head, slot.gather(1, label) + protected], dim=1)
     rep = torch.cat([head, roots + protected], dim=1)
-    both = torch.cat([x * size, size], dim=-1)
-    total = torch.zeros_like(both[:, :1]).expand(-1, protected + clusters, -1).scatter_add(1, assign[..., None].expand_as(both), both)
-    new_size = total[..., -1:]
-    return total[..., :-1] / new_size, new_size, assign, rep
+    return (*merge_by_assign(x, size, assign, protected + clusters), assign, rep)

@@ -14,3 +14,24 @@ import torch
 def identity_maps(x: torch.Tensor):
     idx = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], x.shape[1]).clone()
     return idx, idx.clone()
+
+
+# The helpers below are plain tensor code that FX tracing can record (no Python ints read from shapes).
+
+
+def prefix_index(x: torch.Tensor, protected: int) -> torch.Tensor:
+    """(B, protected) long: 0, 1, ..., protected - 1 for every sample, the rep of the protected prefix."""
+    return torch.zeros_like(x[:, :protected, 0], dtype=torch.long) + x.new_tensor(list(range(protected)), dtype=torch.long)
+
+
+def merge_by_assign(x: torch.Tensor, size: torch.Tensor, assign: torch.Tensor, n_out: int):
+    """Size-weighted mean of the tokens sharing an output slot; sizes add up. ``assign == -1``: left out.
+
+    Returns (tokens (B, n_out, C), sizes (B, n_out, 1)).
+    """
+    c = x.shape[-1]
+    both = torch.cat([x * size, size], dim=-1)
+    into = torch.where(assign >= 0, assign, torch.full_like(assign, n_out))  # left out: a spare row
+    total = torch.zeros_like(both[:, :1]).expand(-1, n_out + 1, -1).scatter_add(1, into[..., None].expand_as(both), both)
+    new_size = total[:, :n_out, c:]
+    return total[:, :n_out, :c] / new_size, new_size

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from graphprune.errors import RecipeError, ScheduleError
+from graphprune.ops.maps import prefix_index
 from graphprune.passes.emit import emit, emit_before
 from graphprune.passes.flow import _gather_tokens, _token_dims
 from graphprune.patterns import ModelGraph
@@ -34,7 +35,7 @@ from graphprune.schedule import parse_keep, parse_locations
 def _select(x, g, keep: int, protected: int):
     """The prefix and the ``keep`` patch tokens with the highest ``g`` (B, P): (tokens, index (B, n), g of the kept)."""
     top = g.argsort(dim=1, descending=True, stable=True)[:, :keep]
-    head = torch.zeros_like(x[:, :protected, 0], dtype=torch.long) + top.new_tensor(list(range(protected)))
+    head = prefix_index(x, protected)
     idx = torch.cat([head, top + protected], dim=1)
     return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1])), idx, g.gather(1, top)
 
