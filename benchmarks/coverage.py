@@ -13,7 +13,7 @@ and a few Hugging Face architectures from tiny configs. For each model and each 
 2. zero reduction: the recipe at its no-op setting (tome r=0, evit keep=1.0) reproduces the
    original output, max |Δ| ≤ 1e-5 (recipes without a known no-op setting: n/a);
 3. reduction: the recipe at a small reduction runs and the last block sees fewer tokens
-   than the first;
+   than the first (or, for a reduction inside the last block, the FLOPs drop);
 4. ONNX: the same reduction exported with ``target="onnx"`` matches the eager graph in ONNX
    Runtime, max |Δ| ≤ 1e-4.
 
@@ -485,8 +485,9 @@ def check_model(model, x, settings: dict, onnx: bool, tmp: Path) -> dict:
         else:
             red = cell(run_eager)
         red["options"] = opts
-        if red["ok"] and not red["tokens"][-1] < red["tokens"][0]:
-            red.update(ok=False, reason=f"no reduction: tokens {red['tokens'][0]}→{red['tokens'][-1]}")
+        # reduced: a later block sees fewer tokens, or (a reduction inside the last block) fewer FLOPs
+        if red["ok"] and not (red["tokens"][-1] < red["tokens"][0] or red["flop_ratio"] < 1.0):
+            red.update(ok=False, reason=f"no reduction: tokens {red['tokens'][0]}→{red['tokens'][-1]}, FLOPs ×{red['flop_ratio']:.2f}")
         row["reduce"][recipe] = red
     return row
 
@@ -589,7 +590,7 @@ def write_markdown(path: Path, data: dict) -> None:
         f"**zero**: the no-op setting of every recipe ({', '.join(f'{k} {v}' for k, v in data['zero_settings'].items())}) "
         f"reproduces the original output, max |Δ| ≤ {ZERO_TOL:g} (worst recipe shown); "
         f"**recipe columns**: the recipe with {', '.join(f'{k} {v}' for k, v in data['reduce_settings'].items())} "
-        "runs and the last block sees fewer tokens than the first (tokens first→last); "
+        "runs and the last block sees fewer tokens than the first, or the FLOPs drop (tokens first→last); "
         f"**onnx**: the same reduction exported with `target=\"onnx\"` matches eager in ONNX Runtime, max |Δ| ≤ {ONNX_TOL:g}."
         + (" ONNX was skipped in this run (`--no-onnx`)." if not data["onnx"] else "")
         + (f" ONNX was checked for {', '.join(data['onnx_recipes'])} in this run (`--onnx-recipes`); every recipe's "

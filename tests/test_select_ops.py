@@ -74,6 +74,9 @@ def test_merge_nearest_keeps_padding_apart():
             if slot >= 0:
                 assert valid[b, assign[b] == slot].unique().numel() == 1
         assert valid[b, assign[b] < 0].logical_not().all()  # only padding is ever dropped
+        pad_slots = assign[b, ~valid[b]]
+        pad_slots = pad_slots[pad_slots >= 0]
+        assert pad_slots.unique().numel() == pad_slots.numel()  # a padded token is kept alone or dropped, never merged
 
 
 class _Ops(torch.nn.Module):

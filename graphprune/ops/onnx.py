@@ -179,11 +179,11 @@ def merge_nearest(x, size, metric, score, keep: int, protected: int, valid=None,
     sim = op.MatMul(_take(m, rest, d), op.Transpose(_take(m, kept, d), perm=[0, 2, 1]))
     if valid is not None:
         vr, vk = op.GatherElements(valid, rest, axis=1), op.GatherElements(valid, kept, axis=1)
-        same = op.Equal(op.Unsqueeze(vr, _ints(2)), op.Unsqueeze(vk, _ints(1)))
-        sim = op.Where(same, sim, op.CastLike(op.Constant(value_float=-np.inf), sim))
+        both = op.And(op.Unsqueeze(vr, _ints(2)), op.Unsqueeze(vk, _ints(1)))
+        sim = op.Where(both, sim, op.CastLike(op.Constant(value_float=-np.inf), sim))
     best = op.ReduceMax(sim, _ints(-1), keepdims=0)
     host = op.Add(op.ArgMax(sim, axis=-1, keepdims=0), op.Constant(value_int=protected))
-    finite = op.Not(op.Or(op.IsInf(best), op.IsNaN(best)))  # no host of its kind: dropped
+    finite = op.Not(op.Or(op.IsInf(best), op.IsNaN(best)))  # padding (no host): dropped
     ok = op.Unsqueeze(op.CastLike(finite, x), _ints(-1))
     zero = op.CastLike(op.Constant(value_float=0.0), x)
     best = op.Unsqueeze(op.Where(finite, best, zero), _ints(-1))

@@ -17,9 +17,11 @@ token whose ``metric`` is most similar (cosine, argmax). ``mode`` is the merge r
 * ``"mean"``: plain mean of the host and its guests, and the host's size grows by
   ``Σ_j cos_ij·size_j`` (DiffRate).
 
-With ``valid`` (padding), padded
-tokens only merge into padded ones and real tokens only into real ones; a token with no kept
-token of its kind is dropped (``assign = -1``), which in practice only happens to padding.
+With ``valid`` (padding), only real
+tokens merge, and only into real kept tokens; padded tokens that are not kept are dropped
+(``assign = -1``). Padding is never merged because padded tokens are often identical (RoBERTa
+gives them all one position), so their similarities tie up to rounding and the chosen host
+would depend on the runtime.
 """
 
 from __future__ import annotations
@@ -69,8 +71,8 @@ def nearest(metric: torch.Tensor, rep: torch.Tensor, rest: torch.Tensor, valid: 
     kept = rep[:, protected:]
     sim = _take(m, rest) @ _take(m, kept).transpose(1, 2)  # (B, n_rest, n_kept)
     if valid is not None:
-        v = valid.gather(1, rest)[:, :, None] != valid.gather(1, kept)[:, None, :]
-        sim = sim.masked_fill(v, -math.inf)
+        both = valid.gather(1, rest)[:, :, None] & valid.gather(1, kept)[:, None, :]
+        sim = sim.masked_fill(~both, -math.inf)
     return sim.max(dim=-1)
 
 
@@ -91,7 +93,7 @@ def merge_nearest(
     with torch.no_grad():
         sim, host = nearest(metric, rep, rest, valid, protected)
     host = host[..., None] + protected  # output slot of the host, (B, n_rest, 1)
-    ok = sim.isfinite()[..., None].to(x.dtype)  # no host of its kind (padding among real tokens): dropped
+    ok = sim.isfinite()[..., None].to(x.dtype)  # padding (no host): dropped
     sim = sim.nan_to_num(0.0, posinf=0.0, neginf=0.0)[..., None]
     guest_size = _take(size, rest) * ok
     into = lambda base, t: base.scatter_add(1, host.expand(-1, -1, t.shape[-1]), t)  # noqa: E731
