@@ -479,7 +479,7 @@ def check_model(model, x, settings: dict, onnx: bool, tmp: Path) -> dict:
             return {"tokens": rep.tokens_per_block, "flop_ratio": rep.flop_ratio}
 
         row["onnx"][recipe] = cell(run_onnx) if onnx and s.get("onnx", True) else None
-        if onnx and row["onnx"][recipe]["ok"]:
+        if row["onnx"][recipe] and row["onnx"][recipe]["ok"]:
             o = row["onnx"][recipe]
             red = {"ok": True, "tokens": o["tokens"], "flop_ratio": o["flop_ratio"], "seconds": 0.0, "from": "onnx run"}
         else:
