@@ -16,6 +16,7 @@ from graphprune.passes import remove_markers
 from graphprune.patterns import analyze
 from graphprune.recipes import get_recipe
 from graphprune.report import Report, count_flops
+from graphprune.schedule.files import resolve
 
 TARGETS = ("eager", "onnx", "trt")
 
@@ -37,15 +38,19 @@ def _batch1(inputs: tuple) -> tuple:
     return tuple(t[:1] if isinstance(t, torch.Tensor) and t.dim() > 0 else t for t in inputs)
 
 
-def optimize(model: torch.nn.Module, recipe: str, target: str = "eager", example_inputs=None, output=None, **options):
+def optimize(model: torch.nn.Module, recipe: str | None = None, target: str = "eager", example_inputs=None, output=None,
+             schedule=None, **options):
     """Apply a token-reduction recipe to ``model`` and lower the result to ``target``.
 
     Returns an :class:`OptimizedModel` (``target="eager"``) or an :class:`OnnxModel`
     (``target="onnx"``, written to ``output``). Both are callable with the original inputs
-    and carry ``.report``. The input model is not modified.
+    and carry ``.report``. ``schedule``: a schedule from :func:`graphprune.tune` (or its JSON
+    file) giving the recipe and its per-block options; explicit options override it. The
+    input model is not modified.
     """
     if target not in TARGETS:
         raise GraphPruneError(f"unknown target '{target}'; choose one of {', '.join(TARGETS)}")
+    recipe, options = resolve(recipe, schedule, options)
     rec = get_recipe(recipe, **options)
     if target == "trt":
         export_trt()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -89,75 +89,109 @@ def read_state_dict(path: Path) -> dict:
         _fail(f"cannot read weights from {path} (safetensors or a weights-only state dict): {str(err).splitlines()[0]}")
 
 
+# options shared by the commands that apply a recipe
+ModelArg = Annotated[str, typer.Argument(help="timm model name, a .pt2 exported program, or a pickled module (.pt, needs --trust-pickle)")]
+ROpt = Annotated[Optional[str], typer.Option("--r", help="tome: tokens merged per block, or a comma-separated per-block list")]
+InflectionOpt = Annotated[Optional[float], typer.Option("--inflection", help="tome: ramp the schedule (r, inflection)")]
+PropAttnOpt = Annotated[Optional[bool], typer.Option("--prop-attn/--no-prop-attn", help="tome: proportional attention")]
+KeepOpt = Annotated[Optional[float], typer.Option("--keep", help="evit and others: fraction of tokens kept")]
+LocationsOpt = Annotated[Optional[str], typer.Option("--locations", help="evit and others: comma-separated block indices")]
+RestoreOpt = Annotated[Optional[bool], typer.Option(
+    "--restore-tokens/--no-restore-tokens", help="per-token outputs at the original token count (default) or reduced, with sizes")]
+OptionOpt = Annotated[list[str], typer.Option(
+    "--option", "-O", help="any recipe option as KEY=VALUE (VALUE parsed as JSON when it can be, e.g. -O counts=[10,10,8])")]
+ScheduleOpt = Annotated[Optional[Path], typer.Option("--schedule", help="a schedule file from 'graphprune-cli tune' (recipe and per-block options)")]
+WeightsOpt = Annotated[Optional[Path], typer.Option("--weights", help="weights for a timm model: .safetensors or a weights-only state dict")]
+TrustOpt = Annotated[bool, typer.Option("--trust-pickle", help="allow loading a pickled model (runs code from the file)")]
+InputSizeOpt = Annotated[Optional[str], typer.Option("--input-size", help="input shape C,H,W (default: the model's)")]
+
+
+def recipe_options(r, inflection, prop_attn, keep, locations, restore_tokens, option) -> dict:
+    """The recipe options given on the command line (only those given)."""
+    options = {}
+    if r is not None:
+        options["r"] = _parse_r(r)
+    if inflection is not None:
+        if not isinstance(options.get("r"), int):
+            _fail("--inflection needs a single integer --r")
+        options["r"] = (options["r"], inflection)
+    if prop_attn is not None:
+        options["prop_attn"] = prop_attn
+    if keep is not None:
+        options["keep"] = keep
+    if locations is not None:
+        try:
+            options["locations"] = [int(v) for v in locations.split(",") if v.strip()]
+        except ValueError:
+            _fail(f"--locations takes comma-separated block indices, got '{locations}'")
+    if restore_tokens is not None:
+        options["restore_tokens"] = restore_tokens
+    for item in option:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            _fail(f"--option takes KEY=VALUE, got '{item}'")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value
+    return options
+
+
+def resolve_recipe(recipe: Optional[str], schedule: Optional[Path], options: dict) -> tuple[str, dict]:
+    """Recipe and options from --recipe / --schedule, validated before any model is loaded."""
+    import graphprune
+    from graphprune.schedule.files import resolve
+
+    if recipe is None and schedule is None:
+        _fail("give --recipe NAME or --schedule FILE")
+    recipe, options = resolve(recipe, schedule, options)
+    graphprune.recipes.get_recipe(recipe, **options)  # bad recipe or options: fail before loading anything
+    return recipe, options
+
+
+def example_inputs(net, batch: int, input_size: Optional[str], fixed_default: bool = False):
+    """(batch, C, H, W) random images: of --input-size, or of the model's own size."""
+    import torch
+
+    from graphprune.api import default_example_inputs
+
+    if input_size is not None:
+        try:
+            shape = tuple(int(v) for v in input_size.split(","))
+        except ValueError:
+            _fail(f"--input-size takes C,H,W, got '{input_size}'")
+        return (torch.randn(batch, *shape),)
+    if fixed_default and batch == 2:
+        return None  # optimize() picks the model's own example
+    return tuple(t[:1].expand(batch, *t.shape[1:]).clone() for t in default_example_inputs(net))
+
+
 @app.command()
 def export(
-    model: str = typer.Argument(..., help="timm model name, a .pt2 exported program, or a pickled module (.pt, needs --trust-pickle)"),
-    recipe: str = typer.Option(..., "--recipe", help="recipe name (see 'graphprune-cli recipes')"),
-    target: str = typer.Option("eager", "--target", help="eager (writes model.pt2) or onnx (writes model.onnx)"),
-    output: Path = typer.Option(..., "-o", "--output", help="output folder"),
-    r: Optional[str] = typer.Option(None, "--r", help="tome: tokens merged per block, or a comma-separated per-block list"),
-    inflection: Optional[float] = typer.Option(None, "--inflection", help="tome: ramp the schedule (r, inflection)"),
-    prop_attn: Optional[bool] = typer.Option(None, "--prop-attn/--no-prop-attn", help="tome: proportional attention"),
-    keep: Optional[float] = typer.Option(None, "--keep", help="evit: fraction of tokens kept"),
-    locations: Optional[str] = typer.Option(None, "--locations", help="evit: comma-separated block indices"),
-    restore_tokens: Optional[bool] = typer.Option(None, "--restore-tokens/--no-restore-tokens", help="per-token outputs at the original token count (default) or reduced, with sizes"),
-    option: list[str] = typer.Option([], "--option", "-O", help="any recipe option as KEY=VALUE (VALUE parsed as JSON when it can be, e.g. -O counts=[10,10,8])"),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="weights for a timm model: .safetensors or a weights-only state dict"),
-    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow loading a pickled model (runs code from the file)"),
-    batch: int = typer.Option(2, "--batch", min=1, help="example batch size used for capture and checks"),
-    input_size: Optional[str] = typer.Option(None, "--input-size", help="example input shape C,H,W (default: the model's)"),
+    model: ModelArg,
+    output: Annotated[Path, typer.Option("-o", "--output", help="output folder")],
+    recipe: Annotated[Optional[str], typer.Option("--recipe", help="recipe name (see 'graphprune-cli recipes')")] = None,
+    target: Annotated[str, typer.Option("--target", help="eager (writes model.pt2) or onnx (writes model.onnx)")] = "eager",
+    r: ROpt = None, inflection: InflectionOpt = None, prop_attn: PropAttnOpt = None, keep: KeepOpt = None,
+    locations: LocationsOpt = None, restore_tokens: RestoreOpt = None, option: OptionOpt = [],  # noqa: B006
+    schedule: ScheduleOpt = None, weights: WeightsOpt = None, trust_pickle: TrustOpt = False,
+    batch: Annotated[int, typer.Option("--batch", min=1, help="example batch size used for capture and checks")] = 2,
+    input_size: InputSizeOpt = None,
 ):
     """Optimize MODEL with a recipe and write the artifact plus report.json into the output folder."""
     try:
         import graphprune
-        import torch
 
-        options = {}
-        if r is not None:
-            options["r"] = _parse_r(r)
-        if inflection is not None:
-            if not isinstance(options.get("r"), int):
-                _fail("--inflection needs a single integer --r")
-            options["r"] = (options["r"], inflection)
-        if prop_attn is not None:
-            options["prop_attn"] = prop_attn
-        if keep is not None:
-            options["keep"] = keep
-        if locations is not None:
-            try:
-                options["locations"] = [int(v) for v in locations.split(",") if v.strip()]
-            except ValueError:
-                _fail(f"--locations takes comma-separated block indices, got '{locations}'")
-        if restore_tokens is not None:
-            options["restore_tokens"] = restore_tokens
-        for item in option:
-            key, sep, value = item.partition("=")
-            if not sep or not key.strip():
-                _fail(f"--option takes KEY=VALUE, got '{item}'")
-            try:
-                options[key.strip()] = json.loads(value)
-            except json.JSONDecodeError:
-                options[key.strip()] = value
         if target not in ("eager", "onnx", "trt"):
             _fail(f"unknown target '{target}'; choose eager, onnx or trt")
-        graphprune.recipes.get_recipe(recipe, **options)  # bad recipe or options: fail before loading anything
-        from graphprune.exporters.files import ensure_dir
+        recipe, options = resolve_recipe(recipe, schedule, recipe_options(r, inflection, prop_attn, keep, locations, restore_tokens, option))
+        from graphprune.exporters.files import atomic_path, ensure_dir
 
         if output.exists() and not output.is_dir():
             _fail(f"output {output} exists and is not a folder")
         ensure_dir(output)
         net = load_model(model, weights, trust_pickle)
-        example = None
-        if input_size is not None:
-            try:
-                shape = tuple(int(v) for v in input_size.split(","))
-            except ValueError:
-                _fail(f"--input-size takes C,H,W, got '{input_size}'")
-            example = (torch.randn(batch, *shape),)
-        elif batch != 2:
-            from graphprune.api import default_example_inputs
-
-            example = tuple(t[:1].expand(batch, *t.shape[1:]).clone() for t in default_example_inputs(net))
+        example = example_inputs(net, batch, input_size, fixed_default=True)
         with console.status(f"optimizing {model} with {recipe}…"):
             if target == "onnx":
                 result = graphprune.optimize(net, recipe, target="onnx", example_inputs=example, output=output / "model.onnx", **options)
@@ -165,12 +199,141 @@ def export(
                 result = graphprune.optimize(net, recipe, target=target, example_inputs=example, **options)
                 result.report.artifact = str(result.save(output / "model.pt2"))
         report = result.report
-        from graphprune.exporters.files import atomic_path
-
         with atomic_path(output / "report.json") as tmp:
             Path(tmp).write_text(report.to_json())
         console.print(report.table())
         console.print(f"wrote {report.artifact} and {output / 'report.json'}")
+    except GraphPruneError as err:
+        _fail(str(err))
+
+
+def load_data(path: Path, net, input_size: Optional[str]):
+    """Inputs for fidelity: a folder of images (resized to the model's input), or a tensor file (.npy, .pt, .safetensors)."""
+    import numpy as np
+    import torch
+
+    if not path.exists():
+        _fail(f"no such data: {path}")
+    if path.is_dir():
+        from PIL import Image
+
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp"))
+        if not files:
+            _fail(f"{path} holds no images (.png, .jpg, .jpeg, .bmp, .webp)")
+        c, h, w = example_inputs(net, 1, input_size)[0].shape[1:]
+        mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+        images = []
+        for f in files:
+            img = Image.open(f).convert("RGB").resize((w, h), Image.BICUBIC)
+            images.append((torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1) - mean) / std)
+        return torch.stack(images)[:, :c]
+    try:
+        if path.suffix == ".npy":
+            return torch.from_numpy(np.load(path, allow_pickle=False)).float()
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return next(iter(load_file(str(path)).values())).float()
+        return torch.load(str(path), map_location="cpu", weights_only=True).float()
+    except Exception as err:  # noqa: BLE001
+        _fail(f"cannot read inputs from {path} (a folder of images, .npy, .safetensors or a tensor saved with torch.save): "
+              f"{str(err).splitlines()[0] if str(err) else type(err).__name__}")
+
+
+def load_labels(path: Path):
+    import numpy as np
+    import torch
+
+    if not path.is_file():
+        _fail(f"no such labels file: {path}")
+    try:
+        if path.suffix == ".npy":
+            return torch.from_numpy(np.load(path, allow_pickle=False)).long().reshape(-1)
+        return torch.tensor([int(v) for v in path.read_text().split()])
+    except (ValueError, OSError) as err:
+        _fail(f"cannot read labels from {path} (.npy, or whitespace-separated integers): {err}")
+
+
+@app.command()
+def bench(
+    model: ModelArg,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="write the results as JSON")] = None,
+    recipe: Annotated[list[str], typer.Option("--recipe", help="recipe name; repeat it with one --sweep each to compare recipes")] = [],  # noqa: B006
+    sweep: Annotated[list[str], typer.Option("--sweep", help="sweep a recipe option: r=0:20:2, keep=1.0:0.4:0.1 or r=4,8,13 (one per --recipe)")] = [],  # noqa: B006
+    target: Annotated[str, typer.Option("--target", help="eager or onnx (ONNX Runtime)")] = "eager",
+    batch: Annotated[int, typer.Option("--batch", min=1, help="batch size of the timed inputs")] = 8,
+    rounds: Annotated[int, typer.Option("--rounds", min=1, help="interleaved timing rounds (after warm-up)")] = 10,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="warm-up rounds")] = 2,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="torch / ORT threads (default: torch's)")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="fidelity inputs: a folder of images or a tensor file (default: random inputs)")] = None,
+    labels: Annotated[Optional[Path], typer.Option("--labels", help="labels of --data (.npy or integers): adds accuracy")] = None,
+    table_out: Annotated[Optional[Path], typer.Option("--table", help="write the table as Markdown")] = None,
+    plot_out: Annotated[Optional[Path], typer.Option("--plot", help="write a PNG of speedup against fidelity")] = None,
+    r: ROpt = None, inflection: InflectionOpt = None, prop_attn: PropAttnOpt = None, keep: KeepOpt = None,
+    locations: LocationsOpt = None, restore_tokens: RestoreOpt = None, option: OptionOpt = [],  # noqa: B006
+    schedule: ScheduleOpt = None, weights: WeightsOpt = None, trust_pickle: TrustOpt = False, input_size: InputSizeOpt = None,
+):
+    """Speed and fidelity of MODEL optimized with a recipe against the unmodified model (interleaved runs)."""
+    try:
+        import torch
+
+        from graphprune import bench as gb
+
+        if target not in gb.TARGETS:
+            _fail(f"unknown bench target '{target}'; choose {' or '.join(gb.TARGETS)}")
+        common = recipe_options(r, inflection, prop_attn, keep, locations, restore_tokens, option)
+        if sweep and len(sweep) != max(len(recipe), 1):
+            _fail(f"give one --sweep per --recipe ({len(recipe)} recipes, {len(sweep)} sweeps)")
+        if len(recipe) > 1 and not sweep:
+            _fail("several --recipe options need one --sweep each")
+        variants = []
+        for i, name in enumerate(recipe or [None]):
+            name, options = resolve_recipe(name, schedule if i == 0 else None, common)
+            if not sweep:
+                variants.append((name, options))
+                continue
+            key, values = gb.parse_range(sweep[i])
+            for v in values:
+                resolve_recipe(name, None, {**options, key: v})
+                variants.append((name, {**options, key: v}))
+        if labels is not None and data is None:
+            _fail("--labels needs --data")
+        if json_out is not None:
+            from graphprune.exporters.files import check_writable
+
+            check_writable(json_out)
+        net = load_model(model, weights, trust_pickle).eval()
+        torch.manual_seed(0)
+        timed = example_inputs(net, batch, input_size)
+        fid_data = None
+        if data is not None:
+            x = load_data(data, net, input_size)
+            fid_data = [(x[i: i + batch],) for i in range(0, len(x), batch)]
+        y = load_labels(labels) if labels is not None else None
+        if y is not None and len(y) != sum(len(d[0]) for d in fid_data):
+            _fail(f"{labels} has {len(y)} labels for {sum(len(d[0]) for d in fid_data)} inputs")
+        console.print(f"benchmarking {model}: {len(variants)} variant(s) against the unmodified model, {target}, batch {batch}")
+        results = gb.sweep(net, variants, timed, target=target, data=fid_data, labels=y, rounds=rounds, warmup=warmup, threads=threads)
+        title = f"{model} · {target} · batch {batch}"
+        console.print(gb.table(results, title=title))
+        if json_out is not None:
+            from graphprune.exporters.files import atomic_path
+
+            payload = {"model": model, "target": target, "batch": batch, "rounds": rounds, "data": str(data) if data else "random inputs",
+                       "results": [r.to_dict() for r in results]}
+            if len(results) == 1:
+                payload.update(results[0].to_dict())  # speedup, flop_ratio, fidelity at the top level
+            with atomic_path(json_out) as tmp:
+                Path(tmp).write_text(json.dumps(payload, indent=2))
+            console.print(f"wrote {json_out}")
+        if table_out is not None:
+            from graphprune.exporters.files import atomic_path
+
+            with atomic_path(table_out) as tmp:
+                Path(tmp).write_text(gb.markdown(results, title=title))
+            console.print(f"wrote {table_out}")
+        if plot_out is not None:
+            console.print(f"wrote {gb.plot(results, plot_out, title=title)}")
     except GraphPruneError as err:
         _fail(str(err))
 

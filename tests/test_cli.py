@@ -101,3 +101,55 @@ def test_console_script_lists_recipes():
     listing = json.loads(res.stdout)
     assert {"tome", "evit"} <= set(listing)
     assert any(opt[0] == "r" for opt in listing["tome"]["options"])
+
+
+def test_bench_sweeps_two_recipes(pickled, tmp_path):
+    out = tmp_path / "b"
+    res = _run("bench", pickled, "--trust-pickle", "--input-size", "3,32,32", "--batch", "2", "--rounds", "1", "--warmup", "0",
+               "--recipe", "tome", "--sweep", "r=0:8:8", "--recipe", "evit", "--sweep", "keep=0.5",
+               "--json", out / "b.json", "--table", out / "b.md", "--plot", out / "b.png")
+    assert res.exit_code == 0, res.output
+    data = json.loads((out / "b.json").read_text())
+    labels = [r["label"] for r in data["results"]]
+    assert labels == ["tome(r=0)", "tome(r=8)", "evit(keep=0.5)"]
+    zero = data["results"][0]
+    assert zero["flop_ratio"] == 1.0 and zero["fidelity"]["cosine"] > 0.99999 and zero["speedup"] > 0
+    assert data["results"][1]["flop_ratio"] < 1.0
+    assert "tome(r=8)" in (out / "b.md").read_text() and (out / "b.png").stat().st_size > 1000
+
+
+def test_bench_single_recipe_json_and_data(pickled, tmp_path):
+    import numpy as np
+
+    np.save(tmp_path / "x.npy", torch.randn(3, 3, 32, 32).numpy())
+    (tmp_path / "y.txt").write_text("1 2 3")
+    res = _run("bench", pickled, "--trust-pickle", "--input-size", "3,32,32", "--batch", "2", "--rounds", "1", "--recipe", "tome",
+               "--r", "4", "--data", tmp_path / "x.npy", "--labels", tmp_path / "y.txt", "--json", tmp_path / "o.json")
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "o.json").read_text())
+    assert {"speedup", "flop_ratio", "fidelity"} <= set(data) and "accuracy" in data["fidelity"]
+
+
+def test_export_with_schedule_file(pickled, tmp_path):
+    from graphprune.schedule.files import Schedule
+
+    path = Schedule("tome", {"r": [6, 6, 0, 0]}).save(tmp_path / "s.json")
+    res = _run("export", pickled, "--trust-pickle", "--schedule", path, "-o", tmp_path / "o", "--input-size", "3,32,32")
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert rep["recipe"] == "tome" and rep["tokens_per_block"] == [65, 59, 53, 53]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--recipe", "tome", "--recipe", "evit"], "one --sweep each"),
+    (["--recipe", "tome", "--sweep", "r=1:2:1", "--sweep", "r=3"], "one --sweep per --recipe"),
+    (["--recipe", "tome", "--sweep", "r=1:2"], "START:STOP:STEP"),
+    (["--recipe", "tome", "--sweep", "r=-1,2"], ">= 0"),
+    (["--recipe", "nope"], "unknown recipe"),
+    ([], "--recipe NAME or --schedule FILE"),
+    (["--recipe", "tome", "--target", "trt"], "unknown bench target"),
+])
+def test_bench_bad_input_is_one_clear_error(args, message):
+    res = _run("bench", "test_vit", *args)
+    assert res.exit_code == 2, res.output
+    assert message in " ".join(res.output.split())
