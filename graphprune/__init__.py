@@ -17,10 +17,13 @@ from graphprune.errors import (
 from graphprune.exporters.eager import OptimizedModel, load
 from graphprune.exporters.onnx import OnnxModel
 from graphprune.recipes import RECIPES, list_recipes
+from graphprune.schedule.files import Schedule, load_schedule
+from graphprune.schedule.tune import tune
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ExportError", "GraphPruneError", "OnnxModel", "OptimizedModel", "RECIPES", "RecipeError", "ScheduleError",
-    "UnsupportedArchitectureError", "UntrustedFileError", "list_recipes", "load", "optimize", "__version__",
+    "ExportError", "GraphPruneError", "OnnxModel", "OptimizedModel", "RECIPES", "RecipeError", "Schedule", "ScheduleError",
+    "UnsupportedArchitectureError", "UntrustedFileError", "list_recipes", "load", "load_schedule", "optimize", "tune",
+    "__version__",
 ]

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from graphprune.capture import eval_mode
 from graphprune.errors import GraphPruneError
 
 TARGETS = ("eager", "onnx")
@@ -248,7 +249,13 @@ def sweep(
     logits = is_classifier(model) if logits is None else logits
     if threads is not None:
         torch.set_num_threads(threads)
-    model = model.eval()
+    with eval_mode(model):  # the user's model is switched to eval for the run, its flags restored after
+        return _sweep(model, variants, inputs, target, data, labels, output_fn, logits, rounds, warmup, memory, progress, workdir)
+
+
+def _sweep(model, variants, inputs, target, data, labels, output_fn, logits, rounds, warmup, memory, progress, workdir):
+    import graphprune
+
     example = tuple(t[:2] if isinstance(t, torch.Tensor) and t.dim() else t for t in inputs)
 
     with torch.inference_mode():

@@ -339,6 +339,61 @@ def bench(
 
 
 @app.command()
+def tune(
+    model: ModelArg,
+    output: Annotated[Path, typer.Option("-o", "--output", help="schedule file to write (JSON)")],
+    recipe: Annotated[str, typer.Option("--recipe", help="recipe whose per-block schedule is tuned (tome)")] = "tome",
+    speedup: Annotated[Optional[float], typer.Option("--speedup", help="goal: this speedup over the unmodified model")] = None,
+    latency_ms: Annotated[Optional[float], typer.Option("--latency-ms", help="goal: this latency per batch, in ms")] = None,
+    target: Annotated[str, typer.Option("--target", help="runtime the latency table is profiled on (eager)")] = "eager",
+    batch: Annotated[int, typer.Option("--batch", min=1, help="batch size to tune for")] = 8,
+    rounds: Annotated[int, typer.Option("--rounds", min=1, help="timing rounds (min of N) per profiled block and count")] = 5,
+    data: Annotated[Optional[Path], typer.Option("--data", help="calibration inputs for fidelity: a folder of images or a tensor file")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="latency-table cache (default ~/.cache/graphprune/latency)")] = None,
+    refresh: Annotated[bool, typer.Option("--refresh", help="profile again even if a cached table exists")] = False,
+    weights: WeightsOpt = None, trust_pickle: TrustOpt = False, input_size: InputSizeOpt = None,
+):
+    """Choose a per-block schedule meeting --speedup or --latency-ms with the best fidelity, by profiling this device."""
+    try:
+        import torch
+
+        import graphprune
+
+        if (speedup is None) == (latency_ms is None):
+            _fail("give one goal: --speedup X or --latency-ms Y")
+        if recipe not in graphprune.schedule.tune.TUNABLE:
+            graphprune.recipes.get_recipe(recipe)  # unknown recipe: its own error
+            _fail(f"tune chooses per-block schedules for {', '.join(graphprune.schedule.tune.TUNABLE)}; '{recipe}' has none")
+        from graphprune.exporters.files import check_writable
+
+        check_writable(output)
+        net = load_model(model, weights, trust_pickle).eval()
+        torch.manual_seed(0)
+        timed = example_inputs(net, batch, input_size)
+        calibration = None
+        if data is not None:
+            x = load_data(data, net, input_size)
+            calibration = [(x[i: i + batch],) for i in range(0, len(x), batch)]
+        schedule = graphprune.tune(net, recipe, speedup=speedup, latency_ms=latency_ms, example_inputs=timed, calibration=calibration,
+                                   target=target, rounds=rounds, cache_dir=cache_dir, refresh=refresh)
+        info = schedule.info
+        t = Table(title=f"{model} · {recipe} schedules at {info['goal']}")
+        for col in ("schedule", "family", "predicted ms", "cosine"):
+            t.add_column(col, justify="left" if col in ("schedule", "family") else "right")
+        for c in sorted(info["candidates"], key=lambda c: -c["cosine"]):
+            mark = "★ " if c["r"] == schedule.options["r"] else "  "
+            t.add_row(mark + ",".join(map(str, c["r"])), c["family"], f"{c['predicted_ms']:.2f}", f"{c['cosine']:.4f}")
+        console.print(t)
+        console.print(f"unmodified model {info['baseline_ms']:.2f} ms; chosen schedule predicted {info['predicted_ms']:.2f} ms "
+                      f"({info.get('predicted_speedup', info['baseline_ms'] / info['predicted_ms']):.2f}×)"
+                      + (f", measured {info['measured_speedup']:.2f}× (prediction off by {100 * info['prediction_error']:+.1f} %)"
+                         if "measured_speedup" in info else ""))
+        console.print(f"wrote {schedule.save(output)}")
+    except GraphPruneError as err:
+        _fail(str(err))
+
+
+@app.command()
 def recipes(as_json: bool = typer.Option(False, "--json", help="machine-readable output")):
     """List the recipes and their options."""
     from graphprune.recipes import RECIPES
