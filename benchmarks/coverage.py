@@ -566,6 +566,16 @@ def _reason(row: dict) -> str:
     return ""
 
 
+def _timm_unit(data: dict) -> str:
+    """What the timm rows are: one model per architecture, or several names of each."""
+    rows = [r for r in data["rows"] if r["source"] == "timm"]
+    archs = {arch_key(r["model"]) for r in rows}
+    if len(archs) == len(rows):
+        return "architectures"
+    passing = {arch_key(r["model"]) for r in rows if r["status"] == "pass"}
+    return f"model names (of {len(archs)} architectures; {len(passing)} architectures pass)"
+
+
 def write_markdown(path: Path, data: dict) -> None:
     recipes = data["recipes"]
     t = data["totals"]
@@ -579,7 +589,7 @@ def write_markdown(path: Path, data: dict) -> None:
         f"graphprune {data['graphprune']['git']}, torch {data['versions']['torch']}, timm {data['versions']['timm']}, "
         f"transformers {data['versions']['transformers']}). Reproduce with `python benchmarks/coverage.py`.",
         "",
-        f"**Totals:** {t['timm_pass']} of {t['timm']} timm architectures and {t['hf_pass']} of {t['hf']} Hugging Face "
+        f"**Totals:** {t['timm_pass']} of {t['timm']} timm {_timm_unit(data)} and {t['hf_pass']} of {t['hf']} Hugging Face "
         f"architectures pass every check; {t['refused']} refused with a reason, {t['fail']} failed a check after "
         f"capture, {t['error']} crashed in capture, {t['unbuildable']} could not be built tiny.",
         "",

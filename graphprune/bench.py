@@ -415,9 +415,13 @@ def markdown(results: Sequence[BenchResult], title: str = "graphprune bench") ->
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         f = r.fidelity
+
+        def fmt(key, spec):
+            return format(f[key], spec) if key in f else "—"
+
+        mem = f"{r.peak_memory_mb:.1f}" if r.peak_memory_mb is not None else "—"
         lines.append(f"| {'★ ' if id(r) in front else ''}`{r.label}` | {r.latency_ms:.1f} | {r.speedup:.2f}× | {r.flop_ratio:.3f} | "
-                     f"{f['cosine']:.4f} | {f.get('top1_agreement', float('nan')):.3f} | {f.get('kl', float('nan')):.4f} | "
-                     f"{r.peak_memory_mb if r.peak_memory_mb is not None else float('nan'):.1f} |")
+                     f"{fmt('cosine', '.4f')} | {fmt('top1_agreement', '.3f')} | {fmt('kl', '.4f')} | {mem} |")
     base = results[0] if results else None
     if base is not None:
         lines += ["", f"Baseline (unmodified model): {base.baseline_ms:.1f} ms per batch of {base.batch}"

