@@ -345,7 +345,7 @@ def tune(
     recipe: Annotated[str, typer.Option("--recipe", help="recipe whose per-block schedule is tuned (tome)")] = "tome",
     speedup: Annotated[Optional[float], typer.Option("--speedup", help="goal: this speedup over the unmodified model")] = None,
     latency_ms: Annotated[Optional[float], typer.Option("--latency-ms", help="goal: this latency per batch, in ms")] = None,
-    target: Annotated[str, typer.Option("--target", help="runtime the latency table is profiled on (eager)")] = "eager",
+    target: Annotated[str, typer.Option("--target", help="runtime the latency table is profiled and the schedule measured on: eager or onnx")] = "eager",
     batch: Annotated[int, typer.Option("--batch", min=1, help="batch size to tune for")] = 8,
     rounds: Annotated[int, typer.Option("--rounds", min=1, help="timing rounds (min of N) per profiled block and count")] = 5,
     data: Annotated[Optional[Path], typer.Option("--data", help="calibration inputs for fidelity: a folder of images or a tensor file")] = None,

@@ -1,7 +1,7 @@
 """Latency-aware schedules (SPViT-style): profile the blocks on the target, then search.
 
-1. **Latency table.** Each transformer block of the model is timed on the target at a set of
-   token counts and the batch size (every (block, count) pair interleaved, min of N), plus
+1. **Latency table.** Each transformer block of the model is timed on the target (eager
+   PyTorch, or ONNX Runtime with the block exported per count) at a set of token counts and the batch size (every (block, count) pair interleaved, min of N), plus
    the whole model at its full token count, so "the rest" (embedding, head) is known too.
    The table is cached on disk per (device, runtime, model, batch).
 2. **Prediction.** A schedule's latency = rest + Σ blocks, a block that reduces from n to n'
@@ -24,18 +24,21 @@ import hashlib
 import json
 import os
 import platform
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
+import torch.utils._pytree as pytree
 
 from graphprune.capture import eval_mode
 from graphprune.errors import GraphPruneError, RecipeError, ScheduleError
 from graphprune.schedule.files import Schedule
 
 TUNABLE = {"tome": "r"}  # recipe → its per-block count option
+TARGETS = ("eager", "onnx")
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,8 +182,8 @@ def latency_table(model: torch.nn.Module, example_inputs, *, target: str = "eage
     """
     from graphprune.capture import find_block_paths
 
-    if target != "eager":
-        raise GraphPruneError(f"latency tables are profiled in eager PyTorch for now, not '{target}'; use target='eager'")
+    if target not in TARGETS:
+        raise GraphPruneError(f"unknown tuning target '{target}'; choose one of {', '.join(TARGETS)}")
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     batch = int(inputs[0].shape[0])
     key = f"{model_key(model, inputs)}-b{batch}-{target}-" + hashlib.sha1(device_name(target).encode()).hexdigest()[:8]
@@ -200,20 +203,29 @@ def latency_table(model: torch.nn.Module, example_inputs, *, target: str = "eage
     counts = sorted(set(int(c) for c in counts)) if counts is not None else default_counts(full)
     if counts[-1] != full:
         counts = sorted(set(c for c in counts if c < full) | {full})
-    fns = {}
-    for i, p in enumerate(paths):
-        block = twin.get_submodule(p)
-        args, kwargs = calls[p]
-        for n in counts:
-            a = (_at_tokens(args[0], full, n, hidden=True), *_at_tokens(tuple(args[1:]), full, n))
-            kw = _at_tokens(kwargs, full, n)
-            fns[(i, n)] = (lambda block=block, a=a, kw=kw: block(*a, **kw))
-    # the rewritten model runs as a captured graph: "the rest" is that graph at zero reduction minus its blocks
     example = tuple(t[:2] if isinstance(t, torch.Tensor) and t.dim() else t for t in inputs)
-    graph = graphprune.optimize(model, "tome", example_inputs=example, r=0)
-    fns["model"] = lambda: twin(*inputs)  # the unmodified model (an eval-mode copy)
-    fns["graph"] = lambda: graph(*inputs)
-    ms = _min_times(fns, rounds, progress)
+    with tempfile.TemporaryDirectory(prefix="graphprune-tune-") as tmp:
+        fns = {}
+        for i, p in enumerate(paths):
+            block = twin.get_submodule(p)
+            args, kwargs = calls[p]
+            for n in counts:
+                a = (_at_tokens(args[0], full, n, hidden=True), *_at_tokens(tuple(args[1:]), full, n))
+                kw = _at_tokens(kwargs, full, n)
+                if target == "onnx":
+                    fns[(i, n)] = _onnx_block(block, a, kw, Path(tmp) / f"block{i}_{n}.onnx")
+                else:
+                    fns[(i, n)] = (lambda block=block, a=a, kw=kw: block(*a, **kw))
+        # the rewritten model runs as a captured graph: "the rest" is that graph at zero reduction minus its
+        # blocks; on ONNX Runtime that graph exported is also the unmodified model on that runtime
+        if target == "onnx":
+            graph = graphprune.optimize(model, "tome", target="onnx", output=Path(tmp) / "model.onnx", example_inputs=example, r=0)
+            fns["model"] = fns["graph"] = lambda: graph(*inputs)
+        else:
+            graph = graphprune.optimize(model, "tome", example_inputs=example, r=0)
+            fns["model"] = lambda: twin(*inputs)  # the unmodified model (an eval-mode copy)
+            fns["graph"] = lambda: graph(*inputs)
+        ms = _min_times(fns, rounds, progress)
     blocks = [[ms[(i, n)] for n in counts] for i in range(len(paths))]
     rest = max(ms["graph"] - sum(b[-1] for b in blocks), 0.0)
     table = LatencyTable(counts=counts, blocks=blocks, rest_ms=rest, full_ms=ms["model"], batch=batch, target=target,
@@ -223,6 +235,35 @@ def latency_table(model: torch.nn.Module, example_inputs, *, target: str = "eage
     except GraphPruneError:
         pass  # an unwritable cache only costs a new profile next time
     return table
+
+
+class _Call(torch.nn.Module):
+    """One block called with fixed keyword arguments, returning its hidden states (for export)."""
+
+    def __init__(self, block, kwargs):
+        super().__init__()
+        self.block, self.kwargs = block, kwargs
+
+    def forward(self, *args):
+        out = self.block(*args, **self.kwargs)
+        return out if isinstance(out, torch.Tensor) else next(t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+
+
+def _onnx_block(block, args: tuple, kwargs: dict, path: Path) -> Callable:
+    """Block ``block`` at these inputs' shapes, exported to ONNX and run in ONNX Runtime."""
+    import contextlib
+    import io
+    import warnings
+
+    from graphprune.exporters.onnx import OPSET, OnnxModel
+
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(_Call(block, kwargs), args, dynamo=True, opset_version=OPSET, verbose=False)
+        program.save(str(path))
+    session = OnnxModel(path, threads=torch.get_num_threads())
+    tensors = tuple(a for a in args if isinstance(a, torch.Tensor))
+    return lambda: session(*tensors)
 
 
 # --------------------------------------------------------------------------------------------
@@ -396,7 +437,15 @@ def tune(model: torch.nn.Module, recipe: str = "tome", *, speedup: Optional[floa
             return gb.fidelity(reference, got)[metric]
 
         def measure_ms(r) -> tuple[float, float]:
-            times = gb.interleaved({"baseline": model, "tuned": build(r)}, inputs, rounds=max(rounds, 3), warmup=1)
+            """(unmodified, with schedule r) in ms on the target, interleaved, min of the rounds."""
+            with tempfile.TemporaryDirectory(prefix="graphprune-tune-") as tmp:
+                if target == "onnx":
+                    fns = {name: graphprune.optimize(model, recipe, target="onnx", output=Path(tmp) / f"{name}.onnx",
+                                                     example_inputs=example, **{TUNABLE[recipe]: list(rr)})
+                           for name, rr in (("baseline", [0] * len(r)), ("tuned", r))}
+                else:
+                    fns = {"baseline": model, "tuned": build(r)}
+                times = gb.interleaved(fns, inputs, rounds=max(rounds, 3), warmup=1)
             return min(times["baseline"]) * 1e3, min(times["tuned"]) * 1e3
 
         if measure:  # calibration: the reduction op's own cost, from the constant schedule at the budget
