@@ -2,7 +2,7 @@
 
     python benchmarks/real_weights.py dinov2 --size 224     # DINOv2-S/14: photos + Fashion-MNIST, linear probe
     python benchmarks/real_weights.py dinov2 --size 448
-    python benchmarks/real_weights.py minilm                # all-MiniLM-L6-v2 on Wikipedia passages of ≥ 64 tokens
+    python benchmarks/real_weights.py minilm --length 128   # all-MiniLM-L6-v2 on Wikipedia passages cut to 128 tokens
     python benchmarks/real_weights.py tune --model dinov2   # tuned schedule vs the best constant one (also: deit)
     python benchmarks/real_weights.py report                # docs/real_weights.md from the JSON results
 
@@ -36,7 +36,7 @@ OUT = Path(__file__).parent.parent / "docs" / "real_weights"
 # recipes at settings around 35 % fewer FLOPs (as in benchmarks/speed.py), ToMe swept
 OTHERS = [("evit", {"keep": 0.7}), ("tps", {"keep": 0.7}), ("diffrate", {}), ("ppt", {}), ("pitome", {"ratio": 0.92}),
           ("ats", {"capacity": 0.5}), ("zero_tprune", {"keep": 0.7}), ("evo_vit", {"keep": 0.5}), ("atc", {"keep": 0.7})]
-TOME_R = {224: [8, 13, 16, 20], 448: [40, 55, 70, 85], "text": [8, 16, 24, 32]}
+TOME_R = {224: [8, 13, 16, 20], 448: [40, 55, 70, 85], 64: [4, 6, 8, 10], 128: [8, 12, 16, 20]}
 
 
 def _save(name: str, payload: dict, results) -> None:
@@ -122,24 +122,27 @@ class SentenceEncoder(torch.nn.Module):
         return assets.mean_pool(hidden, attention_mask)
 
 
-def run_minilm(passages: int, rounds: int, batch: int) -> None:
+def run_minilm(passages: int, length: int, rounds: int, batch: int) -> None:
+    """Passages of at least ``length`` tokens, cut to exactly ``length``: one static shape, no padding
+    (a captured text model is specialised to its sequence length)."""
     tokenizer, bert = assets.load_minilm()
     model = SentenceEncoder(bert).eval()
-    texts = assets.wiki_sentences(passages, min_tokens=64, tokenizer=tokenizer)
+    texts = assets.wiki_sentences(passages, min_tokens=length, tokenizer=tokenizer)
     data = []
-    for i in range(0, len(texts), batch):
-        enc = tokenizer(texts[i: i + batch], padding=True, truncation=True, max_length=256, return_tensors="pt")
+    for i in range(0, len(texts) - batch + 1, batch):
+        enc = tokenizer(texts[i: i + batch], padding="max_length", truncation=True, max_length=length, return_tensors="pt")
         data.append((enc["input_ids"], enc["attention_mask"]))
     lengths = torch.cat([d[1].sum(1) for d in data])
-    variants = [("tome", {"r": r}) for r in TOME_R["text"]] + OTHERS
+    variants = [("tome", {"r": r}) for r in TOME_R[length]] + OTHERS
     print(f"MiniLM-L6: {len(variants)} variants, {len(texts)} passages of {int(lengths.min())}–{int(lengths.max())} tokens")
     t0 = time.time()
     results = gb.sweep(model, variants, data[0], data=data, rounds=rounds, warmup=1, logits=False)
-    payload = {"title": f"all-MiniLM-L6-v2 · Wikipedia passages ≥ 64 tokens · eager · batch {batch}", "model": "all-MiniLM-L6-v2",
+    payload = {"title": f"all-MiniLM-L6-v2 · Wikipedia passages cut to {length} tokens · eager · batch {batch}",
+               "model": "all-MiniLM-L6-v2", "length": length,
                "passages": len(texts), "tokens_min": int(lengths.min()), "tokens_median": int(lengths.median()),
                "tokens_max": int(lengths.max()), "batch": batch, "rounds": rounds, "seconds": time.time() - t0}
     print(gb.markdown(results, title=payload["title"]))
-    _save("minilm", payload, results)
+    _save(f"minilm_{length}", payload, results)
 
 
 def run_tune(which: str, speedups: list[float], rounds: int, batch: int) -> None:
@@ -148,9 +151,19 @@ def run_tune(which: str, speedups: list[float], rounds: int, batch: int) -> None
         size = 224
         model = Features(assets.load_dinov2_small(size)).eval()
         fm_x, _ = assets.fashion_mnist("test", 200)
-        calib = [(assets.to_pixels(assets.fashion_mnist("train", 16)[0], size),)]
+        calib_x = assets.to_pixels(assets.fashion_mnist("train", 32)[0], size)  # held-out below: test images + photos
+        calib = [(calib_x[i: i + batch],) for i in range(0, len(calib_x), batch)]
         held = torch.cat([assets.photos(size), assets.to_pixels(fm_x, size)])
+        data = [(held[i: i + batch],) for i in range(0, len(held), batch)]
         title = "DINOv2-S/14 · 224 px"
+    elif which == "minilm":
+        tokenizer, bert = assets.load_minilm()
+        model = SentenceEncoder(bert).eval()
+        texts = assets.wiki_sentences(320, min_tokens=128, tokenizer=tokenizer)  # 256 held out, 64 to calibrate
+        enc = tokenizer(texts, padding="max_length", truncation=True, max_length=128, return_tensors="pt")
+        batches = [(enc["input_ids"][i: i + batch], enc["attention_mask"][i: i + batch]) for i in range(0, len(texts), batch)]
+        data, calib = batches[: 256 // batch], batches[256 // batch:]
+        title = "all-MiniLM-L6-v2 · 128-token passages"
     else:
         import timm
 
@@ -159,18 +172,18 @@ def run_tune(which: str, speedups: list[float], rounds: int, batch: int) -> None
         g = torch.Generator().manual_seed(1)
         calib = [(torch.randn(16, 3, 224, 224, generator=g),)]
         held = torch.randn(64, 3, 224, 224, generator=g)
+        data = [(held[i: i + batch],) for i in range(0, len(held), batch)]
         title = "DeiT-S (random weights) · 224 px"
-    x = held[:batch]
-    data = [(held[i: i + batch],) for i in range(0, len(held), batch)]
+    x = data[0]
     rows = []
     for speedup in speedups:
-        schedule = graphprune.tune(model, "tome", speedup=speedup, example_inputs=(x,), calibration=calib, rounds=rounds)
+        schedule = graphprune.tune(model, "tome", speedup=speedup, example_inputs=x, calibration=calib, rounds=rounds)
         tuned_r = schedule.options["r"]
-        # constant schedules around the tuned one's token budget, measured in the same interleaved run
-        mean_r = round(sum(tuned_r) / len(tuned_r))
-        constants = sorted({max(mean_r + d, 0) for d in (-4, -2, 0, 2, 4)})
+        # constant schedules around the one the table predicts for the same goal, measured in the same interleaved run
+        r_const = next(c["r"][0] for c in schedule.info["candidates"] if c["r"] and len(set(c["r"])) == 1)
+        constants = sorted({max(r_const + d, 0) for d in (-2, 0, 2, 4)})
         variants = [("tome", {"r": tuned_r})] + [("tome", {"r": r}) for r in constants]
-        results = gb.sweep(model, variants, (x,), data=data, rounds=max(rounds, 7), warmup=1, logits=False, memory=False)
+        results = gb.sweep(model, variants, x, data=data, rounds=max(rounds, 7), warmup=1, logits=False, memory=False)
         tuned, const = results[0], results[1:]
         # the constant schedules' fidelity at the tuned schedule's measured speedup (linear interpolation)
         pts = sorted((c.speedup, c.fidelity["cosine"]) for c in const)
@@ -189,6 +202,22 @@ def run_tune(which: str, speedups: list[float], rounds: int, batch: int) -> None
     _save(f"tune_{which}", {"title": f"tuned vs constant ToMe · {title}", "batch": batch, "rows": rows}, None)
 
 
+def remeasure_memory(name: str) -> None:
+    """Peak activation memory of a saved DINOv2 run again (baseline and each variant, the run's batch size)."""
+    path = OUT / f"{name}.json"
+    d = json.loads(path.read_text())
+    size, batch = d["size"], d["batch"]
+    model = Features(assets.load_dinov2_small(size)).eval()
+    x = torch.cat([assets.photos(size), assets.to_pixels(assets.fashion_mnist("test", batch)[0], size)])[:batch].clone()
+    base = gb.peak_memory(model, (x,)) / 2**20
+    for r in d["results"]:
+        fast = graphprune.optimize(model, r["recipe"], example_inputs=(x[:2],), **r["options"])
+        r["peak_memory_mb"], r["baseline_peak_memory_mb"] = gb.peak_memory(fast, (x,)) / 2**20, base
+        print(f"{r['label']}: {r['peak_memory_mb']:.1f} MB (unmodified {base:.1f} MB)")
+    d["memory_command"] = f"python benchmarks/real_weights.py memory {name}"
+    path.write_text(json.dumps(d, indent=2))
+
+
 def report() -> None:
     """docs/real_weights.md from the JSON results present."""
     lines = ["# Speed × fidelity on real weights", "",
@@ -196,13 +225,14 @@ def report() -> None:
              "names). Speed: eager PyTorch, the unmodified model and every variant interleaved in one process, median of the "
              "rounds, on this project's CPU machines (2 cores). Fidelity: against the unmodified model on the same inputs; "
              "★ marks the Pareto front (speedup vs cosine).", ""]
-    for name in ("dinov2_224", "dinov2_448", "minilm"):
+    for name in ("dinov2_224", "dinov2_448", "minilm_64", "minilm_128"):
         path = OUT / f"{name}.json"
         if not path.is_file():
             continue
         d = json.loads(path.read_text())
         results = [gb.BenchResult(**{k: v for k, v in r.items() if k != "label"}) for r in d["results"]]
-        lines += [f"## {d['title']}", "", f"`{d['command']}` ({d['date']}, {d['threads']} threads, {d['seconds'] / 60:.1f} min)", ""]
+        lines += [f"## {d['title']}", "", f"`{d['command']}` ({d['date']}, {d['threads']} threads, {d['seconds'] / 60:.1f} min)"
+                  + (f"; peak memory re-measured with `{d['memory_command']}`" if "memory_command" in d else ""), ""]
         if "probe" in d:
             p = d["probe"]
             lines += [f"Linear probe (logistic regression on unreduced features of {p['train_images']} Fashion-MNIST train "
@@ -212,7 +242,7 @@ def report() -> None:
             lines += ["| variant | probe accuracy |", "|---|---:|"]
             lines += [f"| `{r.label}` | {r.fidelity.get('probe_accuracy', float('nan')):.3f} |" for r in results] + [""]
         lines += [f"![{name}](real_weights/{name}.png)", ""]
-    for name in ("tune_dinov2", "tune_deit"):
+    for name in ("tune_dinov2", "tune_deit", "tune_minilm"):
         path = OUT / f"{name}.json"
         if not path.is_file():
             continue
@@ -241,10 +271,13 @@ def main() -> None:
     d.add_argument("--probe-train", type=int, default=None, help="train images of the linear probe (default 1000 at 224, 0 at 448)")
     m = sub.add_parser("minilm")
     m.add_argument("--passages", type=int, default=256)
+    m.add_argument("--length", type=int, default=128, help="tokens per passage (passages at least this long, cut to it)")
     t = sub.add_parser("tune")
-    t.add_argument("--model", choices=("dinov2", "deit"), default="dinov2")
+    t.add_argument("--model", choices=("dinov2", "deit", "minilm"), default="dinov2")
     t.add_argument("--speedup", type=float, nargs="+", default=[1.5])
     sub.add_parser("report")
+    mem = sub.add_parser("memory", help="re-measure peak activation memory of a saved DINOv2 run")
+    mem.add_argument("name", choices=("dinov2_224", "dinov2_448"))
     for p in (d, m, t):
         p.add_argument("--rounds", type=int, default=5)
         p.add_argument("--batch", type=int, default=None, help="default 8 (images) or 32 (sentences)")
@@ -252,15 +285,18 @@ def main() -> None:
     args = ap.parse_args()
     if args.task == "report":
         return report()
+    if args.task == "memory":
+        remeasure_memory(args.name)
+        return report()
     torch.set_num_threads(args.threads)
     if args.task == "dinov2":
         images = args.images if args.images is not None else (500 if args.size == 224 else 60)
         probe = args.probe_train if args.probe_train is not None else (1000 if args.size == 224 else 0)
         run_dinov2(args.size, images, probe, args.rounds, args.batch or 8)
     elif args.task == "minilm":
-        run_minilm(args.passages, args.rounds, args.batch or 32)
+        run_minilm(args.passages, args.length, args.rounds, args.batch or 32)
     else:
-        run_tune(args.model, args.speedup, args.rounds, args.batch or 8)
+        run_tune(args.model, args.speedup, args.rounds, args.batch or (32 if args.model == "minilm" else 8))
     report()
 
 

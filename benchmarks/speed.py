@@ -14,13 +14,13 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import timm
 import torch
 
 import graphprune
+from graphprune import bench as gb
 
 # every recipe at a setting with about 35 % fewer FLOPs on DeiT-S, plus ToMe's published r = 13 and 16
 AT_35 = [
@@ -33,17 +33,8 @@ ONNX_VARIANTS = AT_35 + [("tome", {"r": 13})]  # ToMe r=13: issue 2's ORT target
 
 
 def interleaved(fns: dict, x, rounds: int, warmup: int = 3) -> dict:
-    times = {k: [] for k in fns}
-    with torch.inference_mode():
-        for _ in range(warmup):
-            for f in fns.values():
-                f(x)
-        names = list(fns)
-        for i in range(rounds):
-            for k in names[i % len(names):] + names[: i % len(names)]:
-                t0 = time.perf_counter()
-                fns[k](x)
-                times[k].append(time.perf_counter() - t0)
+    """Median seconds per call, every variant run once per round in a rotating order (graphprune.bench)."""
+    times = gb.interleaved(fns, (x,), rounds=rounds, warmup=warmup)
     return {k: statistics.median(v) for k, v in times.items()}
 
 

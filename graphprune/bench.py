@@ -15,11 +15,13 @@ features, and for logits the KL divergence, top-1 agreement and, with ``labels``
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
 import math
 import statistics
 import tempfile
 import time
+import warnings
 import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -62,10 +64,11 @@ def interleaved(fns: dict, inputs: tuple, rounds: int = 10, warmup: int = 2, pro
 class _LiveBytes(TorchDispatchMode):
     """Bytes of tensor storage created inside the mode and still alive; ``peak`` is the maximum."""
 
-    def __init__(self):
+    def __init__(self, existing: frozenset = frozenset()):
         super().__init__()
         self.live = self.peak = 0
         self._seen: set[int] = set()
+        self._existing = existing  # storages allocated before: a view or alias of one costs nothing
 
     def _free(self, key: int, nbytes: int) -> None:
         self._seen.discard(key)
@@ -77,7 +80,7 @@ class _LiveBytes(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and t.device.type == "cpu":
                 storage = t.untyped_storage()
                 key, nbytes = storage.data_ptr(), storage.nbytes()
-                if nbytes and key not in self._seen:
+                if nbytes and key not in self._seen and key not in self._existing:
                     self._seen.add(key)
                     self.live += nbytes
                     self.peak = max(self.peak, self.live)
@@ -85,11 +88,27 @@ class _LiveBytes(TorchDispatchMode):
         return out
 
 
+def _cpu_storages() -> frozenset:
+    """Addresses of the CPU tensor storages alive now (inputs, weights, caches)."""
+    found = set()
+    with warnings.catch_warnings():  # isinstance on some foreign objects warns (deprecated attributes)
+        warnings.simplefilter("ignore")
+        objects = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+    for obj in objects:
+        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and not obj.is_sparse:
+            try:
+                found.add(obj.untyped_storage().data_ptr())
+            except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. functional wrappers)
+                pass
+    return frozenset(found)
+
+
 def peak_memory(fn: Callable, inputs: tuple) -> int:
     """Peak bytes of the activations one call of ``fn`` allocates (weights and inputs excluded).
 
     CUDA: the allocator's peak above what was allocated before the call. CPU: the peak of the
-    live bytes of every tensor the call creates, tracked op by op.
+    live bytes of every tensor storage the call creates, tracked op by op (views and aliases
+    of storages that existed before, such as an input sliced from a larger tensor, cost nothing).
     """
     cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in pytree.tree_leaves(inputs))
     with torch.inference_mode():
@@ -101,7 +120,7 @@ def peak_memory(fn: Callable, inputs: tuple) -> int:
             torch.cuda.synchronize()
             del out
             return torch.cuda.max_memory_allocated() - before
-        mode = _LiveBytes()
+        mode = _LiveBytes(_cpu_storages())
         with mode:
             out = fn(*inputs)
         del out

@@ -240,6 +240,19 @@ def load_data(path: Path, net, input_size: Optional[str]):
               f"{str(err).splitlines()[0] if str(err) else type(err).__name__}")
 
 
+def model_and_batches(model: str, weights, trust_pickle: bool, batch: int, input_size, data):
+    """The model (eval mode), a random timing batch, and --data split into batches (None without it)."""
+    import torch
+
+    net = load_model(model, weights, trust_pickle).eval()
+    torch.manual_seed(0)
+    timed = example_inputs(net, batch, input_size)
+    if data is None:
+        return net, timed, None
+    x = load_data(data, net, input_size)
+    return net, timed, [(x[i: i + batch],) for i in range(0, len(x), batch)]
+
+
 def load_labels(path: Path):
     import numpy as np
     import torch
@@ -275,8 +288,6 @@ def bench(
 ):
     """Speed and fidelity of MODEL optimized with a recipe against the unmodified model (interleaved runs)."""
     try:
-        import torch
-
         from graphprune import bench as gb
 
         if target not in gb.TARGETS:
@@ -302,13 +313,7 @@ def bench(
             from graphprune.exporters.files import check_writable
 
             check_writable(json_out)
-        net = load_model(model, weights, trust_pickle).eval()
-        torch.manual_seed(0)
-        timed = example_inputs(net, batch, input_size)
-        fid_data = None
-        if data is not None:
-            x = load_data(data, net, input_size)
-            fid_data = [(x[i: i + batch],) for i in range(0, len(x), batch)]
+        net, timed, fid_data = model_and_batches(model, weights, trust_pickle, batch, input_size, data)
         y = load_labels(labels) if labels is not None else None
         if y is not None and len(y) != sum(len(d[0]) for d in fid_data):
             _fail(f"{labels} has {len(y)} labels for {sum(len(d[0]) for d in fid_data)} inputs")
@@ -355,8 +360,6 @@ def tune(
 ):
     """Choose a per-block schedule meeting --speedup or --latency-ms with the best fidelity, by profiling this device."""
     try:
-        import torch
-
         import graphprune
 
         if (speedup is None) == (latency_ms is None):
@@ -367,13 +370,7 @@ def tune(
         from graphprune.exporters.files import check_writable
 
         check_writable(output)
-        net = load_model(model, weights, trust_pickle).eval()
-        torch.manual_seed(0)
-        timed = example_inputs(net, batch, input_size)
-        calibration = None
-        if data is not None:
-            x = load_data(data, net, input_size)
-            calibration = [(x[i: i + batch],) for i in range(0, len(x), batch)]
+        net, timed, calibration = model_and_batches(model, weights, trust_pickle, batch, input_size, data)
         schedule = graphprune.tune(net, recipe, speedup=speedup, latency_ms=latency_ms, example_inputs=timed, calibration=calibration,
                                    target=target, rounds=rounds, cache_dir=cache_dir, refresh=refresh)
         info = schedule.info

@@ -142,3 +142,13 @@ def test_schedule_for_another_recipe_is_refused(tmp_path):
         graphprune.optimize(family("vit"), "evit", schedule=path, example_inputs=images(2))
     with pytest.raises(ScheduleError, match="no such schedule"):
         graphprune.optimize(family("vit"), schedule=tmp_path / "missing.json", example_inputs=images(2))
+
+
+def test_peak_memory_ignores_views_of_existing_storage():
+    big = torch.zeros(10, 250_000)  # 10 MB; the input is a 1 MB view of it
+
+    def f(t):
+        same = t.to(torch.float32)  # no-op alias of the input
+        return same * 2  # 1 MB
+
+    assert 1_000_000 <= gb.peak_memory(f, (big[3],)) < 1_000_100

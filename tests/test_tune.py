@@ -134,3 +134,13 @@ def test_tune_refuses_bad_requests():
         graphprune.tune(model, "tome")
     with pytest.raises(ScheduleError, match="above 1.0"):
         graphprune.tune(model, "tome", speedup=0.5)
+
+
+def test_latency_table_on_onnx_runtime(tmp_path):
+    model, x = family("vit"), images(4)
+    table = gt.latency_table(model, (x,), target="onnx", counts=[33, 65], rounds=1, cache_dir=tmp_path)
+    assert table.target == "onnx" and table.counts == [33, 65] and len(table.blocks) == 4
+    assert all(v > 0 for b in table.blocks for v in b) and table.full_ms > 0
+    eager = gt.latency_table(model, (x,), counts=[33, 65], rounds=1, cache_dir=tmp_path)
+    assert eager.target == "eager" and eager.model != table.model  # one cached table per runtime
+    assert len(list(tmp_path.glob("*.json"))) == 2

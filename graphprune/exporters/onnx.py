@@ -51,6 +51,20 @@ class OnnxModel:
         return pytree.tree_unflatten(outs, self.out_spec)
 
 
+@contextlib.contextmanager
+def _quiet_loggers(*names: str):
+    """Silence the exporter's own INFO/WARNING chatter (e.g. onnx_ir's "Attribute type is ambiguous"), then restore."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def export_onnx(module: torch.fx.GraphModule, example_inputs: tuple, output: Path, tolerance: float = TOLERANCE):
     """Export ``module`` to ``output`` (.onnx plus .onnx.data), validated in ORT. Returns (OnnxModel, diff)."""
     output = Path(output)
@@ -58,9 +72,8 @@ def export_onnx(module: torch.fx.GraphModule, example_inputs: tuple, output: Pat
         staged = tmp / output.name
         log = io.StringIO()
         try:
-            with warnings.catch_warnings(), contextlib.redirect_stdout(log):
+            with warnings.catch_warnings(), contextlib.redirect_stdout(log), _quiet_loggers("torch.onnx", "onnx_ir"):
                 warnings.simplefilter("ignore")
-                logging.getLogger("torch.onnx").setLevel(logging.ERROR)
                 program = torch.onnx.export(
                     pin_attention_layout(module), example_inputs, dynamo=True, dynamic_shapes=dynamic_batch_shapes(example_inputs),
                     custom_translation_table=TRANSLATIONS, opset_version=OPSET, verbose=False,

@@ -30,7 +30,7 @@ from graphprune.passes.reduce import reduce_after_residual
 from graphprune.patterns import Block, ModelGraph
 
 
-def _gather_tokens(t, idx, dims: list[int], rank: int):
+def gather_tokens(t, idx, dims: list[int], rank: int):
     """Index the token dimensions ``dims`` of ``t`` (B, ...) with ``idx`` (B, n)."""
     for d in dims:
         index = idx.reshape([idx.shape[0] if i == 0 else idx.shape[1] if i == d else 1 for i in range(rank)])
@@ -72,7 +72,8 @@ def _restore(x, origin, canvas=None):
     return full if canvas is None else torch.where((origin >= 0)[..., None], full, canvas)
 
 
-def _token_dims(node: Node) -> list[int]:
+def token_dims(node: Node) -> list[int]:
+    """The dimensions of ``node``'s value that are indexed by token (symbolic sizes after the batch)."""
     val = node.meta["val"]
     return [d for d in range(1, val.dim()) if not isinstance(val.shape[d], int)]
 
@@ -111,14 +112,14 @@ class TokenFlow:
         if self.rep is not None:
             for marker in block.masks:
                 mask = marker.args[0]
-                moved = emit_before(self.fx, marker, _gather_tokens, mask, self.rep, _token_dims(marker), marker.meta["val"].dim())
+                moved = emit_before(self.fx, marker, gather_tokens, mask, self.rep, token_dims(marker), marker.meta["val"].dim())
                 marker.replace_input_with(mask, moved)
         if self._bias is not None:
             add_attention_bias(block.site, self._bias)
 
     def valid(self, block: Block) -> Node | None:
         """(B, n) bool node, False for padding tokens, when the block has a token-indexed mask."""
-        masks = [m for m in block.masks if len(_token_dims(m)) and _token_dims(m)[-1] == m.meta["val"].dim() - 1]
+        masks = [m for m in block.masks if len(token_dims(m)) and token_dims(m)[-1] == m.meta["val"].dim() - 1]
         if not masks:
             return None
         return emit(self.fx, masks[0], _key_valid, masks[0], masks[0].meta["val"].dtype)

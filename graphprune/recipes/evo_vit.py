@@ -25,7 +25,7 @@ import torch
 from graphprune.errors import RecipeError, ScheduleError
 from graphprune.ops.maps import prefix_index
 from graphprune.passes.emit import emit, emit_before
-from graphprune.passes.flow import _gather_tokens, _token_dims
+from graphprune.passes.flow import gather_tokens, token_dims
 from graphprune.patterns import ModelGraph
 from graphprune.recipes.base import Recipe, option, register
 from graphprune.recipes.scores import cls_attention, has_class_token
@@ -100,7 +100,7 @@ class EvoViT(Recipe):
             for block in graph.blocks[start:end]:
                 counts[block.index] = protected + keep
                 for mask in block.masks:  # masks indexed by token follow the selection
-                    moved = emit_before(fx, mask, _gather_tokens, mask.args[0], idx, _token_dims(mask), mask.meta["val"].dim())
+                    moved = emit_before(fx, mask, gather_tokens, mask.args[0], idx, token_dims(mask), mask.meta["val"].dim())
                     mask.replace_input_with(mask.args[0], moved)
                 if end < len(graph.blocks):  # the global attention only matters for a later stage
                     fn, args = cls_attention(block.site, has_cls=cls)
