@@ -50,26 +50,17 @@ def _save(name: str, payload: dict, results) -> None:
     print(f"wrote {OUT / name}.json")
 
 
-class PatchFeatures(torch.nn.Module):
-    """DINOv2 dense features: every token after the final norm (reduced tokens restored to their positions)."""
-
-    def __init__(self, backbone):
-        super().__init__()
-        self.backbone = backbone
-
-    def forward(self, pixel_values):
-        return self.backbone(pixel_values=pixel_values).last_hidden_state
-
-
 class Features(torch.nn.Module):
-    """DINOv2 features as used downstream: the class token after the final norm."""
+    """DINOv2 features as used downstream: the class token after the final norm, or with ``dense``
+    every token's (reduced tokens restored to their positions)."""
 
-    def __init__(self, backbone):
+    def __init__(self, backbone, dense: bool = False):
         super().__init__()
-        self.backbone = backbone
+        self.backbone, self.dense = backbone, dense
 
     def forward(self, pixel_values):
-        return self.backbone(pixel_values=pixel_values).pooler_output
+        out = self.backbone(pixel_values=pixel_values)
+        return out.last_hidden_state if self.dense else out.pooler_output
 
 
 @torch.inference_mode(False)
@@ -109,12 +100,12 @@ def run_dinov2(size: int, images: int, probe_train: int, rounds: int, batch: int
             tr_x, tr_y = assets.fashion_mnist("train", probe_train)
             train_feats = torch.cat([model(assets.to_pixels(tr_x[i: i + batch], size)) for i in range(0, len(tr_x), batch)])
             predict = linear_probe(train_feats, tr_y)
-            base_feats = torch.cat([model(*d) for d in data])[4:]
+            base_feats = gb.outputs(model, data)[4:]
             payload["probe"] = {"train_images": probe_train, "test_images": images,
                                 "baseline_accuracy": float((predict(base_feats) == fm_y).float().mean())}
             for r in results:
                 fast = graphprune.optimize(model, r.recipe, example_inputs=data[-1][0][:2], **r.options)
-                feats = torch.cat([fast(*d) for d in data])[4:]
+                feats = gb.outputs(fast, data)[4:]
                 r.fidelity["probe_accuracy"] = float((predict(feats) == fm_y).float().mean())
     payload["seconds"] = time.time() - t0
     print(gb.markdown(results, title=payload["title"]))
@@ -165,8 +156,7 @@ def run_tune(which: str, speedups: list[float], rounds: int, batch: int) -> None
     """
     if which in ("dinov2", "dinov2_dense"):
         size = 224
-        wrapper = PatchFeatures if which == "dinov2_dense" else Features
-        model = wrapper(assets.load_dinov2_small(size)).eval()
+        model = Features(assets.load_dinov2_small(size), dense=which == "dinov2_dense").eval()
         fm_x, _ = assets.fashion_mnist("test", 200)
         calib_x = assets.to_pixels(assets.fashion_mnist("train", 32)[0], size)  # held-out below: test images + photos
         calib = [(calib_x[i: i + batch],) for i in range(0, len(calib_x), batch)]

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from graphprune.capture import eval_mode
+from graphprune.capture import eval_mode, first_two
 from graphprune.errors import GraphPruneError
 
 TARGETS = ("eager", "onnx")
@@ -95,7 +95,7 @@ def _cpu_storages() -> frozenset:
         warnings.simplefilter("ignore")
         objects = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
     for obj in objects:
-        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and not obj.is_sparse:
+        if obj.device.type == "cpu" and not obj.is_sparse:
             try:
                 found.add(obj.untyped_storage().data_ptr())
             except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. functional wrappers)
@@ -175,7 +175,18 @@ def is_classifier(model: torch.nn.Module) -> bool:
     """Whether the model's primary output is class logits (timm with a head, HF ``*ForImageClassification``)."""
     if getattr(model, "num_classes", 0):
         return True
-    return type(model).__name__.endswith("ForImageClassification") or type(model).__name__.endswith("ForSequenceClassification")
+    return type(model).__name__.endswith(("ForImageClassification", "ForSequenceClassification"))
+
+
+def as_args(x) -> tuple:
+    """Model arguments as a tuple: a tensor becomes a 1-tuple."""
+    return (x,) if isinstance(x, torch.Tensor) else tuple(x)
+
+
+def outputs(fn: Callable, data: Sequence[tuple], output_fn: Callable = primary_output) -> torch.Tensor:
+    """``output_fn`` of ``fn`` on every batch of ``data``, concatenated (inference mode)."""
+    with torch.inference_mode():
+        return torch.cat([output_fn(fn(*d)) for d in data])
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,10 +271,8 @@ def sweep(
         raise GraphPruneError("nothing to benchmark: give at least one (recipe, options) variant")
     for recipe, options in variants:
         graphprune.recipes.get_recipe(recipe, **options)  # unknown recipe / bad options: fail before any work
-    if isinstance(inputs, torch.Tensor):
-        inputs = (inputs,)
-    inputs = tuple(inputs)
-    data = [inputs] if data is None else [(d,) if isinstance(d, torch.Tensor) else tuple(d) for d in data]
+    inputs = as_args(inputs)
+    data = [inputs] if data is None else [as_args(d) for d in data]
     output_fn = output_fn or primary_output
     logits = is_classifier(model) if logits is None else logits
     if threads is not None:
@@ -275,10 +284,8 @@ def sweep(
 def _sweep(model, variants, inputs, target, data, labels, output_fn, logits, rounds, warmup, memory, progress, workdir):
     import graphprune
 
-    example = tuple(t[:2] if isinstance(t, torch.Tensor) and t.dim() else t for t in inputs)
-
-    with torch.inference_mode():
-        reference = torch.cat([output_fn(model(*d)) for d in data])
+    example = first_two(inputs)
+    reference = outputs(model, data, output_fn)
     with contextlib.ExitStack() as stack, _progress(progress) as bar:
         tmp = Path(workdir) if workdir is not None else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="graphprune-bench-")))
         build = bar.add_task("optimizing", total=len(variants)) if bar is not None else None
@@ -304,9 +311,7 @@ def _sweep(model, variants, inputs, target, data, labels, output_fn, logits, rou
     results = []
     for i, (recipe, options) in enumerate(variants):
         runner, report = runners[i], reports[i]
-        with torch.inference_mode():
-            got = torch.cat([output_fn(runner(*d)) for d in data])
-        fid = fidelity(reference, got, logits=logits, labels=labels)
+        fid = fidelity(reference, outputs(runner, data, output_fn), logits=logits, labels=labels)
         t = statistics.median(times[i])
         mem = peak_memory(runner, inputs) if memory and target == "eager" else None
         results.append(BenchResult(
@@ -382,6 +387,17 @@ def pareto_front(results: Sequence[BenchResult], metric: str = "cosine") -> list
     return sorted(front, key=lambda r: -r.speedup)
 
 
+def _cells(r: BenchResult, flops_digits: int) -> list[str]:
+    """Latency, speedup, FLOPs, cosine, top-1 agreement, KL and peak memory of one result, as text ("—": not measured)."""
+    f = r.fidelity
+
+    def fmt(value, spec):
+        return "—" if value is None else format(value, spec)
+
+    return [f"{r.latency_ms:.1f}", f"{r.speedup:.2f}×", f"{r.flop_ratio:.{flops_digits}f}", fmt(f.get("cosine"), ".4f"),
+            fmt(f.get("top1_agreement"), ".3f"), fmt(f.get("kl"), ".4f"), fmt(r.peak_memory_mb, ".1f")]
+
+
 def table(results: Sequence[BenchResult], title: str = "graphprune bench"):
     """A rich table of the results (the Pareto-front rows marked with ★)."""
     from rich.table import Table
@@ -391,10 +407,7 @@ def table(results: Sequence[BenchResult], title: str = "graphprune bench"):
     for col in ("variant", "ms", "speedup", "FLOPs", "cosine", "top-1", "KL", "peak MB"):
         t.add_column(col, justify="left" if col == "variant" else "right", no_wrap=True)
     for r in results:
-        f = r.fidelity
-        t.add_row(("★ " if id(r) in front else "  ") + r.label, f"{r.latency_ms:.1f}", f"{r.speedup:.2f}×", f"{r.flop_ratio:.2f}",
-                  f"{f['cosine']:.4f}", f"{f['top1_agreement']:.3f}" if "top1_agreement" in f else "—",
-                  f"{f['kl']:.4f}" if "kl" in f else "—", f"{r.peak_memory_mb:.1f}" if r.peak_memory_mb is not None else "—")
+        t.add_row(("★ " if id(r) in front else "  ") + r.label, *_cells(r, 2))
     return t
 
 
@@ -433,14 +446,7 @@ def markdown(results: Sequence[BenchResult], title: str = "graphprune bench") ->
     lines = [f"### {title}", "", "| variant | latency ms | speedup | FLOPs | cosine | top-1 agreement | KL | peak MB |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
-        f = r.fidelity
-
-        def fmt(key, spec):
-            return format(f[key], spec) if key in f else "—"
-
-        mem = f"{r.peak_memory_mb:.1f}" if r.peak_memory_mb is not None else "—"
-        lines.append(f"| {'★ ' if id(r) in front else ''}`{r.label}` | {r.latency_ms:.1f} | {r.speedup:.2f}× | {r.flop_ratio:.3f} | "
-                     f"{fmt('cosine', '.4f')} | {fmt('top1_agreement', '.3f')} | {fmt('kl', '.4f')} | {mem} |")
+        lines.append(f"| {'★ ' if id(r) in front else ''}`{r.label}` | " + " | ".join(_cells(r, 3)) + " |")
     base = results[0] if results else None
     if base is not None:
         lines += ["", f"Baseline (unmodified model): {base.baseline_ms:.1f} ms per batch of {base.batch}"

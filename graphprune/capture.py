@@ -60,6 +60,11 @@ def batch_inputs(example_inputs: tuple) -> tuple:
     return tuple(out)
 
 
+def first_two(inputs: tuple) -> tuple:
+    """The first two samples of a batch of inputs: a small example to capture with (dynamic batch)."""
+    return tuple(t[:2] if isinstance(t, torch.Tensor) and t.dim() else t for t in inputs)
+
+
 def dynamic_batch_shapes(example_inputs: tuple):
     batch = Dim("batch", min=1, max=4096)
     return tuple({0: batch} if isinstance(t, torch.Tensor) and t.dim() > 0 else None for t in example_inputs)

@@ -149,21 +149,20 @@ def resolve_recipe(recipe: Optional[str], schedule: Optional[Path], options: dic
     return recipe, options
 
 
-def example_inputs(net, batch: int, input_size: Optional[str], fixed_default: bool = False):
+def example_inputs(net, batch: int, input_size: Optional[str]):
     """(batch, C, H, W) random images: of --input-size, or of the model's own size."""
     import torch
 
     from graphprune.api import default_example_inputs
 
-    if input_size is not None:
+    if input_size is None:
+        shape = default_example_inputs(net)[0].shape[1:]
+    else:
         try:
             shape = tuple(int(v) for v in input_size.split(","))
         except ValueError:
             _fail(f"--input-size takes C,H,W, got '{input_size}'")
-        return (torch.randn(batch, *shape),)
-    if fixed_default and batch == 2:
-        return None  # optimize() picks the model's own example
-    return tuple(t[:1].expand(batch, *t.shape[1:]).clone() for t in default_example_inputs(net))
+    return (torch.randn(batch, *shape),)
 
 
 @app.command()
@@ -185,13 +184,13 @@ def export(
         if target not in ("eager", "onnx", "trt"):
             _fail(f"unknown target '{target}'; choose eager, onnx or trt")
         recipe, options = resolve_recipe(recipe, schedule, recipe_options(r, inflection, prop_attn, keep, locations, restore_tokens, option))
-        from graphprune.exporters.files import atomic_path, ensure_dir
+        from graphprune.exporters.files import ensure_dir, write_text
 
         if output.exists() and not output.is_dir():
             _fail(f"output {output} exists and is not a folder")
         ensure_dir(output)
         net = load_model(model, weights, trust_pickle)
-        example = example_inputs(net, batch, input_size, fixed_default=True)
+        example = example_inputs(net, batch, input_size)
         with console.status(f"optimizing {model} with {recipe}…"):
             if target == "onnx":
                 result = graphprune.optimize(net, recipe, target="onnx", example_inputs=example, output=output / "model.onnx", **options)
@@ -199,8 +198,7 @@ def export(
                 result = graphprune.optimize(net, recipe, target=target, example_inputs=example, **options)
                 result.report.artifact = str(result.save(output / "model.pt2"))
         report = result.report
-        with atomic_path(output / "report.json") as tmp:
-            Path(tmp).write_text(report.to_json())
+        write_text(output / "report.json", report.to_json())
         console.print(report.table())
         console.print(f"wrote {report.artifact} and {output / 'report.json'}")
     except GraphPruneError as err:
@@ -321,22 +319,16 @@ def bench(
         results = gb.sweep(net, variants, timed, target=target, data=fid_data, labels=y, rounds=rounds, warmup=warmup, threads=threads)
         title = f"{model} · {target} · batch {batch}"
         console.print(gb.table(results, title=title))
-        if json_out is not None:
-            from graphprune.exporters.files import atomic_path
+        from graphprune.exporters.files import write_text
 
+        if json_out is not None:
             payload = {"model": model, "target": target, "batch": batch, "rounds": rounds, "data": str(data) if data else "random inputs",
                        "results": [r.to_dict() for r in results]}
             if len(results) == 1:
                 payload.update(results[0].to_dict())  # speedup, flop_ratio, fidelity at the top level
-            with atomic_path(json_out) as tmp:
-                Path(tmp).write_text(json.dumps(payload, indent=2))
-            console.print(f"wrote {json_out}")
+            console.print(f"wrote {write_text(json_out, json.dumps(payload, indent=2))}")
         if table_out is not None:
-            from graphprune.exporters.files import atomic_path
-
-            with atomic_path(table_out) as tmp:
-                Path(tmp).write_text(gb.markdown(results, title=title))
-            console.print(f"wrote {table_out}")
+            console.print(f"wrote {write_text(table_out, gb.markdown(results, title=title))}")
         if plot_out is not None:
             console.print(f"wrote {gb.plot(results, plot_out, title=title)}")
     except GraphPruneError as err:

@@ -43,6 +43,14 @@ def atomic_path(path: Path):
             os.remove(tmp)
 
 
+def write_text(path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (UTF-8); returns the path."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
+    return path
+
+
 @contextlib.contextmanager
 def staging_dir(target_dir: Path):
     """A temporary folder beside ``target_dir``; files are moved in by :func:`publish`."""

@@ -34,12 +34,9 @@ class Schedule:
 
     def save(self, path) -> Path:
         """Write the schedule as JSON (atomically: a failed write leaves no file)."""
-        from graphprune.exporters.files import atomic_path
+        from graphprune.exporters.files import write_text
 
-        path = Path(path)
-        with atomic_path(path) as tmp:
-            Path(tmp).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
-        return path
+        return write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
 
 def load_schedule(source: Union[str, Path, dict, Schedule]) -> Schedule:

@@ -33,7 +33,8 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.utils._pytree as pytree
 
-from graphprune.capture import eval_mode
+from graphprune.bench import as_args
+from graphprune.capture import eval_mode, first_two
 from graphprune.errors import GraphPruneError, RecipeError, ScheduleError
 from graphprune.schedule.files import Schedule
 
@@ -77,12 +78,9 @@ class LatencyTable:
         return total
 
     def save(self, path) -> Path:
-        from graphprune.exporters.files import atomic_path
+        from graphprune.exporters.files import write_text
 
-        path = Path(path)
-        with atomic_path(path) as tmp:
-            Path(tmp).write_text(json.dumps(asdict(self), indent=2), encoding="utf-8")
-        return path
+        return write_text(path, json.dumps(asdict(self), indent=2))
 
     @classmethod
     def load(cls, path) -> "LatencyTable":
@@ -92,10 +90,8 @@ class LatencyTable:
             raise ScheduleError(f"{path} is not a graphprune latency table ({err}); delete it to profile again") from None
 
 
-def device_name(target: str) -> str:
-    """What the table was measured on: the CPU (or GPU) model, thread count and runtime."""
-    if torch.cuda.is_available() and target == "cuda":
-        return torch.cuda.get_device_name()
+def device_name() -> str:
+    """What the table was measured on: the CPU model, thread count and torch version."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -184,9 +180,9 @@ def latency_table(model: torch.nn.Module, example_inputs, *, target: str = "eage
 
     if target not in TARGETS:
         raise GraphPruneError(f"unknown tuning target '{target}'; choose one of {', '.join(TARGETS)}")
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    inputs = as_args(example_inputs)
     batch = int(inputs[0].shape[0])
-    key = f"{model_key(model, inputs)}-b{batch}-{target}-" + hashlib.sha1(device_name(target).encode()).hexdigest()[:8]
+    key = f"{model_key(model, inputs)}-b{batch}-{target}-" + hashlib.sha1(device_name().encode()).hexdigest()[:8]
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = cache / f"{key}.json"
     if path.is_file() and not refresh:
@@ -203,7 +199,7 @@ def latency_table(model: torch.nn.Module, example_inputs, *, target: str = "eage
     counts = sorted(set(int(c) for c in counts)) if counts is not None else default_counts(full)
     if counts[-1] != full:
         counts = sorted(set(c for c in counts if c < full) | {full})
-    example = tuple(t[:2] if isinstance(t, torch.Tensor) and t.dim() else t for t in inputs)
+    example = first_two(inputs)
     with tempfile.TemporaryDirectory(prefix="graphprune-tune-") as tmp:
         fns = {}
         for i, p in enumerate(paths):
@@ -229,7 +225,7 @@ def latency_table(model: torch.nn.Module, example_inputs, *, target: str = "eage
     blocks = [[ms[(i, n)] for n in counts] for i in range(len(paths))]
     rest = max(ms["graph"] - sum(b[-1] for b in blocks), 0.0)
     table = LatencyTable(counts=counts, blocks=blocks, rest_ms=rest, full_ms=ms["model"], batch=batch, target=target,
-                         device=device_name(target), model=key)
+                         device=device_name(), model=key)
     try:
         table.save(path)
     except GraphPruneError:
@@ -309,6 +305,13 @@ def fit_to_budget(table: LatencyTable, make: Callable[[float], list[int]], budge
     return make(hi)
 
 
+def fit_ramp(table: LatencyTable, slope: float, start: int, budget_ms: float, tokens: int, protected: int) -> Optional["Candidate"]:
+    """The ramp of ``slope`` from block ``start`` scaled to just meet ``budget_ms``; None if no ramp does."""
+    depth = len(table.blocks)
+    r = fit_to_budget(table, lambda m: ramp(m, slope, depth, start), budget_ms, tokens, protected)
+    return None if r is None else Candidate(r, slope, start, table.predict(*tome_tokens(r, tokens, protected)))
+
+
 @dataclass
 class Candidate:
     r: list[int]
@@ -325,19 +328,17 @@ class Candidate:
 def candidates(table: LatencyTable, budget_ms: float, tokens: int, protected: int,
                slopes: Sequence[float] = (-0.8, -0.4, 0.0, 0.4, 0.8), starts: Sequence[int] = (0, 1, 2)) -> list[Candidate]:
     """Ramps of several slopes and late starts, each scaled to just meet ``budget_ms`` by the table."""
-    depth = len(table.blocks)
     out, seen = [], set()
     for start in starts:
-        if start >= depth:
+        if start >= len(table.blocks):
             continue
         for slope in slopes:
-            r = fit_to_budget(table, lambda m, s=slope, st=start: ramp(m, s, depth, st), budget_ms, tokens, protected)
-            effect = None if r is None else tuple(tome_tokens(r, tokens, protected)[1])  # r beyond the cap changes nothing
-            if r is None or effect in seen:
+            c = fit_ramp(table, slope, start, budget_ms, tokens, protected)
+            effect = None if c is None else tuple(tome_tokens(c.r, tokens, protected)[1])  # r beyond the cap changes nothing
+            if c is None or effect in seen:
                 continue
             seen.add(effect)
-            pred = table.predict(*tome_tokens(r, tokens, protected))
-            out.append(Candidate(r, slope, start, pred))
+            out.append(c)
     return out
 
 
@@ -366,15 +367,14 @@ def search(table: LatencyTable, budget_ms: float, tokens: int, protected: int, s
 
     scored = [evaluate(c) for c in pool]
     best = max(scored, key=lambda c: c.score)
-    step, depth = 0.2, len(table.blocks)
+    step = 0.2
     for _ in range(refine):
         trials = []
         for s in (best.slope - step, best.slope + step):
             if -1.0 <= s <= 1.0:
-                r = fit_to_budget(table, lambda m, s=s: ramp(m, s, depth, best.start), budget_ms, tokens, protected)
-                if r is not None and all(c.r != r for c in scored):
-                    pred = table.predict(*tome_tokens(r, tokens, protected))
-                    trials.append(evaluate(Candidate(r, s, best.start, pred)))
+                c = fit_ramp(table, s, best.start, budget_ms, tokens, protected)
+                if c is not None and all(o.r != c.r for o in scored):
+                    trials.append(evaluate(c))
         scored += trials
         best = max([best, *trials], key=lambda c: c.score)
         step /= 2
@@ -403,9 +403,7 @@ def tune(model: torch.nn.Module, recipe: str = "tome", *, speedup: Optional[floa
     from graphprune.api import default_example_inputs
 
     if recipe not in TUNABLE:
-        known = graphprune.list_recipes()
-        if recipe not in known:
-            graphprune.recipes.get_recipe(recipe)  # the unknown-recipe error, with its suggestion
+        graphprune.recipes.get_recipe(recipe)  # an unknown recipe: that error, with its suggestion
         raise RecipeError(f"tune chooses per-block schedules for {', '.join(TUNABLE)}; '{recipe}' has no per-block count to tune")
     if (speedup is None) == (latency_ms is None):
         raise ScheduleError("give exactly one goal: speedup=1.8 or latency_ms=12")
@@ -413,28 +411,23 @@ def tune(model: torch.nn.Module, recipe: str = "tome", *, speedup: Optional[floa
         raise ScheduleError(f"speedup must be above 1.0, got {speedup}")
     if latency_ms is not None and not latency_ms > 0:
         raise ScheduleError(f"latency_ms must be positive, got {latency_ms}")
-    inputs = example_inputs if example_inputs is not None else default_example_inputs(model)
-    inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
-    data = [inputs] if calibration is None else [(d,) if isinstance(d, torch.Tensor) else tuple(d) for d in calibration]
+    inputs = gb.as_args(example_inputs if example_inputs is not None else default_example_inputs(model))
+    data = [inputs] if calibration is None else [gb.as_args(d) for d in calibration]
     output_fn = output_fn or gb.primary_output
-    example = tuple(t[:2] if isinstance(t, torch.Tensor) and t.dim() else t for t in inputs)
+    example = first_two(inputs)
 
     with eval_mode(model), gb._progress(progress) as bar:  # flags restored after
         table = latency_table(model, inputs, target=target, rounds=rounds, cache_dir=cache_dir, refresh=refresh, progress=bar)
         budget = latency_ms if latency_ms is not None else table.full_ms / speedup
         probe = graphprune.optimize(model, recipe, example_inputs=example, r=0)
         tokens, protected = probe.report.tokens_per_block[0], probe.report.layout["prefix_tokens"]
-        with torch.inference_mode():
-            reference = torch.cat([output_fn(model(*d)) for d in data])
+        reference = gb.outputs(model, data, output_fn)
 
         def build(r):
             return graphprune.optimize(model, recipe, example_inputs=example, **{TUNABLE[recipe]: list(r)})
 
         def score(r):
-            fast = build(r)
-            with torch.inference_mode():
-                got = torch.cat([output_fn(fast(*d)) for d in data])
-            return gb.fidelity(reference, got)[metric]
+            return gb.fidelity(reference, gb.outputs(build(r), data, output_fn))[metric]
 
         def measure_ms(r) -> tuple[float, float]:
             """(unmodified, with schedule r) in ms on the target, interleaved, min of the rounds."""
@@ -449,7 +442,8 @@ def tune(model: torch.nn.Module, recipe: str = "tome", *, speedup: Optional[floa
             return min(times["baseline"]) * 1e3, min(times["tuned"]) * 1e3
 
         if measure:  # calibration: the reduction op's own cost, from the constant schedule at the budget
-            constant = fit_to_budget(table, lambda m: ramp(m, 0.0, len(table.blocks)), budget, tokens, protected)
+            c = fit_ramp(table, 0.0, 0, budget, tokens, protected)
+            constant = None if c is None else c.r
             if constant is not None and any(constant):
                 base_ms, got_ms = measure_ms(constant)
                 reducing = sum(1 for a, b in zip(*tome_tokens(constant, tokens, protected)) if a != b)
