@@ -12,6 +12,7 @@ from graphprune.exporters.eager import OptimizedModel
 from graphprune.exporters.files import check_writable
 from graphprune.exporters.onnx import export_onnx
 from graphprune.exporters.trt import export_trt
+from graphprune.kv import is_decoder_lm, optimize_decoder
 from graphprune.passes import remove_markers
 from graphprune.patterns import analyze
 from graphprune.recipes import get_recipe
@@ -52,6 +53,8 @@ def optimize(model: torch.nn.Module, recipe: str | None = None, target: str = "e
         raise GraphPruneError(f"unknown target '{target}'; choose one of {', '.join(TARGETS)}")
     recipe, options = resolve(recipe, schedule, options)
     rec = get_recipe(recipe, **options)
+    if is_decoder_lm(model) or getattr(rec, "kind", None) == "cache":
+        return optimize_decoder(model, rec, target, output)
     if target == "trt":
         export_trt()
     if target == "onnx":

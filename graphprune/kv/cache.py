@@ -1,0 +1,266 @@
+"""An evicting KV cache for Hugging Face decoders, and the attention function that drives it.
+
+Each layer stores keys and values at the model's KV head count, ``(batch, kv_heads, slots,
+head_dim)``, plus per slot: whether it holds a real token (padding never does), the position
+the token was rotated with, and whatever per-slot state the recipe keeps (accumulated
+attention for H2O, ...). Slots stay in chronological order.
+
+The model's attention modules call ``cache.update`` and then the registered attention
+function ``graphprune_kv`` (:func:`kv_attention`). The update appends the new keys and marks
+the layer as pending; the attention function then attends with fused SDPA (the prompt with
+the model's own causal mask, later steps with the slots' validity), lets the recipe score the
+slots from q and k for the query rows it needs, and evicts down to the recipe's capacity.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import math
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+ATTENTION = "graphprune_kv"
+_PENDING: contextvars.ContextVar = contextvars.ContextVar("graphprune_kv_pending", default=None)
+_ROW_CHUNK = 256  # query rows scored at once when a recipe needs every row (bounded memory, never the L×L matrix)
+
+
+def rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate RoPE'd vectors ``x`` (B, H, N, D) by ``delta`` (B, H, N) more positions (rotate-half convention)."""
+    ang = delta.to(torch.float32)[..., None] * inv_freq.to(x.device, torch.float32)
+    ang = torch.cat((ang, ang), dim=-1)
+    half = x.shape[-1] // 2
+    turned = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x.float() * ang.cos() + turned.float() * ang.sin()).to(x.dtype)
+
+
+class EvictingLayer(CacheLayerMixin):
+    """One layer of an :class:`EvictingCache`."""
+
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, recipe, layer_idx: int, n_layers: int, inv_freq: torch.Tensor | None = None):
+        super().__init__()
+        self.recipe, self.layer_idx, self.n_layers, self.inv_freq = recipe, layer_idx, n_layers, inv_freq
+        self.valid: torch.Tensor | None = None  # (B, Hkv, N) bool
+        self.pos: torch.Tensor | None = None  # (B, Hkv, N) long: position each key was rotated with
+        self.state: dict[str, torch.Tensor] = {}  # recipe's per-slot tensors, (B, Hkv, N, ...)
+        self.seen = 0  # tokens written so far, padding included (what HF calls the sequence length)
+        self.prompt_len: int | None = None
+        self.capacity: int | None = None
+        self.pending = 0
+
+    # -- transformers' cache-layer protocol -------------------------------------------------
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.device = key_states.device
+        self.keys = key_states[..., :0, :]
+        self.values = value_states[..., :0, :]
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.pending:
+            raise RuntimeError("graphprune: a cache update arrived before the previous one was attended to; "
+                               "the model must use the 'graphprune_kv' attention function")
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.pending = key_states.shape[-2]
+        self.seen += self.pending
+        _PENDING.set(self)
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.__init__(self.recipe, self.layer_idx, self.n_layers, self.inv_freq)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map(lambda t: t[indices])
+
+    # -- slots -------------------------------------------------------------------------------
+    @property
+    def length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held for this layer's keys and values (the recipe's bookkeeping excluded)."""
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values) if t is not None)
+
+    def _map(self, fn) -> None:
+        if self.keys is None:
+            return
+        self.keys, self.values = fn(self.keys), fn(self.values)
+        if self.valid is not None:
+            self.valid, self.pos = fn(self.valid), fn(self.pos)
+        self.state = {k: fn(v) for k, v in self.state.items()}
+
+    def keep(self, idx: torch.Tensor) -> None:
+        """Keep the slots ``idx`` (B, Hkv, C), which must be sorted, in that order."""
+        def take(t):
+            i = idx.reshape(*idx.shape, *([1] * (t.dim() - 3))).expand(*idx.shape, *t.shape[3:])
+            return t.gather(2, i)
+        self.keys, self.values = take(self.keys), take(self.values)
+        self.valid, self.pos = take(self.valid), take(self.pos)
+        self.state = {k: take(v) for k, v in self.state.items()}
+
+    def recent(self, window: int) -> torch.Tensor:
+        """(B, Hkv, N) bool: the ``window`` most recent real tokens of each sequence."""
+        after = self.valid.flip(-1).cumsum(-1).flip(-1)  # real tokens at or after each slot
+        return self.valid & (after <= window)
+
+    def top(self, scores: torch.Tensor, capacity: int, protect: torch.Tensor | None = None) -> torch.Tensor:
+        """Sorted indices of the ``capacity`` best slots: protected ones first, padding last."""
+        s = scores.to(torch.float32)
+        if protect is not None:
+            s = s.masked_fill(protect & self.valid, math.inf)
+        s = s.masked_fill(~self.valid, -math.inf)
+        return s.topk(capacity, dim=-1).indices.sort(dim=-1).values
+
+    # -- attention rows, computed from q and k ---------------------------------------------
+    def attention_rows(self, query: torch.Tensor, scaling: float, rows: int) -> torch.Tensor:
+        """Softmax attention of the last ``rows`` queries over every slot, float32, (B, Hkv, G, rows, N).
+
+        Causal (each query sees the slots up to its own) and restricted to real tokens.
+        """
+        return self._rows(query, scaling, query.shape[2] - rows, query.shape[2])
+
+    def attention_column_sums(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Attention each slot receives, summed over every new query row, (B, Hkv, G, N); in row chunks."""
+        total = 0
+        for start in range(0, query.shape[2], _ROW_CHUNK):
+            total = total + self._rows(query, scaling, start, min(start + _ROW_CHUNK, query.shape[2])).sum(-2)
+        return total
+
+    def _rows(self, query, scaling, start, stop):
+        b, hq, q_len, d = query.shape
+        hkv, n = self.keys.shape[1], self.keys.shape[2]
+        q = query[:, :, start:stop].reshape(b, hkv, hq // hkv, stop - start, d).float()
+        logits = torch.einsum("bhgrd,bhnd->bhgrn", q, self.keys.float()) * scaling
+        slot = torch.arange(n, device=query.device)
+        own = n - q_len + torch.arange(start, stop, device=query.device)  # slot of each query row
+        see = (slot[None, :] <= own[:, None])[None, None, None] & self.valid[:, :, None, None, :]
+        return logits.masked_fill(~see, -math.inf).softmax(-1).nan_to_num(0.0)
+
+    # -- one attention call ------------------------------------------------------------------
+    def attend(self, module, query, attention_mask, scaling, dropout, kwargs):
+        n_new, self.pending = self.pending, 0
+        b, hkv = self.keys.shape[:2]
+        first = self.valid is None
+        if first:  # the prompt: the model's own causal + padding mask, fused attention
+            out, _ = sdpa_attention_forward(module, query, self.keys, self.values, attention_mask,
+                                            dropout=dropout, scaling=scaling, **kwargs)
+            self.append(_real_tokens(attention_mask, b, n_new, query.device), _positions(kwargs, b, n_new, query.device))
+        else:
+            self.append(None, _positions(kwargs, b, n_new, query.device))
+            q_used, k_used = self.recipe.attention_inputs(self, query)
+            n = self.length
+            causal = torch.arange(n, device=query.device)[None, :] <= (n - n_new + torch.arange(n_new, device=query.device))[:, None]
+            mask = self.valid[:, :, None, :] & causal
+            mask = mask.repeat_interleave(query.shape[1] // hkv, dim=1)
+            out = F.scaled_dot_product_attention(q_used, k_used, self.values, attn_mask=mask, scale=scaling,
+                                                 enable_gqa=query.shape[1] != hkv)
+            out = out.transpose(1, 2).contiguous()
+        self.evict(query, scaling, first)
+        return out, None
+
+    def append(self, real: torch.Tensor | None, pos: torch.Tensor) -> None:
+        """Describe the newest slots: which hold real tokens (B, n; None: all) and their positions (B, n)."""
+        b, hkv = self.keys.shape[:2]
+        n = pos.shape[-1]
+        real = pos.new_ones(b, n, dtype=torch.bool) if real is None else real
+        if self.valid is None:
+            self.prompt_len = n
+            self.valid, self.pos = real[:, None].expand(b, hkv, n), pos[:, None].expand(b, hkv, n)
+        else:
+            self.valid = torch.cat([self.valid, real[:, None].expand(b, hkv, n)], dim=-1)
+            self.pos = torch.cat([self.pos, pos[:, None].expand(b, hkv, n)], dim=-1)
+
+    def evict(self, query: torch.Tensor, scaling: float, prompt: bool) -> None:
+        """Let the recipe score the slots with the new queries, and keep its choice when over capacity."""
+        if self.capacity is None:
+            self.capacity = self.recipe.layer_capacity(self.layer_idx, self.n_layers, self.prompt_len)
+        self.recipe.observe(self, query, scaling, prompt)
+        if self.length > self.capacity and (prompt or self.recipe.evicts_while_decoding):
+            self.keep(self.recipe.select(self, query, scaling, self.capacity))
+
+
+def _real_tokens(mask, b, n, device) -> torch.Tensor:
+    """(B, N) bool: the prompt positions that hold real tokens, read from the model's 4-D mask."""
+    if mask is None:
+        return torch.ones(b, n, dtype=torch.bool, device=device)
+    last = mask[:, 0, -1, -n:]  # the last query sees every real token of its sequence
+    if last.dtype != torch.bool:
+        last = last > torch.finfo(last.dtype).min / 2
+    return last.expand(b, n)
+
+
+def _positions(kwargs, b, n, device) -> torch.Tensor:
+    pos = kwargs.get("position_ids")
+    if pos is None:
+        raise RuntimeError("graphprune: the model did not pass position_ids to its attention")
+    return pos[..., -n:].to(device).expand(b, n)
+
+
+class EvictingCache(Cache):
+    """A KV cache whose layers evict by a cache recipe (see :mod:`graphprune.recipes.cache`)."""
+
+    def __init__(self, recipe, n_layers: int, inv_freq: torch.Tensor | None = None):
+        super().__init__(layers=[EvictingLayer(recipe, i, n_layers, inv_freq) for i in range(n_layers)])
+        self.recipe = recipe
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cached keys and values of every layer."""
+        return sum(layer.nbytes for layer in self.layers)
+
+    @property
+    def full_nbytes(self) -> int:
+        """Bytes a full (never evicting) cache would hold for the same tokens."""
+        return sum(layer.nbytes * layer.seen // max(layer.length, 1) for layer in self.layers)
+
+    def memory(self) -> dict:
+        """Cache memory: bytes held, bytes a full cache would hold, and their ratio."""
+        held, full = self.nbytes, self.full_nbytes
+        return {"bytes": held, "full_bytes": full, "ratio": held / full if full else 1.0, "slots_per_layer": self.slots()}
+
+    def slots(self) -> list[int]:
+        """Cached tokens per layer (padding slots included)."""
+        return [layer.length for layer in self.layers]
+
+
+def kv_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """The ``graphprune_kv`` attention function: SDPA, plus scoring and eviction when the cache is ours."""
+    layer = _PENDING.get()
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    if layer is None or not layer.pending or layer.layer_idx != getattr(module, "layer_idx", None):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    _PENDING.set(None)
+    return layer.attend(module, query, attention_mask, scaling, dropout, kwargs)
+
+
+def register() -> None:
+    """Register ``graphprune_kv`` with transformers' attention and mask interfaces (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION, kv_attention)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)

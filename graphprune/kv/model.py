@@ -1,0 +1,154 @@
+"""Decoder LLMs: recognise a Hugging Face causal LM and give back a copy that evicts from its KV cache.
+
+The copy shares the user's weights but has its own modules and config: its attention runs
+the ``graphprune_kv`` function and every forward that starts a cache starts an
+:class:`~graphprune.kv.cache.EvictingCache`. It keeps the standard forward
+(``model(input_ids, past_key_values=..., use_cache=True)``) and ``generate``.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from graphprune.errors import GraphPruneError, RecipeError, UnsupportedArchitectureError
+from graphprune.kv.cache import ATTENTION, EvictingCache, register
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # rotate-half RoPE, cache.update + attention interface
+
+
+@dataclass
+class DecoderInfo:
+    """What the matcher found: one attention site per layer, GQA shape, and the RoPE frequencies."""
+
+    family: str
+    n_layers: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    inv_freq: torch.Tensor | None
+
+
+def is_decoder_lm(model) -> bool:
+    config = getattr(model, "config", None)
+    return config is not None and hasattr(model, "generate") and not getattr(config, "is_encoder_decoder", False) \
+        and getattr(config, "model_type", None) is not None and hasattr(model, "get_decoder")
+
+
+def analyze_decoder(model) -> DecoderInfo:
+    """Match the attention sites of a Hugging Face decoder; refuse what eviction cannot handle."""
+    config = model.config
+    family = config.model_type
+    if family not in FAMILIES:
+        raise UnsupportedArchitectureError(
+            f"KV-cache recipes support the decoder families {', '.join(FAMILIES)}; this model is '{family}'")
+    layers = getattr(model.get_decoder(), "layers", None)
+    if layers is None:
+        raise UnsupportedArchitectureError(f"cannot find the decoder layers of this '{family}' model")
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"}:
+        raise UnsupportedArchitectureError(
+            f"this model has {', '.join(sorted(kinds - {'full_attention'}))} layers; KV eviction supports full-attention "
+            "layers only (disable the sliding window in the config if the prompts fit in it)")
+    sites = [getattr(layer, "self_attn", None) for layer in layers]
+    for i, attn in enumerate(sites):
+        if attn is None or not all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
+            raise UnsupportedArchitectureError(f"layer {i} has no q/k/v/o attention site")
+        if getattr(attn, "layer_idx", i) != i:
+            raise UnsupportedArchitectureError(f"layer {i}'s attention is numbered {attn.layer_idx}")
+    rope = getattr(model.get_decoder(), "rotary_emb", None)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return DecoderInfo(family, len(layers), config.num_attention_heads,
+                       getattr(config, "num_key_value_heads", None) or config.num_attention_heads, head_dim,
+                       getattr(rope, "inv_freq", None))
+
+
+@dataclass
+class KVReport:
+    """What ``optimize`` did to a decoder: the recipe, its options and the attention sites it acts on."""
+
+    recipe: str
+    options: dict
+    family: str
+    layers: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def _evicting_class(base: type) -> type:
+    """A subclass of the model's class whose forward starts an evicting cache (the base class is untouched)."""
+    if base in _CLASSES:
+        return _CLASSES[base]
+    forward = base.forward
+    names = list(inspect.signature(forward).parameters)
+
+    @functools.wraps(forward)
+    def evicting_forward(self, *args, **kwargs):
+        bound = dict(zip(names[1:], args))
+        cache_key = "cache" if "cache" in names else "past_key_values"
+        cache = kwargs.get(cache_key, bound.get(cache_key, kwargs.get("past_key_values")))
+        use_cache = kwargs.get("use_cache", bound.get("use_cache"))
+        if use_cache is None:
+            use_cache = self.config.use_cache
+        if not isinstance(cache, EvictingCache) and (cache is not None or use_cache):
+            if cache is not None and cache.get_seq_length() > 0:
+                raise ValueError("graphprune: this model evicts from its own cache; pass the cache it returned "
+                                 f"(an EvictingCache), not a filled {type(cache).__name__}")
+            cache = self.graphprune_new_cache()
+            if cache_key in bound:
+                args = list(args)
+                args[names[1:].index(cache_key)] = cache
+            else:
+                kwargs.pop("past_key_values", None)
+                kwargs[cache_key] = cache
+        return forward(self, *args, **kwargs)
+
+    cls = type(f"{base.__name__}WithKVEviction", (base,), {"forward": evicting_forward, "__module__": __name__})
+    _CLASSES[base] = cls
+    return cls
+
+
+def evicting_copy(model, recipe, info: DecoderInfo):
+    """A copy of ``model`` sharing its weights, whose KV cache evicts by ``recipe``."""
+    register()
+    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    new = copy.deepcopy(model, shared)
+    new.__class__ = _evicting_class(type(model))
+    new.config._attn_implementation = ATTENTION
+    inv_freq = info.inv_freq
+
+    def new_cache():
+        return EvictingCache(recipe, info.n_layers, inv_freq)
+
+    new.graphprune_new_cache = new_cache
+    new.report = KVReport(recipe.name, recipe.options(), info.family, info.n_layers, info.q_heads, info.kv_heads,
+                          info.head_dim)
+    return new
+
+
+def optimize_decoder(model, recipe, target: str = "eager", output=None):
+    """``graphprune.optimize`` for decoder LLMs: a copy whose KV cache evicts by a cache recipe."""
+    if getattr(recipe, "kind", None) != "cache":
+        from graphprune.recipes import RECIPES
+
+        cache = sorted(n for n, c in RECIPES.items() if getattr(c, "kind", None) == "cache")
+        raise RecipeError(f"'{recipe.name}' reduces the tokens of encoders; decoder LLMs take a KV-cache recipe: "
+                          f"{', '.join(cache)}")
+    if not is_decoder_lm(model):
+        raise RecipeError(f"'{recipe.name}' is a KV-cache recipe for Hugging Face decoder LLMs ({', '.join(FAMILIES)}); "
+                          f"{type(model).__name__} is not one")
+    if target != "eager":
+        raise GraphPruneError(f"decoder LLMs lower to target='eager' only so far, not '{target}'")
+    return evicting_copy(model, recipe, analyze_decoder(model))

@@ -1,0 +1,104 @@
+"""Direct implementations of the KV-cache eviction papers on explicit attention patterns.
+
+Each works on one sequence and one KV head, from a matrix of attention *logits* given by
+hand (row i: what query i gives every key), with Python lists and sets; no graphprune code.
+Scores of the query heads sharing a KV head are averaged (GQA), as graphprune does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def causal_softmax(logits: torch.Tensor, keys: list[int], query: int) -> dict[int, float]:
+    """Attention of ``query`` over the visible keys ``keys`` (those ≤ query), as {key: prob}."""
+    seen = [k for k in keys if k <= query]
+    p = torch.softmax(torch.stack([logits[query, k] for k in seen]).double(), 0)
+    return dict(zip(seen, p.tolist()))
+
+
+def group(logits_per_head: list[torch.Tensor], fn):
+    """Average ``fn(logits)`` (a {key: score} dict) over the query heads of a group."""
+    out: dict[int, float] = {}
+    for lg in logits_per_head:
+        for k, v in fn(lg).items():
+            out[k] = out.get(k, 0.0) + v / len(logits_per_head)
+    return out
+
+
+def top(scores: dict[int, float], n: int, among: list[int]) -> set[int]:
+    return set(sorted(among, key=lambda k: -scores.get(k, 0.0))[:n])
+
+
+def h2o(heads: list[torch.Tensor], prompt: int, total: int, budget: int, recent: int) -> set[int]:
+    """H2O: accumulate every query's attention per key; keep ``recent`` newest + heavy hitters; every step."""
+    acc: dict[int, float] = {}
+    keys = list(range(prompt))
+    for q in range(prompt):  # the prompt: every row of the causal attention matrix
+        for k, v in group(heads, lambda lg: causal_softmax(lg, keys, q)).items():
+            acc[k] = acc.get(k, 0.0) + v
+
+    def evict(keys):
+        if len(keys) <= budget:
+            return keys
+        newest = keys[-recent:] if recent else []
+        heavy = top(acc, budget - recent, [k for k in keys if k not in newest])
+        return sorted(heavy | set(newest))
+
+    keys = evict(keys)
+    for t in range(prompt, total):
+        keys = keys + [t]
+        for k, v in group(heads, lambda lg: causal_softmax(lg, keys, t)).items():
+            acc[k] = acc.get(k, 0.0) + v
+        keys = evict(keys)
+    return set(keys)
+
+
+def snapkv(heads: list[torch.Tensor], prompt: int, budget: int, window: int, kernel: int, pooling: str):
+    """SnapKV: the last ``window`` queries vote for earlier keys; votes pooled (zero padded); top budget − window.
+
+    Returns the kept set and the pooled votes (max pooling ties often: any top set is then valid)."""
+    if prompt <= budget:
+        return set(range(prompt)), {}
+    prefix = list(range(prompt - window))
+    votes = group(heads, lambda lg: {k: sum(causal_softmax(lg, list(range(prompt)), q).get(k, 0.0)
+                                            for q in range(prompt - window, prompt)) for k in prefix})
+    v = [votes[k] for k in prefix]
+    pooled = {}
+    for k in prefix:
+        lo, hi = k - kernel // 2, k + kernel // 2
+        win = [v[j] if 0 <= j < len(v) else 0.0 for j in range(lo, hi + 1)]
+        pooled[k] = sum(win) / kernel if pooling == "avg" else max(v[j] for j in range(max(lo, 0), min(hi, len(v) - 1) + 1))
+    return top(pooled, budget - window, prefix) | set(range(prompt - window, prompt)), pooled
+
+
+def tova(all_heads: list[torch.Tensor], prompt: int, total: int, budget: int) -> set[int]:
+    """TOVA: after each step keep the keys the current query attends to most, averaged over all heads."""
+    keys = list(range(prompt))
+    for t in range(prompt - 1, total):
+        if t >= prompt:
+            keys = keys + [t]
+        if len(keys) > budget:
+            att = group(all_heads, lambda lg: causal_softmax(lg, keys, t))
+            keys = sorted(top(att, budget, keys))
+    return set(keys)
+
+
+def streaming_llm(prompt: int, total: int, budget: int, sinks: int) -> set[int]:
+    """StreamingLLM: the first ``sinks`` tokens plus the most recent budget − sinks."""
+    if total <= budget:
+        return set(range(total))
+    return set(range(sinks)) | set(range(total - (budget - sinks), total))
+
+
+def pyramidkv_budgets(budget: int, window: int, beta: int, layers: int, prompt: int) -> list[int]:
+    """PyramidKV's per-layer budgets: an arithmetic sequence from the bottom layer down, window on top."""
+    if prompt <= budget:
+        return [budget] * layers
+    lo = (budget - window) // beta
+    hi = 2 * (budget - window) - lo
+    if hi >= prompt - window:
+        hi = prompt - window
+        lo = 2 * (budget - window) - hi
+    step = (hi - lo) // (layers - 1)
+    return [hi - i * step + window for i in range(layers)]

@@ -1,0 +1,270 @@
+"""KV-cache recipes on decoder LLMs: exactness at full budget, the papers' kept sets, GQA, padding, generate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+import graphprune
+from graphprune.errors import RecipeError, ScheduleError, UnsupportedArchitectureError
+from graphprune.kv import EvictingCache, EvictingLayer
+from graphprune.recipes import get_recipe
+from tests import reference_kv as ref
+
+CACHE_RECIPES = ["streaming_llm", "h2o", "tova", "snapkv", "pyramidkv"]
+SMALL = {"streaming_llm": {"sinks": 2}, "snapkv": {"window": 4}, "pyramidkv": {"window": 4}}
+
+
+def tiny(family: str = "llama", seed: int = 0, kv_heads: int = 2, layers: int = 3):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                  num_key_value_heads=kv_heads, max_position_embeddings=256, pad_token_id=0, eos_token_id=1)
+    cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+           "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[family]
+    extra = {"head_dim": 16} if family == "qwen3" else {}
+    return cls[1](cls[0](**common, **extra)).eval()
+
+
+def prompts(batch=2, length=24, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(2, 101, (batch, length), generator=g)
+
+
+def left_padded(seed=2):
+    """Two prompts of 24 and 17 real tokens, left padded, plus each one alone."""
+    ids = prompts(2, 24, seed)
+    mask = torch.ones_like(ids)
+    ids[1, :7], mask[1, :7] = 0, 0
+    return ids, mask, [ids[:1], ids[1:, 7:]]
+
+
+def greedy(model, ids, mask=None, n=8):
+    out = model.generate(ids, attention_mask=mask if mask is not None else torch.ones_like(ids), max_new_tokens=n,
+                         do_sample=False, pad_token_id=0)
+    return out[:, ids.shape[1]:]
+
+
+# -- exactness at full budget ------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("recipe", CACHE_RECIPES)
+def test_full_budget_reproduces_logits_step_by_step(family, recipe):
+    model = tiny(family)
+    fast = graphprune.optimize(model, recipe, budget=1.0, **SMALL.get(recipe, {}))
+    ids = prompts()
+    with torch.no_grad():
+        ref_out = model(ids, use_cache=True)
+        out = fast(ids, use_cache=True)
+        assert isinstance(out.cache, EvictingCache)
+        torch.testing.assert_close(out.logits, ref_out.logits, atol=1e-5, rtol=0)
+        ref_cache, cache = ref_out.cache, out.cache
+        for step in range(5):
+            nxt = ref_out.logits[:, -1:].argmax(-1)
+            ref_out = model(nxt, past_key_values=ref_cache, use_cache=True)
+            out = fast(nxt, past_key_values=cache, use_cache=True)
+            torch.testing.assert_close(out.logits, ref_out.logits, atol=1e-5, rtol=0)
+    assert cache.slots() == [24 + 5] * 3
+
+
+def test_user_model_untouched():
+    model = tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = prompts()
+    with torch.no_grad():
+        expected = model(ids).logits
+    fast = graphprune.optimize(model, "h2o", budget=8)
+    with torch.no_grad():
+        fast(ids)
+    assert type(model) is LlamaForCausalLM and model.config._attn_implementation != "graphprune_kv"
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected, atol=0, rtol=0)
+    assert fast.model.embed_tokens.weight is model.model.embed_tokens.weight  # weights shared, not copied
+
+
+# -- the papers' kept sets on hand-made attention patterns ------------------------------------
+
+def drive(recipe, logits, kv_heads, prompt, total, layer_idx=0, n_layers=1):
+    """Run one cache layer on keys e_j and queries whose dot products are the given logits (Hq, T, T)."""
+    hq, t = logits.shape[:2]
+    layer = EvictingLayer(recipe, layer_idx, n_layers)
+    keys = torch.eye(t).expand(1, kv_heads, t, t)
+    queries = logits[None]
+
+    def step(lo, hi, first):
+        layer.update(keys[:, :, lo:hi], keys[:, :, lo:hi])
+        layer.pending = 0
+        layer.append(None, torch.arange(lo, hi)[None])
+        layer.evict(queries[:, :, lo:hi], 1.0, first)
+
+    step(0, prompt, True)
+    for i in range(prompt, total):
+        step(i, i + 1, False)
+    return [set(layer.pos[0, h][layer.valid[0, h]].tolist()) for h in range(kv_heads)]
+
+
+def patterns(hq=4, t=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = 3 * torch.randn(hq, t, t, generator=g)
+    logits[:, :, 3] += 4.0  # a heavy hitter
+    logits[0, :, 11] += 3.0  # one head's favourite
+    return logits
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_h2o_keeps_the_papers_set(kv_heads):
+    logits = patterns()
+    rec = get_recipe("h2o", budget=8, recent=0.5)
+    kept = drive(rec, logits, kv_heads, prompt=12, total=20)
+    g = 4 // kv_heads
+    for h in range(kv_heads):
+        assert kept[h] == ref.h2o(list(logits[h * g:(h + 1) * g]), 12, 20, budget=8, recent=4)
+    assert all(3 in k for k in kept)
+
+
+@pytest.mark.parametrize("pooling,kernel", [("avg", 5), ("max", 7), ("avg", 1)])
+def test_snapkv_keeps_the_papers_set(pooling, kernel):
+    logits = patterns(t=20, seed=3)
+    rec = get_recipe("snapkv", budget=10, window=4, kernel=kernel, pooling=pooling)
+    kept = drive(rec, logits, 2, prompt=20, total=20)
+    for h in range(2):
+        expected, pooled = ref.snapkv(list(logits[2 * h:2 * h + 2]), 20, 10, 4, kernel, pooling)
+        assert len(kept[h]) == 10 and set(range(16, 20)) <= kept[h]
+        chosen, dropped = kept[h] - set(range(16, 20)), set(range(16)) - kept[h]
+        assert min(pooled[k] for k in chosen) >= max(pooled[k] for k in dropped) - 1e-12  # a top set of the votes
+        if pooling == "avg":
+            assert kept[h] == expected
+    assert kept[0] != kept[1]  # per KV head
+
+
+def test_snapkv_is_a_no_op_below_budget_and_grows_while_decoding():
+    assert ref.snapkv([patterns()[0]], 12, 16, 4, 5, "avg")[0] == set(range(12))
+    rec = get_recipe("snapkv", budget=16, window=4)
+    assert drive(rec, patterns(), 2, prompt=12, total=20)[0] == set(range(20))
+
+
+def test_tova_keeps_the_papers_set():
+    logits = patterns(seed=5)
+    kept = drive(get_recipe("tova", budget=7), logits, 2, prompt=10, total=20)
+    assert kept[0] == kept[1] == ref.tova(list(logits), 10, 20, budget=7)
+
+
+def test_streaming_llm_keeps_sinks_and_recent():
+    kept = drive(get_recipe("streaming_llm", budget=8, sinks=3), patterns(), 2, prompt=12, total=20)
+    assert kept[0] == kept[1] == ref.streaming_llm(12, 20, 8, 3) == {0, 1, 2, 15, 16, 17, 18, 19}
+
+
+def test_pyramidkv_budgets_fall_with_depth_and_keep_the_mean():
+    rec = get_recipe("pyramidkv", budget=40, window=8, beta=20)
+    caps = [rec.layer_capacity(i, 6, 200) for i in range(6)]
+    assert caps == ref.pyramidkv_budgets(40, 8, 20, 6, 200)
+    assert caps == sorted(caps, reverse=True) and caps[0] > caps[-1]
+    assert abs(sum(caps) / 6 - 40) <= 3  # integer steps round the mean down a little
+    assert [rec.layer_capacity(i, 6, 30) for i in range(6)] == [40] * 6  # short prompt: nothing to compress
+    rec = get_recipe("pyramidkv", budget=12, window=4)
+    caps = [rec.layer_capacity(i, 6, 24) for i in range(6)]
+    assert caps == [20, 17, 14, 11, 8, 5]
+    logits = patterns(t=24, seed=7)
+    for layer in (0, 5):  # each layer is SnapKV at its own budget
+        kept = drive(rec, logits, 2, prompt=24, total=24, layer_idx=layer, n_layers=6)
+        for h in range(2):
+            assert kept[h] == ref.snapkv(list(logits[2 * h:2 * h + 2]), 24, caps[layer], 4, 5, "avg")[0]
+
+
+# -- models: GQA storage, padding, generate ---------------------------------------------------
+
+@pytest.mark.parametrize("recipe", CACHE_RECIPES)
+def test_cache_is_stored_at_kv_heads_and_within_budget(recipe):
+    model = tiny(kv_heads=2)
+    fast = graphprune.optimize(model, recipe, budget=12, **SMALL.get(recipe, {}))
+    ids = prompts(2, 30)
+    with torch.no_grad():
+        out = fast(ids, use_cache=True)
+        for _ in range(3):
+            out = fast(out.logits[:, -1:].argmax(-1), past_key_values=out.cache, use_cache=True)
+    layer = out.cache.layers[0]
+    assert layer.keys.shape[:2] == (2, 2) and layer.keys.shape[-1] == 16
+    mem = out.cache.memory()
+    grows = 3 if recipe in ("snapkv", "pyramidkv") else 0  # prompt compressed once, then the cache grows
+    caps = [layer.capacity for layer in out.cache.layers]
+    assert out.cache.slots() == [c + grows for c in caps]
+    assert sum(caps) / 3 == pytest.approx(12, abs=1) and (recipe == "pyramidkv" or caps == [12] * 3)
+    assert mem["ratio"] == pytest.approx((sum(caps) / 3 + grows) / 33, abs=0.02)
+    assert out.cache.get_seq_length() == 33
+
+
+@pytest.mark.parametrize("recipe", CACHE_RECIPES)
+def test_left_padded_batch_equals_each_prompt_alone(recipe):
+    model = tiny("qwen2", seed=3)
+    # PyramidKV's layer budgets depend on the prompt length once the bottom layer would keep it all: budget 8 stays clear
+    fast = graphprune.optimize(model, recipe, budget=8, **SMALL.get(recipe, {}))
+    ids, mask, alone = left_padded()
+    with torch.no_grad():
+        batched = greedy(fast, ids, mask)
+        for i, p in enumerate(alone):
+            assert torch.equal(batched[i], greedy(fast, p)[0]), f"sample {i}"
+
+
+def test_eviction_changes_the_output_and_full_budget_does_not():
+    model = tiny()
+    ids, mask, _ = left_padded()
+    with torch.no_grad():
+        expected = greedy(model, ids, mask, n=12)
+        assert torch.equal(greedy(graphprune.optimize(model, "h2o", budget=1.0), ids, mask, n=12), expected)
+        fast = graphprune.optimize(model, "streaming_llm", budget=6, sinks=2)
+        logits = fast(ids, attention_mask=mask).logits
+    assert torch.allclose(logits, model(ids, attention_mask=mask).logits, atol=1e-5)  # the prompt pass is exact
+    with torch.no_grad():
+        assert not torch.equal(greedy(fast, ids, mask, n=12), expected)
+
+
+def test_sampling_generate_and_report():
+    fast = graphprune.optimize(tiny(), "snapkv", budget=0.5, window=4)
+    torch.manual_seed(0)
+    out = fast.generate(prompts(), max_new_tokens=6, do_sample=True, top_k=20, pad_token_id=0,
+                        return_dict_in_generate=True)
+    assert out.sequences.shape == (2, 30)
+    assert out.cache.slots() == [12 + 5] * 3  # half the 24-token prompt, then one slot per generated token
+    assert fast.report.kv_heads == 2 and fast.report.recipe == "snapkv"
+
+
+def test_streaming_rerotation_uses_positions_inside_the_cache():
+    model = tiny(layers=1)  # one layer: cached keys depend on the token and its position only
+    ids = prompts(1, 20)
+    with torch.no_grad():
+        faithful = graphprune.optimize(model, "streaming_llm", budget=8, sinks=2)
+        plain = graphprune.optimize(model, "streaming_llm", budget=8, sinks=2, rerotate=False)
+        a, b = faithful(ids), plain(ids)
+        nxt = ids[:, -1:]
+        la = faithful(nxt, past_key_values=a.cache).logits
+        lb = plain(nxt, past_key_values=b.cache).logits
+        # the faithful model sees the 8 cached tokens at positions 0..7 and the new one at 8: the same as
+        # running the unmodified model on those 9 tokens from scratch
+        kept = torch.cat([ids[:, :2], ids[:, -6:], nxt], dim=1)
+        expected = model(kept).logits[:, -1:]
+    torch.testing.assert_close(la, expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(lb, expected, atol=1e-3)
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+def test_errors_are_clear():
+    with pytest.raises(ScheduleError, match="at least 5"):
+        get_recipe("streaming_llm", budget=3)
+    with pytest.raises(ScheduleError, match=r"\(0, 1\)"):
+        get_recipe("h2o", budget=1.5)
+    with pytest.raises(RecipeError, match="decoder LLMs take a KV-cache recipe"):
+        graphprune.optimize(tiny(), "tome")
+    with pytest.raises(RecipeError, match="KV-cache recipe"):
+        graphprune.optimize(torch.nn.Linear(2, 2), "h2o")
+    from transformers import GPT2Config, GPT2LMHeadModel
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50)).eval()
+    with pytest.raises(UnsupportedArchitectureError, match="llama, mistral, qwen2, qwen3"):
+        graphprune.optimize(gpt2, "h2o", budget=8)
+    fast = graphprune.optimize(tiny(), "h2o", budget=8)
+    from transformers import DynamicCache
+    full = tiny()(prompts(), use_cache=True).cache
+    with pytest.raises(ValueError, match="pass the cache it returned"):
+        fast(prompts()[:, -1:], past_key_values=full)
+    assert isinstance(DynamicCache(), DynamicCache)
