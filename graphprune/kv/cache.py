@@ -52,6 +52,7 @@ class EvictingLayer(CacheLayerMixin):
         self.prompt_len: int | None = None
         self.capacity: int | None = None
         self.pending = 0
+        self.static: int | None = None  # static-shape mode (export): slots = capacity + static, padded with empty slots
 
     # -- transformers' cache-layer protocol -------------------------------------------------
     def lazy_initialization(self, key_states, value_states) -> None:
@@ -200,6 +201,20 @@ class EvictingLayer(CacheLayerMixin):
         self.recipe.observe(self, query, scaling, prompt)
         if self.length > self.capacity and (prompt or self.recipe.evicts_while_decoding):
             self.keep(self.recipe.select(self, query, scaling, self.capacity))
+        if self.static is not None:  # a fixed slot count: empty slots go first, real tokens are never dropped for them
+            slots = self.capacity + self.static
+            if self.length < slots:
+                self.pad(slots - self.length)
+            elif self.length > slots:
+                self.keep(self.top(torch.zeros_like(self.pos, dtype=torch.float32), slots, protect=self.valid))
+
+    def pad(self, n: int) -> None:
+        """Add ``n`` empty slots before the others (static shapes)."""
+        def grow(t):
+            return torch.cat([t.new_zeros(*t.shape[:2], n, *t.shape[3:]), t], dim=2)
+        self.keys, self.values = grow(self.keys), grow(self.values)
+        self.valid, self.pos = grow(self.valid), grow(self.pos)
+        self.state = {k: grow(v) for k, v in self.state.items()}
 
 
 def _real_tokens(mask, b, n, device) -> torch.Tensor:
@@ -244,6 +259,31 @@ class EvictingCache(Cache):
     def slots(self) -> list[int]:
         """Cached tokens per layer (padding slots included)."""
         return [layer.length for layer in self.layers]
+
+    # -- static shapes: the cache as a flat list of tensors (ONNX inputs and outputs) -------------
+    def state_names(self) -> list[str]:
+        return [f"{name}.{i}" for i in range(len(self.layers)) for name in ("keys", "values", "valid", "pos", *self.recipe.state)]
+
+    def flat(self) -> list[torch.Tensor]:
+        return [t for layer in self.layers
+                for t in (layer.keys, layer.values, layer.valid, layer.pos, *(layer.state[k] for k in self.recipe.state))]
+
+    def load_flat(self, tensors, capacities: list[int], extra: int) -> "EvictingCache":
+        """Fill the layers from :meth:`flat` tensors, in static mode (``capacities`` + ``extra`` slots each)."""
+        per = 4 + len(self.recipe.state)
+        for i, layer in enumerate(self.layers):
+            keys, values, valid, pos, *state = tensors[i * per:(i + 1) * per]
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values, layer.valid, layer.pos = keys, values, valid, pos
+            layer.state = dict(zip(self.recipe.state, state))
+            layer.capacity, layer.static, layer.prompt_len = capacities[i], extra, 0
+        return self
+
+    def make_static(self, extra: int) -> "EvictingCache":
+        """Static-shape mode: every layer ends each call with capacity + ``extra`` slots."""
+        for layer in self.layers:
+            layer.static = extra
+        return self
 
 
 def kv_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):

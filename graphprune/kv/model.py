@@ -133,13 +133,18 @@ def evicting_copy(model, recipe, info: DecoderInfo):
         return EvictingCache(recipe, info.n_layers, inv_freq)
 
     new.graphprune_new_cache = new_cache
+    new.graphprune_recipe = recipe
     new.report = KVReport(recipe.name, recipe.options(), info.family, info.n_layers, info.q_heads, info.kv_heads,
                           info.head_dim)
     return new
 
 
-def optimize_decoder(model, recipe, target: str = "eager", output=None):
-    """``graphprune.optimize`` for decoder LLMs: a copy whose KV cache evicts by a cache recipe."""
+def optimize_decoder(model, recipe, target: str = "eager", output=None, example_inputs=None, max_new_tokens: int = 64):
+    """``graphprune.optimize`` for decoder LLMs: a copy whose KV cache evicts by a cache recipe.
+
+    ``target="onnx"`` also writes ``output``/prefill.onnx and decode.onnx (static cache shapes,
+    prompts of ``example_inputs``' length, default 128) and returns an ONNX Runtime runner.
+    """
     if getattr(recipe, "kind", None) != "cache":
         from graphprune.recipes import RECIPES
 
@@ -149,6 +154,21 @@ def optimize_decoder(model, recipe, target: str = "eager", output=None):
     if not is_decoder_lm(model):
         raise RecipeError(f"'{recipe.name}' is a KV-cache recipe for Hugging Face decoder LLMs ({', '.join(FAMILIES)}); "
                           f"{type(model).__name__} is not one")
-    if target != "eager":
-        raise GraphPruneError(f"decoder LLMs lower to target='eager' only so far, not '{target}'")
-    return evicting_copy(model, recipe, analyze_decoder(model))
+    if target not in ("eager", "onnx"):
+        raise GraphPruneError(f"decoder LLMs lower to target='eager' or 'onnx', not '{target}' (TensorRT: export to "
+                              "ONNX and build the engine from decode.onnx)")
+    if target == "onnx" and output is None:
+        raise GraphPruneError("target='onnx' needs output='folder' (prefill.onnx and decode.onnx are written there)")
+    fast = evicting_copy(model, recipe, analyze_decoder(model))
+    if target == "eager":
+        return fast
+    from graphprune.exporters.decoder_onnx import export_decoder_onnx
+
+    prompt_len = 128 if example_inputs is None else _input_ids(example_inputs).shape[-1]
+    return export_decoder_onnx(fast, output, prompt_len=prompt_len, max_new_tokens=max_new_tokens)
+
+
+def _input_ids(example_inputs) -> torch.Tensor:
+    if isinstance(example_inputs, dict):
+        return example_inputs["input_ids"]
+    return example_inputs if isinstance(example_inputs, torch.Tensor) else example_inputs[0]

@@ -23,6 +23,7 @@ class CacheRecipe(Recipe):
     kind: ClassVar[str] = "cache"
     zero: ClassVar[dict] = {"budget": 1.0}
     evicts_while_decoding: ClassVar[bool] = True  # False: compress the prompt once, then let the cache grow
+    state: ClassVar[tuple[str, ...]] = ()  # names of the per-slot score tensors the recipe keeps (layer.state)
 
     budget: Union[int, float] = option(
         0.5, "cached tokens per layer: an int, or a fraction in (0, 1) of the prompt length (1.0: keep everything)")

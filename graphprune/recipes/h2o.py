@@ -18,6 +18,8 @@ class H2O(CacheRecipe):
     summary = "keep the heavy hitters (most accumulated attention) plus the most recent tokens, at every step"
     paper = "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large Language Models (NeurIPS 2023)"
 
+    state = ("acc",)
+
     recent: float = option(0.5, "share of the budget given to the most recent tokens (the rest: heavy hitters)")
 
     def validate(self) -> None:
