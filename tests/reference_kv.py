@@ -102,3 +102,36 @@ def pyramidkv_budgets(budget: int, window: int, beta: int, layers: int, prompt: 
         lo = 2 * (budget - window) - hi
     step = (hi - lo) // (layers - 1)
     return [hi - i * step + window for i in range(layers)]
+
+
+def scissorhands(heads: list[torch.Tensor], prompt: int, total: int, budget: int, history: int, recent: int) -> set[int]:
+    """Scissorhands: count, over the last ``history`` queries, how often each token got less than the average
+    attention 1/t; at the budget drop the most often unimportant (older first on ties), never the ``recent`` newest."""
+    keys = list(range(prompt))
+    rows: list[dict[int, float]] = []  # per query: {key: share of the group's heads that found it unimportant}
+
+    def record(q):
+        low: dict[int, float] = {}
+        for lg in heads:
+            att = causal_softmax(lg, keys, q)
+            for k, v in att.items():
+                low[k] = low.get(k, 0.0) + (v < 1.0 / len(att)) / len(heads)
+        rows.append(low)
+
+    for q in range(max(0, prompt - history), prompt):
+        record(q)
+
+    def evict(keys):
+        while len(keys) > budget:
+            newest = set(keys[-recent:]) if recent else set()
+            count = {k: sum(r.get(k, 0.0) for r in rows[-history:]) for k in keys}
+            drop = max((k for k in keys if k not in newest), key=lambda k: (count[k], -k))
+            keys = [k for k in keys if k != drop]
+        return keys
+
+    keys = evict(keys)
+    for t in range(prompt, total):
+        keys = keys + [t]
+        record(t)
+        keys = evict(keys)
+    return set(keys)

@@ -12,8 +12,9 @@ from graphprune.kv import EvictingCache, EvictingLayer
 from graphprune.recipes import get_recipe
 from tests import reference_kv as ref
 
-CACHE_RECIPES = ["streaming_llm", "h2o", "tova", "snapkv", "pyramidkv"]
-SMALL = {"streaming_llm": {"sinks": 2}, "snapkv": {"window": 4}, "pyramidkv": {"window": 4}}
+CACHE_RECIPES = ["streaming_llm", "h2o", "tova", "snapkv", "pyramidkv", "scissorhands"]
+SMALL = {"streaming_llm": {"sinks": 2}, "snapkv": {"window": 4}, "pyramidkv": {"window": 4},
+         "scissorhands": {"history": 6, "recent": 2}}
 
 
 def tiny(family: str = "llama", seed: int = 0, kv_heads: int = 2, layers: int = 3):
@@ -142,6 +143,15 @@ def test_snapkv_is_a_no_op_below_budget_and_grows_while_decoding():
     assert ref.snapkv([patterns()[0]], 12, 16, 4, 5, "avg")[0] == set(range(12))
     rec = get_recipe("snapkv", budget=16, window=4)
     assert drive(rec, patterns(), 2, prompt=12, total=20)[0] == set(range(20))
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_scissorhands_keeps_the_papers_set(kv_heads):
+    logits = patterns(seed=11)
+    kept = drive(get_recipe("scissorhands", budget=8, history=5, recent=2), logits, kv_heads, prompt=12, total=20)
+    g = 4 // kv_heads
+    for h in range(kv_heads):
+        assert kept[h] == ref.scissorhands(list(logits[h * g:(h + 1) * g]), 12, 20, budget=8, history=5, recent=2)
 
 
 def test_tova_keeps_the_papers_set():

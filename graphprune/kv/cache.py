@@ -155,10 +155,15 @@ class EvictingLayer(CacheLayerMixin):
         hkv, n = self.keys.shape[1], self.keys.shape[2]
         q = query[:, :, start:stop].reshape(b, hkv, hq // hkv, stop - start, d).float()
         logits = torch.einsum("bhgrd,bhnd->bhgrn", q, self.keys.float()) * scaling
-        slot = torch.arange(n, device=query.device)
-        own = n - q_len + torch.arange(start, stop, device=query.device)  # slot of each query row
-        see = (slot[None, :] <= own[:, None])[None, None, None] & self.valid[:, :, None, None, :]
+        see = self.visible(q_len, start, stop)
         return logits.masked_fill(~see, -math.inf).softmax(-1).nan_to_num(0.0)
+
+    def visible(self, q_len: int, start: int, stop: int) -> torch.Tensor:
+        """(B, Hkv, 1, rows, N) bool: the real slots each of the new query rows start:stop can see (causal)."""
+        n = self.length
+        slot = torch.arange(n, device=self.keys.device)
+        own = n - q_len + torch.arange(start, stop, device=self.keys.device)  # slot of each query row
+        return (slot[None, :] <= own[:, None])[None, None, None] & self.valid[:, :, None, None, :]
 
     # -- one attention call ------------------------------------------------------------------
     def attend(self, module, query, attention_mask, scaling, dropout, kwargs):

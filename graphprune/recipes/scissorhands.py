@@ -1,0 +1,55 @@
+"""Scissorhands: Exploiting the Persistence of Importance Hypothesis for LLM KV Cache Compression at Test Time
+(Liu et al., NeurIPS 2023)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from graphprune.errors import ScheduleError
+from graphprune.recipes.base import option, register
+from graphprune.recipes.cache import CacheRecipe, group_mean
+
+
+@register
+@dataclass
+class Scissorhands(CacheRecipe):
+    name = "scissorhands"
+    summary = "at the budget, drop the tokens that were least often pivotal (attention ≥ 1/t) over a history window"
+    paper = "Scissorhands: Exploiting the Persistence of Importance Hypothesis for LLM KV Cache Compression (NeurIPS 2023)"
+    state = ("low",)
+
+    history: int = option(32, "history window: the last queries whose attention decides importance")
+    recent: int = option(8, "most recent tokens that are never dropped")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.history < 1 or self.recent < 0:
+            raise ScheduleError(f"history must be ≥ 1 and recent ≥ 0, got {self.history} and {self.recent}")
+
+    def min_budget(self) -> int:
+        return self.recent + 1
+
+    def min_budget_reason(self) -> str:
+        return f"the {self.recent} recent tokens plus one"
+
+    def observe(self, layer, query, scaling, prompt):
+        q_len = query.shape[2]
+        rows = min(self.history, q_len)
+        att = layer.attention_rows(query, scaling, rows)  # (B, Hkv, G, rows, N)
+        seen = layer.visible(q_len, q_len - rows, q_len)
+        # a token is unimportant to a query when its attention is below the average, 1/t over the t tokens it sees
+        low = group_mean((seen & (att < 1.0 / seen.sum(-1, keepdim=True).clamp(min=1))).float())  # (B, Hkv, rows, N)
+        low = low.transpose(-1, -2)  # (B, Hkv, N, rows)
+        old = layer.state.get("low")
+        if old is None:
+            old = low.new_zeros(*low.shape[:3], self.history)
+        else:  # the new slots have no history yet
+            old = torch.cat([old, old.new_zeros(*old.shape[:2], layer.length - old.shape[2], self.history)], dim=2)
+        layer.state["low"] = torch.cat([old, low], dim=-1)[..., -self.history:]
+
+    def select(self, layer, query, scaling, capacity):
+        # most often unimportant goes first; among equal counts the older token goes first
+        age = layer.valid.cumsum(-1) / (layer.length + 1)
+        return layer.top(-layer.state["low"].sum(-1) + 1e-3 * age, capacity, protect=layer.recent(self.recent))
