@@ -135,3 +135,32 @@ def scissorhands(heads: list[torch.Tensor], prompt: int, total: int, budget: int
         record(t)
         keys = evict(keys)
     return set(keys)
+
+
+def minmax_quant(xs: list[float], bits: int) -> list[float]:
+    """Asymmetric min-max quantisation of one group, dequantised: min + round((x − min)/scale)·scale."""
+    lo, hi = min(xs), max(xs)
+    scale = (hi - lo) / (2**bits - 1) or 1.0
+    return [lo + min(max(round((x - lo) / scale), 0), 2**bits - 1) * scale for x in xs]
+
+
+def kivi(keys: torch.Tensor, values: torch.Tensor, prompt: int, bits: int, group: int, residual: int):
+    """KIVI on one head: keys (T, D) per channel in groups of ``group`` tokens, quantised a whole residual block
+    at a time; values per token (groups of ``group`` channels), all but the newest ``residual``. Returns the
+    keys and values attention sees after the last token, and how many of each are quantised."""
+    t, d = keys.shape
+    nk = prompt - prompt % residual if prompt >= residual else 0
+    for n in range(prompt + 1, t + 1):  # each decode step: quantise the residual block once it is full
+        if n - nk >= residual:
+            nk = n
+    nv = max(t - residual, 0)
+    k = keys.double().clone()
+    for g0 in range(0, nk, group):
+        for c in range(d):
+            k[g0:g0 + group, c] = torch.tensor(minmax_quant(keys[g0:g0 + group, c].double().tolist(), bits))
+    v = values.double().clone()
+    vg = group if d % group == 0 else d
+    for i in range(nv):
+        for c0 in range(0, d, vg):
+            v[i, c0:c0 + vg] = torch.tensor(minmax_quant(values[i, c0:c0 + vg].double().tolist(), bits))
+    return k, v, nk, nv

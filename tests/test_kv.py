@@ -9,7 +9,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 import graphprune
 from graphprune.errors import RecipeError, ScheduleError, UnsupportedArchitectureError
 from graphprune.kv import EvictingCache, EvictingLayer
-from graphprune.recipes import get_recipe
+from graphprune.recipes import RECIPES, get_recipe
+from graphprune.ops.quant import dequantize, pack, quantize, unpack
 from tests import reference_kv as ref
 
 CACHE_RECIPES = ["streaming_llm", "h2o", "tova", "snapkv", "pyramidkv", "scissorhands"]
@@ -49,10 +50,10 @@ def greedy(model, ids, mask=None, n=8):
 # -- exactness at full budget ------------------------------------------------------------------
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
-@pytest.mark.parametrize("recipe", CACHE_RECIPES)
+@pytest.mark.parametrize("recipe", [*CACHE_RECIPES, "kivi"])
 def test_full_budget_reproduces_logits_step_by_step(family, recipe):
     model = tiny(family)
-    fast = graphprune.optimize(model, recipe, budget=1.0, **SMALL.get(recipe, {}))
+    fast = graphprune.optimize(model, recipe, **{**SMALL.get(recipe, {}), **RECIPES[recipe].zero})
     ids = prompts()
     with torch.no_grad():
         ref_out = model(ids, use_cache=True)
@@ -180,6 +181,71 @@ def test_pyramidkv_budgets_fall_with_depth_and_keep_the_mean():
         kept = drive(rec, logits, 2, prompt=24, total=24, layer_idx=layer, n_layers=6)
         for h in range(2):
             assert kept[h] == ref.snapkv(list(logits[2 * h:2 * h + 2]), 24, caps[layer], 4, 5, "avg")[0]
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("prompt,total", [(13, 13), (13, 30), (5, 21)])
+def test_kivi_stores_the_papers_quantised_cache(bits, prompt, total):
+    g = torch.Generator().manual_seed(bits)
+    keys, values = torch.randn(1, 2, total, 8, generator=g), torch.randn(1, 2, total, 8, generator=g)
+    rec = get_recipe("kivi", bits=bits, group=4, residual=8)
+    layer = rec.layer_class(rec, 0, 1)
+
+    def step(lo, hi, first):
+        layer.update(keys[:, :, lo:hi], values[:, :, lo:hi])
+        layer.pending = 0
+        layer.append(None, torch.arange(lo, hi)[None])
+        layer.evict(torch.zeros(1, 2, hi - lo, 8), 1.0, first)
+
+    step(0, prompt, True)
+    for i in range(prompt, total):
+        step(i, i + 1, False)
+    k, v = layer.kv()
+    for h in range(2):
+        rk, rv, nk, nv = ref.kivi(keys[0, h], values[0, h], prompt, bits, 4, 8)
+        assert (layer.nk, layer.nv) == (nk, nv)
+        torch.testing.assert_close(k[0, h].double(), rk, atol=1e-5, rtol=0)
+        torch.testing.assert_close(v[0, h].double(), rv, atol=1e-5, rtol=0)
+    full = 2 * total * 2 * 8 * 4
+    assert layer.nbytes < full and layer.length == total
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_quantisation_packs_and_bounds_the_error(bits):
+    codes = torch.randint(0, 2**bits, (3, 5, 16), dtype=torch.uint8)
+    assert torch.equal(unpack(pack(codes, bits), bits), codes) and pack(codes, bits).shape[-1] == 16 * bits // 8
+    x = torch.randn(4, 6, 16)
+    packed, scale, lo = quantize(x, bits, axis=1)
+    assert scale.shape == (4, 1, 16)
+    assert ((dequantize(packed, scale, lo, bits) - x).abs() <= scale / 2 + 1e-6).all()
+
+
+def test_kivi_memory_and_padding():
+    model = tiny(kv_heads=2)
+    ids, mask, _ = left_padded()
+    fast = graphprune.optimize(model, "kivi", bits=2, group=4, residual=8)
+    with torch.no_grad():
+        out = fast(ids, attention_mask=mask, use_cache=True)
+    k = out.cache.layers[0].kv()[0]
+    raw = graphprune.optimize(model, "kivi", residual=2**30)  # never quantises: the raw keys
+    with torch.no_grad():
+        rk = raw(ids, attention_mask=mask, use_cache=True).cache.layers[0].kv()[0]
+    # sample 1 is padded on slots 0-6: the group of slots 4-7 holds one real token, which therefore quantises
+    # exactly (padding takes no part in the min/max); slots 8-11 are a group of real tokens
+    torch.testing.assert_close(k[1, :, 7], rk[1, :, 7], atol=1e-6, rtol=0)
+    for h in range(2):
+        for c in range(16):
+            expected = ref.minmax_quant(rk[1, h, 8:12, c].double().tolist(), 2)
+            torch.testing.assert_close(k[1, h, 8:12, c].double(), torch.tensor(expected, dtype=torch.double), atol=1e-5, rtol=0)
+    long = graphprune.optimize(tiny(), "kivi", bits=2, residual=32)
+    with torch.no_grad():
+        mem = long(prompts(1, 250), use_cache=True).cache.memory()
+    # head_dim 16: 2-bit codes plus fp32 scales come to 0.1875 of fp32 (0.125 at head_dim 64)
+    assert mem["ratio"] <= (224 * 0.1875 + 26) / 250 + 1e-6
+    with pytest.raises(ScheduleError, match="multiple of group"):
+        get_recipe("kivi", group=32, residual=48)
+    with pytest.raises(ScheduleError, match="leave budget at 1.0"):
+        get_recipe("kivi", budget=0.5)
 
 
 # -- models: GQA storage, padding, generate ---------------------------------------------------

@@ -109,6 +109,9 @@ def export_decoder_onnx(lm, output, prompt_len: int = 64, max_new_tokens: int = 
     generation token for token on a random left-padded batch.
     """
     recipe = lm.graphprune_recipe
+    if not recipe.exportable:
+        raise GraphPruneError(f"'{recipe.name}' has no static-shape decode step to export to ONNX yet (its cache "
+                              "changes size as it works); use target='eager'")
     if isinstance(recipe.budget, float):
         raise GraphPruneError("ONNX export needs a fixed budget: give budget as an int (cached tokens per layer)")
     extra = 0 if recipe.evicts_while_decoding else max_new_tokens

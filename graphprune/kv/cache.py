@@ -84,7 +84,7 @@ class EvictingLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.__init__(self.recipe, self.layer_idx, self.n_layers, self.inv_freq)
+        type(self).__init__(self, self.recipe, self.layer_idx, self.n_layers, self.inv_freq)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -99,6 +99,10 @@ class EvictingLayer(CacheLayerMixin):
     @property
     def length(self) -> int:
         return 0 if self.keys is None else self.keys.shape[-2]
+
+    def kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every cached key and value, in full precision, (B, Hkv, N, D) each."""
+        return self.keys, self.values
 
     @property
     def nbytes(self) -> int:
@@ -176,12 +180,13 @@ class EvictingLayer(CacheLayerMixin):
             self.append(_real_tokens(attention_mask, b, n_new, query.device), _positions(kwargs, b, n_new, query.device))
         else:
             self.append(None, _positions(kwargs, b, n_new, query.device))
-            q_used, k_used = self.recipe.attention_inputs(self, query)
+            keys, values = self.kv()
+            q_used, k_used = self.recipe.attention_inputs(self, query, keys)
             n = self.length
             causal = torch.arange(n, device=query.device)[None, :] <= (n - n_new + torch.arange(n_new, device=query.device))[:, None]
             mask = self.valid[:, :, None, :] & causal
             mask = mask.repeat_interleave(query.shape[1] // hkv, dim=1)
-            out = F.scaled_dot_product_attention(q_used, k_used, self.values, attn_mask=mask, scale=scaling,
+            out = F.scaled_dot_product_attention(q_used, k_used, values, attn_mask=mask, scale=scaling,
                                                  enable_gqa=query.shape[1] != hkv)
             out = out.transpose(1, 2).contiguous()
         self.evict(query, scaling, first)
@@ -243,7 +248,8 @@ class EvictingCache(Cache):
     """A KV cache whose layers evict by a cache recipe (see :mod:`graphprune.recipes.cache`)."""
 
     def __init__(self, recipe, n_layers: int, inv_freq: torch.Tensor | None = None):
-        super().__init__(layers=[EvictingLayer(recipe, i, n_layers, inv_freq) for i in range(n_layers)])
+        layer = getattr(recipe, "layer_class", None) or EvictingLayer
+        super().__init__(layers=[layer(recipe, i, n_layers, inv_freq) for i in range(n_layers)])
         self.recipe = recipe
 
     @property
@@ -254,7 +260,8 @@ class EvictingCache(Cache):
     @property
     def full_nbytes(self) -> int:
         """Bytes a full (never evicting) cache would hold for the same tokens."""
-        return sum(layer.nbytes * layer.seen // max(layer.length, 1) for layer in self.layers)
+        return sum(2 * layer.keys.shape[0] * layer.keys.shape[1] * layer.keys.shape[-1] * layer.keys.element_size() * layer.seen
+                   for layer in self.layers if layer.keys is not None)
 
     def memory(self) -> dict:
         """Cache memory: bytes held, bytes a full cache would hold, and their ratio."""

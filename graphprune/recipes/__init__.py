@@ -1,7 +1,7 @@
 """Recipes: one file per published method, collected in a registry."""
 
 from graphprune.recipes import (  # noqa: F401  (registers the recipes)
-    atc, ats, diffrate, evit, evo_vit, h2o, pitome, ppt, pyramidkv, scissorhands, snapkv, streaming_llm, tome, tova, tps,
+    atc, ats, diffrate, evit, evo_vit, h2o, kivi, pitome, ppt, pyramidkv, scissorhands, snapkv, streaming_llm, tome, tova, tps,
     zero_tprune,
 )
 from graphprune.recipes.base import RECIPES, Recipe, get_recipe, register

@@ -24,6 +24,8 @@ class CacheRecipe(Recipe):
     zero: ClassVar[dict] = {"budget": 1.0}
     evicts_while_decoding: ClassVar[bool] = True  # False: compress the prompt once, then let the cache grow
     state: ClassVar[tuple[str, ...]] = ()  # names of the per-slot score tensors the recipe keeps (layer.state)
+    exportable: ClassVar[bool] = True  # a fixed budget gives static cache shapes (ONNX decode step)
+    layer_class: ClassVar[type | None] = None  # a cache layer of its own (KIVI's quantised storage); None: EvictingLayer
 
     budget: Union[int, float] = option(
         0.5, "cached tokens per layer: an int, or a fraction in (0, 1) of the prompt length (1.0: keep everything)")
@@ -67,9 +69,9 @@ class CacheRecipe(Recipe):
         """How many slots layer ``layer`` keeps; uniform unless the recipe says otherwise."""
         return self.tokens(prompt_len)
 
-    def attention_inputs(self, layer, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def attention_inputs(self, layer, query: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The query and keys attention uses after the prompt (StreamingLLM re-rotates them)."""
-        return query, layer.keys
+        return query, keys
 
     def observe(self, layer, query: torch.Tensor, scaling: float, prompt: bool) -> None:
         """Update running per-slot scores with the new queries (after the slots were appended)."""

@@ -26,12 +26,12 @@ class StreamingLLM(CacheRecipe):
     def min_budget_reason(self) -> str:
         return f"{self.sinks} sinks plus one recent token"
 
-    def attention_inputs(self, layer, query):
+    def attention_inputs(self, layer, query, keys):
         if not self.rerotate or layer.inv_freq is None:
-            return query, layer.keys
+            return query, keys
         slot = layer.valid.cumsum(-1) - 1  # position inside the cache (real tokens only)
-        keys = rotate(layer.keys, slot - layer.pos, layer.inv_freq)
-        n_new, groups = query.shape[2], query.shape[1] // layer.keys.shape[1]
+        keys = rotate(keys, slot - layer.pos, layer.inv_freq)
+        n_new, groups = query.shape[2], query.shape[1] // keys.shape[1]
         shift = (slot - layer.pos)[..., -n_new:].repeat_interleave(groups, dim=1)
         return rotate(query, shift, layer.inv_freq), keys
 

