@@ -38,6 +38,8 @@ def load_model(spec: str, weights: Optional[Path], trust_pickle: bool):
     from graphprune.errors import UntrustedFileError
 
     path = Path(spec)
+    if path.suffix == ".gguf" or (path.is_dir() and (path / "config.json").is_file()):
+        return load_hf_decoder(path)
     if path.suffix in (".pt2",):
         if not path.is_file():
             _fail(f"no such file: {path}")
@@ -74,6 +76,52 @@ def load_model(spec: str, weights: Optional[Path], trust_pickle: bool):
     return model
 
 
+def load_hf_decoder(path: Path):
+    """A Hugging Face causal LM from a local folder (config.json + safetensors) or a .gguf file."""
+    from transformers import AutoModelForCausalLM
+
+    if not path.exists():
+        _fail(f"no such file: {path}")
+    try:
+        if path.suffix == ".gguf":
+            import torch
+
+            return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+        return AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True).eval()
+    except Exception as err:  # noqa: BLE001
+        _fail(f"cannot load a causal LM from {path} (a folder with config.json and .safetensors weights, or a .gguf "
+              f"file): {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+
+
+def load_tokenizer(spec: str):
+    from transformers import AutoTokenizer
+
+    path = Path(spec)
+    try:
+        if path.suffix == ".gguf":
+            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as err:  # noqa: BLE001
+        _fail(f"cannot load the tokenizer of {path} for --data: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+
+
+def text_batches(model: str, data: Optional[Path], vocab: int, batch: int, prompt_len: int, new_tokens: int):
+    """(prompts, continuations) for a decoder: token windows of --data (a text file) or random tokens."""
+    import torch
+
+    if data is None:
+        g = torch.Generator().manual_seed(0)
+        return torch.randint(0, vocab, (batch, prompt_len), generator=g), None
+    if not data.is_file():
+        _fail(f"no such text file: {data}")
+    ids = load_tokenizer(model)(data.read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
+    span = prompt_len + new_tokens
+    if len(ids) < batch * span:
+        _fail(f"{data} has {len(ids)} tokens; --batch {batch} windows of {prompt_len}+{new_tokens} need {batch * span}")
+    windows = ids[: batch * span].reshape(batch, span)
+    return windows[:, :prompt_len], windows[:, prompt_len:]
+
+
 def read_state_dict(path: Path) -> dict:
     import torch
 
@@ -90,7 +138,10 @@ def read_state_dict(path: Path) -> dict:
 
 
 # options shared by the commands that apply a recipe
-ModelArg = Annotated[str, typer.Argument(help="timm model name, a .pt2 exported program, or a pickled module (.pt, needs --trust-pickle)")]
+ModelArg = Annotated[str, typer.Argument(help="timm model name, a .pt2 exported program, a Hugging Face causal LM (a folder "
+                                             "with config.json, or a .gguf file), or a pickled module (.pt, needs --trust-pickle)")]
+PromptLenOpt = Annotated[int, typer.Option("--prompt-len", min=1, help="decoder LLMs: prompt tokens (ONNX exports take this length)")]
+NewTokensOpt = Annotated[int, typer.Option("--new-tokens", min=1, help="decoder LLMs: tokens generated / decoded per prompt")]
 ROpt = Annotated[Optional[str], typer.Option("--r", help="tome: tokens merged per block, or a comma-separated per-block list")]
 InflectionOpt = Annotated[Optional[float], typer.Option("--inflection", help="tome: ramp the schedule (r, inflection)")]
 PropAttnOpt = Annotated[Optional[bool], typer.Option("--prop-attn/--no-prop-attn", help="tome: proportional attention")]
@@ -175,9 +226,12 @@ def export(
     locations: LocationsOpt = None, restore_tokens: RestoreOpt = None, option: OptionOpt = [],  # noqa: B006
     schedule: ScheduleOpt = None, weights: WeightsOpt = None, trust_pickle: TrustOpt = False,
     batch: Annotated[int, typer.Option("--batch", min=1, help="example batch size used for capture and checks")] = 2,
-    input_size: InputSizeOpt = None,
+    input_size: InputSizeOpt = None, prompt_len: PromptLenOpt = 128, new_tokens: NewTokensOpt = 64,
 ):
-    """Optimize MODEL with a recipe and write the artifact plus report.json into the output folder."""
+    """Optimize MODEL with a recipe and write the artifact plus report.json into the output folder.
+
+    Decoder LLMs take a KV-cache recipe (-O budget=...): --target onnx writes prefill.onnx and
+    decode.onnx; --target eager writes the recipe as a schedule file to pass back with --schedule."""
     try:
         import graphprune
 
@@ -190,6 +244,10 @@ def export(
             _fail(f"output {output} exists and is not a folder")
         ensure_dir(output)
         net = load_model(model, weights, trust_pickle)
+        from graphprune.kv import is_decoder_lm
+
+        if is_decoder_lm(net):
+            return export_decoder(net, model, recipe, options, target, output, batch, prompt_len, new_tokens)
         example = example_inputs(net, batch, input_size)
         with console.status(f"optimizing {model} with {recipe}…"):
             if target == "onnx":
@@ -203,6 +261,33 @@ def export(
         console.print(f"wrote {report.artifact} and {output / 'report.json'}")
     except GraphPruneError as err:
         _fail(str(err))
+
+
+def export_decoder(net, model: str, recipe: str, options: dict, target: str, output: Path, batch: int, prompt_len: int,
+                   new_tokens: int) -> None:
+    import json
+
+    import graphprune
+    from graphprune.exporters.files import write_text
+    from graphprune.schedule.files import Schedule
+
+    if target == "trt":
+        _fail("decoder LLMs export to ONNX (--target onnx); build the TensorRT engine from decode.onnx")
+    ids, _ = text_batches(model, None, net.config.vocab_size, batch, prompt_len, 1)
+    with console.status(f"optimizing {model} with {recipe}…"):
+        result = graphprune.optimize(net, recipe, target=target, output=output if target == "onnx" else None,
+                                     example_inputs=ids, max_new_tokens=new_tokens, **options)
+    report = result.report.to_dict()
+    if target == "onnx":
+        report["artifact"] = str(output)
+        report["onnx"] = result.meta
+        console.print(f"wrote {output / 'prefill.onnx'}, {output / 'decode.onnx'} (checked against eager generation)")
+    else:
+        path = Schedule(recipe, options, {"model": model}).save(output / "schedule.json")
+        report["artifact"] = str(path)
+        console.print(f"wrote {path}: pass it back with --schedule, or graphprune.optimize(model, schedule=...)")
+    write_text(output / "report.json", json.dumps(report, indent=2, default=str))
+    console.print(f"wrote {output / 'report.json'}")
 
 
 def load_data(path: Path, net, input_size: Optional[str]):
@@ -238,11 +323,11 @@ def load_data(path: Path, net, input_size: Optional[str]):
               f"{str(err).splitlines()[0] if str(err) else type(err).__name__}")
 
 
-def model_and_batches(model: str, weights, trust_pickle: bool, batch: int, input_size, data):
+def model_and_batches(model: str, weights, trust_pickle: bool, batch: int, input_size, data, net=None):
     """The model (eval mode), a random timing batch, and --data split into batches (None without it)."""
     import torch
 
-    net = load_model(model, weights, trust_pickle).eval()
+    net = (net if net is not None else load_model(model, weights, trust_pickle)).eval()
     torch.manual_seed(0)
     timed = example_inputs(net, batch, input_size)
     if data is None:
@@ -283,8 +368,13 @@ def bench(
     r: ROpt = None, inflection: InflectionOpt = None, prop_attn: PropAttnOpt = None, keep: KeepOpt = None,
     locations: LocationsOpt = None, restore_tokens: RestoreOpt = None, option: OptionOpt = [],  # noqa: B006
     schedule: ScheduleOpt = None, weights: WeightsOpt = None, trust_pickle: TrustOpt = False, input_size: InputSizeOpt = None,
+    prompt_len: PromptLenOpt = 512, new_tokens: NewTokensOpt = 32,
 ):
-    """Speed and fidelity of MODEL optimized with a recipe against the unmodified model (interleaved runs)."""
+    """Speed and fidelity of MODEL optimized with a recipe against the unmodified model (interleaved runs).
+
+    Decoder LLMs: decode speed and KV-cache memory against the full cache, and the fidelity of
+    every next-token distribution along a continuation (--data: a text file, else random tokens
+    continued greedily)."""
     try:
         from graphprune import bench as gb
 
@@ -311,28 +401,48 @@ def bench(
             from graphprune.exporters.files import check_writable
 
             check_writable(json_out)
-        net, timed, fid_data = model_and_batches(model, weights, trust_pickle, batch, input_size, data)
+        from graphprune.kv import is_decoder_lm
+
+        net = load_model(model, weights, trust_pickle)
+        if is_decoder_lm(net):
+            from graphprune.kv import bench as kb
+
+            if target != "eager":
+                _fail("decoder LLMs are benchmarked in eager mode (their ONNX export is checked token for token by export)")
+            ids, targets = text_batches(model, data, net.config.vocab_size, batch, prompt_len, new_tokens)
+            console.print(f"benchmarking {model}: {len(variants)} variant(s) against the full cache, batch {batch}, "
+                          f"{prompt_len}-token prompts, {new_tokens} decode steps")
+            results = kb.bench_decoder(net, variants, ids, targets=targets, new_tokens=new_tokens, rounds=rounds, warmup=warmup)
+            return _write_bench(results, model, target, batch, rounds, data, json_out, table_out, plot_out,
+                                kb.table, kb.markdown, metric="top1_agreement")
+        net, timed, fid_data = model_and_batches(model, weights, trust_pickle, batch, input_size, data, net=net)
         y = load_labels(labels) if labels is not None else None
         if y is not None and len(y) != sum(len(d[0]) for d in fid_data):
             _fail(f"{labels} has {len(y)} labels for {sum(len(d[0]) for d in fid_data)} inputs")
         console.print(f"benchmarking {model}: {len(variants)} variant(s) against the unmodified model, {target}, batch {batch}")
         results = gb.sweep(net, variants, timed, target=target, data=fid_data, labels=y, rounds=rounds, warmup=warmup, threads=threads)
-        title = f"{model} · {target} · batch {batch}"
-        console.print(gb.table(results, title=title))
-        from graphprune.exporters.files import write_text
-
-        if json_out is not None:
-            payload = {"model": model, "target": target, "batch": batch, "rounds": rounds, "data": str(data) if data else "random inputs",
-                       "results": [r.to_dict() for r in results]}
-            if len(results) == 1:
-                payload.update(results[0].to_dict())  # speedup, flop_ratio, fidelity at the top level
-            console.print(f"wrote {write_text(json_out, json.dumps(payload, indent=2))}")
-        if table_out is not None:
-            console.print(f"wrote {write_text(table_out, gb.markdown(results, title=title))}")
-        if plot_out is not None:
-            console.print(f"wrote {gb.plot(results, plot_out, title=title)}")
+        _write_bench(results, model, target, batch, rounds, data, json_out, table_out, plot_out, gb.table, gb.markdown)
     except GraphPruneError as err:
         _fail(str(err))
+
+
+def _write_bench(results, model, target, batch, rounds, data, json_out, table_out, plot_out, table, markdown,
+                 metric: str = "cosine") -> None:
+    from graphprune import bench as gb
+    from graphprune.exporters.files import write_text
+
+    title = f"{model} · {target} · batch {batch}"
+    console.print(table(results, title=title))
+    if json_out is not None:
+        payload = {"model": model, "target": target, "batch": batch, "rounds": rounds, "data": str(data) if data else "random inputs",
+                   "results": [r.to_dict() for r in results]}
+        if len(results) == 1:
+            payload.update(results[0].to_dict())  # speedup, flop_ratio, fidelity at the top level
+        console.print(f"wrote {write_text(json_out, json.dumps(payload, indent=2))}")
+    if table_out is not None:
+        console.print(f"wrote {write_text(table_out, markdown(results, title=title))}")
+    if plot_out is not None:
+        console.print(f"wrote {gb.plot(results, plot_out, metric=metric, title=title)}")
 
 
 @app.command()
