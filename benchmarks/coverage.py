@@ -111,7 +111,7 @@ def _hook(cls, names) -> dict | None:
 def recipe_settings() -> dict:
     """recipe -> {"zero": options or None (unknown), "reduce": options}."""
     out = {}
-    for name in graphprune.list_recipes():
+    for name in graphprune.list_recipes("tokens"):
         cls = RECIPES[name]
         zero = _hook(cls, ZERO_HOOKS)
         if zero is None:

@@ -498,15 +498,17 @@ def recipes(as_json: bool = typer.Option(False, "--json", help="machine-readable
     from graphprune.recipes import RECIPES
 
     if as_json:
-        print(json.dumps({n: {"summary": c.summary, "paper": c.paper, "options": c.describe_options()} for n, c in sorted(RECIPES.items())}, indent=2))
+        print(json.dumps({n: {"kind": c.kind, "summary": c.summary, "paper": c.paper, "options": c.describe_options()}
+                          for n, c in sorted(RECIPES.items())}, indent=2))
         return
     t = Table(title="graphprune recipes")
     t.add_column("recipe")
+    t.add_column("acts on")
     t.add_column("what it does")
     t.add_column("options (default)")
     for name, cls in sorted(RECIPES.items()):
         opts = "\n".join(f"{o} ({d}): {h}" for o, d, h in cls.describe_options())
-        t.add_row(name, f"{cls.summary}\n[dim]{cls.paper}[/]", opts)
+        t.add_row(name, "decoder KV cache" if cls.kind == "cache" else "encoder tokens", f"{cls.summary}\n[dim]{cls.paper}[/]", opts)
     console.print(t)
 
 

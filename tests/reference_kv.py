@@ -164,3 +164,49 @@ def kivi(keys: torch.Tensor, values: torch.Tensor, prompt: int, bits: int, group
         for c0 in range(0, d, vg):
             v[i, c0:c0 + vg] = torch.tensor(minmax_quant(values[i, c0:c0 + vg].double().tolist(), bits))
     return k, v, nk, nv
+
+
+def fastgen(heads: list[torch.Tensor], tokens: list[int], prompt: int, total: int, recovery: float, local: float,
+            frequent: float, special: set[int], punct: set[int]):
+    """FastGen on one KV head: profile the prompt (kept attention mass of each cumulative policy, averaged over
+    the prompt's rows; the first reaching ``recovery`` wins, else full), then apply that policy every step.
+    Returns (policy index, kept set)."""
+    import math
+
+    keys = list(range(prompt))
+    window = math.ceil(local * prompt)
+    acc = {k: 0.0 for k in keys}
+    seen = {k: 0 for k in keys}
+    rows = {}
+    for q in range(prompt):
+        rows[q] = group(heads, lambda lg: causal_softmax(lg, keys, q))
+        for k, v in rows[q].items():
+            acc[k] += v
+            seen[k] += 1
+
+    def masks(keys, now, length):
+        sp_only = {k for k in keys if tokens[k] in special}
+        sp = sp_only | {k for k in keys if tokens[k] in punct}
+        others = sorted((k for k in keys if k not in sp), key=lambda k: -acc[k] / max(seen[k], 1))
+        freq = set(others[:math.ceil(frequent * length)])
+        return [sp_only, sp, sp | freq, sp | freq | {k for k in keys if now - k < window}, set(keys)]
+
+    policy = 4
+    if recovery < 1.0:
+        base = masks(keys, prompt - 1, prompt)
+        for p in range(4):
+            kept = base[p] if p < 3 else base[2]
+            mass = sum(sum(v for k, v in rows[q].items() if k in kept or (p == 3 and q - k < window))
+                       for q in range(prompt)) / prompt
+            if mass >= recovery:
+                policy = p
+                break
+    keys = sorted(masks(keys, prompt - 1, prompt)[policy])
+    for t in range(prompt, total):
+        keys = keys + [t]
+        acc[t], seen[t] = 0.0, 0
+        for k, v in group(heads, lambda lg: causal_softmax(lg, keys, t)).items():
+            acc[k] += v
+            seen[k] += 1
+        keys = sorted(masks(keys, t, t + 1)[policy])
+    return policy, set(keys)

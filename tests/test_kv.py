@@ -15,7 +15,8 @@ from tests import reference_kv as ref
 
 CACHE_RECIPES = ["streaming_llm", "h2o", "tova", "snapkv", "pyramidkv", "scissorhands"]
 SMALL = {"streaming_llm": {"sinks": 2}, "snapkv": {"window": 4}, "pyramidkv": {"window": 4},
-         "scissorhands": {"history": 6, "recent": 2}}
+         "scissorhands": {"history": 6, "recent": 2},
+         "fastgen": {"recovery": 0.8, "special_ids": [5], "punct_ids": [9, 11, 13]}}
 
 
 def tiny(family: str = "llama", seed: int = 0, kv_heads: int = 2, layers: int = 3):
@@ -50,7 +51,7 @@ def greedy(model, ids, mask=None, n=8):
 # -- exactness at full budget ------------------------------------------------------------------
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
-@pytest.mark.parametrize("recipe", [*CACHE_RECIPES, "kivi"])
+@pytest.mark.parametrize("recipe", [*CACHE_RECIPES, "kivi", "fastgen"])
 def test_full_budget_reproduces_logits_step_by_step(family, recipe):
     model = tiny(family)
     fast = graphprune.optimize(model, recipe, **{**SMALL.get(recipe, {}), **RECIPES[recipe].zero})
@@ -87,15 +88,17 @@ def test_user_model_untouched():
 
 # -- the papers' kept sets on hand-made attention patterns ------------------------------------
 
-def drive(recipe, logits, kv_heads, prompt, total, layer_idx=0, n_layers=1):
+def drive(recipe, logits, kv_heads, prompt, total, layer_idx=0, n_layers=1, tokens=None):
     """Run one cache layer on keys e_j and queries whose dot products are the given logits (Hq, T, T)."""
     hq, t = logits.shape[:2]
-    layer = EvictingLayer(recipe, layer_idx, n_layers)
+    layer = (recipe.layer_class or EvictingLayer)(recipe, layer_idx, n_layers)
     keys = torch.eye(t).expand(1, kv_heads, t, t)
     queries = logits[None]
 
     def step(lo, hi, first):
         layer.update(keys[:, :, lo:hi], keys[:, :, lo:hi])
+        if tokens is not None:
+            layer.inputs["input_ids"] = torch.tensor(tokens[lo:hi])[None]
         layer.pending = 0
         layer.append(None, torch.arange(lo, hi)[None])
         layer.evict(queries[:, :, lo:hi], 1.0, first)
@@ -153,6 +156,21 @@ def test_scissorhands_keeps_the_papers_set(kv_heads):
     g = 4 // kv_heads
     for h in range(kv_heads):
         assert kept[h] == ref.scissorhands(list(logits[h * g:(h + 1) * g]), 12, 20, budget=8, history=5, recent=2)
+
+
+@pytest.mark.parametrize("recovery,expected", [(1.0, [4, 4]), (0.9, [2, 3]), (0.5, [1, 2]), (0.3, [0, 1])])
+def test_fastgen_profiles_and_keeps_the_papers_set(recovery, expected):
+    logits = patterns(seed=13)
+    logits[0:2, :, 0] += 5.0  # KV head 0 looks at the special token 0
+    idx = torch.arange(20)
+    logits[2:4] += 6.0 * ((idx[:, None] - idx[None, :]).abs() <= 2)  # KV head 1 looks nearby
+    tokens = [5, 40, 41, 9, 42, 43, 44, 9, 45, 46, 47, 48, 9, 49, 50, 51, 52, 9, 53, 54]  # 5: special, 9: punctuation
+    rec = get_recipe("fastgen", recovery=recovery, local=0.3, frequent=0.2, special_ids=[5], punct_ids=[9])
+    layer_kept = drive(rec, logits, 2, prompt=12, total=20, tokens=tokens)
+    for h in range(2):
+        policy, kept = ref.fastgen(list(logits[2 * h:2 * h + 2]), tokens, 12, 20, recovery, 0.3, 0.2, {5}, {9})
+        assert layer_kept[h] == kept and policy == expected[h], f"head {h}, policy {policy}"
+    # the special-token head needs less than the local head; lower T, cheaper policies
 
 
 def test_tova_keeps_the_papers_set():
@@ -270,11 +288,12 @@ def test_cache_is_stored_at_kv_heads_and_within_budget(recipe):
     assert out.cache.get_seq_length() == 33
 
 
-@pytest.mark.parametrize("recipe", CACHE_RECIPES)
+@pytest.mark.parametrize("recipe", [*CACHE_RECIPES, "fastgen"])
 def test_left_padded_batch_equals_each_prompt_alone(recipe):
     model = tiny("qwen2", seed=3)
     # PyramidKV's layer budgets depend on the prompt length once the bottom layer would keep it all: budget 8 stays clear
-    fast = graphprune.optimize(model, recipe, budget=8, **SMALL.get(recipe, {}))
+    budget = {} if recipe == "fastgen" else {"budget": 8}
+    fast = graphprune.optimize(model, recipe, **budget, **SMALL.get(recipe, {}))
     ids, mask, alone = left_padded()
     with torch.no_grad():
         batched = greedy(fast, ids, mask)

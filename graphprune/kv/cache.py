@@ -48,11 +48,13 @@ class EvictingLayer(CacheLayerMixin):
         self.valid: torch.Tensor | None = None  # (B, Hkv, N) bool
         self.pos: torch.Tensor | None = None  # (B, Hkv, N) long: position each key was rotated with
         self.state: dict[str, torch.Tensor] = {}  # recipe's per-slot tensors, (B, Hkv, N, ...)
+        self.aux: dict[str, torch.Tensor] = {}  # recipe's per-sequence tensors, (B, ...) (FastGen's head policies)
         self.seen = 0  # tokens written so far, padding included (what HF calls the sequence length)
         self.prompt_len: int | None = None
         self.capacity: int | None = None
         self.pending = 0
         self.static: int | None = None  # static-shape mode (export): slots = capacity + static, padded with empty slots
+        self.inputs: dict = {}  # shared with the cache: the current forward's input_ids
 
     # -- transformers' cache-layer protocol -------------------------------------------------
     def lazy_initialization(self, key_states, value_states) -> None:
@@ -84,7 +86,9 @@ class EvictingLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
+        inputs = self.inputs
         type(self).__init__(self, self.recipe, self.layer_idx, self.n_layers, self.inv_freq)
+        self.inputs = inputs
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -116,6 +120,7 @@ class EvictingLayer(CacheLayerMixin):
         if self.valid is not None:
             self.valid, self.pos = fn(self.valid), fn(self.pos)
         self.state = {k: fn(v) for k, v in self.state.items()}
+        self.aux = {k: fn(v) for k, v in self.aux.items()}
 
     def keep(self, idx: torch.Tensor) -> None:
         """Keep the slots ``idx`` (B, Hkv, C), which must be sorted, in that order."""
@@ -251,6 +256,9 @@ class EvictingCache(Cache):
         layer = getattr(recipe, "layer_class", None) or EvictingLayer
         super().__init__(layers=[layer(recipe, i, n_layers, inv_freq) for i in range(n_layers)])
         self.recipe = recipe
+        self.inputs: dict = {}  # the current forward's input_ids, for recipes that read the tokens
+        for layer in self.layers:
+            layer.inputs = self.inputs
 
     @property
     def nbytes(self) -> int:
@@ -264,9 +272,14 @@ class EvictingCache(Cache):
                    for layer in self.layers if layer.keys is not None)
 
     def memory(self) -> dict:
-        """Cache memory: bytes held, bytes a full cache would hold, and their ratio."""
+        """Cache memory: bytes held, bytes a full cache would hold, their ratio, and the share of slots that
+        hold a real token (below 1 when heads keep different numbers of tokens, or with padding)."""
         held, full = self.nbytes, self.full_nbytes
-        return {"bytes": held, "full_bytes": full, "ratio": held / full if full else 1.0, "slots_per_layer": self.slots()}
+        live = [(int(layer.valid.sum()), layer.valid.numel() * max(layer.seen, 1) // max(layer.length, 1))
+                for layer in self.layers if layer.valid is not None]
+        used = sum(a for a, _ in live) / max(sum(b for _, b in live), 1)
+        return {"bytes": held, "full_bytes": full, "ratio": held / full if full else 1.0, "token_ratio": used,
+                "slots_per_layer": self.slots()}
 
     def slots(self) -> list[int]:
         """Cached tokens per layer (padding slots included)."""

@@ -113,6 +113,8 @@ def _evicting_class(base: type) -> type:
             else:
                 kwargs.pop("past_key_values", None)
                 kwargs[cache_key] = cache
+        if isinstance(cache, EvictingCache):  # recipes that look at the tokens themselves (FastGen)
+            cache.inputs["input_ids"] = kwargs.get("input_ids", bound.get("input_ids"))
         return forward(self, *args, **kwargs)
 
     cls = type(f"{base.__name__}WithKVEviction", (base,), {"forward": evicting_forward, "__module__": __name__})
@@ -146,9 +148,9 @@ def optimize_decoder(model, recipe, target: str = "eager", output=None, example_
     prompts of ``example_inputs``' length, default 128) and returns an ONNX Runtime runner.
     """
     if getattr(recipe, "kind", None) != "cache":
-        from graphprune.recipes import RECIPES
+        from graphprune.recipes import list_recipes
 
-        cache = sorted(n for n, c in RECIPES.items() if getattr(c, "kind", None) == "cache")
+        cache = list_recipes("cache")
         raise RecipeError(f"'{recipe.name}' reduces the tokens of encoders; decoder LLMs take a KV-cache recipe: "
                           f"{', '.join(cache)}")
     if not is_decoder_lm(model):

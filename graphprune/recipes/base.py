@@ -26,6 +26,7 @@ def option(default, help: str):  # noqa: A002
 @dataclasses.dataclass
 class Recipe:
     name: ClassVar[str]
+    kind: ClassVar[str] = "tokens"  # "tokens": reduces an encoder's tokens; "cache": acts on a decoder's KV cache
     summary: ClassVar[str]
     paper: ClassVar[str]
     zero: ClassVar[dict]  # options under which the recipe reduces nothing (the model is reproduced exactly)
