@@ -210,3 +210,28 @@ def fastgen(heads: list[torch.Tensor], tokens: list[int], prompt: int, total: in
             seen[k] += 1
         keys = sorted(masks(keys, t, t + 1)[policy])
     return policy, set(keys)
+
+
+def pyramidinfer_prompt(all_heads: list[torch.Tensor], n: int, layer: int, layers: int, recent: float, decay: float,
+                        distance_weight: float, sinks: int, min_context: int) -> set[int] | None:
+    """PyramidInfer's prompt selection at one layer: the last 1 + ⌊n·recent⌋ queries' attention (all heads
+    averaged, later queries weighted up linearly to ``distance_weight``) picks int(context · r(layer)) context
+    tokens, sinks always in, r(l) = (1 − decay)(cos(πl/L) + 1)/2 + decay. None: the layer does not compress."""
+    import math
+
+    window = 1 + int(n * recent)
+    context = n - window
+    ratio = (1 - decay) * (math.cos(math.pi * layer / layers) + 1) / 2 + decay
+    keep = int(context * ratio)
+    if context <= min_context or ratio >= 1 or keep <= min_context:
+        return None
+    keys = list(range(n))
+    score = {k: 0.0 for k in range(context)}
+    for j, q in enumerate(range(n - window, n)):
+        w = 1.0 + (distance_weight - 1.0) * j / (window - 1) if window > 1 else 1.0
+        att = group(all_heads, lambda lg: causal_softmax(lg, keys, q))
+        for k in range(context):
+            score[k] += w * att.get(k, 0.0) / window
+    for k in range(min(sinks, context)):
+        score[k] = math.inf
+    return top(score, keep, list(range(context))) | set(range(context, n))

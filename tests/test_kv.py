@@ -51,7 +51,7 @@ def greedy(model, ids, mask=None, n=8):
 # -- exactness at full budget ------------------------------------------------------------------
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
-@pytest.mark.parametrize("recipe", [*CACHE_RECIPES, "kivi", "fastgen"])
+@pytest.mark.parametrize("recipe", [*CACHE_RECIPES, "kivi", "fastgen", "pyramidinfer"])
 def test_full_budget_reproduces_logits_step_by_step(family, recipe):
     model = tiny(family)
     fast = graphprune.optimize(model, recipe, **{**SMALL.get(recipe, {}), **RECIPES[recipe].zero})
@@ -171,6 +171,43 @@ def test_fastgen_profiles_and_keeps_the_papers_set(recovery, expected):
         policy, kept = ref.fastgen(list(logits[2 * h:2 * h + 2]), tokens, 12, 20, recovery, 0.3, 0.2, {5}, {9})
         assert layer_kept[h] == kept and policy == expected[h], f"head {h}, policy {policy}"
     # the special-token head needs less than the local head; lower T, cheaper policies
+
+
+@pytest.mark.parametrize("layer", [0, 2, 3])
+def test_pyramidinfer_selects_the_papers_prompt_tokens(layer):
+    logits = patterns(t=20, seed=17)
+    rec = get_recipe("pyramidinfer", recent=0.2, decay=0.5, distance_weight=1.2, sinks=2, min_context=3)
+    lay = EvictingLayer(rec, layer, 4)
+    keys = torch.eye(20).expand(1, 2, 20, 20)
+    lay.update(keys, keys)
+    lay.pending = 0
+    lay.append(None, torch.arange(20)[None])
+    lay.evict(logits[None], 1.0, True)
+    expected = ref.pyramidinfer_prompt(list(logits), 20, layer, 4, 0.2, 0.5, 1.2, 2, 3)
+    select = lay.inputs.get("select")
+    assert (None if select is None else set(select[0].tolist())) == expected
+    assert (expected is None) == (layer == 0)  # layer 0 keeps everything (r = 1)
+
+
+def test_pyramidinfer_prunes_the_prompt_with_depth_and_compresses_decoded_blocks():
+    model = tiny(layers=4)
+    ids, mask, _ = left_padded()
+    fast = graphprune.optimize(model, "pyramidinfer", decay=0.5, min_context=4, block=4)
+    with torch.no_grad():
+        out = fast(ids, attention_mask=mask, use_cache=True)
+        slots = out.cache.slots()
+        assert slots[0] == slots[1] == 24 and slots[1] > slots[2] > slots[3]  # layer 0 keeps r = 1
+        assert out.logits.shape[1] < 24  # the top layer saw fewer tokens; the last one is among them
+        expected = model(ids, attention_mask=mask).logits[:, -1]
+        assert (out.logits[:, -1] - expected).abs().max() < 0.5
+        third = out.cache.layers[3]
+        assert third.valid[1, 0].all()  # the padding went first
+        for _ in range(8):
+            out = fast(out.logits[:, -1:].argmax(-1), cache=out.cache, use_cache=True)
+        grown = out.cache.slots()
+    keep = [max(int(4 * 0.9 * rec), 1) for rec in
+            [RECIPES["pyramidinfer"].schedule(i, 4, 0.1) for i in range(4)]]
+    assert grown == [s + 8 - 2 * (4 - k) for s, k in zip(slots, keep)]  # two full blocks of 4 compressed per layer
 
 
 def test_tova_keeps_the_papers_set():

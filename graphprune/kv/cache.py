@@ -214,6 +214,10 @@ class EvictingLayer(CacheLayerMixin):
         if self.capacity is None:
             self.capacity = self.recipe.layer_capacity(self.layer_idx, self.n_layers, self.prompt_len)
         self.recipe.observe(self, query, scaling, prompt)
+        if prompt and getattr(self.recipe, "prunes_prompt", False):
+            select = self.recipe.prompt_selection(self, query, scaling)
+            if select is not None:
+                self.inputs["select"] = select
         if self.length > self.capacity and (prompt or self.recipe.evicts_while_decoding):
             self.keep(self.recipe.select(self, query, scaling, self.capacity))
         if self.static is not None:  # a fixed slot count: empty slots go first, real tokens are never dropped for them

@@ -115,7 +115,13 @@ def _evicting_class(base: type) -> type:
                 kwargs[cache_key] = cache
         if isinstance(cache, EvictingCache):  # recipes that look at the tokens themselves (FastGen)
             cache.inputs["input_ids"] = kwargs.get("input_ids", bound.get("input_ids"))
-        return forward(self, *args, **kwargs)
+            cache.inputs.pop("kept", None)
+            cache.inputs.pop("select", None)
+        self.graphprune_inputs = cache.inputs if isinstance(cache, EvictingCache) else None
+        try:
+            return forward(self, *args, **kwargs)
+        finally:
+            self.graphprune_inputs = None
 
     cls = type(f"{base.__name__}WithKVEviction", (base,), {"forward": evicting_forward, "__module__": __name__})
     _CLASSES[base] = cls
@@ -134,6 +140,11 @@ def evicting_copy(model, recipe, info: DecoderInfo):
     def new_cache():
         return EvictingCache(recipe, info.n_layers, inv_freq)
 
+    new.graphprune_inputs = None
+    if getattr(recipe, "prunes_prompt", False):
+        from graphprune.kv.prune import install
+
+        install(new)
     new.graphprune_new_cache = new_cache
     new.graphprune_recipe = recipe
     new.report = KVReport(recipe.name, recipe.options(), info.family, info.n_layers, info.q_heads, info.kv_heads,
