@@ -90,9 +90,13 @@ class OnnxDecoder:
         logits, *state = self.prefill.run(None, {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()})
         pos = attention_mask.sum(-1, keepdim=True).numpy().astype(np.int64)
         names = self.meta["state_names"]
+        eos, pad = self.meta.get("eos_token_ids") or [], self.meta.get("pad_token_id") or 0
+        done = np.zeros((input_ids.shape[0], 1), dtype=bool)
         tokens = []
         for step in range(max_new_tokens):
             nxt = logits.argmax(-1)[:, None].astype(np.int64)
+            nxt = np.where(done, pad, nxt)  # a finished sequence is padded, as generate() does
+            done |= np.isin(nxt, eos)
             tokens.append(nxt)
             if step == max_new_tokens - 1:
                 break
@@ -136,14 +140,17 @@ def export_decoder_onnx(lm, output, prompt_len: int = 64, max_new_tokens: int = 
         step_in = (ids[:, -1:], _positions(mask)[:, -1:] + 1, *state)
         _export(decode, step_in, ["input_ids", "position_ids", *past], ["logits", *present], tmp / "decode.onnx",
                 {"input_ids": {0: b}, "position_ids": {0: b}, "state": tuple({0: b} for _ in state)})
+        eos = lm.generation_config.eos_token_id
         meta = {"recipe": recipe.name, "options": recipe.options(), "prompt_len": prompt_len,
+                "eos_token_ids": [eos] if isinstance(eos, int) else list(eos or []),
+                "pad_token_id": lm.generation_config.pad_token_id if lm.generation_config.pad_token_id is not None else 0,
                 "max_new_tokens": max_new_tokens, "extra_slots": extra, "capacities": capacities, "state_names": names}
         (tmp / "decoder.json").write_text(json.dumps(meta, indent=2))
         runner = OnnxDecoder(tmp)
         with torch.no_grad():
             expected = lm.generate(ids, attention_mask=mask, max_new_tokens=check_tokens, do_sample=False,
-                                   pad_token_id=0)[:, prompt_len:]
-        got = runner.generate(ids, mask, check_tokens)
+                                   pad_token_id=meta["pad_token_id"])[:, prompt_len:]
+        got = runner.generate(ids, mask, check_tokens)[:, :expected.shape[1]]  # generate() stops when all are done
         if not torch.equal(got, expected):
             raise ExportError(f"ONNX Runtime generation differs from eager generation ({got.tolist()} vs "
                               f"{expected.tolist()}); nothing was written")
