@@ -277,6 +277,25 @@ def _fmt_opts(options: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in options.items())
 
 
+def _threads(d: dict) -> str:
+    return f"{d['threads']} thread" + ("s" if d["threads"] != 1 else "")
+
+
+NOTES = [
+    "## Notes", "",
+    "- The machine has 2 cores and was shared with other test runs. `ppl` and `stream` ran at the same time with one "
+    "thread each (`--threads 1`); their per-step times are not speed measurements. `speed` ran alone with torch's "
+    "default threads (2); its rounds agree within a few per cent.",
+    "- With 2 threads and another busy process on the machine, recipes that evict at every step (many small ops per "
+    "layer) slowed down 30–40× in trial runs while the full model barely did (thread oversubscription); prefer "
+    "`--threads 1` for `ppl`/`stream` on a shared machine.",
+    "- `speed` decodes from a `copy.deepcopy` of each prefilled cache, so every round starts at the same length.",
+    "- `stream`'s full-cache run (plain `DynamicCache`, one token per step to 8192) grew the process to about 11 GB "
+    "resident although the cache itself is 0.38 GB (most likely allocator fragmentation from re-concatenating growing tensors at every step).",
+    "",
+]
+
+
 def _targets() -> list[str]:
     """The issue's targets, checked against the saved runs."""
     out = []
@@ -321,16 +340,17 @@ def report() -> None:
              "loaded offline by `benchmarks/assets.py:load_smollm2`. Text: Wikipedia articles from gensim's test dump "
              "(`assets.wiki_token_stream`), joined by blank lines. Eager PyTorch on this project's CPU machines (2 cores, "
              "shared). The full cache is the unmodified model run through the same loop.", ""]
-    lines += _targets()
+    lines += _targets() + NOTES
     for path in sorted(OUT.glob("ppl_*.json"), key=lambda p: int(p.stem.split("_")[1])):
         d = json.loads(path.read_text())
         lines += [f"## Perplexity · {d['context']}-token context", "",
-                  f"`{d['command']}` ({d['date']}, {d['threads']} threads, {d['seconds'] / 60:.1f} min)", "",
+                  f"`{d['command']}` ({d['date']}, {_threads(d)}, {d['seconds'] / 60:.1f} min)", "",
                   f"Prefill {d['context']} tokens, then {d['continuation']} tokens teacher-forced one per step; perplexity "
                   f"of those {d['continuation']} tokens over {len(d['articles'])} text samples (starting at articles "
                   f"{', '.join(map(str, d['articles']))}). ppl: exp of the mean NLL over all samples; ratio: to the full "
                   "cache; cache: held / full KV bytes after the last step (snapkv and pyramidkv compress the prompt once "
-                  "and then grow).", "",
+                  "and then grow). ms/step: wall time per decode step in this run, for orientation only (see the "
+                  "command's thread count; speed is measured by `speed`).", "",
                   "| variant | budget | ppl | ratio to full | per sample | cache ratio | slots per layer at end | ms/step |",
                   "|---|---:|---:|---:|---|---:|---|---:|"]
         for row in d["rows"]:
@@ -348,7 +368,7 @@ def report() -> None:
     if path.is_file():
         d = json.loads(path.read_text())
         lines += [f"## Streaming · {d['tokens']} tokens through a {d['budget']}-token cache", "",
-                  f"`{d['command']}` ({d['date']}, {d['threads']} threads, {d['seconds'] / 60:.1f} min)", "",
+                  f"`{d['command']}` ({d['date']}, {_threads(d)}, {d['seconds'] / 60:.1f} min)", "",
                   f"Prefill {d['prefill']} tokens (scored from the prefill's logits), then "
                   + ("one token per step" if d["chunk"] == 1 else f"{d['chunk']} tokens per forward call (eviction after "
                      "each call, so a call's queries see up to budget + chunk − 1 slots)")
@@ -372,7 +392,7 @@ def report() -> None:
     for path in sorted(OUT.glob("speed_*.json"), key=lambda p: int(p.stem.split("_")[1])):
         d = json.loads(path.read_text())
         lines += [f"## Decode speed · {d['context']}-token context · budget {d['budget']}", "",
-                  f"`{d['command']}` ({d['date']}, {d['threads']} threads, {d['seconds'] / 60:.1f} min)", "",
+                  f"`{d['command']}` ({d['date']}, {_threads(d)}, {d['seconds'] / 60:.1f} min)", "",
                   f"Every model prefills the same {d['context']} tokens once; each of {d['rounds']} rounds copies that cache "
                   f"and decodes {d['steps']} greedy tokens, models interleaved in a rotating order. Latency: median over "
                   "rounds of the mean per-token time; speedup: against the full cache's median (paired: median of the "

@@ -317,9 +317,13 @@ def test_cache_is_stored_at_kv_heads_and_within_budget(recipe):
     layer = out.cache.layers[0]
     assert layer.keys.shape[:2] == (2, 2) and layer.keys.shape[-1] == 16
     mem = out.cache.memory()
-    grows = 3 if recipe in ("snapkv", "pyramidkv") else 0  # prompt compressed once, then the cache grows
+    # SnapKV/PyramidKV compress the prompt once, then the cache grows; recipes that evict at every step hold one
+    # free slot the next token is written into (in place)
+    grows = 3 if recipe in ("snapkv", "pyramidkv") else 1
     caps = [layer.capacity for layer in out.cache.layers]
     assert out.cache.slots() == [c + grows for c in caps]
+    assert all(int(layer.valid[b, h].sum()) == layer.capacity + grows - (grows == 1)
+               for layer in out.cache.layers for b in range(2) for h in range(2))
     assert sum(caps) / 3 == pytest.approx(12, abs=1) and (recipe == "pyramidkv" or caps == [12] * 3)
     assert mem["ratio"] == pytest.approx((sum(caps) / 3 + grows) / 33, abs=0.02)
     assert out.cache.get_seq_length() == 33

@@ -69,8 +69,15 @@ class EvictingLayer(CacheLayerMixin):
         if self.pending:
             raise RuntimeError("graphprune: a cache update arrived before the previous one was attended to; "
                                "the model must use the 'graphprune_kv' attention function")
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
+        hole = self.aux.get("_hole")
+        if hole is not None and key_states.shape[-2] == 1:  # ring mode: the new token takes the freed slot, in place
+            idx = hole[:, :, None, None].expand(*hole.shape, 1, key_states.shape[-1])
+            self.keys.scatter_(2, idx, key_states)
+            self.values.scatter_(2, idx, value_states)
+        else:
+            self.aux.pop("_hole", None)  # several tokens at once: append (the freed slot stays empty)
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
         self.pending = key_states.shape[-2]
         self.seen += self.pending
         _PENDING.set(self)
@@ -131,10 +138,19 @@ class EvictingLayer(CacheLayerMixin):
         self.valid, self.pos = take(self.valid), take(self.pos)
         self.state = {k: take(v) for k, v in self.state.items()}
 
+    def newest(self) -> torch.Tensor:
+        """(B, Hkv, 1): the position of the newest real token."""
+        return self.pos.masked_fill(~self.valid, -1).amax(-1, keepdim=True)
+
     def recent(self, window: int) -> torch.Tensor:
-        """(B, Hkv, N) bool: the ``window`` most recent real tokens of each sequence."""
-        after = self.valid.flip(-1).cumsum(-1).flip(-1)  # real tokens at or after each slot
-        return self.valid & (after <= window)
+        """(B, Hkv, N) bool: the ``window`` most recent real tokens (positions of real tokens are consecutive, and
+        recipes that protect a recent window never evict inside it)."""
+        return self.valid & (self.pos > self.newest() - window)
+
+    def rank(self) -> torch.Tensor:
+        """(B, Hkv, N): each real token's place in the cache by position (0 = oldest)."""
+        order = self.pos.masked_fill(~self.valid, torch.iinfo(self.pos.dtype).max).argsort(-1)
+        return order.argsort(-1)
 
     def top(self, scores: torch.Tensor, capacity: int, protect: torch.Tensor | None = None) -> torch.Tensor:
         """Sorted indices of the ``capacity`` best slots: protected ones first, padding last."""
@@ -205,6 +221,12 @@ class EvictingLayer(CacheLayerMixin):
         if self.valid is None:
             self.prompt_len = n
             self.valid, self.pos = real[:, None].expand(b, hkv, n), pos[:, None].expand(b, hkv, n)
+        elif "_hole" in self.aux:  # ring mode: describe the refilled slot, clear the recipe's scores there
+            hole = self.aux["_hole"][..., None]
+            self.valid.scatter_(2, hole, True)
+            self.pos.scatter_(2, hole, pos[:, None].expand(b, hkv, 1))
+            for t in self.state.values():
+                t.scatter_(2, hole.reshape(*hole.shape, *([1] * (t.dim() - 3))).expand(*hole.shape, *t.shape[3:]), 0)
         else:
             self.valid = torch.cat([self.valid, real[:, None].expand(b, hkv, n)], dim=-1)
             self.pos = torch.cat([self.pos, pos[:, None].expand(b, hkv, n)], dim=-1)
@@ -219,13 +241,36 @@ class EvictingLayer(CacheLayerMixin):
             if select is not None:
                 self.inputs["select"] = select
         if self.length > self.capacity and (prompt or self.recipe.evicts_while_decoding):
-            self.keep(self.recipe.select(self, query, scaling, self.capacity))
+            keep = self.recipe.select(self, query, scaling, self.capacity)
+            if (not prompt and self.recipe.ring and self.static is None and query.shape[2] == 1
+                    and self.length == self.capacity + 1):
+                self.free(keep)
+            else:
+                self.aux.pop("_hole", None)
+                self.keep(keep)
         if self.static is not None:  # a fixed slot count: empty slots go first, real tokens are never dropped for them
             slots = self.capacity + self.static
             if self.length < slots:
                 self.pad(slots - self.length)
             elif self.length > slots:
                 self.keep(self.top(torch.zeros_like(self.pos, dtype=torch.float32), slots, protect=self.valid))
+
+    def free(self, keep: torch.Tensor) -> None:
+        """Ring mode: mark the one slot per (sequence, head) that ``keep`` leaves out as free; the next token is
+        written there in place (no copy of the cache per step). Slots are then no longer in order: recipes that
+        run in ring mode read the order from the positions."""
+        if "_hole" not in self.aux:  # entering the ring: own the bookkeeping tensors (they may be expanded views)
+            self.valid, self.pos = self.valid.clone(), self.pos.clone()
+            self.state = {k: v.clone() for k, v in self.state.items()}
+        gone = torch.ones_like(self.valid).scatter_(2, keep, False)
+        hole = gone.to(torch.uint8).argmax(-1)
+        self.valid.scatter_(2, hole[..., None], False)
+        self.aux["_hole"] = hole
+
+    def fresh(self, t: torch.Tensor) -> torch.Tensor:
+        """A per-slot score tensor extended with zeros for the slots appended since (ring mode: as it is)."""
+        grow = self.length - t.shape[2]
+        return t if grow == 0 else torch.cat([t, t.new_zeros(*t.shape[:2], grow, *t.shape[3:])], dim=2)
 
     def pad(self, n: int) -> None:
         """Add ``n`` empty slots before the others (static shapes)."""

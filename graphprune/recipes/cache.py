@@ -24,6 +24,7 @@ class CacheRecipe(Recipe):
     zero: ClassVar[dict] = {"budget": 1.0}
     evicts_while_decoding: ClassVar[bool] = True  # False: compress the prompt once, then let the cache grow
     state: ClassVar[tuple[str, ...]] = ()  # names of the per-slot score tensors the recipe keeps (layer.state)
+    ring: ClassVar[bool] = False  # evicts one slot per decoded token, reading slot order from positions (no copies)
     exportable: ClassVar[bool] = True  # a fixed budget gives static cache shapes (ONNX decode step)
     layer_class: ClassVar[type | None] = None  # a cache layer of its own (KIVI's quantised storage); None: EvictingLayer
 

@@ -19,6 +19,7 @@ class H2O(CacheRecipe):
     paper = "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large Language Models (NeurIPS 2023)"
 
     state = ("acc",)
+    ring = True
 
     recent: float = option(0.5, "share of the budget given to the most recent tokens (the rest: heavy hitters)")
 
@@ -31,9 +32,8 @@ class H2O(CacheRecipe):
         if prompt:  # every prompt query's attention, accumulated per key (row chunks)
             layer.state["acc"] = group_mean(layer.attention_column_sums(query, scaling))
         else:
-            acc = layer.state["acc"]
-            new = acc.new_zeros(*acc.shape[:2], layer.length - acc.shape[-1])
-            layer.state["acc"] = torch.cat([acc, new], -1) + group_mean(layer.attention_rows(query, scaling, query.shape[2]).sum(-2))
+            rows = layer.attention_rows(query, scaling, query.shape[2])
+            layer.state["acc"] = layer.fresh(layer.state["acc"]) + group_mean(rows.sum(-2))
 
     def select(self, layer, query, scaling, capacity):
         return layer.top(layer.state["acc"], capacity, protect=layer.recent(int(round(self.recent * capacity))))

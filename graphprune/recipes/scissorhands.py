@@ -19,6 +19,7 @@ class Scissorhands(CacheRecipe):
     summary = "at the budget, drop the tokens that were least often pivotal (attention ≥ 1/t) over a history window"
     paper = "Scissorhands: Exploiting the Persistence of Importance Hypothesis for LLM KV Cache Compression (NeurIPS 2023)"
     state = ("low",)
+    ring = True
 
     history: int = option(32, "history window: the last queries whose attention decides importance")
     recent: int = option(8, "most recent tokens that are never dropped")
@@ -46,10 +47,10 @@ class Scissorhands(CacheRecipe):
         if old is None:
             old = low.new_zeros(*low.shape[:3], self.history)
         else:  # the new slots have no history yet
-            old = torch.cat([old, old.new_zeros(*old.shape[:2], layer.length - old.shape[2], self.history)], dim=2)
+            old = layer.fresh(old)
         layer.state["low"] = torch.cat([old, low], dim=-1)[..., -self.history:]
 
     def select(self, layer, query, scaling, capacity):
         # most often unimportant goes first; among equal counts the older token goes first
-        age = layer.valid.cumsum(-1) / (layer.length + 1)
+        age = layer.pos / (layer.newest() + 1)
         return layer.top(-layer.state["low"].sum(-1) + 1e-3 * age, capacity, protect=layer.recent(self.recent))

@@ -14,6 +14,7 @@ class TOVA(CacheRecipe):
     name = "tova"
     summary = "at every step drop the tokens the current query attends to least (averaged over the layer's heads)"
     paper = "Transformers are Multi-State RNNs (TOVA, 2024)"
+    ring = True
 
     def select(self, layer, query, scaling, capacity):
         score = layer.attention_rows(query, scaling, 1)[..., -1, :].mean(dim=(1, 2))[:, None]  # (B, 1, N)
