@@ -53,6 +53,7 @@ class EvictingLayer(CacheLayerMixin):
         self.prompt_len: int | None = None
         self.capacity: int | None = None
         self.pending = 0
+        self._drop = None
         self.static: int | None = None  # static-shape mode (export): slots = capacity + static, padded with empty slots
         self.inputs: dict = {}  # shared with the cache: the current forward's input_ids
 
@@ -158,6 +159,11 @@ class EvictingLayer(CacheLayerMixin):
         if protect is not None:
             s = s.masked_fill(protect & self.valid, math.inf)
         s = s.masked_fill(~self.valid, -math.inf)
+        n = s.shape[-1]
+        if capacity == n - 1:  # one slot goes (every decoding step): an argmin, not a sort
+            self._drop = s.argmin(-1)
+            slot = torch.arange(n - 1, device=s.device)
+            return slot + (slot >= self._drop[..., None])
         return s.topk(capacity, dim=-1).indices.sort(dim=-1).values
 
     # -- attention rows, computed from q and k ---------------------------------------------
@@ -179,9 +185,11 @@ class EvictingLayer(CacheLayerMixin):
         b, hq, q_len, d = query.shape
         hkv, n = self.keys.shape[1], self.keys.shape[2]
         q = query[:, :, start:stop].reshape(b, hkv, hq // hkv, stop - start, d).float()
-        logits = torch.einsum("bhgrd,bhnd->bhgrn", q, self.keys.float()) * scaling
-        see = self.visible(q_len, start, stop)
-        return logits.masked_fill(~see, -math.inf).softmax(-1).nan_to_num(0.0)
+        upto = n - q_len + stop  # keys after the chunk's last query are never seen: leave them out of the product
+        logits = torch.einsum("bhgrd,bhnd->bhgrn", q, self.keys[:, :, :upto].float()) * scaling
+        see = self.visible(q_len, start, stop)[..., :upto]
+        probs = logits.masked_fill(~see, -math.inf).softmax(-1).nan_to_num(0.0)
+        return probs if upto == n else torch.nn.functional.pad(probs, (0, n - upto))
 
     def visible(self, q_len: int, start: int, stop: int) -> torch.Tensor:
         """(B, Hkv, 1, rows, N) bool: the real slots each of the new query rows start:stop can see (causal)."""
@@ -262,8 +270,10 @@ class EvictingLayer(CacheLayerMixin):
         if "_hole" not in self.aux:  # entering the ring: own the bookkeeping tensors (they may be expanded views)
             self.valid, self.pos = self.valid.clone(), self.pos.clone()
             self.state = {k: v.clone() for k, v in self.state.items()}
-        gone = torch.ones_like(self.valid).scatter_(2, keep, False)
-        hole = gone.to(torch.uint8).argmax(-1)
+        hole = getattr(self, "_drop", None)
+        if hole is None or hole.shape != keep.shape[:2]:
+            hole = torch.ones_like(self.valid).scatter_(2, keep, False).to(torch.uint8).argmax(-1)
+        self._drop = None
         self.valid.scatter_(2, hole[..., None], False)
         self.aux["_hole"] = hole
 

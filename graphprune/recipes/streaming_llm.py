@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from graphprune.kv.cache import rotate
 from graphprune.recipes.base import option, register
 from graphprune.recipes.cache import CacheRecipe
@@ -30,11 +32,16 @@ class StreamingLLM(CacheRecipe):
     def attention_inputs(self, layer, query, keys):
         if not self.rerotate or layer.inv_freq is None:
             return query, keys
-        slot = layer.rank()  # position inside the cache (real tokens only)
-        keys = rotate(keys, slot - layer.pos, layer.inv_freq)
-        n_new, groups = query.shape[2], query.shape[1] // keys.shape[1]
-        shift = (slot - layer.pos)[..., -n_new:].repeat_interleave(groups, dim=1)
-        return rotate(query, shift, layer.inv_freq), keys
+        # The cache holds the sinks and a window of consecutive positions. Inside the cache the window sits right
+        # after the sinks, the new token last: window keys and the query move by the same shift, which leaves
+        # their dot products unchanged, so only the sink keys need turning, by minus that shift.
+        sink = layer.valid & (layer.pos < self.sinks)
+        shift = layer.valid.sum(-1, keepdim=True) - 1 - layer.newest()  # (B, Hkv, 1), ≤ 0
+        k = min(self.sinks, keys.shape[2])
+        idx = layer.pos.masked_fill(~sink, torch.iinfo(layer.pos.dtype).max).topk(k, dim=-1, largest=False).indices
+        picked = keys.gather(2, idx[..., None].expand(*idx.shape, keys.shape[-1]))
+        turned = rotate(picked, (-shift).expand_as(idx) * sink.gather(2, idx), layer.inv_freq)
+        return query, keys.scatter(2, idx[..., None].expand_as(picked), turned)
 
     def select(self, layer, query, scaling, capacity):
         sinks = layer.valid & (layer.pos < self.sinks)  # positions count real tokens from 0
