@@ -128,10 +128,20 @@ def teacher_forced_nll(model, ids: torch.Tensor, prefix: int, chunk: int = 1, pr
 
 # ----------------------------------------------------------------------------- ppl
 
-def run_ppl(contexts: list[int], samples: int, continuation: int, budgets: list[float], recipes: list[str]) -> None:
+def other_variants(tokenizer) -> list[tuple[str | None, dict]]:
+    """The recipes added after the first runs: scissorhands at both budgets, and the ones that size the cache by
+    their own parameters (KIVI's bits, FastGen's recovery, PyramidInfer's schedule)."""
+    from graphprune.recipes.fastgen import token_sets
+
+    return [(None, {}), ("scissorhands", {"budget": 0.5}), ("scissorhands", {"budget": 0.25}), ("kivi", {"bits": 2}),
+            ("kivi", {"bits": 4}), ("fastgen", {"recovery": 0.95, **token_sets(tokenizer)}), ("pyramidinfer", {})]
+
+
+def run_ppl(contexts: list[int], samples: int, continuation: int, budgets: list[float], recipes: list[str],
+            others: bool = False) -> None:
     tokenizer, base = assets.load_smollm2()
     starts = SAMPLE_ARTICLES[:samples] if samples <= len(SAMPLE_ARTICLES) else tuple(range(0, 30 * samples, 30))
-    variants = _variants(recipes, budgets)
+    variants = other_variants(tokenizer) if others else _variants(recipes, budgets)
     for context in contexts:
         texts = [assets.wiki_token_stream(tokenizer, context + continuation, s) for s in starts]
         rows = {(_label(r, o)): {"recipe": r, "options": o, "samples": []} for r, o in variants}
@@ -168,8 +178,8 @@ def run_ppl(contexts: list[int], samples: int, continuation: int, budgets: list[
             row["cache_ratio"] = statistics.fmean(s["memory"]["ratio"] for s in row["samples"])
         payload = {"title": f"continuation perplexity · {context}-token context · {continuation} tokens teacher-forced one per step",
                    "context": context, "continuation": continuation, "articles": list(starts), "budgets": budgets,
-                   "seconds": time.time() - t_run, "rows": list(rows.values())}
-        _save(f"ppl_{context}", payload)
+                   "seconds": time.time() - t_run, "rows": list(rows.values()), "others": others}
+        _save(f"ppl_{context}" + ("_others" if others else ""), payload)
 
 
 # ----------------------------------------------------------------------------- stream
@@ -325,6 +335,10 @@ def _targets() -> list[str]:
                 out.append(f"- {'✅' if ok else '❌'} `{row['recipe']}` at budget 0.5, {d['context']}-token context: "
                            f"perplexity {row['ppl_ratio']:.3f}× the full cache's (target ≤ 1.05×; per sample "
                            + ", ".join(f"{x:.3f}" for x in row["per_sample_ratio"]) + ")")
+            if row["recipe"] == "kivi" and row["options"].get("bits") == 2:
+                ok = row["cache_ratio"] <= 0.2
+                out.append(f"- {'✅' if ok else '❌'} `kivi` 2-bit, {d['context']}-token context: KV memory "
+                           f"{row['cache_ratio']:.3f}× the full cache's (target ≤ 0.2×), perplexity {row['ppl_ratio']:.3f}×")
     path = OUT / "stream.json"
     if path.is_file():
         d = json.loads(path.read_text())
@@ -361,7 +375,7 @@ def report() -> None:
     lines += _targets() + NOTES
     for path in sorted(OUT.glob("ppl_*.json"), key=lambda p: int(p.stem.split("_")[1])):
         d = json.loads(path.read_text())
-        lines += [f"## Perplexity · {d['context']}-token context", "",
+        lines += [f"## Perplexity · {d['context']}-token context" + (" · more recipes" if d.get("others") else ""), "",
                   f"`{d['command']}` ({d['date']}, {_threads(d)}, {d['seconds'] / 60:.1f} min)", "",
                   f"Prefill {d['context']} tokens, then {d['continuation']} tokens teacher-forced one per step; perplexity "
                   f"of those {d['continuation']} tokens over {len(d['articles'])} text samples (starting at articles "
@@ -372,7 +386,7 @@ def report() -> None:
                   "| variant | budget | ppl | ratio to full | per sample | cache ratio | slots per layer at end | ms/step |",
                   "|---|---:|---:|---:|---|---:|---|---:|"]
         for row in d["rows"]:
-            opts = {k: v for k, v in row["options"].items() if k != "budget"}
+            opts = {k: v for k, v in row["options"].items() if k not in ("budget", "special_ids", "punct_ids")}
             name = "full cache" if row["recipe"] is None else f"`{row['recipe']}`" + (f" ({_fmt_opts(opts)})" if opts else "")
             budget = row["options"].get("budget", "—")
             per = " / ".join(f"{s['ppl']:.2f}" for s in row["samples"])
@@ -438,6 +452,7 @@ def main() -> None:
     p.add_argument("--continuation", type=int, default=256, help="tokens teacher-forced one per step and scored")
     p.add_argument("--budget", type=float, nargs="+", default=[0.5, 0.25], help="fractions of the context")
     p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
+    p.add_argument("--others", action="store_true", help="instead: scissorhands, kivi, fastgen and pyramidinfer")
     s = sub.add_parser("stream", help="StreamingLLM over a long text, perplexity per segment")
     s.add_argument("--tokens", type=int, default=8192)
     s.add_argument("--prefill", type=int, default=1024)
@@ -466,7 +481,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     with torch.inference_mode():
         if args.task == "ppl":
-            run_ppl(args.context, args.samples, args.continuation, args.budget, args.recipes)
+            run_ppl(args.context, args.samples, args.continuation, args.budget, args.recipes, args.others)
         elif args.task == "stream":
             run_stream(args.tokens, args.prefill, args.budget, args.sinks, args.segment, args.chunk, args.article,
                        args.max_steps, not args.no_full, args.window)
