@@ -91,7 +91,7 @@ def test_user_model_untouched():
 def drive(recipe, logits, kv_heads, prompt, total, layer_idx=0, n_layers=1, tokens=None):
     """Run one cache layer on keys e_j and queries whose dot products are the given logits (Hq, T, T)."""
     hq, t = logits.shape[:2]
-    layer = (recipe.layer_class or EvictingLayer)(recipe, layer_idx, n_layers)
+    layer = (recipe.cache_layer() or EvictingLayer)(recipe, layer_idx, n_layers)
     keys = torch.eye(t).expand(1, kv_heads, t, t)
     queries = logits[None]
 
@@ -244,7 +244,7 @@ def test_kivi_stores_the_papers_quantised_cache(bits, prompt, total):
     g = torch.Generator().manual_seed(bits)
     keys, values = torch.randn(1, 2, total, 8, generator=g), torch.randn(1, 2, total, 8, generator=g)
     rec = get_recipe("kivi", bits=bits, group=4, residual=8)
-    layer = rec.layer_class(rec, 0, 1)
+    layer = rec.cache_layer()(rec, 0, 1)
 
     def step(lo, hi, first):
         layer.update(keys[:, :, lo:hi], values[:, :, lo:hi])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 from typer.testing import CliRunner
 
@@ -55,3 +57,10 @@ def test_cli_decoder_errors(tmp_path):
     assert res.exit_code == 2 and "no such file" in res.output
     res = runner.invoke(app, ["bench", str(folder), "--recipe", "h2o", "--data", str(tmp_path / "none.txt")])
     assert res.exit_code == 2 and "no such text file" in res.output
+
+
+def test_graphprune_imports_without_transformers():
+    code = ("import sys; sys.modules['transformers'] = None; import graphprune; "
+            "assert 'snapkv' in graphprune.list_recipes('cache'); print('ok')")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]

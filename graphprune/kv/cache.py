@@ -27,15 +27,6 @@ _PENDING: contextvars.ContextVar = contextvars.ContextVar("graphprune_kv_pending
 _ROW_CHUNK = 256  # query rows scored at once when a recipe needs every row (bounded memory, never the L×L matrix)
 
 
-def rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Rotate RoPE'd vectors ``x`` (B, H, N, D) by ``delta`` (B, H, N) more positions (rotate-half convention)."""
-    ang = delta.to(torch.float32)[..., None] * inv_freq.to(x.device, torch.float32)
-    ang = torch.cat((ang, ang), dim=-1)
-    half = x.shape[-1] // 2
-    turned = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x.float() * ang.cos() + turned.float() * ang.sin()).to(x.dtype)
-
-
 class EvictingLayer(CacheLayerMixin):
     """One layer of an :class:`EvictingCache`."""
 
@@ -132,6 +123,7 @@ class EvictingLayer(CacheLayerMixin):
 
     def keep(self, idx: torch.Tensor) -> None:
         """Keep the slots ``idx`` (B, Hkv, C), which must be sorted, in that order."""
+        self._drop = None
         def take(t):
             i = idx.reshape(*idx.shape, *([1] * (t.dim() - 3))).expand(*idx.shape, *t.shape[3:])
             return t.gather(2, i)
@@ -312,7 +304,7 @@ class EvictingCache(Cache):
     """A KV cache whose layers evict by a cache recipe (see :mod:`graphprune.recipes.cache`)."""
 
     def __init__(self, recipe, n_layers: int, inv_freq: torch.Tensor | None = None):
-        layer = getattr(recipe, "layer_class", None) or EvictingLayer
+        layer = recipe.cache_layer() or EvictingLayer
         super().__init__(layers=[layer(recipe, i, n_layers, inv_freq) for i in range(n_layers)])
         self.recipe = recipe
         self.inputs: dict = {}  # the current forward's input_ids, for recipes that read the tokens

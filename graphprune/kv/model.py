@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import torch
 
 from graphprune.errors import GraphPruneError, RecipeError, UnsupportedArchitectureError
-from graphprune.kv.cache import ATTENTION, EvictingCache, register
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # rotate-half RoPE, cache.update + attention interface
 
@@ -96,6 +95,8 @@ def _evicting_class(base: type) -> type:
 
     @functools.wraps(forward)
     def evicting_forward(self, *args, **kwargs):
+        from graphprune.kv.cache import EvictingCache
+
         bound = dict(zip(names[1:], args))
         cache_key = "cache" if "cache" in names else "past_key_values"
         cache = kwargs.get(cache_key, bound.get(cache_key, kwargs.get("past_key_values")))
@@ -130,6 +131,8 @@ def _evicting_class(base: type) -> type:
 
 def evicting_copy(model, recipe, info: DecoderInfo):
     """A copy of ``model`` sharing its weights, whose KV cache evicts by ``recipe``."""
+    from graphprune.kv.cache import ATTENTION, EvictingCache, register
+
     register()
     shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     new = copy.deepcopy(model, shared)

@@ -26,7 +26,6 @@ class CacheRecipe(Recipe):
     state: ClassVar[tuple[str, ...]] = ()  # names of the per-slot score tensors the recipe keeps (layer.state)
     ring: ClassVar[bool] = False  # evicts one slot per decoded token, reading slot order from positions (no copies)
     exportable: ClassVar[bool] = True  # a fixed budget gives static cache shapes (ONNX decode step)
-    layer_class: ClassVar[type | None] = None  # a cache layer of its own (KIVI's quantised storage); None: EvictingLayer
 
     budget: Union[int, float] = option(
         0.5, "cached tokens per layer: an int, or a fraction in (0, 1) of the prompt length (1.0: keep everything)")
@@ -40,6 +39,10 @@ class CacheRecipe(Recipe):
                                 f"({self.min_budget_reason()})")
         if isinstance(b, float) and not 0 < b <= 1:
             raise ScheduleError(f"a fractional budget must lie in (0, 1) (1.0: the full cache), got {b}; give an int for a token count")
+
+    def cache_layer(self):
+        """A cache-layer class of the recipe's own (KIVI's quantised storage); None: the evicting layer."""
+        return None
 
     def options(self) -> dict:
         return {k: v for k, v in super().options().items() if k != "restore_tokens"}

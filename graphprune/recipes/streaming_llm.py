@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from graphprune.kv.cache import rotate
+from graphprune.ops.rope import rotate
 from graphprune.recipes.base import option, register
 from graphprune.recipes.cache import CacheRecipe
 

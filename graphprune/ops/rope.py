@@ -1,0 +1,14 @@
+"""Rotary position embeddings (rotate-half convention of Llama, Mistral and Qwen): turning keys to new positions."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate RoPE'd vectors ``x`` (B, H, N, D) by ``delta`` (B, H, N) more positions (rotate-half convention)."""
+    ang = delta.to(torch.float32)[..., None] * inv_freq.to(x.device, torch.float32)
+    ang = torch.cat((ang, ang), dim=-1)
+    half = x.shape[-1] // 2
+    turned = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x.float() * ang.cos() + turned.float() * ang.sin()).to(x.dtype)
