@@ -88,15 +88,12 @@ def test_user_model_untouched():
 
 # -- the papers' kept sets on hand-made attention patterns ------------------------------------
 
-def drive(recipe, logits, kv_heads, prompt, total, layer_idx=0, n_layers=1, tokens=None):
-    """Run one cache layer on keys e_j and queries whose dot products are the given logits (Hq, T, T)."""
-    hq, t = logits.shape[:2]
+def run_layer(recipe, keys, values, queries, prompt, layer_idx=0, n_layers=1, tokens=None):
+    """One cache layer fed the prompt's keys, values and queries (scaling 1), then one token per step."""
     layer = (recipe.cache_layer() or EvictingLayer)(recipe, layer_idx, n_layers)
-    keys = torch.eye(t).expand(1, kv_heads, t, t)
-    queries = logits[None]
 
     def step(lo, hi, first):
-        layer.update(keys[:, :, lo:hi], keys[:, :, lo:hi])
+        layer.update(keys[:, :, lo:hi], values[:, :, lo:hi])
         if tokens is not None:
             layer.inputs["input_ids"] = torch.tensor(tokens[lo:hi])[None]
         layer.pending = 0
@@ -104,8 +101,17 @@ def drive(recipe, logits, kv_heads, prompt, total, layer_idx=0, n_layers=1, toke
         layer.evict(queries[:, :, lo:hi], 1.0, first)
 
     step(0, prompt, True)
-    for i in range(prompt, total):
+    for i in range(prompt, keys.shape[2]):
         step(i, i + 1, False)
+    return layer
+
+
+def drive(recipe, logits, kv_heads, prompt, total, layer_idx=0, n_layers=1, tokens=None):
+    """Run one cache layer on keys e_j and queries whose dot products are the given logits (Hq, T, T); the kept
+    positions of each KV head."""
+    t = logits.shape[1]
+    keys = torch.eye(t).expand(1, kv_heads, t, t)[:, :, :total]
+    layer = run_layer(recipe, keys, keys, logits[None], prompt, layer_idx, n_layers, tokens)
     return [set(layer.pos[0, h][layer.valid[0, h]].tolist()) for h in range(kv_heads)]
 
 
@@ -177,12 +183,8 @@ def test_fastgen_profiles_and_keeps_the_papers_set(recovery, expected):
 def test_pyramidinfer_selects_the_papers_prompt_tokens(layer):
     logits = patterns(t=20, seed=17)
     rec = get_recipe("pyramidinfer", recent=0.2, decay=0.5, distance_weight=1.2, sinks=2, min_context=3)
-    lay = EvictingLayer(rec, layer, 4)
     keys = torch.eye(20).expand(1, 2, 20, 20)
-    lay.update(keys, keys)
-    lay.pending = 0
-    lay.append(None, torch.arange(20)[None])
-    lay.evict(logits[None], 1.0, True)
+    lay = run_layer(rec, keys, keys, logits[None], 20, layer, 4)
     expected = ref.pyramidinfer_prompt(list(logits), 20, layer, 4, 0.2, 0.5, 1.2, 2, 3)
     select = lay.inputs.get("select")
     assert (None if select is None else set(select[0].tolist())) == expected
@@ -244,17 +246,7 @@ def test_kivi_stores_the_papers_quantised_cache(bits, prompt, total):
     g = torch.Generator().manual_seed(bits)
     keys, values = torch.randn(1, 2, total, 8, generator=g), torch.randn(1, 2, total, 8, generator=g)
     rec = get_recipe("kivi", bits=bits, group=4, residual=8)
-    layer = rec.cache_layer()(rec, 0, 1)
-
-    def step(lo, hi, first):
-        layer.update(keys[:, :, lo:hi], values[:, :, lo:hi])
-        layer.pending = 0
-        layer.append(None, torch.arange(lo, hi)[None])
-        layer.evict(torch.zeros(1, 2, hi - lo, 8), 1.0, first)
-
-    step(0, prompt, True)
-    for i in range(prompt, total):
-        step(i, i + 1, False)
+    layer = run_layer(rec, keys, values, torch.zeros(1, 2, total, 8), prompt)
     k, v = layer.kv()
     for h in range(2):
         rk, rv, nk, nv = ref.kivi(keys[0, h], values[0, h], prompt, bits, 4, 8)

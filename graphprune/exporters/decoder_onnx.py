@@ -22,14 +22,9 @@ import torch
 from graphprune.errors import ExportError, GraphPruneError
 from graphprune.exporters.files import publish, staging_dir
 from graphprune.exporters.onnx import OPSET, _quiet_loggers, _session
+from graphprune.kv.cache import positions
 
 TOLERANCE = 1e-4
-
-
-def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids of a left-padded batch, as ``generate`` computes them."""
-    pos = attention_mask.long().cumsum(-1) - 1
-    return pos.masked_fill(attention_mask == 0, 1)
 
 
 class Prefill(torch.nn.Module):
@@ -39,7 +34,7 @@ class Prefill(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask):
         cache = self.lm.graphprune_new_cache().make_static(self.extra)
-        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=_positions(attention_mask),
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
                       cache=cache, use_cache=True, logits_to_keep=1)
         return (out.logits[:, -1], *cache.flat())
 
@@ -137,7 +132,7 @@ def export_decoder_onnx(lm, output, prompt_len: int = 64, max_new_tokens: int = 
         past, present = [f"past.{n}" for n in names], [f"present.{n}" for n in names]
         _export(prefill, (ids, mask), ["input_ids", "attention_mask"], ["logits", *present], tmp / "prefill.onnx",
                 {"input_ids": {0: b}, "attention_mask": {0: b}})
-        step_in = (ids[:, -1:], _positions(mask)[:, -1:] + 1, *state)
+        step_in = (ids[:, -1:], positions(mask)[:, -1:] + 1, *state)
         _export(decode, step_in, ["input_ids", "position_ids", *past], ["logits", *present], tmp / "decode.onnx",
                 {"input_ids": {0: b}, "position_ids": {0: b}, "state": tuple({0: b} for _ in state)})
         eos = lm.generation_config.eos_token_id

@@ -15,21 +15,18 @@ import time
 import torch
 
 from graphprune.bench import BenchResult, _progress, fidelity
-
-
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+from graphprune.kv.cache import positions
 
 
 def continuation(model, ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor):
     """Next-token logits for the prompt's end and each target (B, T, V), seconds per decode step, and the cache."""
     with torch.inference_mode():
-        out = model(ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True)
+        out = model(ids, attention_mask=mask, position_ids=positions(mask), use_cache=True)
         logits, cache = [out.logits[:, -1]], out.cache
         t0 = time.perf_counter()
         for i in range(targets.shape[1] - 1):
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            out = model(targets[:, i:i + 1], attention_mask=mask, position_ids=_positions(mask)[:, -1:], cache=cache,
+            out = model(targets[:, i:i + 1], attention_mask=mask, position_ids=positions(mask)[:, -1:], cache=cache,
                         use_cache=True)
             logits.append(out.logits[:, -1])
             cache = out.cache

@@ -3,7 +3,8 @@
 Each layer stores keys and values at the model's KV head count, ``(batch, kv_heads, slots,
 head_dim)``, plus per slot: whether it holds a real token (padding never does), the position
 the token was rotated with, and whatever per-slot state the recipe keeps (accumulated
-attention for H2O, ...). Slots stay in chronological order.
+attention for H2O, ...). Slots are appended in order; recipes that evict one token per step
+reuse the freed slot in place (ring mode) and read the order from the positions.
 
 The model's attention modules call ``cache.update`` and then the registered attention
 function ``graphprune_kv`` (:func:`kv_attention`). The update appends the new keys and marks
@@ -44,7 +45,6 @@ class EvictingLayer(CacheLayerMixin):
         self.prompt_len: int | None = None
         self.capacity: int | None = None
         self.pending = 0
-        self._drop = None
         self.static: int | None = None  # static-shape mode (export): slots = capacity + static, padded with empty slots
         self.inputs: dict = {}  # shared with the cache: the current forward's input_ids
 
@@ -112,24 +112,23 @@ class EvictingLayer(CacheLayerMixin):
         """Bytes held for this layer's keys and values (the recipe's bookkeeping excluded)."""
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values) if t is not None)
 
-    def _map(self, fn) -> None:
-        if self.keys is None:
-            return
+    def _slots(self, fn) -> None:
+        """Apply ``fn`` to every per-slot tensor: keys, values, validity, positions, the recipe's scores."""
         self.keys, self.values = fn(self.keys), fn(self.values)
         if self.valid is not None:
             self.valid, self.pos = fn(self.valid), fn(self.pos)
         self.state = {k: fn(v) for k, v in self.state.items()}
+
+    def _map(self, fn) -> None:
+        """Apply a batch operation (beam reorder, repeat, select) to everything the layer holds."""
+        if self.keys is None:
+            return
+        self._slots(fn)
         self.aux = {k: fn(v) for k, v in self.aux.items()}
 
     def keep(self, idx: torch.Tensor) -> None:
         """Keep the slots ``idx`` (B, Hkv, C), which must be sorted, in that order."""
-        self._drop = None
-        def take(t):
-            i = idx.reshape(*idx.shape, *([1] * (t.dim() - 3))).expand(*idx.shape, *t.shape[3:])
-            return t.gather(2, i)
-        self.keys, self.values = take(self.keys), take(self.values)
-        self.valid, self.pos = take(self.valid), take(self.pos)
-        self.state = {k: take(v) for k, v in self.state.items()}
+        self._slots(lambda t: t.gather(2, _per_slot(idx, t)))
 
     def newest(self) -> torch.Tensor:
         """(B, Hkv, 1): the position of the newest real token."""
@@ -153,9 +152,8 @@ class EvictingLayer(CacheLayerMixin):
         s = s.masked_fill(~self.valid, -math.inf)
         n = s.shape[-1]
         if capacity == n - 1:  # one slot goes (every decoding step): an argmin, not a sort
-            self._drop = s.argmin(-1)
             slot = torch.arange(n - 1, device=s.device)
-            return slot + (slot >= self._drop[..., None])
+            return slot + (slot >= s.argmin(-1)[..., None])
         return s.topk(capacity, dim=-1).indices.sort(dim=-1).values
 
     # -- attention rows, computed from q and k ---------------------------------------------
@@ -203,10 +201,7 @@ class EvictingLayer(CacheLayerMixin):
             self.append(None, _positions(kwargs, b, n_new, query.device))
             keys, values = self.kv()
             q_used, k_used = self.recipe.attention_inputs(self, query, keys)
-            n = self.length
-            causal = torch.arange(n, device=query.device)[None, :] <= (n - n_new + torch.arange(n_new, device=query.device))[:, None]
-            mask = self.valid[:, :, None, :] & causal
-            mask = mask.repeat_interleave(query.shape[1] // hkv, dim=1)
+            mask = self.visible(n_new, 0, n_new)[:, :, 0].repeat_interleave(query.shape[1] // hkv, dim=1)
             out = F.scaled_dot_product_attention(q_used, k_used, values, attn_mask=mask, scale=scaling,
                                                  enable_gqa=query.shape[1] != hkv)
             out = out.transpose(1, 2).contiguous()
@@ -226,7 +221,7 @@ class EvictingLayer(CacheLayerMixin):
             self.valid.scatter_(2, hole, True)
             self.pos.scatter_(2, hole, pos[:, None].expand(b, hkv, 1))
             for t in self.state.values():
-                t.scatter_(2, hole.reshape(*hole.shape, *([1] * (t.dim() - 3))).expand(*hole.shape, *t.shape[3:]), 0)
+                t.scatter_(2, _per_slot(hole, t), 0)
         else:
             self.valid = torch.cat([self.valid, real[:, None].expand(b, hkv, n)], dim=-1)
             self.pos = torch.cat([self.pos, pos[:, None].expand(b, hkv, n)], dim=-1)
@@ -262,10 +257,8 @@ class EvictingLayer(CacheLayerMixin):
         if "_hole" not in self.aux:  # entering the ring: own the bookkeeping tensors (they may be expanded views)
             self.valid, self.pos = self.valid.clone(), self.pos.clone()
             self.state = {k: v.clone() for k, v in self.state.items()}
-        hole = getattr(self, "_drop", None)
-        if hole is None or hole.shape != keep.shape[:2]:
-            hole = torch.ones_like(self.valid).scatter_(2, keep, False).to(torch.uint8).argmax(-1)
-        self._drop = None
+        # keep is sorted and leaves out one slot: the slots before it are kept as they are, so their count is its index
+        hole = (keep == torch.arange(keep.shape[-1], device=keep.device)).sum(-1)
         self.valid.scatter_(2, hole[..., None], False)
         self.aux["_hole"] = hole
 
@@ -276,11 +269,12 @@ class EvictingLayer(CacheLayerMixin):
 
     def pad(self, n: int) -> None:
         """Add ``n`` empty slots before the others (static shapes)."""
-        def grow(t):
-            return torch.cat([t.new_zeros(*t.shape[:2], n, *t.shape[3:]), t], dim=2)
-        self.keys, self.values = grow(self.keys), grow(self.values)
-        self.valid, self.pos = grow(self.valid), grow(self.pos)
-        self.state = {k: grow(v) for k, v in self.state.items()}
+        self._slots(lambda t: torch.cat([t.new_zeros(*t.shape[:2], n, *t.shape[3:]), t], dim=2))
+
+
+def _per_slot(idx: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Slot indices ``idx`` (B, Hkv, k) expanded over the trailing dimensions of ``t`` (B, Hkv, N, ...)."""
+    return idx.reshape(*idx.shape, *([1] * (t.dim() - 3))).expand(*idx.shape, *t.shape[3:])
 
 
 def _real_tokens(mask, b, n, device) -> torch.Tensor:
@@ -291,6 +285,12 @@ def _real_tokens(mask, b, n, device) -> torch.Tensor:
     if last.dtype != torch.bool:
         last = last > torch.finfo(last.dtype).min / 2
     return last.expand(b, n)
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded batch, as ``generate`` computes them (padding at 1; it is masked anyway)."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 1)
 
 
 def _positions(kwargs, b, n, device) -> torch.Tensor:

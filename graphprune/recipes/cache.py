@@ -25,13 +25,16 @@ class CacheRecipe(Recipe):
     evicts_while_decoding: ClassVar[bool] = True  # False: compress the prompt once, then let the cache grow
     state: ClassVar[tuple[str, ...]] = ()  # names of the per-slot score tensors the recipe keeps (layer.state)
     ring: ClassVar[bool] = False  # evicts one slot per decoded token, reading slot order from positions (no copies)
-    exportable: ClassVar[bool] = True  # a fixed budget gives static cache shapes (ONNX decode step)
+    exportable: ClassVar[bool] = True
+    sizes_itself: ClassVar[str | None] = None  # how a recipe with no budget sizes its cache (then budget stays 1.0)  # a fixed budget gives static cache shapes (ONNX decode step)
 
     budget: Union[int, float] = option(
         0.5, "cached tokens per layer: an int, or a fraction in (0, 1) of the prompt length (1.0: keep everything)")
 
     def validate(self) -> None:
         b = self.budget
+        if self.sizes_itself is not None and b != 1.0:
+            raise ScheduleError(f"{self.name} {self.sizes_itself}: leave budget at 1.0")
         if isinstance(b, bool) or not isinstance(b, (int, float)):
             raise ScheduleError(f"budget must be an int (tokens) or a float in (0, 1) (fraction of the prompt; 1.0: full cache), got {b!r}")
         if isinstance(b, int) and b < self.min_budget():

@@ -35,6 +35,7 @@ class FastGen(CacheRecipe):
     zero = {"recovery": 1.0}
     state = ("tok", "acc", "seen")
     exportable = False  # heads keep different, changing numbers of tokens
+    sizes_itself = "sizes each head's cache by its profiled policy (tune recovery)"
 
     budget: float = option(1.0, "FastGen sizes each head's cache by its profiled policy: leave budget at 1.0")
     recovery: float = option(0.95, "T: share of each head's prompt attention its policy must keep (1.0: full cache)")
@@ -44,8 +45,7 @@ class FastGen(CacheRecipe):
     punct_ids: list = option([], "token ids of punctuation tokens")
 
     def validate(self) -> None:
-        if self.budget != 1.0:
-            raise ScheduleError("fastgen sizes each head's cache by its policy: leave budget at 1.0, tune recovery")
+        super().validate()
         if not 0 < self.recovery <= 1 or not 0 <= self.local <= 1 or not 0 <= self.frequent <= 1:
             raise ScheduleError("recovery must lie in (0, 1], local and frequent in [0, 1]")
 
@@ -91,12 +91,11 @@ class FastGen(CacheRecipe):
             layer.aux["policy"] = self._profile(layer, query, scaling)
             return
         layer.aux["length"] = layer.aux["length"] + n_new
-        grow = layer.length - layer.state["tok"].shape[-1]
-        pad = layer.valid.new_zeros(b, hkv, grow - n_new, dtype=torch.float32)
-        layer.state["tok"] = torch.cat([layer.state["tok"], layer.state["tok"].new_zeros(b, hkv, grow - n_new), tok], -1)
-        layer.state["acc"] = torch.cat([layer.state["acc"], pad, pad.new_zeros(b, hkv, n_new)], -1) + rows.sum(-2)
+        fresh = layer.fresh(layer.state["tok"])
+        fresh[..., -n_new:] = tok
         seen = layer.visible(n_new, 0, n_new)[:, :, 0].sum(-2).float()
-        layer.state["seen"] = torch.cat([layer.state["seen"], pad, pad.new_zeros(b, hkv, n_new)], -1) + seen
+        layer.state = {"tok": fresh, "acc": layer.fresh(layer.state["acc"]) + rows.sum(-2),
+                       "seen": layer.fresh(layer.state["seen"]) + seen}
 
     def _profile(self, layer, query, scaling) -> torch.Tensor:
         """(B, Hkv): the first policy whose kept attention, averaged over the prompt's real rows, reaches T."""

@@ -18,7 +18,8 @@ class KIVI(CacheRecipe):
     paper = "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache (ICML 2024)"
     zero = {"residual": 2**30}
     evicts_while_decoding = False
-    exportable = False  # the quantised and full-precision parts change size as residual blocks fill
+    exportable = False
+    sizes_itself = "quantises the cache and keeps every token"  # the quantised and full-precision parts change size as residual blocks fill
 
     def cache_layer(self):
         from graphprune.kv.kivi_layer import KiviLayer
@@ -31,8 +32,7 @@ class KIVI(CacheRecipe):
     residual: int = option(128, "newest tokens kept in full precision (a multiple of group)")
 
     def validate(self) -> None:
-        if self.budget != 1.0:
-            raise ScheduleError("kivi quantises the cache and keeps every token: leave budget at 1.0")
+        super().validate()
         if self.bits not in BITS:
             raise ScheduleError(f"bits must be one of {BITS}, got {self.bits}")
         if self.group < 1 or self.residual < self.group or self.residual % self.group:

@@ -22,6 +22,7 @@ class PyramidInfer(CacheRecipe):
     zero = {"decay": 1.0, "gen_decay": 1.0, "gen_ratio": 1.0}
     prunes_prompt = True
     exportable = False  # layers keep different, data-dependent numbers of tokens while decoding
+    sizes_itself = "follows its retention schedule (set decay)"
 
     budget: float = option(1.0, "PyramidInfer's retention follows its decay schedule: leave budget at 1.0")
     recent: float = option(0.2, "recent window: this fraction of the prompt (plus the last token) chooses the rest")
@@ -35,36 +36,22 @@ class PyramidInfer(CacheRecipe):
     gen_decay: float = option(0.1, "decoding: the schedule's value at the last layer")
 
     def validate(self) -> None:
-        if self.budget != 1.0:
-            raise ScheduleError("pyramidinfer follows its retention schedule: leave budget at 1.0, set decay")
+        super().validate()
         for key in ("recent", "decay", "gen_ratio", "gen_decay"):
             if not 0 < getattr(self, key) <= 1:
                 raise ScheduleError(f"{key} must lie in (0, 1], got {getattr(self, key)}")
         if self.interval < 1 or self.block < 1:
             raise ScheduleError("interval and block must be ≥ 1")
 
-    def layer_capacity(self, layer, n_layers, prompt_len):
-        return 2**62  # blocks are compressed in observe()
-
     @staticmethod
     def schedule(layer: int, n_layers: int, floor: float) -> float:
         return (1 - floor) * (math.cos(math.pi * layer / n_layers) + 1) / 2 + floor
 
     def _scores(self, layer, queries, scaling, columns: slice) -> torch.Tensor:
-        """Head-averaged attention of ``queries`` (the recent ones), newest weighted most, (B, len(columns))."""
-        b, hq, r, d = queries.shape
-        hkv = layer.keys.shape[1]
-        q = queries.reshape(b, hkv, hq // hkv, r, d).float()
-        keys = layer.keys[:, :, columns].float()
-        att = (torch.einsum("bhgrd,bhnd->bhgrn", q, keys) * scaling)
-        full = torch.einsum("bhgrd,bhnd->bhgrn", q, layer.keys.float()) * scaling  # softmax over every visible key
-        valid = layer.valid[:, :, None, None, :]
-        n = layer.length
-        own = n - r + torch.arange(r, device=q.device)
-        see = valid & (torch.arange(n, device=q.device)[None, :] <= own[:, None])
-        lse = full.masked_fill(~see, -math.inf).logsumexp(-1, keepdim=True)
-        att = (att - lse).exp().masked_fill(~see[..., columns], 0.0).mean(dim=(1, 2))  # (B, r, C)
-        weight = torch.linspace(1.0, self.distance_weight, r, device=q.device)[None, :, None]
+        """Head-averaged attention of ``queries`` (the newest slots' queries), newest weighted most, (B, len(columns))."""
+        r = queries.shape[2]
+        att = layer.attention_rows(queries, scaling, r).mean(dim=(1, 2))[..., columns]  # (B, r, C)
+        weight = torch.linspace(1.0, self.distance_weight, r, device=att.device)[None, :, None]
         return (att * weight).mean(1)
 
     def prompt_selection(self, layer, query, scaling):
