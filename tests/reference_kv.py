@@ -235,3 +235,88 @@ def pyramidinfer_prompt(all_heads: list[torch.Tensor], n: int, layer: int, layer
     for k in range(min(sinks, context)):
         score[k] = math.inf
     return top(score, keep, list(range(context))) | set(range(context, n))
+
+
+class LazyLLM:
+    """LazyLLM on one sequence of a Hugging Face Llama, by the paper's definition, with dicts and sets.
+
+    Each forward starts with every token selected. Layer l computes the rows: this forward's
+    surviving tokens plus the selected ones without keys and values at l, whose hidden states
+    come from the Aux Cache of layer l - 1. Each row attends (causally, by position) over the
+    selected tokens' keys at l. Then the last token's attention, averaged over heads, ranks the
+    tokens it saw; the lowest ``int(rate * seen)`` (never the last token) are deselected, and the
+    ones computed here go to the Aux Cache of layer l. The attention is written out by hand.
+    """
+
+    def __init__(self, model, rate_at):
+        self.model, self.rate_at = model, rate_at
+        n = model.config.num_hidden_layers
+        self.kv: list[dict[int, tuple]] = [{} for _ in range(n)]  # position -> (key (Hkv, D), value (Hkv, D))
+        self.aux: list[dict[int, torch.Tensor]] = [{} for _ in range(n)]  # position -> hidden state
+        self.pruned: list[list[set[int]]] = []  # per forward, per layer: deselected positions
+        self.revived = 0
+
+    def forward(self, tokens: list[int], start: int) -> torch.Tensor:
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        dec, cfg = self.model.model, self.model.config
+        hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+        d = cfg.hidden_size // hq
+        last = start + len(tokens) - 1
+        hidden = {start + i: dec.embed_tokens.weight[t] for i, t in enumerate(tokens)}
+        selected = set(range(last + 1))
+        self.pruned.append([])
+        for l, layer in enumerate(dec.layers):
+            for p in sorted(selected):
+                if p not in self.kv[l] and p not in hidden:
+                    hidden[p] = self.aux[l - 1][p]
+                    self.revived += 1
+            rows = sorted(hidden)
+            x = torch.stack([hidden[p] for p in rows])
+            a = layer.self_attn
+            xn = layer.input_layernorm(x)
+            q = a.q_proj(xn).view(len(rows), hq, d).transpose(0, 1)[None]
+            k = a.k_proj(xn).view(len(rows), hkv, d).transpose(0, 1)[None]
+            v = a.v_proj(xn).view(len(rows), hkv, d)
+            cos, sin = dec.rotary_emb(x[None], torch.tensor([rows]))
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            for i, p in enumerate(rows):
+                self.kv[l][p] = (k[0, :, i], v[i])
+            outs, last_probs = [], None
+            for i, p in enumerate(rows):
+                seen = [s for s in sorted(self.kv[l]) if s in selected and s <= p]
+                keys = torch.stack([self.kv[l][s][0] for s in seen], 1)  # (Hkv, n, D)
+                values = torch.stack([self.kv[l][s][1] for s in seen], 1)
+                heads = []
+                probs = []
+                for h in range(hq):
+                    g = h // (hq // hkv)
+                    w = torch.softmax((keys[g] @ q[0, h, i]) * a.scaling, 0)
+                    probs.append(w)
+                    heads.append(w @ values[g])
+                outs.append(torch.cat(heads))
+                if p == last:
+                    last_probs = dict(zip(seen, torch.stack(probs).mean(0).tolist()))
+            x = x + a.o_proj(torch.stack(outs))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            rate = self.rate_at(l)
+            among = sorted((s for s in last_probs if s != last), key=lambda s: last_probs[s])
+            prune = set(among[:int(rate * len(last_probs))])
+            selected -= prune
+            self.pruned[-1].append(prune)
+            hidden = {}
+            for i, p in enumerate(rows):
+                if p not in prune:
+                    hidden[p] = x[i]
+                elif l < len(dec.layers) - 1:
+                    self.aux[l][p] = x[i]
+        return self.model.lm_head(dec.norm(hidden[last]))
+
+    def generate(self, prompt: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
+        """Greedy: the prompt, then one token per forward; the new tokens and each forward's logits."""
+        logits = [self.forward(prompt, 0)]
+        out = []
+        for _ in range(steps):
+            out.append(int(logits[-1].argmax()))
+            logits.append(self.forward([out[-1]], len(prompt) + len(out) - 1))
+        return out, logits

@@ -51,7 +51,7 @@ def greedy(model, ids, mask=None, n=8):
 # -- exactness at full budget ------------------------------------------------------------------
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
-@pytest.mark.parametrize("recipe", [*CACHE_RECIPES, "kivi", "fastgen", "pyramidinfer"])
+@pytest.mark.parametrize("recipe", [*CACHE_RECIPES, "kivi", "fastgen", "pyramidinfer", "lazyllm"])
 def test_full_budget_reproduces_logits_step_by_step(family, recipe):
     model = tiny(family)
     fast = graphprune.optimize(model, recipe, **{**SMALL.get(recipe, {}), **RECIPES[recipe].zero})
@@ -212,6 +212,45 @@ def test_pyramidinfer_prunes_the_prompt_with_depth_and_compresses_decoded_blocks
     assert grown == [s + 8 - 2 * (4 - k) for s, k in zip(slots, keep)]  # two full blocks of 4 compressed per layer
 
 
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_lazyllm_equals_the_papers_definition(kv_heads):
+    """Prompt and decoding steps against a by-hand LazyLLM (tests/reference_kv.py): the logits of every forward,
+    the tokens each layer holds keys and values for, and the Aux Cache, with tokens reviving along the way."""
+    model = tiny(layers=4, kv_heads=kv_heads)
+    fast = graphprune.optimize(model, "lazyllm", rate=0.3, start=0)
+    ids = prompts(1, 20)
+    with torch.no_grad():
+        lazy = ref.LazyLLM(model, lambda l: fast.graphprune_recipe.rate_at(l, 4))
+        tokens, expected = lazy.generate(ids[0].tolist(), 6)
+        out = fast(ids, use_cache=True)
+        assert out.logits.shape[1] < 20  # pruned prompt tokens do not reach the top
+        got, cache = [out.logits[0, -1]], out.cache
+        for t in tokens:
+            out = fast(torch.tensor([[t]]), cache=cache, use_cache=True)
+            assert out.logits.shape == (1, 1, 101)
+            got.append(out.logits[0, -1])
+    assert lazy.revived > 0 and lazy.pruned[0][0]
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    for l, layer in enumerate(cache.layers):
+        assert sorted(layer.pos[0, 0][layer.valid[0, 0]].tolist()) == sorted(lazy.kv[l])
+        stored = layer.aux.get("hidden_pos", torch.empty(1, 0))[0]
+        assert sorted(stored[stored >= 0].tolist()) == sorted(lazy.aux[l])
+    assert cache.get_seq_length() == 26
+
+
+def test_lazyllm_prunes_more_with_depth_and_reports_memory():
+    model = tiny(layers=4)
+    fast = graphprune.optimize(model, "lazyllm", rate=0.25, start=1)
+    with torch.no_grad():
+        out = fast(prompts(1, 40), use_cache=True)
+    # layer 0 and 1 compute all 40 tokens; then 40 - 10 = 30, then 30 - 7 = 23
+    assert out.cache.slots() == [40, 40, 30, 23]
+    mem = out.cache.memory()
+    assert mem["bytes"] > 0 and mem["ratio"] < 1  # the Aux Cache is counted, and still less than the full cache
+    assert [fast.graphprune_recipe.rate_at(i, 4) for i in range(4)] == [0, 0.25, 0.25, 0]
+
+
 def test_tova_keeps_the_papers_set():
     logits = patterns(seed=5)
     kept = drive(get_recipe("tova", budget=7), logits, 2, prompt=10, total=20)
@@ -321,11 +360,11 @@ def test_cache_is_stored_at_kv_heads_and_within_budget(recipe):
     assert out.cache.get_seq_length() == 33
 
 
-@pytest.mark.parametrize("recipe", [*CACHE_RECIPES, "fastgen"])
+@pytest.mark.parametrize("recipe", [*CACHE_RECIPES, "fastgen", "lazyllm"])
 def test_left_padded_batch_equals_each_prompt_alone(recipe):
     model = tiny("qwen2", seed=3)
     # PyramidKV's layer budgets depend on the prompt length once the bottom layer would keep it all: budget 8 stays clear
-    budget = {} if recipe == "fastgen" else {"budget": 8}
+    budget = {"rate": 0.3, "start": 0} if recipe == "lazyllm" else {} if recipe == "fastgen" else {"budget": 8}
     fast = graphprune.optimize(model, recipe, **budget, **SMALL.get(recipe, {}))
     ids, mask, alone = left_padded()
     with torch.no_grad():
@@ -382,6 +421,10 @@ def test_errors_are_clear():
         get_recipe("streaming_llm", budget=3)
     with pytest.raises(ScheduleError, match=r"\(0, 1\)"):
         get_recipe("h2o", budget=1.5)
+    with pytest.raises(ScheduleError, match="rate must lie"):
+        get_recipe("lazyllm", rate=1.0)
+    with pytest.raises(ScheduleError, match="leave budget at 1.0"):
+        get_recipe("lazyllm", budget=0.5)
     with pytest.raises(RecipeError, match="decoder LLMs take a KV-cache recipe"):
         graphprune.optimize(tiny(), "tome")
     with pytest.raises(RecipeError, match="KV-cache recipe"):

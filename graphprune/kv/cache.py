@@ -231,7 +231,7 @@ class EvictingLayer(CacheLayerMixin):
         if self.capacity is None:
             self.capacity = self.recipe.layer_capacity(self.layer_idx, self.n_layers, self.prompt_len)
         self.recipe.observe(self, query, scaling, prompt)
-        if prompt and getattr(self.recipe, "prunes_prompt", False):
+        if prompt and self.recipe.prunes_prompt:
             select = self.recipe.prompt_selection(self, query, scaling)
             if select is not None:
                 self.inputs["select"] = select

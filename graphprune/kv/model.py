@@ -144,10 +144,7 @@ def evicting_copy(model, recipe, info: DecoderInfo):
         return EvictingCache(recipe, info.n_layers, inv_freq)
 
     new.graphprune_inputs = None
-    if getattr(recipe, "prunes_prompt", False):
-        from graphprune.kv.prune import install
-
-        install(new)
+    recipe.install(new)
     new.graphprune_new_cache = new_cache
     new.graphprune_recipe = recipe
     new.report = KVReport(recipe.name, recipe.options(), info.family, info.n_layers, info.q_heads, info.kv_heads,

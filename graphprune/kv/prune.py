@@ -1,4 +1,4 @@
-"""Prompt token pruning inside the prefill (PyramidInfer, LazyLLM-style): later layers see fewer tokens.
+"""Prompt token pruning inside the prefill (PyramidInfer): later layers see fewer tokens.
 
 A cache recipe that prunes the prompt picks, in a layer's attention call, the tokens that go
 on to the next layer (``layer.inputs["select"]``: indices into that layer's tokens). Hooks on

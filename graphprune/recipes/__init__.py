@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from graphprune.recipes import (  # noqa: F401  (registers the recipes)
-    atc, ats, diffrate, evit, evo_vit, fastgen, h2o, kivi, pitome, ppt, pyramidinfer, pyramidkv, scissorhands, snapkv,
+    atc, ats, diffrate, evit, evo_vit, fastgen, h2o, kivi, lazyllm, pitome, ppt, pyramidinfer, pyramidkv, scissorhands, snapkv,
     streaming_llm, tome, tova, tps, zero_tprune,
 )
 from graphprune.recipes.base import RECIPES, Recipe, get_recipe, register

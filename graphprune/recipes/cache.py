@@ -26,6 +26,7 @@ class CacheRecipe(Recipe):
     state: ClassVar[tuple[str, ...]] = ()  # names of the per-slot score tensors the recipe keeps (layer.state)
     ring: ClassVar[bool] = False  # evicts one slot per decoded token, reading slot order from positions (no copies)
     exportable: ClassVar[bool] = True
+    prunes_prompt: ClassVar[bool] = False  # later layers see fewer prompt tokens (kv/prune.py)
     sizes_itself: ClassVar[str | None] = None  # how a recipe with no budget sizes its cache (then budget stays 1.0)  # a fixed budget gives static cache shapes (ONNX decode step)
 
     budget: Union[int, float] = option(
@@ -53,6 +54,13 @@ class CacheRecipe(Recipe):
     @classmethod
     def describe_options(cls) -> list[tuple[str, str, str]]:
         return [o for o in super().describe_options() if o[0] != "restore_tokens"]
+
+    def install(self, model) -> None:
+        """Hooks on graphprune's copy of the model that the recipe needs (prompt pruning carries the kept rows)."""
+        if self.prunes_prompt:
+            from graphprune.kv.prune import install
+
+            install(model)
 
     def min_budget(self) -> int:
         return 1

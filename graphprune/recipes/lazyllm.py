@@ -1,0 +1,50 @@
+"""LazyLLM: Dynamic Token Pruning for Efficient Long Context LLM Inference (Fu et al., 2024)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from graphprune.errors import ScheduleError
+from graphprune.recipes.base import option, register
+from graphprune.recipes.cache import CacheRecipe
+
+
+@register
+@dataclass
+class LazyLLM(CacheRecipe):
+    name = "lazyllm"
+    summary = "in every forward, prune the tokens the last token attends to least, progressively with depth; " \
+              "pruned tokens may revive later from the Aux Cache"
+    paper = "LazyLLM: Dynamic Token Pruning for Efficient Long Context LLM Inference (ICML 2024 ES-FoMo workshop)"
+    zero = {"rate": 0.0}
+    evicts_while_decoding = False
+    exportable = False  # each forward computes a data-dependent set of tokens per layer
+    sizes_itself = "computes keys and values only for the tokens it selects (set rate)"
+
+    budget: float = option(1.0, "LazyLLM prunes by rate and never evicts: leave budget at 1.0")
+    rate: float = option(0.1, "share of the tokens at a pruning layer (the last one's attention, head mean) that it "
+                              "prunes for the layers above")
+    start: int = option(2, "first pruning layer")
+    every: int = option(1, "prune after every this-many-th layer from start")
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 <= self.rate < 1:
+            raise ScheduleError(f"rate must lie in [0, 1), got {self.rate}")
+        if self.start < 0 or self.every < 1:
+            raise ScheduleError("start must be ≥ 0 and every ≥ 1")
+
+    def rate_at(self, layer: int, n_layers: int) -> float:
+        """The share layer ``layer`` prunes (none at the last layer: no layer above it)."""
+        prunes = layer >= self.start and (layer - self.start) % self.every == 0 and layer < n_layers - 1
+        return self.rate if prunes else 0.0
+
+    def cache_layer(self):
+        from graphprune.kv.lazy import LazyLayer
+
+        return LazyLayer
+
+    def install(self, model) -> None:
+        from graphprune.kv.lazy import install
+
+        install(model)
