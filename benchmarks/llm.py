@@ -3,6 +3,7 @@
     python benchmarks/llm.py ppl --context 2048 4096     # continuation perplexity, full cache vs every cache recipe
     python benchmarks/llm.py stream                      # StreamingLLM (1024-token cache) over 8192 tokens, per segment
     python benchmarks/llm.py speed --context 8192        # decode latency at 8k context, budget 0.25 vs the full cache
+    python benchmarks/llm.py lazy --context 2048 4096    # LazyLLM: time to first token and perplexity
     python benchmarks/llm.py report                      # docs/llm.md from the JSON results
 
 ``ppl``: prefill ``context`` tokens of Wikipedia text, then teacher-force the next 256 tokens
@@ -295,6 +296,82 @@ def run_speed(context: int, budget: float, steps: int, rounds: int, recipes: lis
 
 # ----------------------------------------------------------------------------- report
 
+# ----------------------------------------------------------------------------- lazy
+
+LAZY_RATES = (0.05, 0.1)
+
+
+def run_lazy(contexts: list[int], samples: int, continuation: int, rates: list[float], start: int, rounds: int) -> None:
+    """LazyLLM: time to first token (prefills interleaved across variants, median of ``rounds``), then the
+    teacher-forced continuation's perplexity and per-step time, per text sample."""
+    tokenizer, base = assets.load_smollm2()
+    starts = SAMPLE_ARTICLES[:samples]
+    variants = [(None, {})] + [("lazyllm", {"rate": r, "start": start}) for r in rates]
+    models = {_label(r, o): _model(base, r, o) for r, o in variants}
+    for context in contexts:
+        texts = [assets.wiki_token_stream(tokenizer, context + continuation, s) for s in starts]
+        rows = {label: {"recipe": r, "options": o, "samples": []} for (r, o), label in zip(variants, models)}
+        t_run = time.time()
+        with _progress() as progress:
+            overall = progress.add_task(f"lazyllm @ {context}", total=len(texts) * len(models) * (rounds + 1))
+            for si, ids in enumerate(texts):
+                ttft: dict[str, list[float]] = {label: [] for label in models}
+                labels = list(models)
+                for r in range(rounds + 1):  # round 0 warms up
+                    for label in labels[r % len(labels):] + labels[: r % len(labels)]:
+                        t0 = time.perf_counter()
+                        models[label](ids[None, :context], use_cache=True, logits_to_keep=1)
+                        if r:
+                            ttft[label].append(time.perf_counter() - t0)
+                        progress.advance(overall)
+                for label, model in models.items():
+                    t0 = time.perf_counter()
+                    nll, cache, prefill_s = teacher_forced_nll(model, ids, context)
+                    seconds = time.perf_counter() - t0
+                    row = {"article": starts[si], "nll_mean": float(nll.mean()), "ppl": math.exp(float(nll.mean())),
+                           "memory": _memory(cache), "ttft_s": statistics.median(ttft[label]),
+                           "step_ms": (seconds - prefill_s) / (continuation - 1) * 1e3}
+                    rows[label]["samples"].append(row)
+                    progress.console.print(f"[{context}] sample {si} {label:32s} ppl {row['ppl']:8.3f}  "
+                                           f"ttft {row['ttft_s']:.2f}s  step {row['step_ms']:.0f} ms  "
+                                           f"memory {row['memory']['ratio']:.3f}")
+                    del cache
+        full = rows[_label(None, {})]
+        full_nll = statistics.fmean(s["nll_mean"] for s in full["samples"])
+        for row in rows.values():
+            row["ppl"] = math.exp(statistics.fmean(s["nll_mean"] for s in row["samples"]))
+            row["ppl_ratio"] = row["ppl"] / math.exp(full_nll)
+            row["per_sample_ratio"] = [math.exp(s["nll_mean"] - f["nll_mean"]) for s, f in zip(row["samples"], full["samples"])]
+            row["ttft_speedup"] = statistics.median(f["ttft_s"] / s["ttft_s"] for s, f in zip(row["samples"], full["samples"]))
+            row["cache_ratio"] = statistics.fmean(s["memory"]["ratio"] for s in row["samples"])
+        _save(f"lazy_{context}", {"context": context, "continuation": continuation, "articles": list(starts),
+                                  "rounds": rounds, "seconds": time.time() - t_run, "rows": list(rows.values())})
+
+
+def _lazy_report() -> list[str]:
+    lines = []
+    for path in sorted(OUT.glob("lazy_*.json"), key=lambda p: int(p.stem.split("_")[1])):
+        d = json.loads(path.read_text())
+        lines += [f"## LazyLLM · {d['context']}-token prompt", "",
+                  f"`{d['command']}` ({d['date']}, {_threads(d)}, {d['seconds'] / 60:.1f} min)", "",
+                  f"Time to first token: each model prefills the {d['context']}-token prompt {d['rounds']} times, "
+                  "interleaved in a rotating order after one warm-up round; median per sample, speedup the median over "
+                  f"samples of the per-sample ratio. Then {d['continuation']} tokens teacher-forced one per step (every "
+                  "step prunes again and may revive tokens) and scored. Memory: keys, values and the Aux Cache's hidden "
+                  "states, against a full cache.", "",
+                  "| variant | TTFT s | TTFT speedup | ppl | ratio to full | per sample | memory ratio | ms/step |",
+                  "|---|---:|---:|---:|---:|---|---:|---:|"]
+        for row in d["rows"]:
+            name = "full cache" if row["recipe"] is None else f"`lazyllm` ({_fmt_opts(row['options'])})"
+            ttft = statistics.median(s["ttft_s"] for s in row["samples"])
+            per = " / ".join(f"{r:.3f}" for r in row["per_sample_ratio"])
+            step = statistics.fmean(s["step_ms"] for s in row["samples"])
+            lines.append(f"| {name} | {ttft:.2f} | {row['ttft_speedup']:.2f}× | {row['ppl']:.3f} | {row['ppl_ratio']:.3f} "
+                         f"| {per} | {row['cache_ratio']:.3f} | {step:.0f} |")
+        lines.append("")
+    return lines
+
+
 def _fmt_opts(options: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in options.items())
 
@@ -345,6 +422,7 @@ def _targets() -> list[str]:
                 ok = row["cache_ratio"] <= 0.2
                 out.append(f"- {'✅' if ok else '❌'} `kivi` 2-bit, {d['context']}-token context: KV memory "
                            f"{row['cache_ratio']:.3f}× the full cache's (target ≤ 0.2×), perplexity {row['ppl_ratio']:.3f}×")
+    lines += _lazy_report()
     path = OUT / "stream.json"
     if path.is_file():
         d = json.loads(path.read_text())
@@ -403,6 +481,7 @@ def report() -> None:
             lines.append(f"| {name} | {budget} | {row['ppl']:.3f} | {row['ppl_ratio']:.3f} | {per} | "
                          f"{row['cache_ratio']:.3f} | {slots} | {step:.0f} |")
         lines.append("")
+    lines += _lazy_report()
     path = OUT / "stream.json"
     if path.is_file():
         d = json.loads(path.read_text())
@@ -478,8 +557,15 @@ def main() -> None:
     v.add_argument("--rounds", type=int, default=5)
     v.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
     v.add_argument("--article", type=int, default=0)
+    z = sub.add_parser("lazy", help="LazyLLM: time to first token and continuation perplexity")
+    z.add_argument("--context", type=int, nargs="+", default=[2048, 4096], choices=(1024, 2048, 4096, 8192))
+    z.add_argument("--samples", type=int, default=3)
+    z.add_argument("--continuation", type=int, default=256)
+    z.add_argument("--rate", type=float, nargs="+", default=list(LAZY_RATES), help="share pruned per pruning layer")
+    z.add_argument("--start", type=int, default=2, help="first pruning layer")
+    z.add_argument("--rounds", type=int, default=3, help="timed prefills per model and sample")
     sub.add_parser("report")
-    for q in (p, s):
+    for q in (p, s, z):
         q.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
     if args.task == "report":
@@ -489,6 +575,8 @@ def main() -> None:
     with torch.inference_mode():
         if args.task == "ppl":
             run_ppl(args.context, args.samples, args.continuation, args.budget, args.recipes, args.others)
+        elif args.task == "lazy":
+            run_lazy(args.context, args.samples, args.continuation, args.rate, args.start, args.rounds)
         elif args.task == "stream":
             run_stream(args.tokens, args.prefill, args.budget, args.sinks, args.segment, args.chunk, args.article,
                        args.max_steps, not args.no_full, args.window)

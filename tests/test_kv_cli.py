@@ -64,3 +64,18 @@ def test_graphprune_imports_without_transformers():
             "assert 'snapkv' in graphprune.list_recipes('cache'); print('ok')")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
+def test_cli_benches_lazyllm_and_saves_its_schedule(tmp_path):
+    folder = saved_llm(tmp_path)
+    res = runner.invoke(app, ["bench", str(folder), "--recipe", "lazyllm", "-O", "start=0", "--sweep", "rate=0.0,0.3",
+                              "--prompt-len", "24", "--new-tokens", "6", "--batch", "2", "--rounds", "1", "--warmup", "0",
+                              "--json", str(tmp_path / "b.json")])
+    assert res.exit_code == 0, res.output
+    zero, pruned = json.loads((tmp_path / "b.json").read_text())["results"]
+    assert zero["fidelity"]["top1_agreement"] == 1.0 and zero["fidelity"]["perplexity_ratio"] == 1.0
+    assert pruned["fidelity"]["kl"] > 0
+    res = runner.invoke(app, ["export", str(folder), "--recipe", "lazyllm", "-O", "rate=0.2", "-o", str(tmp_path / "eager")])
+    assert res.exit_code == 0, res.output
+    fast = graphprune.optimize(tiny(), schedule=tmp_path / "eager" / "schedule.json")
+    assert fast.report.recipe == "lazyllm" and fast.report.options["rate"] == 0.2
