@@ -99,6 +99,26 @@ def _memory(cache) -> dict:
     return {"ratio": 1.0, "slots_min": n, "slots_max": n, "slots_mean": n}
 
 
+def _sample(article: int, nll: torch.Tensor, cache, prefill_s: float, seconds: float, continuation: int, **extra) -> dict:
+    """One text sample's result: mean NLL and perplexity, cache memory, time per decode step (and ``extra``)."""
+    return {"article": article, "nll_mean": float(nll.mean()), "ppl": math.exp(float(nll.mean())), **extra,
+            "memory": _memory(cache), "step_ms": (seconds - prefill_s) / (continuation - 1) * 1e3}
+
+
+def _summarise(rows: dict) -> dict:
+    """Per variant over its samples: perplexity, its ratio to the full cache's (over every scored token) and per
+    sample, and the mean cache ratio. Returns the full cache's row."""
+    full = rows[_label(None, {})]
+    full_nll = statistics.fmean(s["nll_mean"] for s in full["samples"])
+    for row in rows.values():
+        nll = statistics.fmean(s["nll_mean"] for s in row["samples"])
+        row["ppl"] = math.exp(nll)
+        row["ppl_ratio"] = math.exp(nll - full_nll)
+        row["per_sample_ratio"] = [math.exp(s["nll_mean"] - f["nll_mean"]) for s, f in zip(row["samples"], full["samples"])]
+        row["cache_ratio"] = statistics.fmean(s["memory"]["ratio"] for s in row["samples"])
+    return full
+
+
 def teacher_forced_nll(model, ids: torch.Tensor, prefix: int, chunk: int = 1, prefix_nll: bool = False,
                        on_step=None) -> tuple[torch.Tensor, object, float]:
     """Prefill ``ids[:prefix]``, then feed ``ids[prefix:-1]`` ``chunk`` tokens per forward call.
@@ -160,23 +180,14 @@ def run_ppl(contexts: list[int], samples: int, continuation: int, budgets: list[
                     seconds = time.perf_counter() - t0
                     progress.remove_task(task)
                     progress.advance(overall)
-                    row = {"article": starts[si], "nll_mean": float(nll.mean()), "ppl": math.exp(float(nll.mean())),
-                           "tokens": int(nll.numel()), "memory": _memory(cache), "prefill_s": prefill_s,
-                           "step_ms": (seconds - prefill_s) / (continuation - 1) * 1e3}
+                    row = _sample(starts[si], nll, cache, prefill_s, seconds, continuation, tokens=int(nll.numel()),
+                                  prefill_s=prefill_s)
                     rows[label]["samples"].append(row)
                     progress.console.print(f"[{context}] sample {si} (article {starts[si]}) {label:28s} "
                                            f"ppl {row['ppl']:8.3f}  cache ratio {row['memory']['ratio']:.3f}  "
                                            f"prefill {prefill_s:5.1f}s  step {row['step_ms']:.0f} ms")
                     del cache
-        full = rows[_label(None, {})]
-        full_nll = statistics.fmean(s["nll_mean"] for s in full["samples"])
-        for row in rows.values():
-            nll = statistics.fmean(s["nll_mean"] for s in row["samples"])
-            row["ppl"] = math.exp(nll)
-            row["ppl_ratio"] = math.exp(nll - full_nll)  # ppl over every scored token, relative to the full cache
-            row["per_sample_ratio"] = [s["nll_mean"] - f["nll_mean"] for s, f in zip(row["samples"], full["samples"])]
-            row["per_sample_ratio"] = [math.exp(d) for d in row["per_sample_ratio"]]
-            row["cache_ratio"] = statistics.fmean(s["memory"]["ratio"] for s in row["samples"])
+        _summarise(rows)
         payload = {"title": f"continuation perplexity · {context}-token context · {continuation} tokens teacher-forced one per step",
                    "context": context, "continuation": continuation, "articles": list(starts), "budgets": budgets,
                    "seconds": time.time() - t_run, "rows": list(rows.values()), "others": others}
@@ -329,22 +340,16 @@ def run_lazy(contexts: list[int], samples: int, continuation: int, rates: list[f
                     t0 = time.perf_counter()
                     nll, cache, prefill_s = teacher_forced_nll(model, ids, context)
                     seconds = time.perf_counter() - t0
-                    row = {"article": starts[si], "nll_mean": float(nll.mean()), "ppl": math.exp(float(nll.mean())),
-                           "memory": _memory(cache), "ttft_s": statistics.median(ttft[label]),
-                           "step_ms": (seconds - prefill_s) / (continuation - 1) * 1e3}
+                    row = _sample(starts[si], nll, cache, prefill_s, seconds, continuation,
+                                  ttft_s=statistics.median(ttft[label]))
                     rows[label]["samples"].append(row)
                     progress.console.print(f"[{context}] sample {si} {label:32s} ppl {row['ppl']:8.3f}  "
                                            f"ttft {row['ttft_s']:.2f}s  step {row['step_ms']:.0f} ms  "
                                            f"memory {row['memory']['ratio']:.3f}")
                     del cache
-        full = rows[_label(None, {})]
-        full_nll = statistics.fmean(s["nll_mean"] for s in full["samples"])
+        full = _summarise(rows)
         for row in rows.values():
-            row["ppl"] = math.exp(statistics.fmean(s["nll_mean"] for s in row["samples"]))
-            row["ppl_ratio"] = row["ppl"] / math.exp(full_nll)
-            row["per_sample_ratio"] = [math.exp(s["nll_mean"] - f["nll_mean"]) for s, f in zip(row["samples"], full["samples"])]
             row["ttft_speedup"] = statistics.median(f["ttft_s"] / s["ttft_s"] for s, f in zip(row["samples"], full["samples"]))
-            row["cache_ratio"] = statistics.fmean(s["memory"]["ratio"] for s in row["samples"])
         _save(f"lazy_{context}", {"context": context, "continuation": continuation, "articles": list(starts),
                                   "rounds": rounds, "seconds": time.time() - t_run, "rows": list(rows.values())})
 
