@@ -78,8 +78,12 @@ def _head(model, x, size, prefix: int):
 
 
 @torch.no_grad()
-def tome_reference(model, x, rs: list[int], prop_attn: bool = True):
-    """Published ToMe on a timm VisionTransformer (cls / distillation token aware)."""
+def tome_reference(model, x, rs: list[int], prop_attn: bool = True, metric: str = "keys"):
+    """Published ToMe on a timm VisionTransformer (cls / distillation token aware).
+
+    ``metric``: the published head-averaged keys, or graphprune's alternatives ``keys_concat``
+    (each head's keys normalised, heads side by side) and ``tokens`` (the tokens after attention).
+    """
     cls = model.cls_token is not None
     dist = getattr(model, "dist_token", None) is not None
     prefix = model.num_prefix_tokens
@@ -97,9 +101,14 @@ def tome_reference(model, x, rs: list[int], prop_attn: bool = True):
         x = x + blk.ls1(out)
         r = min(r, (x.shape[1] - prefix) // 2)
         if r > 0:
-            metric = k.mean(dim=1)
+            if metric == "keys":
+                feats = k.mean(dim=1)
+            elif metric == "keys_concat":
+                feats = torch.cat([k[:, h] / k[:, h].norm(dim=-1, keepdim=True) for h in range(k.shape[1])], dim=-1)
+            else:
+                feats = x
             s = size if size is not None else torch.ones(x.shape[0], x.shape[1], 1)
-            outs = [tome_merge_one(x[i], s[i], metric[i], r, cls, dist) for i in range(x.shape[0])]
+            outs = [tome_merge_one(x[i], s[i], feats[i], r, cls, dist) for i in range(x.shape[0])]
             x = torch.stack([o[0] for o in outs])
             size = torch.stack([o[1] for o in outs])
         x = x + blk.ls2(blk.mlp(blk.norm2(x)))

@@ -98,6 +98,8 @@ def test_bad_recipe_and_options():
         graphprune.optimize(model, "tome", example_inputs=x, r=-1)
     with pytest.raises(ScheduleError, match="5 per-block values but the model has 4 blocks"):
         graphprune.optimize(model, "tome", example_inputs=x, r=[1, 1, 1, 1, 1])
+    with pytest.raises(ScheduleError, match="metric must be one of keys, keys_concat, tokens"):
+        graphprune.optimize(model, "tome", example_inputs=x, metric="queries")
     for keep in (0.0, 1.5, -0.2):
         with pytest.raises(ScheduleError, match=r"\(0, 1\]"):
             graphprune.optimize(model, "evit", example_inputs=x, keep=keep)

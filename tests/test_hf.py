@@ -12,6 +12,7 @@ from graphprune.recipes import RECIPES as ALL
 RECIPES = [("tome", {"r": 4}, {"r": 0}), ("evit", {"keep": 0.6, "locations": [1, 2]}, {"keep": 1.0})]
 MORE = [(name, {}, ALL[name].zero) for name in ("diffrate", "tps", "ppt", "pitome", "ats", "zero_tprune", "evo_vit", "atc")]
 MORE += [("tome", {"r": 4, "split": "random"}, {"r": 0, "split": "random"}), ("tome", {"r": 4, "split": "kth", "k": 3}, {"r": 0})]
+MORE += [("tome", {"r": 4, "metric": "tokens"}, {"r": 0, "metric": "tokens"})]
 
 
 def _leaves(out):
@@ -39,7 +40,7 @@ CASES += [pytest.param(*case, marks=pytest.mark.slow) for case in SLOW]
 
 def _id(case):
     key, recipe, opts = case.values if hasattr(case, "values") else case
-    return f"{key}-{recipe}" + (f"-{opts['split']}" if "split" in opts else "")
+    return f"{key}-{recipe}" + "".join(f"-{opts[k]}" for k in ("split", "metric") if k in opts)
 
 
 @pytest.mark.parametrize("key,recipe,opts", CASES, ids=[_id(c) for c in CASES])

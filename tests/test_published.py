@@ -42,6 +42,17 @@ def test_tome_splits_equal_published(split, k, r, fused):
         assert _close(fast(x), tome_reference(model, x, r)) > 1e-4
 
 
+@pytest.mark.parametrize("metric", ["keys_concat", "tokens"])
+def test_tome_metrics_equal_the_reference(metric):
+    model = tiny("deit_tiny_distilled_patch16_224")
+    x = images(3)
+    fast = graphprune.optimize(model, "tome", example_inputs=(x,), r=[9, 0, 7, 5], metric=metric)
+    with torch.no_grad():
+        assert _close(fast(x), tome_reference(model, x, [9, 0, 7, 5], metric=metric)) < TOL
+        # the features matter: the published keys merge other tokens
+        assert _close(fast(x), tome_reference(model, x, [9, 0, 7, 5])) > 1e-4
+
+
 def test_tome_kth_merges_every_source_when_r_covers_them():
     """r >= |A|: the published kth_bipartite_soft_matching, N patch tokens -> N // k."""
     model = tiny("deit_tiny_patch16_224")

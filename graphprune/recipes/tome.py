@@ -9,6 +9,12 @@ published helpers: the prefix tokens (class, registers) are protected, the rando
 made once per block when the model is optimized (from ``seed``, so the graph is
 deterministic and exports), and with ``kth`` the N mod k trailing tokens are sources like
 the others instead of being dropped.
+
+``metric`` picks the features compared: ``keys`` (the published choice: the block's attention
+keys averaged over heads), ``keys_concat`` (each head's keys L2-normalised, heads concatenated)
+or ``tokens`` (the tokens themselves at the merge point, after attention). The paper chose keys on
+ViTs; on a sentence encoder (all-MiniLM-L6-v2) the head-averaged keys are a poor similarity
+and ``tokens`` keeps far more fidelity at the same r (docs/real_weights.md).
 """
 
 from __future__ import annotations
@@ -29,17 +35,24 @@ from graphprune.schedule import parse_r
 TOME = torch.ops.graphprune.tome_merge.default
 
 
-def _merge(x, size, k, r, protected, valid):
+METRICS = {  # the features whose cosine similarity decides the merges: (tokens x (B, N, C), keys k (B, H, N, d)) -> (B, N, D)
+    "keys": lambda x, k: k.mean(dim=1),
+    "keys_concat": lambda x, k: torch.nn.functional.normalize(k, dim=-1).transpose(1, 2).flatten(2),
+    "tokens": lambda x, k: x,
+}
+
+
+def _merge(x, size, k, metric, r, protected, valid):
     if size is None:
         size = torch.ones_like(x[..., :1])
-    x, size, assign, rep = TOME(x, size, k.mean(dim=1), r, protected, valid)
+    x, size, assign, rep = TOME(x, size, METRICS[metric](x, k), r, protected, valid)
     return x, assign, rep, size
 
 
-def _bipartite(x, size, k, src, dst, r, protected, valid):
+def _bipartite(x, size, k, metric, src, dst, r, protected, valid):
     if size is None:
         size = torch.ones_like(x[..., :1])
-    x, size, assign, rep = bipartite_merge(x, size, k.mean(dim=1), src, dst, r, protected, valid)
+    x, size, assign, rep = bipartite_merge(x, size, METRICS[metric](x, k), src, dst, r, protected, valid)
     return x, assign, rep, size
 
 
@@ -60,6 +73,9 @@ class ToMe(Recipe):
                         "tokens merge into the rest) or 'kth' (every k-th token is a destination)")
     k: int = option(2, "with split='kth': every k-th token is a destination (k >= 2)")
     seed: int = option(0, "with split='random': seed of the per-block random draw")
+    metric: str = option("keys", "similarity features: 'keys' (published: attention keys averaged over heads), "
+                         "'keys_concat' (per-head normalised keys, concatenated) or 'tokens' (the tokens after attention; "
+                         "better on sentence encoders)")
 
     def validate(self) -> None:
         """Check the option's form before capture; the block count is checked by ``check``."""
@@ -68,13 +84,15 @@ class ToMe(Recipe):
             raise ScheduleError(f"tome split must be one of {', '.join(SPLITS)}, got {self.split!r}")
         if not isinstance(self.k, int) or self.k < 2:
             raise ScheduleError(f"tome k must be an integer >= 2 (every k-th token is a destination), got {self.k!r}")
+        if self.metric not in METRICS:
+            raise ScheduleError(f"tome metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
 
     def _step(self, flow: TokenFlow, block, r: int, protected: int, valid) -> None:
         n = flow.n
         if self.split == "alternate":
             r = tome_effective_r(n, r, protected)
             if r:
-                flow.reduce(block, _merge, flow.size, block.site.k, r, protected, valid, out_tokens=n - r)
+                flow.reduce(block, _merge, flow.size, block.site.k, self.metric, r, protected, valid, out_tokens=n - r)
             return
         if self.split == "random":
             src, dst = random_split(n, protected, min(r, n - protected - 1), self.seed * 100003 + block.index)
@@ -83,7 +101,7 @@ class ToMe(Recipe):
             src, dst = kth_split(n, protected, self.k)
             r = min(r, len(src))
         if r > 0 and dst:
-            flow.reduce(block, _bipartite, flow.size, block.site.k, src, dst, r, protected, valid, out_tokens=n - r,
+            flow.reduce(block, _bipartite, flow.size, block.site.k, self.metric, src, dst, r, protected, valid, out_tokens=n - r,
                         drops=valid is not None)
 
     def check(self, graph: ModelGraph) -> None:
