@@ -458,6 +458,7 @@ def tune(
     data: Annotated[Optional[Path], typer.Option("--data", help="calibration inputs for fidelity: a folder of images or a tensor file")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="latency-table cache (default ~/.cache/graphprune/latency)")] = None,
     refresh: Annotated[bool, typer.Option("--refresh", help="profile again even if a cached table exists")] = False,
+    option: OptionOpt = [],  # noqa: B006
     weights: WeightsOpt = None, trust_pickle: TrustOpt = False, input_size: InputSizeOpt = None,
 ):
     """Choose a per-block schedule meeting --speedup or --latency-ms with the best fidelity, by profiling this device."""
@@ -469,12 +470,16 @@ def tune(
         if recipe not in graphprune.schedule.tune.TUNABLE:
             graphprune.recipes.get_recipe(recipe)  # unknown recipe: its own error
             _fail(f"tune chooses per-block schedules for {', '.join(graphprune.schedule.tune.TUNABLE)}; '{recipe}' has none")
+        options = recipe_options(None, None, None, None, None, None, option)
+        if graphprune.schedule.tune.TUNABLE[recipe] in options:
+            _fail(f"tune chooses '{graphprune.schedule.tune.TUNABLE[recipe]}'; give the recipe's other options only")
+        graphprune.recipes.get_recipe(recipe, **options)  # bad options: fail before loading the model
         from graphprune.exporters.files import check_writable
 
         check_writable(output)
         net, timed, calibration = model_and_batches(model, weights, trust_pickle, batch, input_size, data)
         schedule = graphprune.tune(net, recipe, speedup=speedup, latency_ms=latency_ms, example_inputs=timed, calibration=calibration,
-                                   target=target, rounds=rounds, cache_dir=cache_dir, refresh=refresh)
+                                   target=target, rounds=rounds, cache_dir=cache_dir, refresh=refresh, options=options)
         info = schedule.info
         t = Table(title=f"{model} · {recipe} schedules at {info['goal']}")
         for col in ("schedule", "family", "predicted ms", "cosine"):

@@ -157,10 +157,11 @@ def test_bench_bad_input_is_one_clear_error(args, message):
 
 def test_tune_writes_a_schedule_that_export_takes(pickled, tmp_path):
     res = _run("tune", pickled, "--trust-pickle", "--input-size", "3,32,32", "--batch", "4", "--rounds", "1",
-               "--latency-ms", "10000", "--cache-dir", tmp_path / "cache", "-o", tmp_path / "s.json")
+               "--latency-ms", "10000", "--cache-dir", tmp_path / "cache", "-O", "metric=tokens", "-o", tmp_path / "s.json")
     assert res.exit_code == 0, res.output
     saved = json.loads((tmp_path / "s.json").read_text())
     assert saved["format"] == "graphprune-schedule" and saved["recipe"] == "tome" and len(saved["options"]["r"]) == 4
+    assert saved["options"]["metric"] == "tokens"  # a fixed option is kept with the tuned schedule
     assert "measured" in res.output and list((tmp_path / "cache").glob("*.json"))
     res = _run("export", pickled, "--trust-pickle", "--schedule", tmp_path / "s.json", "-o", tmp_path / "o", "--input-size", "3,32,32")
     assert res.exit_code == 0, res.output
@@ -171,6 +172,8 @@ def test_tune_writes_a_schedule_that_export_takes(pickled, tmp_path):
     ([], "one goal"),
     (["--speedup", "1.5", "--recipe", "evit"], "has none"),
     (["--speedup", "1.5", "--recipe", "tomee"], "unknown recipe"),
+    (["--speedup", "1.5", "-O", "r=3"], "other options only"),
+    (["--speedup", "1.5", "-O", "metric=queries"], "metric must be one of"),
 ])
 def test_tune_bad_input_is_one_clear_error(args, message, tmp_path):
     res = _run("tune", "test_vit", *args, "-o", tmp_path / "s.json")

@@ -134,6 +134,10 @@ def test_tune_refuses_bad_requests():
         graphprune.tune(model, "tome")
     with pytest.raises(ScheduleError, match="above 1.0"):
         graphprune.tune(model, "tome", speedup=0.5)
+    with pytest.raises(ScheduleError, match="'r' is what tune chooses"):
+        graphprune.tune(model, "tome", speedup=1.5, options={"r": 4})
+    with pytest.raises(ScheduleError, match="metric must be one of"):
+        graphprune.tune(model, "tome", speedup=1.5, options={"metric": "queries"})
 
 
 def test_latency_table_on_onnx_runtime(tmp_path):

@@ -389,14 +389,15 @@ def search(table: LatencyTable, budget_ms: float, tokens: int, protected: int, s
 def tune(model: torch.nn.Module, recipe: str = "tome", *, speedup: Optional[float] = None, latency_ms: Optional[float] = None,
          example_inputs=None, calibration=None, target: str = "eager", output_fn: Optional[Callable] = None,
          metric: str = "cosine", rounds: int = 5, cache_dir=None, refresh: bool = False, measure: bool = True,
-         progress: bool = True) -> Schedule:
+         progress: bool = True, options: Optional[dict] = None) -> Schedule:
     """A per-block schedule for ``recipe`` that meets a speedup (or latency) on this device with the best fidelity.
 
     ``example_inputs``: a batch at the batch size to tune for (its batch is the table's).
     ``calibration``: batches (tuples of model inputs, or tensors) the fidelity is scored on;
     default: the example batch. Returns a :class:`~graphprune.schedule.files.Schedule` (save it
     with ``.save(path)``; apply it with ``optimize(model, schedule=...)``) whose ``info`` holds
-    the predicted and measured latency and the fidelity.
+    the predicted and measured latency and the fidelity. ``options``: the recipe's other options,
+    fixed while the per-block count is tuned (``{"metric": "tokens"}``), saved with the schedule.
     """
     import graphprune
     from graphprune import bench as gb
@@ -405,6 +406,10 @@ def tune(model: torch.nn.Module, recipe: str = "tome", *, speedup: Optional[floa
     if recipe not in TUNABLE:
         graphprune.recipes.get_recipe(recipe)  # an unknown recipe: that error, with its suggestion
         raise RecipeError(f"tune chooses per-block schedules for {', '.join(TUNABLE)}; '{recipe}' has no per-block count to tune")
+    options = dict(options or {})
+    if TUNABLE[recipe] in options:
+        raise ScheduleError(f"'{TUNABLE[recipe]}' is what tune chooses; leave it out of options")
+    graphprune.recipes.get_recipe(recipe, **options)  # bad options: fail before profiling
     if (speedup is None) == (latency_ms is None):
         raise ScheduleError("give exactly one goal: speedup=1.8 or latency_ms=12")
     if speedup is not None and not speedup > 1.0:
@@ -419,12 +424,12 @@ def tune(model: torch.nn.Module, recipe: str = "tome", *, speedup: Optional[floa
     with eval_mode(model), gb._progress(progress) as bar:  # flags restored after
         table = latency_table(model, inputs, target=target, rounds=rounds, cache_dir=cache_dir, refresh=refresh, progress=bar)
         budget = latency_ms if latency_ms is not None else table.full_ms / speedup
-        probe = graphprune.optimize(model, recipe, example_inputs=example, r=0)
+        probe = graphprune.optimize(model, recipe, example_inputs=example, **{**options, TUNABLE[recipe]: 0})
         tokens, protected = probe.report.tokens_per_block[0], probe.report.layout["prefix_tokens"]
         reference = gb.outputs(model, data, output_fn)
 
         def build(r):
-            return graphprune.optimize(model, recipe, example_inputs=example, **{TUNABLE[recipe]: list(r)})
+            return graphprune.optimize(model, recipe, example_inputs=example, **options, **{TUNABLE[recipe]: list(r)})
 
         def score(r):
             return gb.fidelity(reference, gb.outputs(build(r), data, output_fn))[metric]
@@ -434,7 +439,7 @@ def tune(model: torch.nn.Module, recipe: str = "tome", *, speedup: Optional[floa
             with tempfile.TemporaryDirectory(prefix="graphprune-tune-") as tmp:
                 if target == "onnx":
                     fns = {name: graphprune.optimize(model, recipe, target="onnx", output=Path(tmp) / f"{name}.onnx",
-                                                     example_inputs=example, **{TUNABLE[recipe]: list(rr)})
+                                                     example_inputs=example, **options, **{TUNABLE[recipe]: list(rr)})
                            for name, rr in (("baseline", [0] * len(r)), ("tuned", r))}
                 else:
                     fns = {"baseline": model, "tuned": build(r)}
@@ -461,4 +466,4 @@ def tune(model: torch.nn.Module, recipe: str = "tome", *, speedup: Optional[floa
             info.update(measured_ms=got_ms, measured_baseline_ms=base_ms, measured_speedup=base_ms / got_ms,
                         predicted_speedup=table.full_ms / best.predicted_ms,
                         prediction_error=(table.full_ms / best.predicted_ms) / (base_ms / got_ms) - 1.0)
-    return Schedule(recipe, {TUNABLE[recipe]: best.r}, info)
+    return Schedule(recipe, {**options, TUNABLE[recipe]: best.r}, info)
