@@ -145,6 +145,19 @@ def primary_output(out) -> torch.Tensor:
     return leaves[0]
 
 
+PER_SAMPLE = ("cosine", "top1_agreement")
+
+
+def per_sample(reference: torch.Tensor, output: torch.Tensor, metric: str = "cosine") -> torch.Tensor:
+    """One value per sample (first axis): the cosine along the last axis averaged over the
+    sample's other axes, or the top-1 agreement of logits (1 or 0)."""
+    ref, out = reference.detach().float(), output.detach().float()
+    if metric == "top1_agreement":
+        return (ref.argmax(-1) == out.argmax(-1)).float().reshape(ref.shape[0], -1).mean(1)
+    cos = F.cosine_similarity(ref, out, dim=-1)
+    return cos.reshape(cos.shape[0], -1).mean(1) if cos.dim() else cos.reshape(1)
+
+
 def fidelity(reference: torch.Tensor, output: torch.Tensor, logits: bool = False, labels=None) -> dict:
     """How close ``output`` is to ``reference`` (same shape).
 
@@ -157,7 +170,7 @@ def fidelity(reference: torch.Tensor, output: torch.Tensor, logits: bool = False
     if ref.shape != out.shape:
         raise GraphPruneError(f"outputs differ in shape: {tuple(out.shape)} vs the unmodified model's {tuple(ref.shape)}; "
                               "measure fidelity on per-sample outputs (features, logits) or keep restore_tokens on")
-    result = {"cosine": float(F.cosine_similarity(ref, out, dim=-1).mean())}
+    result = {"cosine": float(per_sample(ref, out).mean())}
     if logits:
         if ref.dim() != 2:
             raise GraphPruneError(f"logits must be (batch, classes), got {tuple(ref.shape)}")

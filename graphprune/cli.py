@@ -492,6 +492,10 @@ def tune(
                       f"({info.get('predicted_speedup', info['baseline_ms'] / info['predicted_ms']):.2f}×)"
                       + (f", measured {info['measured_speedup']:.2f}× (prediction off by {100 * info['prediction_error']:+.1f} %)"
                          if "measured_speedup" in info else ""))
+        if "within_noise" in info:
+            w = info["within_noise"]
+            console.print(f"kept the constant schedule: the best-scoring one ({w['family']}) beat it by {w['gain']:+.4f} ± "
+                          f"{w['stderr']:.4f}, within the calibration data's noise (more --data resolves smaller gains)")
         console.print(f"wrote {schedule.save(output)}")
     except GraphPruneError as err:
         _fail(str(err))

@@ -11,8 +11,10 @@
 3. **Search.** Candidate per-block schedules from a family (ramps of every slope, late
    starts), each scaled to the latency budget with the table, are scored by their fidelity
    on calibration data (the measure of :mod:`graphprune.bench`); the best is refined by a
-   local search on the slope. The constant schedule is one of the candidates, so the tuned
-   schedule is never worse than it on the calibration data.
+   local search on the slope. The constant schedule is one of the candidates, and it is kept
+   unless the best candidate beats it by more than the calibration noise (``noise`` standard
+   errors of their per-sample difference): a gain the calibration set cannot resolve is not
+   taken, since it does not carry over to other data.
 
 Tuned recipe options: ``tome``'s per-block ``r``.
 """
@@ -319,6 +321,7 @@ class Candidate:
     start: int
     predicted_ms: float
     score: Optional[float] = None
+    samples: Optional[torch.Tensor] = None  # the score per calibration sample (its mean is ``score``)
 
     @property
     def family(self) -> str:
@@ -342,12 +345,15 @@ def candidates(table: LatencyTable, budget_ms: float, tokens: int, protected: in
     return out
 
 
-def search(table: LatencyTable, budget_ms: float, tokens: int, protected: int, score: Callable[[list[int]], float],
-           refine: int = 3, progress=None) -> tuple[Candidate, list[Candidate]]:
+def search(table: LatencyTable, budget_ms: float, tokens: int, protected: int, score: Callable[[list[int]], object],
+           refine: int = 3, progress=None, noise: float = 2.0) -> tuple[Candidate, list[Candidate]]:
     """The candidate with the best ``score`` (higher is better) among those predicted to meet ``budget_ms``.
 
+    ``score(r)`` gives a number, or one number per calibration sample (their mean is the score).
     After the family sweep, ``refine`` more slopes are tried by halving the interval around
-    the best slope (same start). Returns (best, every candidate scored).
+    the best slope (same start). With per-sample scores, the constant schedule stays the choice
+    unless the best beats it by more than ``noise`` standard errors of the per-sample difference.
+    Returns (best, every candidate scored).
     """
     pool = candidates(table, budget_ms, tokens, protected)
     if not pool:
@@ -360,7 +366,8 @@ def search(table: LatencyTable, budget_ms: float, tokens: int, protected: int, s
     task = progress.add_task("scoring schedules", total=len(pool) + refine) if progress is not None else None
 
     def evaluate(c: Candidate) -> Candidate:
-        c.score = float(score(c.r))
+        c.samples = torch.as_tensor(score(c.r), dtype=torch.float64).reshape(-1)
+        c.score = float(c.samples.mean())
         if task is not None:
             progress.advance(task)
         return c
@@ -378,7 +385,18 @@ def search(table: LatencyTable, budget_ms: float, tokens: int, protected: int, s
         scored += trials
         best = max([best, *trials], key=lambda c: c.score)
         step /= 2
+    constant = next((c for c in scored if c.slope == 0.0 and c.start == 0), None)
+    if constant is not None and best is not constant and len(best.samples) > 1:
+        gain, stderr = paired_gain(best.samples, constant.samples)
+        if gain <= noise * stderr:
+            best = constant
     return best, scored
+
+
+def paired_gain(samples: torch.Tensor, baseline: torch.Tensor) -> tuple[float, float]:
+    """Mean per-sample gain of ``samples`` over ``baseline`` and its standard error."""
+    d = samples - baseline
+    return float(d.mean()), float(d.std() / len(d) ** 0.5) if len(d) > 1 else 0.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -410,6 +428,8 @@ def tune(model: torch.nn.Module, recipe: str = "tome", *, speedup: Optional[floa
     if TUNABLE[recipe] in options:
         raise ScheduleError(f"'{TUNABLE[recipe]}' is what tune chooses; leave it out of options")
     graphprune.recipes.get_recipe(recipe, **options)  # bad options: fail before profiling
+    if metric not in gb.PER_SAMPLE:
+        raise ScheduleError(f"tune scores schedules by {' or '.join(gb.PER_SAMPLE)}, got metric={metric!r}")
     if (speedup is None) == (latency_ms is None):
         raise ScheduleError("give exactly one goal: speedup=1.8 or latency_ms=12")
     if speedup is not None and not speedup > 1.0:
@@ -432,7 +452,7 @@ def tune(model: torch.nn.Module, recipe: str = "tome", *, speedup: Optional[floa
             return graphprune.optimize(model, recipe, example_inputs=example, **options, **{TUNABLE[recipe]: list(r)})
 
         def score(r):
-            return gb.fidelity(reference, gb.outputs(build(r), data, output_fn))[metric]
+            return gb.per_sample(reference, gb.outputs(build(r), data, output_fn), metric)
 
         def measure_ms(r) -> tuple[float, float]:
             """(unmodified, with schedule r) in ms on the target, interleaved, min of the rounds."""
@@ -460,6 +480,10 @@ def tune(model: torch.nn.Module, recipe: str = "tome", *, speedup: Optional[floa
                 "baseline_ms": table.full_ms, "predicted_ms": best.predicted_ms, "fidelity": {metric: best.score},
                 "family": best.family, "overhead_ms": table.overhead_ms,
                 "candidates": [{"r": c.r, "family": c.family, "predicted_ms": c.predicted_ms, metric: c.score} for c in scored]}
+        top = max(scored, key=lambda c: c.score)
+        if top is not best:  # the constant schedule kept: the best score was within calibration noise of it
+            gain, stderr = paired_gain(top.samples, best.samples)
+            info["within_noise"] = {"r": top.r, "family": top.family, "gain": gain, "stderr": stderr}
         if measure:
             base_ms, got_ms = measure_ms(best.r)
             # the measured run's baseline may drift from the table's: compare as speedups
