@@ -6,8 +6,9 @@
    The table is cached on disk per (device, runtime, model, batch).
 2. **Prediction.** A schedule's latency = rest + Σ blocks, a block that reduces from n to n'
    tokens after its attention costing the mean of its time at n and n' (attention runs at n,
-   the MLP at n'), plus a per-reducing-block overhead for the reduction op itself that is
-   fitted from one measured schedule (calibration).
+   the MLP at n'), plus a per-reducing-block correction fitted from one measured schedule
+   (calibration): the reduction op's own cost, and whatever bias the table has against the
+   whole model running (it may come out negative).
 3. **Search.** Candidate per-block schedules from a family (ramps of every slope, late
    starts), each scaled to the latency budget with the table, are scored by their fidelity
    on calibration data (the measure of :mod:`graphprune.bench`); the best is refined by a
@@ -61,7 +62,7 @@ class LatencyTable:
     target: str
     device: str
     model: str
-    overhead_ms: float = 0.0  # per reducing block, fitted by calibration
+    overhead_ms: float = 0.0  # per reducing block, fitted by calibration (reduction cost and table bias; may be < 0)
 
     def block_ms(self, i: int, n: float) -> float:
         """Block ``i`` at ``n`` tokens: linear interpolation (and extrapolation below the smallest count)."""
@@ -466,14 +467,14 @@ def tune(model: torch.nn.Module, recipe: str = "tome", *, speedup: Optional[floa
                 times = gb.interleaved(fns, inputs, rounds=max(rounds, 3), warmup=1)
             return min(times["baseline"]) * 1e3, min(times["tuned"]) * 1e3
 
-        if measure:  # calibration: the reduction op's own cost, from the constant schedule at the budget
+        if measure:  # calibration: the reduction op's cost and the table's bias, from the constant schedule at the budget
             c = fit_ramp(table, 0.0, 0, budget, tokens, protected)
             constant = None if c is None else c.r
             if constant is not None and any(constant):
                 base_ms, got_ms = measure_ms(constant)
                 reducing = sum(1 for a, b in zip(*tome_tokens(constant, tokens, protected)) if a != b)
                 raw = table.predict(*tome_tokens(constant, tokens, protected))  # in the table's time, like got_ms rescaled
-                table.overhead_ms = max((got_ms * table.full_ms / base_ms - raw) / max(reducing, 1), 0.0)
+                table.overhead_ms = (got_ms * table.full_ms / base_ms - raw) / max(reducing, 1)
         best, scored = search(table, budget, tokens, protected, score, progress=bar)
         info = {"model": table.model, "target": target, "batch": table.batch, "device": table.device,
                 "goal": {"speedup": speedup} if speedup is not None else {"latency_ms": latency_ms},
