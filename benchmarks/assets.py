@@ -363,6 +363,37 @@ def to_pixels(images: torch.Tensor, size: int) -> torch.Tensor:
     return normalize(x.expand(-1, 3, -1, -1))
 
 
+PHOTO_SOURCES = ("astronaut", "chelsea", "coffee", "rocket", "camera", "cat", "horse", "hubble_deep_field", "immunohistochemistry",
+                 "retina", "colorwheel", "moon", "page", "text", "coins", "grass", "gravel", "brick")
+
+
+def photo_crops(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    """``n`` random square crops (side 35–100 % of the short side) of skimage's bundled images,
+    cycling through ``PHOTO_SOURCES``, resized to ``size``: ImageNet-normalised (n, 3, size, size).
+
+    Natural images whose class-token features a reduction actually moves (upscaled Fashion-MNIST
+    is mostly flat background: every ToMe schedule keeps its class-token cosine above 0.995).
+    """
+    from skimage import data
+
+    sources = []
+    for name in PHOTO_SOURCES:
+        a = getattr(data, name)()
+        a = a[..., None].repeat(3, -1) if a.ndim == 2 else a[..., :3]
+        sources.append(torch.from_numpy(a.copy()).permute(2, 0, 1).float().div(255))
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        x = sources[i % len(sources)]
+        h, w = x.shape[-2:]
+        side = int(min(h, w) * float(torch.empty(1).uniform_(0.35, 1.0, generator=g)))
+        top = int(torch.randint(0, h - side + 1, (1,), generator=g))
+        left = int(torch.randint(0, w - side + 1, (1,), generator=g))
+        crop = x[None, :, top:top + side, left:left + side]
+        out.append(F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1))
+    return normalize(torch.cat(out))
+
+
 def photos(size: int) -> torch.Tensor:
     """skimage's astronaut, chelsea, coffee and rocket as ImageNet-normalised (4, 3, size, size) floats.
 

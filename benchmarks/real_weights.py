@@ -4,6 +4,7 @@
     python benchmarks/real_weights.py dinov2 --size 448
     python benchmarks/real_weights.py minilm --length 128   # all-MiniLM-L6-v2 on Wikipedia passages cut to 128 tokens
     python benchmarks/real_weights.py tune --model dinov2   # tuned schedule vs the best constant one (also: deit)
+    python benchmarks/real_weights.py tune --model minilm --metric tokens --speedup 1.4
     python benchmarks/real_weights.py report                # docs/real_weights.md from the JSON results
 
 Every run measures the unmodified model and all variants interleaved in one process
@@ -37,6 +38,8 @@ OUT = Path(__file__).parent.parent / "docs" / "real_weights"
 OTHERS = [("evit", {"keep": 0.7}), ("tps", {"keep": 0.7}), ("diffrate", {}), ("ppt", {}), ("pitome", {"ratio": 0.92}),
           ("ats", {"capacity": 0.5}), ("zero_tprune", {"keep": 0.7}), ("evo_vit", {"keep": 0.5}), ("atc", {"keep": 0.7})]
 TOME_R = {224: [8, 13, 16, 20], 448: [40, 55, 70, 85], 64: [4, 6, 8, 10], 128: [8, 12, 16, 20]}
+# ToMe comparing the tokens themselves instead of the head-averaged keys (metric="tokens"): far better on MiniLM
+TOME_TOKENS_R = {64: [5, 6, 7, 8], 128: [10, 12, 14, 16]}
 
 
 def _save(name: str, payload: dict, results) -> None:
@@ -135,7 +138,8 @@ def run_minilm(passages: int, length: int, rounds: int, batch: int) -> None:
         enc = tokenizer(texts[i: i + batch], padding="max_length", truncation=True, max_length=length, return_tensors="pt")
         data.append((enc["input_ids"], enc["attention_mask"]))
     lengths = torch.cat([d[1].sum(1) for d in data])
-    variants = [("tome", {"r": r}) for r in TOME_R[length]] + OTHERS
+    variants = ([("tome", {"r": r}) for r in TOME_R[length]] + [("tome", {"r": r, "metric": "tokens"}) for r in TOME_TOKENS_R[length]]
+                + OTHERS)
     print(f"MiniLM-L6: {len(variants)} variants, {len(texts)} passages of {int(lengths.min())}–{int(lengths.max())} tokens")
     t0 = time.time()
     results = gb.sweep(model, variants, data[0], data=data, rounds=rounds, warmup=1, logits=False)
@@ -147,22 +151,30 @@ def run_minilm(passages: int, length: int, rounds: int, batch: int) -> None:
     _save(f"minilm_{length}", payload, results)
 
 
-def run_tune(which: str, speedups: list[float], rounds: int, batch: int) -> None:
-    """Tuned ToMe schedules against constant ones, fidelity on held-out images (not the calibration set).
+def run_tune(which: str, speedups: list[float], rounds: int, batch: int, metric: str = "keys") -> None:
+    """Tuned ToMe schedules against constant ones, fidelity on held-out inputs (not the calibration set).
 
-    ``dinov2``: fidelity of the class-token feature; ``dinov2_dense``: of every token's feature
-    (mean cosine over tokens), for dense use and because the class token's cosine stays ≥ 0.995
-    for every schedule at these speeds.
+    ``dinov2``: fidelity of the class-token feature on random crops of skimage's photographs
+    (64 to calibrate, 128 other crops held out); ``dinov2_dense``: of every token's feature (mean
+    cosine over tokens) on Fashion-MNIST. ``metric``: ToMe's similarity features, fixed while r is tuned.
     """
-    if which in ("dinov2", "dinov2_dense"):
+    options = {} if metric == "keys" else {"metric": metric}
+    if which == "dinov2":
         size = 224
-        model = Features(assets.load_dinov2_small(size), dense=which == "dinov2_dense").eval()
+        model = Features(assets.load_dinov2_small(size)).eval()
+        calib_x, held = assets.photo_crops(64, size, seed=1), assets.photo_crops(128, size, seed=2)
+        calib = [(calib_x[i: i + batch],) for i in range(0, len(calib_x), batch)]
+        data = [(held[i: i + batch],) for i in range(0, len(held), batch)]
+        title = "DINOv2-S/14 · 224 px · class-token feature on photo crops"
+    elif which == "dinov2_dense":
+        size = 224
+        model = Features(assets.load_dinov2_small(size), dense=True).eval()
         fm_x, _ = assets.fashion_mnist("test", 200)
         calib_x = assets.to_pixels(assets.fashion_mnist("train", 32)[0], size)  # held-out below: test images + photos
         calib = [(calib_x[i: i + batch],) for i in range(0, len(calib_x), batch)]
         held = torch.cat([assets.photos(size), assets.to_pixels(fm_x, size)])
         data = [(held[i: i + batch],) for i in range(0, len(held), batch)]
-        title = "DINOv2-S/14 · 224 px" + (" · dense features (all tokens)" if which == "dinov2_dense" else " · class-token feature")
+        title = "DINOv2-S/14 · 224 px · dense features (all tokens)"
     elif which == "minilm":
         tokenizer, bert = assets.load_minilm()
         model = SentenceEncoder(bert).eval()
@@ -181,15 +193,17 @@ def run_tune(which: str, speedups: list[float], rounds: int, batch: int) -> None
         held = torch.randn(64, 3, 224, 224, generator=g)
         data = [(held[i: i + batch],) for i in range(0, len(held), batch)]
         title = "DeiT-S (random weights) · 224 px"
+    if options:
+        title += f" · metric={metric}"
     x = data[0]
     rows = []
     for speedup in speedups:
-        schedule = graphprune.tune(model, "tome", speedup=speedup, example_inputs=x, calibration=calib, rounds=rounds)
+        schedule = graphprune.tune(model, "tome", speedup=speedup, example_inputs=x, calibration=calib, rounds=rounds, options=options)
         tuned_r = schedule.options["r"]
         # constant schedules around the one the table predicts for the same goal, measured in the same interleaved run
         r_const = next(c["r"][0] for c in schedule.info["candidates"] if c["r"] and len(set(c["r"])) == 1)
         constants = sorted({max(r_const + d, 0) for d in (-2, 0, 2, 4)})
-        variants = [("tome", {"r": tuned_r})] + [("tome", {"r": r}) for r in constants]
+        variants = [("tome", {**options, "r": tuned_r})] + [("tome", {**options, "r": r}) for r in constants]
         results = gb.sweep(model, variants, x, data=data, rounds=max(rounds, 7), warmup=1, logits=False, memory=False)
         tuned, const = results[0], results[1:]
         # the constant schedules' fidelity at the tuned schedule's measured speedup (linear interpolation)
@@ -206,7 +220,7 @@ def run_tune(which: str, speedups: list[float], rounds: int, batch: int) -> None
               f"predicted {schedule.info.get('predicted_speedup', 0):.2f}× vs measured in tune {schedule.info.get('measured_speedup', 0):.2f}×")
         for c in const:
             print(f"   constant {c.label}: {c.speedup:.2f}× cosine {c.fidelity['cosine']:.4f}")
-    _save(f"tune_{which}", {"title": f"tuned vs constant ToMe · {title}", "batch": batch, "rows": rows}, None)
+    _save(f"tune_{which}" + (f"_{metric}" if options else ""), {"title": f"tuned vs constant ToMe · {title}", "batch": batch, "rows": rows}, None)
 
 
 def remeasure_memory(name: str) -> None:
@@ -249,7 +263,7 @@ def report() -> None:
             lines += ["| variant | probe accuracy |", "|---|---:|"]
             lines += [f"| `{r.label}` | {r.fidelity.get('probe_accuracy', float('nan')):.3f} |" for r in results] + [""]
         lines += [f"![{name}](real_weights/{name}.png)", ""]
-    for name in ("tune_deit", "tune_dinov2", "tune_dinov2_dense", "tune_minilm"):
+    for name in ("tune_deit", "tune_dinov2", "tune_dinov2_dense", "tune_minilm", "tune_minilm_tokens"):
         path = OUT / f"{name}.json"
         if not path.is_file():
             continue
@@ -261,7 +275,9 @@ def report() -> None:
             info, t = row["info"], row["tuned"]
             consts = "; ".join(f"r={c['options']['r']}: {c['speedup']:.2f}×, {c['fidelity']['cosine']:.4f}" for c in row["constant"])
             at = row["constant_cosine_at_tuned_speedup"]
-            lines.append(f"| {row['goal_speedup']}× | {','.join(map(str, row['tuned_r']))} | {info.get('predicted_speedup', float('nan')):.2f}× | "
+            kept = info.get("within_noise")
+            note = "" if kept is None else f" (constant kept: the best other schedule scored {kept['gain']:+.4f} ± {kept['stderr']:.4f} more on calibration)"
+            lines.append(f"| {row['goal_speedup']}× | {','.join(map(str, row['tuned_r']))}{note} | {info.get('predicted_speedup', float('nan')):.2f}× | "
                          f"{info.get('measured_speedup', float('nan')):.2f}× | {t['speedup']:.2f}× | {t['fidelity']['cosine']:.4f} | "
                          f"{'—' if at is None else f'{at:.4f}'} | {consts} |")
         lines.append("")
@@ -282,6 +298,7 @@ def main() -> None:
     t = sub.add_parser("tune")
     t.add_argument("--model", choices=("dinov2", "dinov2_dense", "deit", "minilm"), default="dinov2")
     t.add_argument("--speedup", type=float, nargs="+", default=[1.5])
+    t.add_argument("--metric", choices=("keys", "keys_concat", "tokens"), default="keys", help="ToMe's similarity features")
     sub.add_parser("report")
     mem = sub.add_parser("memory", help="re-measure peak activation memory of a saved DINOv2 run")
     mem.add_argument("name", choices=("dinov2_224", "dinov2_448"))
@@ -303,7 +320,7 @@ def main() -> None:
     elif args.task == "minilm":
         run_minilm(args.passages, args.length, args.rounds, args.batch or 32)
     else:
-        run_tune(args.model, args.speedup, args.rounds, args.batch or (32 if args.model == "minilm" else 8))
+        run_tune(args.model, args.speedup, args.rounds, args.batch or (32 if args.model == "minilm" else 8), args.metric)
     report()
 
 
