@@ -25,9 +25,9 @@ class CacheRecipe(Recipe):
     evicts_while_decoding: ClassVar[bool] = True  # False: compress the prompt once, then let the cache grow
     state: ClassVar[tuple[str, ...]] = ()  # names of the per-slot score tensors the recipe keeps (layer.state)
     ring: ClassVar[bool] = False  # evicts one slot per decoded token, reading slot order from positions (no copies)
-    exportable: ClassVar[bool] = True
+    exportable: ClassVar[bool] = True  # a fixed budget gives static cache shapes (ONNX decode step)
     prunes_prompt: ClassVar[bool] = False  # later layers see fewer prompt tokens (kv/prune.py)
-    sizes_itself: ClassVar[str | None] = None  # how a recipe with no budget sizes its cache (then budget stays 1.0)  # a fixed budget gives static cache shapes (ONNX decode step)
+    sizes_itself: ClassVar[str | None] = None  # how a recipe with no budget sizes its cache (then budget stays 1.0)
 
     budget: Union[int, float] = option(
         0.5, "cached tokens per layer: an int, or a fraction in (0, 1) of the prompt length (1.0: keep everything)")

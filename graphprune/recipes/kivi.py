@@ -18,8 +18,8 @@ class KIVI(CacheRecipe):
     paper = "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache (ICML 2024)"
     zero = {"residual": 2**30}
     evicts_while_decoding = False
-    exportable = False
-    sizes_itself = "quantises the cache and keeps every token"  # the quantised and full-precision parts change size as residual blocks fill
+    exportable = False  # the quantised and full-precision parts change size as residual blocks fill
+    sizes_itself = "quantises the cache and keeps every token"
 
     def cache_layer(self):
         from graphprune.kv.kivi_layer import KiviLayer
