@@ -177,6 +177,12 @@ def recipe_options(r, inflection, prop_attn, keep, locations, restore_tokens, op
             _fail(f"--locations takes comma-separated block indices, got '{locations}'")
     if restore_tokens is not None:
         options["restore_tokens"] = restore_tokens
+    return {**options, **key_values(option)}
+
+
+def key_values(option: list[str]) -> dict:
+    """``--option KEY=VALUE`` items as a dict (VALUE parsed as JSON when it can be)."""
+    options = {}
     for item in option:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
@@ -470,10 +476,7 @@ def tune(
         if recipe not in graphprune.schedule.tune.TUNABLE:
             graphprune.recipes.get_recipe(recipe)  # unknown recipe: its own error
             _fail(f"tune chooses per-block schedules for {', '.join(graphprune.schedule.tune.TUNABLE)}; '{recipe}' has none")
-        options = recipe_options(None, None, None, None, None, None, option)
-        if graphprune.schedule.tune.TUNABLE[recipe] in options:
-            _fail(f"tune chooses '{graphprune.schedule.tune.TUNABLE[recipe]}'; give the recipe's other options only")
-        graphprune.recipes.get_recipe(recipe, **options)  # bad options: fail before loading the model
+        options = graphprune.schedule.tune.check_options(recipe, key_values(option))  # before loading the model
         from graphprune.exporters.files import check_writable
 
         check_writable(output)

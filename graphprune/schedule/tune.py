@@ -405,6 +405,17 @@ def paired_gain(samples: torch.Tensor, baseline: torch.Tensor) -> tuple[float, f
 # --------------------------------------------------------------------------------------------
 
 
+def check_options(recipe: str, options: Optional[dict]) -> dict:
+    """The recipe's fixed options for tuning, checked: the tuned count is not among them, the rest are valid."""
+    import graphprune
+
+    options = dict(options or {})
+    if TUNABLE[recipe] in options:
+        raise ScheduleError(f"'{TUNABLE[recipe]}' is what tune chooses: give the recipe's other options only")
+    graphprune.recipes.get_recipe(recipe, **options)  # bad options: fail before profiling
+    return options
+
+
 def tune(model: torch.nn.Module, recipe: str = "tome", *, speedup: Optional[float] = None, latency_ms: Optional[float] = None,
          example_inputs=None, calibration=None, target: str = "eager", output_fn: Optional[Callable] = None,
          metric: str = "cosine", rounds: int = 5, cache_dir=None, refresh: bool = False, measure: bool = True,
@@ -425,10 +436,7 @@ def tune(model: torch.nn.Module, recipe: str = "tome", *, speedup: Optional[floa
     if recipe not in TUNABLE:
         graphprune.recipes.get_recipe(recipe)  # an unknown recipe: that error, with its suggestion
         raise RecipeError(f"tune chooses per-block schedules for {', '.join(TUNABLE)}; '{recipe}' has no per-block count to tune")
-    options = dict(options or {})
-    if TUNABLE[recipe] in options:
-        raise ScheduleError(f"'{TUNABLE[recipe]}' is what tune chooses; leave it out of options")
-    graphprune.recipes.get_recipe(recipe, **options)  # bad options: fail before profiling
+    options = check_options(recipe, options)
     if metric not in gb.PER_SAMPLE:
         raise ScheduleError(f"tune scores schedules by {' or '.join(gb.PER_SAMPLE)}, got metric={metric!r}")
     if (speedup is None) == (latency_ms is None):
