@@ -363,6 +363,17 @@ def to_pixels(images: torch.Tensor, size: int) -> torch.Tensor:
     return normalize(x.expand(-1, 3, -1, -1))
 
 
+def _skimage(name: str) -> torch.Tensor:
+    """One of skimage's bundled images as (3, H, W) floats in [0, 1] (grey ones repeated over the channels)."""
+    try:
+        from skimage import data
+    except ImportError as e:
+        raise RuntimeError("scikit-image missing: pip install scikit-image") from e
+    a = getattr(data, name)()
+    a = a[..., None].repeat(3, -1) if a.ndim == 2 else a[..., :3]
+    return torch.from_numpy(a.copy()).permute(2, 0, 1).float().div(255)
+
+
 PHOTO_SOURCES = ("astronaut", "chelsea", "coffee", "rocket", "camera", "cat", "horse", "hubble_deep_field", "immunohistochemistry",
                  "retina", "colorwheel", "moon", "page", "text", "coins", "grass", "gravel", "brick")
 
@@ -374,13 +385,7 @@ def photo_crops(n: int, size: int, seed: int = 0) -> torch.Tensor:
     Natural images whose class-token features a reduction actually moves (upscaled Fashion-MNIST
     is mostly flat background: every ToMe schedule keeps its class-token cosine above 0.995).
     """
-    from skimage import data
-
-    sources = []
-    for name in PHOTO_SOURCES:
-        a = getattr(data, name)()
-        a = a[..., None].repeat(3, -1) if a.ndim == 2 else a[..., :3]
-        sources.append(torch.from_numpy(a.copy()).permute(2, 0, 1).float().div(255))
+    sources = [_skimage(name) for name in PHOTO_SOURCES]
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in range(n):
@@ -399,13 +404,9 @@ def photos(size: int) -> torch.Tensor:
 
     Each is resized (bilinear, antialiased) so its short side is ``size``, then centre-cropped.
     """
-    try:
-        from skimage import data
-    except ImportError as e:
-        raise RuntimeError("scikit-image missing: pip install scikit-image") from e
     out = []
     for name in ("astronaut", "chelsea", "coffee", "rocket"):
-        x = torch.from_numpy(getattr(data, name)()[..., :3].copy()).permute(2, 0, 1)[None].float().div(255)
+        x = _skimage(name)[None]
         h, w = x.shape[-2:]
         scale = size / min(h, w)
         hh, ww = max(size, round(h * scale)), max(size, round(w * scale))

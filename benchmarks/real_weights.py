@@ -53,6 +53,11 @@ def _save(name: str, payload: dict, results) -> None:
     print(f"wrote {OUT / name}.json")
 
 
+def batches(*tensors: torch.Tensor, size: int) -> list[tuple]:
+    """The tensors cut along the first axis into batches of ``size``, as tuples of model arguments."""
+    return [tuple(t[i: i + size] for t in tensors) for i in range(0, len(tensors[0]), size)]
+
+
 class Features(torch.nn.Module):
     """DINOv2 features as used downstream: the class token after the final norm, or with ``dense``
     every token's (reduced tokens restored to their positions)."""
@@ -91,7 +96,7 @@ def run_dinov2(size: int, images: int, probe_train: int, rounds: int, batch: int
     model = Features(assets.load_dinov2_small(size)).eval()
     fm_x, fm_y = assets.fashion_mnist("test", images)
     data_x = torch.cat([assets.photos(size), assets.to_pixels(fm_x, size)])
-    data = [(data_x[i: i + batch],) for i in range(0, len(data_x), batch)]
+    data = batches(data_x, size=batch)
     variants = [("tome", {"r": r}) for r in TOME_R[size]] + OTHERS
     print(f"DINOv2-S/14 at {size} px: {len(variants)} variants, {len(data_x)} images (4 photos + {images} Fashion-MNIST test)")
     t0 = time.time()
@@ -163,25 +168,25 @@ def run_tune(which: str, speedups: list[float], rounds: int, batch: int, metric:
         size = 224
         model = Features(assets.load_dinov2_small(size)).eval()
         calib_x, held = assets.photo_crops(64, size, seed=1), assets.photo_crops(128, size, seed=2)
-        calib = [(calib_x[i: i + batch],) for i in range(0, len(calib_x), batch)]
-        data = [(held[i: i + batch],) for i in range(0, len(held), batch)]
+        calib = batches(calib_x, size=batch)
+        data = batches(held, size=batch)
         title = "DINOv2-S/14 · 224 px · class-token feature on photo crops"
     elif which == "dinov2_dense":
         size = 224
         model = Features(assets.load_dinov2_small(size), dense=True).eval()
         fm_x, _ = assets.fashion_mnist("test", 200)
         calib_x = assets.to_pixels(assets.fashion_mnist("train", 32)[0], size)  # held-out below: test images + photos
-        calib = [(calib_x[i: i + batch],) for i in range(0, len(calib_x), batch)]
+        calib = batches(calib_x, size=batch)
         held = torch.cat([assets.photos(size), assets.to_pixels(fm_x, size)])
-        data = [(held[i: i + batch],) for i in range(0, len(held), batch)]
+        data = batches(held, size=batch)
         title = "DINOv2-S/14 · 224 px · dense features (all tokens)"
     elif which == "minilm":
         tokenizer, bert = assets.load_minilm()
         model = SentenceEncoder(bert).eval()
         texts = assets.wiki_sentences(320, min_tokens=128, tokenizer=tokenizer)  # 256 held out, 64 to calibrate
         enc = tokenizer(texts, padding="max_length", truncation=True, max_length=128, return_tensors="pt")
-        batches = [(enc["input_ids"][i: i + batch], enc["attention_mask"][i: i + batch]) for i in range(0, len(texts), batch)]
-        data, calib = batches[: 256 // batch], batches[256 // batch:]
+        cut = batches(enc["input_ids"], enc["attention_mask"], size=batch)
+        data, calib = cut[: 256 // batch], cut[256 // batch:]
         title = "all-MiniLM-L6-v2 · 128-token passages"
     else:
         import timm
@@ -191,7 +196,7 @@ def run_tune(which: str, speedups: list[float], rounds: int, batch: int, metric:
         g = torch.Generator().manual_seed(1)
         calib = [(torch.randn(16, 3, 224, 224, generator=g),)]
         held = torch.randn(64, 3, 224, 224, generator=g)
-        data = [(held[i: i + batch],) for i in range(0, len(held), batch)]
+        data = batches(held, size=batch)
         title = "DeiT-S (random weights) · 224 px"
     if options:
         title += f" · metric={metric}"
