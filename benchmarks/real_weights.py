@@ -5,6 +5,7 @@
     python benchmarks/real_weights.py minilm --length 128   # all-MiniLM-L6-v2 on Wikipedia passages cut to 128 tokens
     python benchmarks/real_weights.py tune --model dinov2   # tuned schedule vs the best constant one (also: deit)
     python benchmarks/real_weights.py tune --model minilm --metric tokens --speedup 1.4
+    python benchmarks/real_weights.py shapes                # fidelity only: schedule shapes, ToMe metrics
     python benchmarks/real_weights.py report                # docs/real_weights.md from the JSON results
 
 Every run measures the unmodified model and all variants interleaved in one process
@@ -228,6 +229,53 @@ def run_tune(which: str, speedups: list[float], rounds: int, batch: int, metric:
     _save(f"tune_{which}" + (f"_{metric}" if options else ""), {"title": f"tuned vs constant ToMe · {title}", "batch": batch, "rows": rows}, None)
 
 
+SHAPES = {  # per-block ToMe schedules on DINOv2-S at about half the FLOPs: the shapes the tuner proposes at 1.8×
+    "constant r=20": 20, "constant r=21": 21, "constant r=22": 22,
+    "ramp -0.4": [25, 24, 22, 21, 20, 19, 17, 16, 15, 13, 12, 11], "ramp -0.8": [28, 26, 24, 21, 19, 17, 15, 12, 10, 8, 5, 3],
+    "ramp +0.4": [15, 17, 18, 20, 22, 24, 26, 28, 29, 31, 33, 35], "late start 1": [0] + [25] * 11,
+    "ramp -0.4 from 1": [0, 30, 28, 26, 25, 23, 21, 19, 18, 16, 14, 13],
+}
+
+
+def run_shapes(crops: int, passages: int, batch: int) -> None:
+    """Fidelity only (no timing): does a schedule's shape or ToMe's metric matter at equal reduction?
+
+    DINOv2-S class token on ``crops`` photo crops (seed 3, none used by ``tune``): every shape
+    in ``SHAPES`` and constant r=21 with each metric, as the mean per-crop gain over constant
+    r=21 and its standard error. MiniLM on ``passages`` 128-token passages: r=10 with each metric.
+    """
+    def cosines(model, variant, inputs, reference):
+        fast = graphprune.optimize(model, "tome", example_inputs=tuple(a[:2] for a in inputs[0]), **variant)
+        return gb.per_sample(reference, gb.outputs(fast, inputs)), fast.report.flop_ratio
+
+    rows = []
+    model = Features(assets.load_dinov2_small(224)).eval()
+    crops_x = batches(assets.photo_crops(crops, 224, seed=3), size=batch)
+    unreduced = gb.outputs(model, crops_x)
+    variants = [(name, {"r": r}) for name, r in SHAPES.items()] + [(f"constant r=21, metric={m}", {"r": 21, "metric": m})
+                                                                  for m in ("keys_concat", "tokens")]
+    ref, _ = cosines(model, {"r": 21}, crops_x, unreduced)
+    for name, variant in variants:
+        cos, flops = cosines(model, variant, crops_x, unreduced)
+        gain, stderr = graphprune.schedule.tune.paired_gain(cos, ref)
+        rows.append({"model": "dinov2_cls", "variant": name, "options": variant, "flop_ratio": flops, "cosine": float(cos.mean()),
+                     "gain_vs_r21": gain, "stderr": stderr})
+        print(f"DINOv2 {name}: FLOPs {flops:.3f} cosine {cos.mean():.4f} vs r=21 {gain:+.4f} ± {stderr:.4f}")
+    tokenizer, bert = assets.load_minilm()
+    model = SentenceEncoder(bert).eval()
+    enc = tokenizer(assets.wiki_sentences(passages, min_tokens=128, tokenizer=tokenizer), padding="max_length", truncation=True,
+                    max_length=128, return_tensors="pt")
+    text = batches(enc["input_ids"], enc["attention_mask"], size=32)
+    unreduced = gb.outputs(model, text)
+    for m in ("keys", "keys_concat", "tokens"):
+        cos, flops = cosines(model, {"r": 10, "metric": m}, text, unreduced)
+        rows.append({"model": "minilm_128", "variant": f"r=10, metric={m}", "options": {"r": 10, "metric": m}, "flop_ratio": flops,
+                     "cosine": float(cos.mean())})
+        print(f"MiniLM r=10 metric={m}: FLOPs {flops:.3f} cosine {cos.mean():.4f}")
+    _save("shapes", {"title": "schedule shapes and ToMe metrics at equal reduction (fidelity only)", "crops": crops,
+                     "passages": passages, "rows": rows}, None)
+
+
 def remeasure_memory(name: str) -> None:
     """Peak activation memory of a saved DINOv2 run again (baseline and each variant, the run's batch size)."""
     path = OUT / f"{name}.json"
@@ -286,6 +334,17 @@ def report() -> None:
                          f"{info.get('measured_speedup', float('nan')):.2f}× | {t['speedup']:.2f}× | {t['fidelity']['cosine']:.4f} | "
                          f"{'—' if at is None else f'{at:.4f}'} | {consts} |")
         lines.append("")
+    path = OUT / "shapes.json"
+    if path.is_file():
+        d = json.loads(path.read_text())
+        lines += [f"## {d['title']}", "", f"`{d['command']}` ({d['date']}, {d['threads']} threads)", "",
+                  f"DINOv2-S class token on {d['crops']} photo crops (none used by `tune`): gain over constant r=21 per crop, "
+                  f"± its standard error. MiniLM: {d['passages']} passages of 128 tokens.", "",
+                  "| model | variant | FLOPs | cosine | vs r=21 |", "|---|---|---:|---:|---:|"]
+        for row in d["rows"]:
+            vs = f"{row['gain_vs_r21']:+.4f} ± {row['stderr']:.4f}" if "gain_vs_r21" in row else "—"
+            lines.append(f"| {row['model']} | {row['variant']} | {row['flop_ratio']:.3f} | {row['cosine']:.4f} | {vs} |")
+        lines.append("")
     (OUT.parent / "real_weights.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {OUT.parent / 'real_weights.md'}")
 
@@ -304,6 +363,10 @@ def main() -> None:
     t.add_argument("--model", choices=("dinov2", "dinov2_dense", "deit", "minilm"), default="dinov2")
     t.add_argument("--speedup", type=float, nargs="+", default=[1.5])
     t.add_argument("--metric", choices=("keys", "keys_concat", "tokens"), default="keys", help="ToMe's similarity features")
+    sh = sub.add_parser("shapes", help="fidelity only: schedule shapes and ToMe metrics at equal reduction")
+    sh.add_argument("--crops", type=int, default=512)
+    sh.add_argument("--passages", type=int, default=128)
+    sh.add_argument("--threads", type=int, default=2)
     sub.add_parser("report")
     mem = sub.add_parser("memory", help="re-measure peak activation memory of a saved DINOv2 run")
     mem.add_argument("name", choices=("dinov2_224", "dinov2_448"))
@@ -324,6 +387,8 @@ def main() -> None:
         run_dinov2(args.size, images, probe, args.rounds, args.batch or 8)
     elif args.task == "minilm":
         run_minilm(args.passages, args.length, args.rounds, args.batch or 32)
+    elif args.task == "shapes":
+        run_shapes(args.crops, args.passages, 16)
     else:
         run_tune(args.model, args.speedup, args.rounds, args.batch or (32 if args.model == "minilm" else 8), args.metric)
     report()
