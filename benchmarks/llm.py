@@ -152,7 +152,7 @@ def teacher_forced_nll(model, ids: torch.Tensor, prefix: int, chunk: int = 1, pr
 def other_variants(tokenizer) -> list[tuple[str | None, dict]]:
     """The recipes added after the first runs: scissorhands at both budgets, and the ones that size the cache by
     their own parameters (KIVI's bits, FastGen's recovery, PyramidInfer's schedule)."""
-    from graphprune.recipes.fastgen import token_sets
+    from graphprune.kv.policies.fastgen import token_sets
 
     return [(None, {}), ("scissorhands", {"budget": 0.5}), ("scissorhands", {"budget": 0.25}), ("kivi", {"bits": 2}),
             ("kivi", {"bits": 4}), ("fastgen", {"recovery": 0.95, **token_sets(tokenizer)}), ("pyramidinfer", {})]

@@ -5,6 +5,7 @@
 """
 
 from graphprune import ops  # noqa: F401  (registers the token ops)
+from graphprune import kv  # noqa: F401  (registers the KV-cache policies)
 from graphprune.api import optimize
 from graphprune.errors import (
     ExportError,
@@ -16,7 +17,7 @@ from graphprune.errors import (
 )
 from graphprune.exporters.eager import OptimizedModel, load
 from graphprune.exporters.onnx import OnnxModel
-from graphprune.recipes import RECIPES, list_recipes
+from graphprune.recipes import RECIPES, list_recipes, register
 from graphprune.schedule.files import Schedule, load_schedule
 from graphprune.schedule.tune import tune
 
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ExportError", "GraphPruneError", "OnnxModel", "OptimizedModel", "RECIPES", "RecipeError", "Schedule", "ScheduleError",
-    "UnsupportedArchitectureError", "UntrustedFileError", "list_recipes", "load", "load_schedule", "optimize", "tune",
+    "UnsupportedArchitectureError", "UntrustedFileError", "list_recipes", "load", "load_schedule", "optimize", "register",
+    "tune",
     "__version__",
 ]

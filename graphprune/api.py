@@ -10,9 +10,10 @@ from graphprune.capture import capture
 from graphprune.errors import GraphPruneError, UnsupportedArchitectureError
 from graphprune.exporters.eager import OptimizedModel
 from graphprune.exporters.files import check_writable
+from graphprune.exporters.decoder_onnx import export_decoder_onnx
 from graphprune.exporters.onnx import export_onnx
 from graphprune.exporters.trt import export_trt
-from graphprune.kv import is_decoder_lm, optimize_decoder
+from graphprune.kv import input_ids, is_decoder_lm, optimize_decoder
 from graphprune.passes import remove_markers
 from graphprune.patterns import analyze
 from graphprune.recipes import get_recipe
@@ -39,6 +40,20 @@ def _batch1(inputs: tuple) -> tuple:
     return tuple(t[:1] if isinstance(t, torch.Tensor) and t.dim() > 0 else t for t in inputs)
 
 
+def _optimize_decoder(model, policy, target: str, output, example_inputs, max_new_tokens: int):
+    """Decoder LLMs: an evicting copy (eager), or prefill/decode ONNX graphs in the folder ``output``."""
+    if target not in ("eager", "onnx"):
+        raise GraphPruneError(f"decoder LLMs lower to target='eager' or 'onnx', not '{target}' (TensorRT: export to "
+                              "ONNX and build the engine from decode.onnx)")
+    if target == "onnx" and output is None:
+        raise GraphPruneError("target='onnx' needs output='folder' (prefill.onnx and decode.onnx are written there)")
+    fast = optimize_decoder(model, policy)
+    if target == "eager":
+        return fast
+    prompt_len = 128 if example_inputs is None else input_ids(example_inputs).shape[-1]
+    return export_decoder_onnx(fast, output, prompt_len=prompt_len, max_new_tokens=max_new_tokens)
+
+
 def optimize(model: torch.nn.Module, recipe: str | None = None, target: str = "eager", example_inputs=None, output=None,
              schedule=None, **options):
     """Apply a token-reduction recipe to ``model`` and lower the result to ``target``.
@@ -58,7 +73,7 @@ def optimize(model: torch.nn.Module, recipe: str | None = None, target: str = "e
     recipe, options = resolve(recipe, schedule, options)
     rec = get_recipe(recipe, **options)
     if is_decoder_lm(model) or getattr(rec, "kind", None) == "cache":
-        return optimize_decoder(model, rec, target, output, example_inputs, max_new_tokens)
+        return _optimize_decoder(model, rec, target, output, example_inputs, max_new_tokens)
     if target == "trt":
         export_trt()
     if target == "onnx":

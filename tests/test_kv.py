@@ -90,15 +90,13 @@ def test_user_model_untouched():
 
 def run_layer(recipe, keys, values, queries, prompt, layer_idx=0, n_layers=1, tokens=None):
     """One cache layer fed the prompt's keys, values and queries (scaling 1), then one token per step."""
-    layer = (recipe.cache_layer() or EvictingLayer)(recipe, layer_idx, n_layers)
+    layer = EvictingLayer(recipe, layer_idx, n_layers)
 
     def step(lo, hi, first):
         layer.update(keys[:, :, lo:hi], values[:, :, lo:hi])
         if tokens is not None:
-            layer.inputs["input_ids"] = torch.tensor(tokens[lo:hi])[None]
-        layer.pending = 0
-        layer.append(None, torch.arange(lo, hi)[None])
-        layer.evict(queries[:, :, lo:hi], 1.0, first)
+            layer.call.input_ids = torch.tensor(tokens[lo:hi])[None]
+        layer.evict(layer.receive(queries[:, :, lo:hi], 1.0, None, torch.arange(lo, hi)[None]))
 
     step(0, prompt, True)
     for i in range(prompt, keys.shape[2]):
@@ -112,7 +110,8 @@ def drive(recipe, logits, kv_heads, prompt, total, layer_idx=0, n_layers=1, toke
     t = logits.shape[1]
     keys = torch.eye(t).expand(1, kv_heads, t, t)[:, :, :total]
     layer = run_layer(recipe, keys, keys, logits[None], prompt, layer_idx, n_layers, tokens)
-    return [set(layer.pos[0, h][layer.valid[0, h]].tolist()) for h in range(kv_heads)]
+    st = layer.storage
+    return [set(st.pos[0, h][st.valid[0, h]].tolist()) for h in range(kv_heads)]
 
 
 def patterns(hq=4, t=20, seed=0):
@@ -186,7 +185,7 @@ def test_pyramidinfer_selects_the_papers_prompt_tokens(layer):
     keys = torch.eye(20).expand(1, 2, 20, 20)
     lay = run_layer(rec, keys, keys, logits[None], 20, layer, 4)
     expected = ref.pyramidinfer_prompt(list(logits), 20, layer, 4, 0.2, 0.5, 1.2, 2, 3)
-    select = lay.inputs.get("select")
+    select = lay.call.chosen
     assert (None if select is None else set(select[0].tolist())) == expected
     assert (expected is None) == (layer == 0)  # layer 0 keeps everything (r = 1)
 
@@ -202,7 +201,7 @@ def test_pyramidinfer_prunes_the_prompt_with_depth_and_compresses_decoded_blocks
         assert out.logits.shape[1] < 24  # the top layer saw fewer tokens; the last one is among them
         expected = model(ids, attention_mask=mask).logits[:, -1]
         assert (out.logits[:, -1] - expected).abs().max() < 0.5
-        third = out.cache.layers[3]
+        third = out.cache.layers[3].storage
         assert third.valid[1, 0].all()  # the padding went first
         for _ in range(8):
             out = fast(out.logits[:, -1:].argmax(-1), cache=out.cache, use_cache=True)
@@ -220,7 +219,7 @@ def test_lazyllm_equals_the_papers_definition(kv_heads):
     fast = graphprune.optimize(model, "lazyllm", rate=0.3, start=0)
     ids = prompts(1, 20)
     with torch.no_grad():
-        lazy = ref.LazyLLM(model, lambda l: fast.graphprune_recipe.rate_at(l, 4))
+        lazy = ref.LazyLLM(model, lambda l: fast.graphprune.policy.rate_at(l, 4))
         tokens, expected = lazy.generate(ids[0].tolist(), 6)
         out = fast(ids, use_cache=True)
         assert out.logits.shape[1] < 20  # pruned prompt tokens do not reach the top
@@ -233,8 +232,9 @@ def test_lazyllm_equals_the_papers_definition(kv_heads):
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     for l, layer in enumerate(cache.layers):
-        assert sorted(layer.pos[0, 0][layer.valid[0, 0]].tolist()) == sorted(lazy.kv[l])
-        stored = layer.aux.get("hidden_pos", torch.empty(1, 0))[0]
+        st = layer.storage
+        assert sorted(st.pos[0, 0][st.valid[0, 0]].tolist()) == sorted(lazy.kv[l])
+        stored = (layer.hidden_pos if layer.hidden_pos is not None else torch.empty(1, 0))[0]
         assert sorted(stored[stored >= 0].tolist()) == sorted(lazy.aux[l])
     assert cache.get_seq_length() == 26
 
@@ -248,7 +248,7 @@ def test_lazyllm_prunes_more_with_depth_and_reports_memory():
     assert out.cache.slots() == [40, 40, 30, 23]
     mem = out.cache.memory()
     assert mem["bytes"] > 0 and mem["ratio"] < 1  # the Aux Cache is counted, and still less than the full cache
-    assert [fast.graphprune_recipe.rate_at(i, 4) for i in range(4)] == [0, 0.25, 0.25, 0]
+    assert [fast.graphprune.policy.rate_at(i, 4) for i in range(4)] == [0, 0.25, 0.25, 0]
 
 
 def test_tova_keeps_the_papers_set():
@@ -264,13 +264,13 @@ def test_streaming_llm_keeps_sinks_and_recent():
 
 def test_pyramidkv_budgets_fall_with_depth_and_keep_the_mean():
     rec = get_recipe("pyramidkv", budget=40, window=8, beta=20)
-    caps = [rec.layer_capacity(i, 6, 200) for i in range(6)]
+    caps = [rec.capacity(i, 6, 200) for i in range(6)]
     assert caps == ref.pyramidkv_budgets(40, 8, 20, 6, 200)
     assert caps == sorted(caps, reverse=True) and caps[0] > caps[-1]
     assert abs(sum(caps) / 6 - 40) <= 3  # integer steps round the mean down a little
-    assert [rec.layer_capacity(i, 6, 30) for i in range(6)] == [40] * 6  # short prompt: nothing to compress
+    assert [rec.capacity(i, 6, 30) for i in range(6)] == [40] * 6  # short prompt: nothing to compress
     rec = get_recipe("pyramidkv", budget=12, window=4)
-    caps = [rec.layer_capacity(i, 6, 24) for i in range(6)]
+    caps = [rec.capacity(i, 6, 24) for i in range(6)]
     assert caps == [20, 17, 14, 11, 8, 5]
     logits = patterns(t=24, seed=7)
     for layer in (0, 5):  # each layer is SnapKV at its own budget
@@ -285,7 +285,7 @@ def test_kivi_stores_the_papers_quantised_cache(bits, prompt, total):
     g = torch.Generator().manual_seed(bits)
     keys, values = torch.randn(1, 2, total, 8, generator=g), torch.randn(1, 2, total, 8, generator=g)
     rec = get_recipe("kivi", bits=bits, group=4, residual=8)
-    layer = run_layer(rec, keys, values, torch.zeros(1, 2, total, 8), prompt)
+    layer = run_layer(rec, keys, values, torch.zeros(1, 2, total, 8), prompt).storage
     k, v = layer.kv()
     for h in range(2):
         rk, rv, nk, nv = ref.kivi(keys[0, h], values[0, h], prompt, bits, 4, 8)
@@ -312,10 +312,10 @@ def test_kivi_memory_and_padding():
     fast = graphprune.optimize(model, "kivi", bits=2, group=4, residual=8)
     with torch.no_grad():
         out = fast(ids, attention_mask=mask, use_cache=True)
-    k = out.cache.layers[0].kv()[0]
+    k = out.cache.layers[0].storage.kv()[0]
     raw = graphprune.optimize(model, "kivi", residual=2**30)  # never quantises: the raw keys
     with torch.no_grad():
-        rk = raw(ids, attention_mask=mask, use_cache=True).cache.layers[0].kv()[0]
+        rk = raw(ids, attention_mask=mask, use_cache=True).cache.layers[0].storage.kv()[0]
     # sample 1 is padded on slots 0-6: the group of slots 4-7 holds one real token, which therefore quantises
     # exactly (padding takes no part in the min/max); slots 8-11 are a group of real tokens
     torch.testing.assert_close(k[1, :, 7], rk[1, :, 7], atol=1e-6, rtol=0)
@@ -353,7 +353,7 @@ def test_cache_is_stored_at_kv_heads_and_within_budget(recipe):
     grows = 3 if recipe in ("snapkv", "pyramidkv") else 1
     caps = [layer.capacity for layer in out.cache.layers]
     assert out.cache.slots() == [c + grows for c in caps]
-    assert all(int(layer.valid[b, h].sum()) == layer.capacity + grows - (grows == 1)
+    assert all(int(layer.storage.valid[b, h].sum()) == layer.capacity + grows - (grows == 1)
                for layer in out.cache.layers for b in range(2) for h in range(2))
     assert sum(caps) / 3 == pytest.approx(12, abs=1) and (recipe == "pyramidkv" or caps == [12] * 3)
     assert mem["ratio"] == pytest.approx((sum(caps) / 3 + grows) / 33, abs=0.02)

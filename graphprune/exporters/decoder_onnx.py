@@ -22,7 +22,8 @@ import torch
 from graphprune.errors import ExportError, GraphPruneError
 from graphprune.exporters.files import publish, staging_dir
 from graphprune.exporters.onnx import OPSET, _quiet_loggers, _session
-from graphprune.kv.cache import positions
+from graphprune.kv.model import positions
+from graphprune.kv.policy import When
 
 TOLERANCE = 1e-4
 
@@ -33,7 +34,7 @@ class Prefill(torch.nn.Module):
         self.lm, self.extra = lm, extra
 
     def forward(self, input_ids, attention_mask):
-        cache = self.lm.graphprune_new_cache().make_static(self.extra)
+        cache = self.lm.graphprune.new_cache(static=self.extra)
         out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
                       cache=cache, use_cache=True, logits_to_keep=1)
         return (out.logits[:, -1], *cache.flat())
@@ -45,7 +46,7 @@ class DecodeStep(torch.nn.Module):
         self.lm, self.capacities, self.extra = lm, capacities, extra
 
     def forward(self, input_ids, position_ids, *state):
-        cache = self.lm.graphprune_new_cache().load_flat(state, self.capacities, self.extra)
+        cache = self.lm.graphprune.new_cache(static=self.extra).load_flat(state, self.capacities)
         out = self.lm(input_ids=input_ids, position_ids=position_ids, cache=cache, use_cache=True)
         return (out.logits[:, -1], *cache.flat())
 
@@ -59,7 +60,7 @@ def _export(module, args, names_in, names_out, path: Path, dynamic) -> None:
                                         dynamic_shapes=dynamic, opset_version=OPSET, verbose=False)
             program.save(str(path), external_data=True)
     except Exception as err:  # noqa: BLE001
-        raise ExportError(f"ONNX export of the decoder's {path.stem} graph failed: {str(err).strip().splitlines()[0]}") from err
+        raise ExportError(f"ONNX export of the decoder's {path.stem} graph failed: {(str(err).strip().splitlines() or [type(err).__name__])[0]}") from err
 
 
 class OnnxDecoder:
@@ -107,13 +108,13 @@ def export_decoder_onnx(lm, output, prompt_len: int = 64, max_new_tokens: int = 
     Checked before anything is written: greedy generation in ONNX Runtime matches eager
     generation token for token on a random left-padded batch.
     """
-    recipe = lm.graphprune_recipe
+    recipe = lm.graphprune.policy
     if not recipe.exportable:
         raise GraphPruneError(f"'{recipe.name}' has no static-shape decode step to export to ONNX yet (its cache "
                               "changes size as it works); use target='eager'")
     if isinstance(recipe.budget, float):
         raise GraphPruneError("ONNX export needs a fixed budget: give budget as an int (cached tokens per layer)")
-    extra = 0 if recipe.evicts_while_decoding else max_new_tokens
+    extra = 0 if recipe.evicts is When.STEP else max_new_tokens
     output = Path(output)
     g = torch.Generator().manual_seed(0)
     vocab = lm.config.vocab_size
@@ -123,7 +124,7 @@ def export_decoder_onnx(lm, output, prompt_len: int = 64, max_new_tokens: int = 
     prefill = Prefill(lm, extra).eval()
     with torch.no_grad():
         logits, *state = prefill(ids, mask)
-    cache = lm.graphprune_new_cache()
+    cache = lm.graphprune.new_cache()
     names = cache.state_names()
     capacities = [state[i * (len(names) // len(cache.layers))].shape[2] - extra for i in range(len(cache.layers))]
     decode = DecodeStep(lm, capacities, extra).eval()

@@ -15,7 +15,7 @@ import time
 import torch
 
 from graphprune.bench import BenchResult, _progress, fidelity
-from graphprune.kv.cache import positions
+from graphprune.kv.model import positions
 
 
 def continuation(model, ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor):

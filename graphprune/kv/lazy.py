@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from graphprune.kv.cache import EvictingLayer, _real_tokens
+from graphprune.kv.cache import EvictingCache, EvictingLayer, _real_tokens
 
 
 @dataclass
@@ -60,43 +60,57 @@ def _gather(t: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
 class LazyLayer(EvictingLayer):
     """A cache layer that never evicts: it holds keys and values of the tokens computed at this layer (in the
     order they were computed, each with its position), and the Aux Cache of the hidden states pruned after it
-    (``aux["hidden"]``, ``aux["hidden_pos"]``, position -1 for padding)."""
+    (``hidden`` (B, A, C) and ``hidden_pos`` (B, A), position -1 for padding)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.hidden: torch.Tensor | None = None
+        self.hidden_pos: torch.Tensor | None = None
 
     def update(self, key_states, value_states, *args, **kwargs):
         out = super().update(key_states, value_states, *args, **kwargs)
-        self.seen += self.inputs["lazy"].n_new - key_states.shape[-2]  # revived rows are not new tokens
+        self.seen += self.call.lazy.n_new - key_states.shape[-2]  # revived rows are not new tokens
         return out
 
     @property
     def nbytes(self) -> int:
-        hidden = self.aux.get("hidden")
-        return super().nbytes + (0 if hidden is None else hidden.numel() * hidden.element_size())
+        hidden = self.hidden
+        return self.storage.nbytes + (0 if hidden is None else hidden.numel() * hidden.element_size())
+
+    def reorder_cache(self, beam_idx):
+        raise NotImplementedError("lazyllm does not support beam search")
+
+    batch_repeat_interleave = batch_select_indices = reorder_cache
 
     def attend(self, module, query, attention_mask, scaling, dropout, kwargs):
-        rows: Rows = self.inputs["lazy"]
-        r, self.pending = query.shape[2], 0
-        self.append(rows.real, rows.pos)
-        b, hkv, n = self.valid.shape
-        slot_pos, valid = self.pos[:, 0], self.valid[:, 0]
+        rows: Rows = self.call.lazy
+        r = query.shape[2]
+        if self.prompt_len is None:
+            self.prompt_len = r
+        self.storage.describe(rows.real, rows.pos)
+        keys, values, valid, pos = self.storage.keys, self.storage.values, self.storage.valid, self.storage.pos
+        b, hkv, n = valid.shape
+        slot_pos, valid = pos[:, 0], valid[:, 0]
         if rows.selected is None:  # layer 0 holds every token: all of them start selected
             rows.selected = _by_position(slot_pos, valid, int(slot_pos.max()) + 1)
         live = valid & rows.selected.gather(1, slot_pos.clamp(0, rows.selected.shape[1] - 1))
         see = live[:, None, :] & (slot_pos[:, None, :] <= rows.pos[:, :, None])  # (B, R, N)
         own = torch.arange(r, device=see.device)
         see[:, own, n - r + own] = True  # every row sees itself (padding rows too: no empty softmax)
-        out = F.scaled_dot_product_attention(query, self.keys, self.values, attn_mask=see[:, None], scale=scaling,
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=see[:, None], scale=scaling,
                                              enable_gqa=query.shape[1] != hkv)
         rows.prune = self._prune(query, scaling, see[:, -1], slot_pos, rows)
         return out.transpose(1, 2).contiguous(), None
 
     def _prune(self, query, scaling, see_last, slot_pos, rows: Rows) -> torch.Tensor | None:
         """Deselect the lowest-scored share of the tokens the last row sees; (B, R) bool for the rows among them."""
-        rate = self.recipe.rate_at(self.layer_idx, self.n_layers)
+        rate = self.policy.rate_at(self.layer_idx, self.n_layers)
         if rate <= 0:
             return None
-        b, hkv, n, d = self.keys.shape
+        keys = self.storage.keys
+        b, hkv, n, d = keys.shape
         q = query[:, :, -1].reshape(b, hkv, -1, d).float()  # the last token's query, (B, Hkv, G, D)
-        logits = torch.einsum("bhgd,bhnd->bhgn", q, self.keys.float()) * scaling
+        logits = torch.einsum("bhgd,bhnd->bhgn", q, keys.float()) * scaling
         score = logits.masked_fill(~see_last[:, None, None], -math.inf).softmax(-1).mean((1, 2))  # (B, N)
         count = (rate * see_last.sum(-1)).floor().long()  # the paper's percentile of the tokens at this layer
         candidate = see_last.clone()
@@ -114,19 +128,19 @@ def install(model) -> None:
     last = len(layers) - 1
 
     def before(module, args, kwargs):
-        inputs = model.graphprune_inputs
-        if inputs is None:
+        cache = _cache(kwargs)
+        if cache is None:
             return None
         kwargs = dict(kwargs)
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        idx, cache = module.self_attn.layer_idx, kwargs.get("cache", kwargs.get("past_key_values"))
+        idx = module.self_attn.layer_idx
         b, n = hidden.shape[:2]
         if idx == 0:  # a new forward: its tokens are the rows
             pos = kwargs["position_ids"][..., -n:].expand(b, n)
-            real = _real_tokens(kwargs.get("attention_mask"), b, n, hidden.device) if cache.layers[0].valid is None \
+            real = _real_tokens(kwargs.get("attention_mask"), b, n, hidden.device) if cache.layers[0].prompt_len is None \
                 else torch.ones(b, n, dtype=torch.bool, device=hidden.device)
-            inputs["lazy"] = Rows(pos, real, torch.ones_like(real), n)
-        rows: Rows = inputs["lazy"]
+            cache.call.lazy = Rows(pos, real, torch.ones_like(real), n)
+        rows: Rows = cache.call.lazy
         if idx > 0:
             hidden = _revive(rows, cache.layers[idx], cache.layers[idx - 1], hidden)
         if rows.moved:  # the rows are no longer the model's: their own positions
@@ -136,11 +150,11 @@ def install(model) -> None:
         return (hidden, *args[1:]), kwargs
 
     def after(module, args, kwargs, output):
-        inputs = model.graphprune_inputs
-        rows: Rows | None = None if inputs is None else inputs.get("lazy")
+        cache = _cache(kwargs)
+        rows: Rows | None = None if cache is None else cache.call.lazy
         if rows is None:
             return None
-        idx, cache = module.self_attn.layer_idx, kwargs.get("cache", kwargs.get("past_key_values"))
+        idx = module.self_attn.layer_idx
         hidden = output[0] if isinstance(output, tuple) else output
         prune, rows.prune = rows.prune, None
         keep = rows.real if prune is None else rows.real & ~prune
@@ -159,27 +173,33 @@ def install(model) -> None:
         layer.register_forward_hook(after, with_kwargs=True)
 
 
+def _cache(kwargs) -> EvictingCache | None:
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    return cache if isinstance(cache, EvictingCache) else None
+
+
 def _stash(layer: LazyLayer, which: torch.Tensor, pos: torch.Tensor, hidden: torch.Tensor) -> None:
     """Append the hidden states of rows ``which`` (B, R) to ``layer``'s Aux Cache."""
     if not bool(which.any()):
         return
     _, real, pos, hidden = _compact(which, pos, hidden)
     pos = pos.masked_fill(~real, -1)
-    if "hidden" in layer.aux:
-        hidden = torch.cat([layer.aux["hidden"], hidden], 1)
-        pos = torch.cat([layer.aux["hidden_pos"], pos], 1)
-    layer.aux["hidden"], layer.aux["hidden_pos"] = hidden, pos
+    if layer.hidden is not None:
+        hidden = torch.cat([layer.hidden, hidden], 1)
+        pos = torch.cat([layer.hidden_pos, pos], 1)
+    layer.hidden, layer.hidden_pos = hidden, pos
 
 
 def _revive(rows: Rows, layer: LazyLayer, below: LazyLayer, hidden: torch.Tensor):
     """Bring the selected tokens that have no keys and values at ``layer`` back from the Aux Cache of the layer
     below; returns the hidden rows (as they were when none revive)."""
     t = rows.selected.shape[1]
-    have = _by_position(layer.pos[:, 0], layer.valid[:, 0], t) if layer.valid is not None else torch.zeros_like(rows.selected)
+    st = layer.storage
+    have = _by_position(st.pos[:, 0], st.valid[:, 0], t) if st.valid is not None else torch.zeros_like(rows.selected)
     revive = rows.selected & ~have & ~_by_position(rows.pos, rows.real, t)
     if not bool(revive.any()):
         return hidden
-    stored, stored_pos = below.aux.get("hidden"), below.aux.get("hidden_pos")
+    stored, stored_pos = below.hidden, below.hidden_pos
     k = int(revive.sum(-1).max())
     pos = revive.long().argsort(dim=-1, descending=True, stable=True)[:, :k]  # revived positions first, ascending
     real = revive.gather(1, pos)

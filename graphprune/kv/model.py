@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from graphprune.errors import GraphPruneError, RecipeError, UnsupportedArchitectureError
+from graphprune.kv.policy import CachePolicy
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # rotate-half RoPE, cache.update + attention interface
 
@@ -83,22 +84,34 @@ class KVReport:
         return dict(self.__dict__)
 
 
-_CLASSES: dict[type, type] = {}
+@dataclass
+class Decoder:
+    """What graphprune's copy of a decoder carries (as its class's ``graphprune``): the policy, the matched sites and
+    the report; :meth:`new_cache` starts an evicting cache for it."""
+
+    policy: CachePolicy
+    info: DecoderInfo
+    report: KVReport
+
+    def new_cache(self, static: int | None = None):
+        """An empty :class:`~graphprune.kv.cache.EvictingCache`; ``static``: a fixed slot count (capacity + static)."""
+        from graphprune.kv.cache import EvictingCache, EvictingLayer
+
+        layer = self.policy.layer_type() or EvictingLayer
+        return EvictingCache(self.policy, self.info.n_layers, self.info.inv_freq, layer, static)
 
 
-def _evicting_class(base: type) -> type:
+def _evicting_class(base: type, setup: Decoder) -> type:
     """A subclass of the model's class whose forward starts an evicting cache (the base class is untouched)."""
-    if base in _CLASSES:
-        return _CLASSES[base]
     forward = base.forward
     names = list(inspect.signature(forward).parameters)
+    cache_key = "cache" if "cache" in names else "past_key_values"
 
     @functools.wraps(forward)
     def evicting_forward(self, *args, **kwargs):
         from graphprune.kv.cache import EvictingCache
 
         bound = dict(zip(names[1:], args))
-        cache_key = "cache" if "cache" in names else "past_key_values"
         cache = kwargs.get(cache_key, bound.get(cache_key, kwargs.get("past_key_values")))
         use_cache = kwargs.get("use_cache", bound.get("use_cache"))
         if use_cache is None:
@@ -107,81 +120,63 @@ def _evicting_class(base: type) -> type:
             if cache is not None and cache.get_seq_length() > 0:
                 raise ValueError("graphprune: this model evicts from its own cache; pass the cache it returned "
                                  f"(an EvictingCache), not a filled {type(cache).__name__}")
-            cache = self.graphprune_new_cache()
+            cache = setup.new_cache()
             if cache_key in bound:
                 args = list(args)
                 args[names[1:].index(cache_key)] = cache
             else:
                 kwargs.pop("past_key_values", None)
                 kwargs[cache_key] = cache
-        if isinstance(cache, EvictingCache):  # recipes that look at the tokens themselves (FastGen)
-            cache.inputs["input_ids"] = kwargs.get("input_ids", bound.get("input_ids"))
-            cache.inputs.pop("kept", None)
-            cache.inputs.pop("select", None)
-        self.graphprune_inputs = cache.inputs if isinstance(cache, EvictingCache) else None
-        try:
-            return forward(self, *args, **kwargs)
-        finally:
-            self.graphprune_inputs = None
+        if isinstance(cache, EvictingCache):
+            cache.begin(kwargs.get("input_ids", bound.get("input_ids")))
+        return forward(self, *args, **kwargs)
 
-    cls = type(f"{base.__name__}WithKVEviction", (base,), {"forward": evicting_forward, "__module__": __name__})
-    _CLASSES[base] = cls
-    return cls
+    return type(f"{base.__name__}WithKVEviction", (base,), {
+        "forward": evicting_forward, "__module__": __name__, "graphprune": setup,
+        "report": property(lambda self: self.graphprune.report)})
 
 
-def evicting_copy(model, recipe, info: DecoderInfo):
-    """A copy of ``model`` sharing its weights, whose KV cache evicts by ``recipe``."""
-    from graphprune.kv.cache import ATTENTION, EvictingCache, register
+def evicting_copy(model, policy: CachePolicy, info: DecoderInfo):
+    """A copy of ``model`` sharing its weights, whose KV cache evicts by ``policy``."""
+    from graphprune.kv.cache import ATTENTION, hand_layer, register
+    from graphprune.kv.rows import install as install_rows
 
     register()
     shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     new = copy.deepcopy(model, shared)
-    new.__class__ = _evicting_class(type(model))
+    report = KVReport(policy.name, policy.options(), info.family, info.n_layers, info.q_heads, info.kv_heads, info.head_dim)
+    new.__class__ = _evicting_class(type(model), Decoder(policy, info, report))
     new.config._attn_implementation = ATTENTION
-    inv_freq = info.inv_freq
-
-    def new_cache():
-        return EvictingCache(recipe, info.n_layers, inv_freq)
-
-    new.graphprune_inputs = None
-    recipe.install(new)
-    new.graphprune_new_cache = new_cache
-    new.graphprune_recipe = recipe
-    new.report = KVReport(recipe.name, recipe.options(), info.family, info.n_layers, info.q_heads, info.kv_heads,
-                          info.head_dim)
+    for layer in new.get_decoder().layers:
+        layer.self_attn.register_forward_pre_hook(hand_layer, with_kwargs=True)
+    if policy.prunes_rows:
+        install_rows(new)
+    policy.install(new)
     return new
 
 
-def optimize_decoder(model, recipe, target: str = "eager", output=None, example_inputs=None, max_new_tokens: int = 64):
-    """``graphprune.optimize`` for decoder LLMs: a copy whose KV cache evicts by a cache recipe.
-
-    ``target="onnx"`` also writes ``output``/prefill.onnx and decode.onnx (static cache shapes,
-    prompts of ``example_inputs``' length, default 128) and returns an ONNX Runtime runner.
-    """
-    if getattr(recipe, "kind", None) != "cache":
+def optimize_decoder(model, policy):
+    """``graphprune.optimize`` for decoder LLMs: a copy of ``model`` whose KV cache evicts by the cache ``policy``."""
+    if getattr(policy, "kind", None) != "cache":
         from graphprune.recipes import list_recipes
 
         cache = list_recipes("cache")
-        raise RecipeError(f"'{recipe.name}' reduces the tokens of encoders; decoder LLMs take a KV-cache recipe: "
+        raise RecipeError(f"'{policy.name}' reduces the tokens of encoders; decoder LLMs take a KV-cache recipe: "
                           f"{', '.join(cache)}")
     if not is_decoder_lm(model):
-        raise RecipeError(f"'{recipe.name}' is a KV-cache recipe for Hugging Face decoder LLMs ({', '.join(FAMILIES)}); "
+        raise RecipeError(f"'{policy.name}' is a KV-cache recipe for Hugging Face decoder LLMs ({', '.join(FAMILIES)}); "
                           f"{type(model).__name__} is not one")
-    if target not in ("eager", "onnx"):
-        raise GraphPruneError(f"decoder LLMs lower to target='eager' or 'onnx', not '{target}' (TensorRT: export to "
-                              "ONNX and build the engine from decode.onnx)")
-    if target == "onnx" and output is None:
-        raise GraphPruneError("target='onnx' needs output='folder' (prefill.onnx and decode.onnx are written there)")
-    fast = evicting_copy(model, recipe, analyze_decoder(model))
-    if target == "eager":
-        return fast
-    from graphprune.exporters.decoder_onnx import export_decoder_onnx
-
-    prompt_len = 128 if example_inputs is None else _input_ids(example_inputs).shape[-1]
-    return export_decoder_onnx(fast, output, prompt_len=prompt_len, max_new_tokens=max_new_tokens)
+    return evicting_copy(model, policy, analyze_decoder(model))
 
 
-def _input_ids(example_inputs) -> torch.Tensor:
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded batch, as ``generate`` computes them (padding at 1; it is masked anyway)."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 1)
+
+
+def input_ids(example_inputs) -> torch.Tensor:
+    """The token ids among ``example_inputs`` (a tensor, a tuple starting with it, or a dict)."""
     if isinstance(example_inputs, dict):
         return example_inputs["input_ids"]
     return example_inputs if isinstance(example_inputs, torch.Tensor) else example_inputs[0]

@@ -1,10 +1,10 @@
-"""Recipes: one file per published method, collected in a registry."""
+"""Encoder recipes: one file per published method, collected in the registry that KV-cache policies share
+(graphprune.kv.policies registers those)."""
 
 from __future__ import annotations
 
 from graphprune.recipes import (  # noqa: F401  (registers the recipes)
-    atc, ats, diffrate, evit, evo_vit, fastgen, h2o, kivi, lazyllm, pitome, ppt, pyramidinfer, pyramidkv, scissorhands, snapkv,
-    streaming_llm, tome, tova, tps, zero_tprune,
+    atc, ats, diffrate, evit, evo_vit, pitome, ppt, tome, tps, zero_tprune,
 )
 from graphprune.recipes.base import RECIPES, Recipe, get_recipe, register
 

@@ -8,19 +8,26 @@ from dataclasses import dataclass
 import torch
 
 from graphprune.errors import ScheduleError
+from graphprune.kv.policy import CachePolicy
 from graphprune.recipes.base import option, register
-from graphprune.recipes.cache import CacheRecipe
+
+
+@dataclass
+class Recent:
+    queries: object = None  # (B, Hq, window, D): the queries of the recent window, newest last
+    compressed: object = None  # (B,): slots before this one are final (decoded tokens are compressed after it)
 
 
 @register
 @dataclass
-class PyramidInfer(CacheRecipe):
+class PyramidInfer(CachePolicy):
     name = "pyramidinfer"
     summary = "prune the prompt layer by layer (recent queries pick the pivotal context, fewer with depth); "
     "compress the decoded tokens in blocks"
     paper = "PyramidInfer: Pyramid KV Cache Compression for High-throughput LLM Inference (ACL Findings 2024)"
     zero = {"decay": 1.0, "gen_decay": 1.0, "gen_ratio": 1.0}
-    prunes_prompt = True
+    State = Recent
+    slot_order = True  # decoded tokens are compressed block by block, in slot order
     exportable = False  # layers keep different, data-dependent numbers of tokens while decoding
     sizes_itself = "follows its retention schedule (set decay)"
 
@@ -47,46 +54,54 @@ class PyramidInfer(CacheRecipe):
     def schedule(layer: int, n_layers: int, floor: float) -> float:
         return (1 - floor) * (math.cos(math.pi * layer / n_layers) + 1) / 2 + floor
 
-    def _scores(self, layer, queries, scaling, columns: slice) -> torch.Tensor:
+    def capacity(self, layer, n_layers, prompt_len):
+        return None  # the retention schedule decides
+
+    def _scores(self, view, queries, columns: slice) -> torch.Tensor:
         """Head-averaged attention of ``queries`` (the newest slots' queries), newest weighted most, (B, len(columns))."""
         r = queries.shape[2]
-        att = layer.attention_rows(queries, scaling, r).mean(dim=(1, 2))[..., columns]  # (B, r, C)
+        att = view.attention_rows(r, queries).mean(dim=(1, 2))[..., columns]  # (B, r, C)
         weight = torch.linspace(1.0, self.distance_weight, r, device=att.device)[None, :, None]
         return (att * weight).mean(1)
 
-    def prompt_selection(self, layer, query, scaling):
-        n, idx, n_layers = layer.length, layer.layer_idx, layer.n_layers
-        window = 1 + int(layer.prompt_len * self.recent)
-        layer.aux["recent_q"] = query[:, :, -window:]
-        layer.aux["compressed"] = torch.full((query.shape[0],), n - window)  # slots before this are final
+    def rows(self, view):
+        n, idx, n_layers = view.slots, view.layer, view.n_layers
+        window = 1 + int(view.prompt_len * self.recent)
         context = n - window
         ratio = self.schedule(idx, n_layers, self.decay)
         keep = int(context * ratio)
         if idx % self.interval or context <= self.min_context or ratio >= 1 or keep <= self.min_context:
             return None
-        score = self._scores(layer, query[:, :, -window:], scaling, slice(0, context))
-        real = layer.valid[:, 0, :context]
+        score = self._scores(view, view.queries[:, :, -window:], slice(0, context))
+        real = view.valid[:, 0, :context]
         score = score.masked_fill(real & (real.cumsum(-1) <= self.sinks), math.inf).masked_fill(~real, -math.inf)
         chosen = score.topk(keep, dim=-1).indices.sort(-1).values
         recent = torch.arange(context, n, device=chosen.device).expand(chosen.shape[0], window)
         return torch.cat([chosen, recent], dim=-1)
 
-    def observe(self, layer, query, scaling, prompt):
-        if prompt:  # the prompt is handled by prompt_selection
-            return
-        window = layer.aux["recent_q"].shape[2]
-        layer.aux["recent_q"] = torch.cat([layer.aux["recent_q"], query], dim=2)[:, :, -window:]
-        start = int(layer.aux["compressed"][0])
-        if layer.length - window - start < self.block:
-            return
-        # the `block` slots after the compressed part, scored by the recent queries; the rest stays
+    def update(self, view):
+        st = view.state
+        if view.prefill:
+            window = 1 + int(view.prompt_len * self.recent)
+            st.queries = view.queries[:, :, -window:]
+            st.compressed = torch.full((view.queries.shape[0],), view.slots - window)
+        else:
+            st.queries = torch.cat([st.queries, view.queries], dim=2)[:, :, -st.queries.shape[2]:]
+
+    def score(self, view):
+        """Nothing goes until `block` decoded tokens wait after the compressed part; then the recent queries keep the
+        best of them."""
+        st, window = view.state, view.state.queries.shape[2]
+        drop = torch.zeros_like(view.valid, dtype=torch.float32)
+        start = int(st.compressed[0])
+        if view.prefill or view.slots - window - start < self.block:
+            return drop
         span = slice(start, start + self.block)
-        score = self._scores(layer, layer.aux["recent_q"], scaling, span)  # (B, block)
-        ratio = self.schedule(layer.layer_idx, layer.n_layers, self.gen_decay)
+        score = self._scores(view, st.queries, span)  # (B, block)
+        ratio = self.schedule(view.layer, view.n_layers, self.gen_decay)
         keep = max(int(self.block * self.gen_ratio * ratio), 1)
-        chosen = score.masked_fill(~layer.valid[:, 0, span], -math.inf).topk(keep, -1).indices.sort(-1).values + start
-        n = layer.length
-        idx = torch.cat([torch.arange(start, device=chosen.device).expand(chosen.shape[0], start), chosen,
-                         torch.arange(start + self.block, n, device=chosen.device).expand(chosen.shape[0], n - start - self.block)], -1)
-        layer.keep(idx[:, None].expand(idx.shape[0], layer.keys.shape[1], idx.shape[1]))
-        layer.aux["compressed"] = torch.full_like(layer.aux["compressed"], start + keep)
+        chosen = score.masked_fill(~view.valid[:, 0, span], -math.inf).topk(keep, -1).indices
+        gone = torch.ones_like(score, dtype=torch.bool).scatter(1, chosen, False)  # (B, block)
+        drop[:, :, span] = drop[:, :, span].masked_fill(gone[:, None], -math.inf)
+        st.compressed = torch.full_like(st.compressed, start + keep)
+        return drop

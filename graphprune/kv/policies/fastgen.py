@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from graphprune.errors import ScheduleError
+from graphprune.kv.policy import CachePolicy, group_mean, slot_field
 from graphprune.recipes.base import option, register
-from graphprune.recipes.cache import CacheRecipe, group_mean
 
 POLICIES = ("special", "special+punct", "special+punct+frequent", "special+punct+frequent+local", "full")
 
@@ -26,14 +26,24 @@ def token_sets(tokenizer) -> dict:
     return {"special_ids": special, "punct_ids": sorted(punct)}
 
 
+@dataclass
+class Profile:
+    tok: object = slot_field("token id of each slot")
+    acc: object = slot_field("attention each slot has received")
+    seen: object = slot_field("queries that have seen each slot")
+    length: object = None  # (B,) tokens of each sequence so far (padding aside)
+    window: object = None  # (B,) the local window, ⌈r_l · prompt length⌉
+    policy: object = None  # (B, Hkv) index into POLICIES of each head
+
+
 @register
 @dataclass
-class FastGen(CacheRecipe):
+class FastGen(CachePolicy):
     name = "fastgen"
     summary = "profile each head on the prompt, give it the cheapest policy keeping ≥ T of its attention"
     paper = "Model Tells You What to Discard: Adaptive KV Cache Compression for LLMs (ICLR 2024)"
     zero = {"recovery": 1.0}
-    state = ("tok", "acc", "seen")
+    State = Profile
     exportable = False  # heads keep different, changing numbers of tokens
     sizes_itself = "sizes each head's cache by its profiled policy (tune recovery)"
 
@@ -49,80 +59,79 @@ class FastGen(CacheRecipe):
         if not 0 < self.recovery <= 1 or not 0 <= self.local <= 1 or not 0 <= self.frequent <= 1:
             raise ScheduleError("recovery must lie in (0, 1], local and frequent in [0, 1]")
 
-    def layer_capacity(self, layer, n_layers, prompt_len):
-        return 0  # every step decides
+    def capacity(self, layer, n_layers, prompt_len):
+        return None  # each head's policy decides
 
     # -- the parts of a policy ------------------------------------------------------------------
-    def _tokens(self, layer, ids):
+    def _tokens(self, view):
+        ids = view.state.tok
         special = torch.isin(ids, torch.tensor(self.special_ids, dtype=ids.dtype, device=ids.device))
         punct = torch.isin(ids, torch.tensor(self.punct_ids, dtype=ids.dtype, device=ids.device))
-        return special & layer.valid, punct & layer.valid
+        return special & view.valid, punct & view.valid
 
-    def _frequent(self, layer, protected):
+    def _frequent(self, view, protected):
         """(B, Hkv, N): the top ⌈r_f · length⌉ tokens by mean received attention, besides ``protected``."""
-        score = (layer.state["acc"] / layer.state["seen"].clamp(min=1)).masked_fill(protected | ~layer.valid, -math.inf)
-        count = torch.ceil(self.frequent * layer.aux["length"])[:, None, None]  # r_f × the tokens seen so far
+        st = view.state
+        score = (st.acc / st.seen.clamp(min=1)).masked_fill(protected | ~view.valid, -math.inf)
+        count = torch.ceil(self.frequent * st.length)[:, None, None]  # r_f × the tokens seen so far
         rank = score.argsort(-1, descending=True).argsort(-1)
-        return (rank < count) & layer.valid & ~protected
+        return (rank < count) & view.valid & ~protected
 
-    def _masks(self, layer) -> list[torch.Tensor]:
+    def _masks(self, view) -> list[torch.Tensor]:
         """Keep-masks of the five policies (cumulative), (B, Hkv, N) each; local is per current token."""
-        special, punct = self._tokens(layer, layer.state["tok"])
+        special, punct = self._tokens(view)
         sp = special | punct
-        freq = self._frequent(layer, sp)
-        now = layer.pos.masked_fill(~layer.valid, -1).amax(-1, keepdim=True)
-        local = layer.valid & (now - layer.pos < layer.aux["window"][:, None, None])
-        return [special, sp, sp | freq, sp | freq | local, layer.valid]
+        freq = self._frequent(view, sp)
+        local = view.valid & (view.newest() - view.positions < view.state.window[:, None, None])
+        return [special, sp, sp | freq, sp | freq | local, view.valid]
 
     # -- profiling and decoding ------------------------------------------------------------------
-    def observe(self, layer, query, scaling, prompt):
-        n_new = query.shape[2]
-        ids = layer.inputs.get("input_ids")
-        if ids is None:
+    def update(self, view):
+        if view.input_ids is None:
             raise ValueError("fastgen reads the tokens: call the model with input_ids")
-        b, hkv = layer.valid.shape[:2]
-        tok = ids[:, -n_new:].to(layer.pos.device)[:, None].expand(b, hkv, n_new)
-        rows = group_mean(layer.attention_rows(query, scaling, n_new))  # new rows only: (B, Hkv, n_new, N)
-        if prompt:
-            layer.state = {"tok": tok, "acc": rows.sum(-2), "seen": layer.visible(n_new, 0, n_new)[:, :, 0].sum(-2).float()}
-            real = layer.valid[:, 0].sum(-1).float()  # each prompt's own length (padding aside)
-            layer.aux["length"] = real
-            layer.aux["window"] = torch.ceil(self.local * real)
-            layer.aux["policy"] = self._profile(layer, query, scaling)
+        st, n_new = view.state, view.n_new
+        new = view.new_slots()
+        # the token id of each new slot, by its position among the new tokens
+        offset = (view.positions - (view.newest() - n_new + 1)).clamp(0, n_new - 1)
+        ids = view.input_ids.to(view.positions.device)[:, None].expand(*view.valid.shape[:2], n_new)
+        tok = ids.gather(2, offset)
+        rows = group_mean(view.attention_rows(n_new))  # new rows only: (B, Hkv, n_new, N)
+        seen = view.visible()[:, :, 0].sum(-2).float()
+        if view.prefill:
+            real = view.valid[:, 0].sum(-1).float()  # each prompt's own length (padding aside)
+            st.tok, st.acc, st.seen = tok, rows.sum(-2), seen
+            st.length, st.window = real, torch.ceil(self.local * real)
+            st.policy = self._profile(view)
             return
-        layer.aux["length"] = layer.aux["length"] + n_new
-        fresh = layer.fresh(layer.state["tok"])
-        fresh[..., -n_new:] = tok
-        seen = layer.visible(n_new, 0, n_new)[:, :, 0].sum(-2).float()
-        layer.state = {"tok": fresh, "acc": layer.fresh(layer.state["acc"]) + rows.sum(-2),
-                       "seen": layer.fresh(layer.state["seen"]) + seen}
+        st.length = st.length + n_new
+        st.tok = torch.where(new, tok, st.tok)
+        st.acc, st.seen = st.acc + rows.sum(-2), st.seen + seen
 
-    def _profile(self, layer, query, scaling) -> torch.Tensor:
+    def _profile(self, view) -> torch.Tensor:
         """(B, Hkv): the first policy whose kept attention, averaged over the prompt's real rows, reaches T."""
+        valid = view.valid
         if self.recovery >= 1.0:
-            return torch.full(layer.valid.shape[:2], len(POLICIES) - 1, device=layer.valid.device)
-        special, sp = self._masks(layer)[:2]
-        freq = self._frequent(layer, sp)
-        n = query.shape[2]
-        mass = torch.zeros(*layer.valid.shape[:2], len(POLICIES) - 1, device=layer.valid.device)
-        window = layer.aux["window"][:, None, None, None]
+            return torch.full(valid.shape[:2], len(POLICIES) - 1, device=valid.device)
+        special, sp = self._masks(view)[:2]
+        freq = self._frequent(view, sp)
+        n, length = view.n_new, view.slots
+        mass = torch.zeros(*valid.shape[:2], len(POLICIES) - 1, device=valid.device)
+        window = view.state.window[:, None, None, None]
         for start in range(0, n, 256):
             stop = min(start + 256, n)
-            att = group_mean(layer._rows(query, scaling, start, stop))  # (B, Hkv, r, N)
-            own = layer.pos[..., layer.length - n + start:layer.length - n + stop]  # positions of the rows
-            local = layer.valid[:, :, None] & (own[..., None] - layer.pos[:, :, None] < window)
+            att = group_mean(view.rows(start, stop))  # (B, Hkv, r, N)
+            own = view.positions[..., length - n + start:length - n + stop]  # positions of the rows
+            local = valid[:, :, None] & (own[..., None] - view.positions[:, :, None] < window)
             kept = [special[:, :, None], sp[:, :, None], (sp | freq)[:, :, None], (sp | freq)[:, :, None] | local]
-            real = layer.valid[..., layer.length - n + start:layer.length - n + stop].float()  # (B, Hkv, r)
+            real = valid[..., length - n + start:length - n + stop].float()  # (B, Hkv, r)
             for k, m in enumerate(kept):
                 mass[..., k] += ((att * m).sum(-1) * real).sum(-1)
-        mass = mass / layer.valid.sum(-1, keepdim=True).clamp(min=1)
+        mass = mass / valid.sum(-1, keepdim=True).clamp(min=1)
         ok = torch.cat([mass >= self.recovery, torch.ones_like(mass[..., :1], dtype=torch.bool)], -1)
         return ok.float().argmax(-1)  # the first policy that recovers enough
 
-    def select(self, layer, query, scaling, capacity):
-        masks = torch.stack(self._masks(layer), 0)  # (P, B, Hkv, N)
-        policy = layer.aux["policy"]
+    def score(self, view):
+        masks = torch.stack(self._masks(view), 0)  # (P, B, Hkv, N)
+        policy = view.state.policy
         keep = masks.gather(0, policy[None, :, :, None].expand(1, *masks.shape[1:]))[0]
-        layer.valid = layer.valid & keep
-        size = max(int(keep.sum(-1).max()), 1)
-        return layer.top(keep.float(), size)
+        return torch.zeros_like(keep, dtype=torch.float32).masked_fill(~keep, -math.inf)

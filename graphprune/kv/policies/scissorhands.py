@@ -8,18 +8,22 @@ from dataclasses import dataclass
 import torch
 
 from graphprune.errors import ScheduleError
+from graphprune.kv.policy import CachePolicy, group_mean, slot_field
 from graphprune.recipes.base import option, register
-from graphprune.recipes.cache import CacheRecipe, group_mean
+
+
+@dataclass
+class History:
+    low: object = slot_field("per slot, for each of the last `history` queries: share of heads that found it unimportant")
 
 
 @register
 @dataclass
-class Scissorhands(CacheRecipe):
+class Scissorhands(CachePolicy):
     name = "scissorhands"
     summary = "at the budget, drop the tokens that were least often pivotal (attention ≥ 1/t) over a history window"
     paper = "Scissorhands: Exploiting the Persistence of Importance Hypothesis for LLM KV Cache Compression (NeurIPS 2023)"
-    state = ("low",)
-    ring = True
+    State = History
 
     history: int = option(32, "history window: the last queries whose attention decides importance")
     recent: int = option(8, "most recent tokens that are never dropped")
@@ -35,22 +39,22 @@ class Scissorhands(CacheRecipe):
     def min_budget_reason(self) -> str:
         return f"the {self.recent} recent tokens plus one"
 
-    def observe(self, layer, query, scaling, prompt):
-        q_len = query.shape[2]
-        rows = min(self.history, q_len)
-        att = layer.attention_rows(query, scaling, rows)  # (B, Hkv, G, rows, N)
-        seen = layer.visible(q_len, q_len - rows, q_len)
+    def recent_tokens(self, capacity):
+        return self.recent
+
+    def update(self, view):
+        rows = min(self.history, view.n_new)
+        att = view.attention_rows(rows)  # (B, Hkv, G, rows, N)
+        seen = view.visible(view.n_new - rows)
         # a token is unimportant to a query when its attention is below the average, 1/t over the t tokens it sees
         low = group_mean((seen & (att < 1.0 / seen.sum(-1, keepdim=True).clamp(min=1))).float())  # (B, Hkv, rows, N)
         low = low.transpose(-1, -2)  # (B, Hkv, N, rows)
-        old = layer.state.get("low")
+        old = view.state.low
         if old is None:
             old = low.new_zeros(*low.shape[:3], self.history)
-        else:  # the new slots have no history yet
-            old = layer.fresh(old)
-        layer.state["low"] = torch.cat([old, low], dim=-1)[..., -self.history:]
+        view.state.low = torch.cat([old, low], dim=-1)[..., -self.history:]
 
-    def select(self, layer, query, scaling, capacity):
+    def score(self, view):
         # most often unimportant goes first; among equal counts the older token goes first
-        age = layer.pos / (layer.newest() + 1)
-        return layer.top(-layer.state["low"].sum(-1) + 1e-3 * age, capacity, protect=layer.recent(self.recent))
+        age = view.positions / (view.newest() + 1)
+        return -view.state.low.sum(-1) + 1e-3 * age

@@ -5,26 +5,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from graphprune.errors import ScheduleError
+from graphprune.kv.policy import CachePolicy, Quantization, When
 from graphprune.ops.quant import BITS
 from graphprune.recipes.base import option, register
-from graphprune.recipes.cache import CacheRecipe
 
 
 @register
 @dataclass
-class KIVI(CacheRecipe):
+class KIVI(CachePolicy):
     name = "kivi"
     summary = "quantise the cache to 2 or 4 bits: keys per channel, values per token; recent tokens in full precision"
     paper = "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache (ICML 2024)"
     zero = {"residual": 2**30}
-    evicts_while_decoding = False
+    evicts = When.NEVER
     exportable = False  # the quantised and full-precision parts change size as residual blocks fill
     sizes_itself = "quantises the cache and keeps every token"
-
-    def cache_layer(self):
-        from graphprune.kv.kivi_layer import KiviLayer
-
-        return KiviLayer
 
     budget: float = option(1.0, "KIVI quantises and never evicts: the budget stays 1.0 (the full cache)")
     bits: int = option(2, "bits per quantised key/value: 2 or 4 (8 for a check)")
@@ -38,13 +33,5 @@ class KIVI(CacheRecipe):
         if self.group < 1 or self.residual < self.group or self.residual % self.group:
             raise ScheduleError(f"residual ({self.residual}) must be a positive multiple of group ({self.group})")
 
-    def observe(self, layer, query, scaling, prompt):
-        r = self.residual
-        keys_full, values_full = layer.keys.shape[-2], layer.values.shape[-2]
-        if prompt:  # the prompt: keys in whole residual blocks, values all but the newest `residual`
-            if keys_full >= r:
-                layer.quantize_keys(keys_full - keys_full % r)
-        elif keys_full >= r:  # a full residual block of keys
-            layer.quantize_keys(keys_full)
-        if values_full > r:
-            layer.quantize_values(values_full - r)
+    def quantization(self):
+        return Quantization(self.bits, self.group, self.residual)

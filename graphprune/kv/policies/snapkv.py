@@ -8,17 +8,17 @@ import torch
 import torch.nn.functional as F
 
 from graphprune.errors import ScheduleError
+from graphprune.kv.policy import CachePolicy, When, group_mean
 from graphprune.recipes.base import option, register
-from graphprune.recipes.cache import CacheRecipe, group_mean
 
 
 @register
 @dataclass
-class SnapKV(CacheRecipe):
+class SnapKV(CachePolicy):
     name = "snapkv"
     summary = "compress the prompt once: the last window of queries votes for earlier keys (pooled), per head"
     paper = "SnapKV: LLM Knows What You are Looking for Before Generation (2024)"
-    evicts_while_decoding = False
+    evicts = When.PROMPT
 
     window: int = option(32, "observation window: the last prompt queries that score the earlier keys; always kept")
     kernel: int = option(5, "1-D pooling kernel that smooths the votes")
@@ -37,15 +37,14 @@ class SnapKV(CacheRecipe):
     def min_budget_reason(self) -> str:
         return f"the {self.window}-token observation window plus one"
 
-    def votes(self, layer, query, scaling, w: int) -> torch.Tensor:
-        """(B, Hkv, N − w): the window's summed attention to each earlier key, pooled over the prefix (zero padded)."""
-        votes = group_mean(layer.attention_rows(query, scaling, w).sum(-2))[..., :-w]
+    def recent_tokens(self, capacity):
+        return min(self.window, capacity)  # the observation window stays
+
+    def score(self, view):
+        """The window's summed attention to each earlier key, pooled over the prefix (zero padded)."""
+        w = min(self.window, view.n_new, view.capacity)
+        votes = group_mean(view.attention_rows(w).sum(-2))[..., :-w]
         b, h, n = votes.shape
         pool = F.avg_pool1d if self.pooling == "avg" else F.max_pool1d
-        return pool(votes.reshape(b * h, 1, n), self.kernel, stride=1, padding=self.kernel // 2).reshape(b, h, n)
-
-    def select(self, layer, query, scaling, capacity):
-        w = min(self.window, query.shape[2], capacity)
-        votes = self.votes(layer, query, scaling, w)
-        votes = torch.cat([votes, votes.new_full((*votes.shape[:2], w), float("inf"))], dim=-1)  # the window stays
-        return layer.top(votes, capacity)
+        votes = pool(votes.reshape(b * h, 1, n), self.kernel, stride=1, padding=self.kernel // 2).reshape(b, h, n)
+        return torch.cat([votes, votes.new_zeros(b, h, w)], dim=-1)  # the window itself is protected

@@ -1,16 +1,18 @@
-"""Prompt token pruning inside the prefill (PyramidInfer): later layers see fewer tokens.
+"""The prompt-rows stage: at a layer boundary a policy picks which token rows go on (PyramidInfer).
 
-A cache recipe that prunes the prompt picks, in a layer's attention call, the tokens that go
-on to the next layer (``layer.inputs["select"]``: indices into that layer's tokens). Hooks on
+A policy that prunes the prompt returns, from :meth:`CachePolicy.rows` in a layer's attention
+call, the rows of that layer's tokens that go on to the next layer (``Call.chosen``). Hooks on
 the copy's decoder layers then gather the layer's output, and give every later layer the
-matching rows of the position embeddings, position ids and attention mask. The kept tokens
-keep their original positions. Logits come out for the tokens that reached the top (the last
-token always does).
+matching rows of the position embeddings, position ids and attention mask (``Call.kept``). The
+kept tokens keep their original positions. Logits come out for the tokens that reached the top
+(the last token always does).
 """
 
 from __future__ import annotations
 
 import torch
+
+from graphprune.kv.cache import EvictingCache
 
 
 def _take(t: torch.Tensor, kept: torch.Tensor, *dims: int) -> torch.Tensor:
@@ -24,13 +26,19 @@ def _take(t: torch.Tensor, kept: torch.Tensor, *dims: int) -> torch.Tensor:
     return t
 
 
+def _call(kwargs):
+    """The current forward's :class:`~graphprune.kv.cache.Call`, from the cache passed to a decoder layer."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    return cache.call if isinstance(cache, EvictingCache) else None
+
+
 def install(model) -> None:
     """Hooks on the decoder layers of ``model`` (graphprune's own copy) that carry out prompt pruning."""
     layers = model.get_decoder().layers
 
     def before(module, args, kwargs):
-        inputs = model.graphprune_inputs
-        kept = inputs.get("kept") if inputs is not None else None
+        call = _call(kwargs)
+        kept = None if call is None else call.kept
         if kept is None:
             return None
         kwargs = dict(kwargs)
@@ -43,15 +51,15 @@ def install(model) -> None:
             kwargs["attention_mask"] = _take(mask, kept, 2, 3)
         return args, kwargs
 
-    def after(module, args, output):
-        inputs = model.graphprune_inputs
-        select = inputs.pop("select", None) if inputs is not None else None
-        if select is None:
+    def after(module, args, kwargs, output):
+        call = _call(kwargs)
+        chosen = None if call is None else call.chosen
+        if chosen is None:
             return None
-        kept = inputs.get("kept")
-        inputs["kept"] = select if kept is None else kept.gather(1, select)
-        return _take(output, select, 1)
+        call.chosen = None
+        call.kept = chosen if call.kept is None else call.kept.gather(1, chosen)
+        return _take(output, chosen, 1)
 
     for layer in layers:
         layer.register_forward_pre_hook(before, with_kwargs=True)
-        layer.register_forward_hook(after)
+        layer.register_forward_hook(after, with_kwargs=True)

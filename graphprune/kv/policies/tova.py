@@ -4,18 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from graphprune.kv.policy import CachePolicy
 from graphprune.recipes.base import register
-from graphprune.recipes.cache import CacheRecipe
 
 
 @register
 @dataclass
-class TOVA(CacheRecipe):
+class TOVA(CachePolicy):
     name = "tova"
     summary = "at every step drop the tokens the current query attends to least (averaged over the layer's heads)"
     paper = "Transformers are Multi-State RNNs (TOVA, 2024)"
-    ring = True
 
-    def select(self, layer, query, scaling, capacity):
-        score = layer.attention_rows(query, scaling, 1)[..., -1, :].mean(dim=(1, 2))[:, None]  # (B, 1, N)
-        return layer.top(score.expand_as(layer.valid), capacity)
+    def score(self, view):
+        return view.attention_rows(1)[..., -1, :].mean(dim=(1, 2))[:, None].expand_as(view.valid)  # (B, 1, N)

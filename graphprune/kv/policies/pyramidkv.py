@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from graphprune.kv.policies.snapkv import SnapKV
 from graphprune.recipes.base import option, register
-from graphprune.recipes.snapkv import SnapKV
 
 
 @register
@@ -17,7 +17,7 @@ class PyramidKV(SnapKV):
 
     beta: int = option(20, "the top layer keeps (budget − window) / beta prompt tokens besides the window")
 
-    def layer_capacity(self, layer, n_layers, prompt_len):
+    def capacity(self, layer, n_layers, prompt_len):
         budget = self.tokens(prompt_len)
         if prompt_len <= budget or n_layers == 1:
             return budget

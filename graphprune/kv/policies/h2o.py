@@ -4,22 +4,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from graphprune.errors import ScheduleError
+from graphprune.kv.policy import CachePolicy, group_mean, slot_field
 from graphprune.recipes.base import option, register
-from graphprune.recipes.cache import CacheRecipe, group_mean
+
+
+@dataclass
+class Accumulated:
+    acc: object = slot_field("attention each slot has received from every query so far, (B, Hkv, N)")
 
 
 @register
 @dataclass
-class H2O(CacheRecipe):
+class H2O(CachePolicy):
     name = "h2o"
     summary = "keep the heavy hitters (most accumulated attention) plus the most recent tokens, at every step"
     paper = "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large Language Models (NeurIPS 2023)"
-
-    state = ("acc",)
-    ring = True
+    State = Accumulated
 
     recent: float = option(0.5, "share of the budget given to the most recent tokens (the rest: heavy hitters)")
 
@@ -28,12 +29,14 @@ class H2O(CacheRecipe):
         if not 0 <= self.recent <= 1:
             raise ScheduleError(f"recent must be a share of the budget in [0, 1], got {self.recent}")
 
-    def observe(self, layer, query, scaling, prompt):
-        if prompt:  # every prompt query's attention, accumulated per key (row chunks)
-            layer.state["acc"] = group_mean(layer.attention_column_sums(query, scaling))
-        else:
-            rows = layer.attention_rows(query, scaling, query.shape[2])
-            layer.state["acc"] = layer.fresh(layer.state["acc"]) + group_mean(rows.sum(-2))
+    def recent_tokens(self, capacity):
+        return int(round(self.recent * capacity))
 
-    def select(self, layer, query, scaling, capacity):
-        return layer.top(layer.state["acc"], capacity, protect=layer.recent(int(round(self.recent * capacity))))
+    def update(self, view):
+        if view.prefill:  # every prompt query's attention, accumulated per key (row chunks)
+            view.state.acc = group_mean(view.attention_columns())
+        else:
+            view.state.acc = view.state.acc + group_mean(view.attention_rows(view.n_new).sum(-2))
+
+    def score(self, view):
+        return view.state.acc

@@ -5,19 +5,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from graphprune.errors import ScheduleError
+from graphprune.kv.policy import CachePolicy, When
 from graphprune.recipes.base import option, register
-from graphprune.recipes.cache import CacheRecipe
 
 
 @register
 @dataclass
-class LazyLLM(CacheRecipe):
+class LazyLLM(CachePolicy):
     name = "lazyllm"
     summary = "in every forward, prune the tokens the last token attends to least, progressively with depth; " \
               "pruned tokens may revive later from the Aux Cache"
     paper = "LazyLLM: Dynamic Token Pruning for Efficient Long Context LLM Inference (ICML 2024 ES-FoMo workshop)"
     zero = {"rate": 0.0}
-    evicts_while_decoding = False
+    evicts = When.NEVER
     exportable = False  # each forward computes a data-dependent set of tokens per layer
     sizes_itself = "computes keys and values only for the tokens it selects (set rate)"
 
@@ -39,7 +39,7 @@ class LazyLLM(CacheRecipe):
         prunes = layer >= self.start and (layer - self.start) % self.every == 0 and layer < n_layers - 1
         return self.rate if prunes else 0.0
 
-    def cache_layer(self):
+    def layer_type(self):
         from graphprune.kv.lazy import LazyLayer
 
         return LazyLayer

@@ -1,0 +1,181 @@
+"""What a cache policy is: the one extension point of the decoder side.
+
+A policy decides which cached tokens a decoder keeps. The smallest one only ranks slots::
+
+    @graphprune.register
+    @dataclass
+    class KeyNorm(CachePolicy):
+        name = "key_norm"
+        summary = "keep the keys of smallest norm"
+        paper = "-"
+
+        def score(self, view):
+            return -view.keys.norm(dim=-1)      # (B, Hkv, N): higher is kept
+
+The cache layer does everything else: it protects the policy's sink and recent tokens,
+keeps the top ``capacity`` slots per KV head, reuses the freed slot while decoding, pads to
+static shapes for export, and keeps each slot's validity and position. A policy with running
+scores declares a ``State`` dataclass; its fields made with :func:`slot_field` are per-slot
+tensors ``(B, Hkv, N, ...)`` that follow the slots through every eviction (new slots start at
+zero), the others are per-sequence tensors ``(B, ...)``. The policy reads and updates it as
+``view.state`` in :meth:`CachePolicy.update`.
+
+Importing this module does not need transformers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Union
+
+import torch
+
+from graphprune.errors import RecipeError, ScheduleError
+from graphprune.recipes.base import Recipe, option
+
+if TYPE_CHECKING:
+    from graphprune.kv.view import View
+
+FULL = 2**62  # the capacity of a full cache
+
+
+class When(enum.Enum):
+    """When a policy evicts: after every step, once after the prompt (then the cache grows), or never."""
+
+    STEP = "step"
+    PROMPT = "prompt"
+    NEVER = "never"
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """Storage in quantised codes (KIVI): keys per channel in groups of ``group`` tokens, values per token in groups
+    of ``group`` channels, the newest ``residual`` tokens in full precision."""
+
+    bits: int
+    group: int
+    residual: int
+
+
+def slot_field(help: str = ""):  # noqa: A002
+    """A field of a policy's ``State`` holding one entry per cached slot, ``(B, Hkv, N, ...)``; it follows the slots."""
+    return dataclasses.field(default=None, metadata={"slots": True, "help": help})
+
+
+def is_slot_field(f: dataclasses.Field) -> bool:
+    return bool(f.metadata.get("slots"))
+
+
+@dataclass
+class CachePolicy(Recipe):
+    """Base class of the KV-cache recipes (see the module docstring)."""
+
+    kind: ClassVar[str] = "cache"
+    zero: ClassVar[dict] = {"budget": 1.0}
+    evicts: ClassVar[When] = When.STEP
+    State: ClassVar[type | None] = None  # the policy's running state (a dataclass), or None
+    exportable: ClassVar[bool] = True  # a fixed budget gives static cache shapes (ONNX decode step)
+    slot_order: ClassVar[bool] = False  # reads slot indices as cache order (then freed slots are not reused in place)
+    sizes_itself: ClassVar[str | None] = None  # a policy sized by its own options says how (then budget stays 1.0)
+
+    budget: Union[int, float] = option(
+        0.5, "cached tokens per layer: an int, or a fraction in (0, 1) of the prompt length (1.0: keep everything)")
+
+    # -- options ------------------------------------------------------------------------------
+    def validate(self) -> None:
+        b = self.budget
+        if self.sizes_itself is not None and b != 1.0:
+            raise ScheduleError(f"{self.name} {self.sizes_itself}: leave budget at 1.0")
+        if isinstance(b, bool) or not isinstance(b, (int, float)):
+            raise ScheduleError(f"budget must be an int (tokens) or a float in (0, 1) (fraction of the prompt; 1.0: full cache), got {b!r}")
+        if isinstance(b, int) and b < self.min_budget():
+            raise ScheduleError(f"budget={b} is too small for {self.name}: it needs at least {self.min_budget()} tokens "
+                                f"({self.min_budget_reason()})")
+        if isinstance(b, float) and not 0 < b <= 1:
+            raise ScheduleError(f"a fractional budget must lie in (0, 1) (1.0: the full cache), got {b}; give an int for a token count")
+
+    def options(self) -> dict:
+        return {k: v for k, v in super().options().items() if k != "restore_tokens"}
+
+    @classmethod
+    def describe_options(cls) -> list[tuple[str, str, str]]:
+        return [o for o in super().describe_options() if o[0] != "restore_tokens"]
+
+    def min_budget(self) -> int:
+        return 1
+
+    def min_budget_reason(self) -> str:
+        return "one cached token"
+
+    def apply(self, graph):  # cache policies act on decoders through graphprune.kv, not on encoder graphs
+        raise RecipeError(f"'{self.name}' is a KV-cache recipe for decoder LLMs (Llama, Qwen2/3, Mistral); "
+                          "this model is not one")
+
+    # -- sizing -------------------------------------------------------------------------------
+    def tokens(self, prompt_len: int) -> int:
+        """The uniform per-layer budget for a prompt of ``prompt_len`` tokens (padding included)."""
+        if self.budget == 1.0 and isinstance(self.budget, float):
+            return FULL
+        if isinstance(self.budget, float):
+            return max(self.min_budget(), int(self.budget * prompt_len))
+        return self.budget
+
+    def capacity(self, layer: int, n_layers: int, prompt_len: int) -> int | None:
+        """Slots layer ``layer`` keeps; uniform unless the policy says otherwise. None: no fixed size, the policy's
+        scores decide (slots it scores ``-inf`` go, all others stay)."""
+        return self.tokens(prompt_len)
+
+    # -- what the cache layer protects ---------------------------------------------------------
+    def sink_tokens(self) -> int:
+        """How many of the first tokens (by position) are never evicted."""
+        return 0
+
+    def recent_tokens(self, capacity: int) -> int:
+        """How many of the most recent tokens are never evicted, at this capacity."""
+        return 0
+
+    # -- ranking ------------------------------------------------------------------------------
+    def update(self, view: "View") -> None:
+        """Update the running state ``view.state`` with the new queries (called after every attention call)."""
+
+    def score(self, view: "View") -> torch.Tensor:
+        """(B, Hkv, N): the value of each slot (higher is kept; ``-inf``: must go). Padding and protected slots
+        are handled by the cache layer."""
+        raise NotImplementedError(f"{type(self).__name__} must define score(view)")
+
+    # -- optional stages ----------------------------------------------------------------------
+    def quantization(self) -> Quantization | None:
+        """Store the cache quantised (KIVI) instead of in full precision."""
+        return None
+
+    def attention_keys(self, view: "View") -> torch.Tensor | None:
+        """Keys attention uses while decoding, if not the cached ones (StreamingLLM re-rotates them)."""
+        return None
+
+    def rows(self, view: "View") -> torch.Tensor | None:
+        """Prompt pruning: the rows (B, R') of this prompt layer's tokens that go on to the next layer, sorted; None:
+        all of them. Hidden states, positions, masks and the cache of later layers follow."""
+        return None
+
+    @property
+    def prunes_rows(self) -> bool:
+        """Whether the policy prunes prompt rows at layer boundaries (it defines :meth:`rows`)."""
+        return type(self).rows is not CachePolicy.rows
+
+    def new_state(self):
+        return None if self.State is None else self.State()
+
+    # -- LazyLLM's own layer and hooks, until it runs on the prompt-rows stage --------------------------
+    def layer_type(self) -> type | None:
+        """A cache-layer class of the policy's own; None: the evicting layer."""
+        return None
+
+    def install(self, model) -> None:
+        """Hooks the policy needs on graphprune's copy of the model."""
+
+
+def group_mean(rows: torch.Tensor) -> torch.Tensor:
+    """Scores of the query heads that share a KV head, averaged: (B, Hkv, G, ...) → (B, Hkv, ...)."""
+    return rows.mean(dim=2)

@@ -1,0 +1,256 @@
+"""Where a cache layer keeps its slots: one small class per storage strategy.
+
+Every strategy holds keys and values at the model's KV head count, ``(B, Hkv, N, D)``, and per
+slot whether it holds a real token (padding and freed slots do not), the position the token was
+rotated with, and the per-slot fields of the policy's state. :func:`storage_for` picks one from
+what the policy declares:
+
+* :class:`Slots`: appended in order, kept by gathering;
+* :class:`Ring`: a policy that evicts every step frees one slot per decoded token, and the next
+  token is written into it in place (no copy of the cache per step; order is read from positions);
+* :class:`Static`: a fixed slot count (capacity + extra, empty slots first): static shapes for export;
+* :class:`Quantized`: KIVI's quantised codes plus a full-precision residual.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from graphprune.kv.policy import CachePolicy, Quantization, When, is_slot_field
+from graphprune.ops.quant import dequantize, quantize
+
+
+def _per_slot(idx: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Slot indices ``idx`` (B, Hkv, k) expanded over the trailing dimensions of ``t`` (B, Hkv, N, ...)."""
+    return idx.reshape(*idx.shape, *([1] * (t.dim() - 3))).expand(*idx.shape, *t.shape[3:])
+
+
+def top(scores: torch.Tensor, valid: torch.Tensor, k: int, protect: torch.Tensor | None = None) -> torch.Tensor:
+    """Sorted indices (B, Hkv, k) of the ``k`` best slots: protected ones first, invalid ones last."""
+    s = scores.to(torch.float32)
+    if protect is not None:
+        s = s.masked_fill(protect & valid, math.inf)
+    s = s.masked_fill(~valid, -math.inf)
+    n = s.shape[-1]
+    if k == n - 1:  # one slot goes (every decoding step): an argmin, not a sort
+        slot = torch.arange(n - 1, device=s.device)
+        return slot + (slot >= s.argmin(-1)[..., None])
+    return s.topk(k, dim=-1).indices.sort(dim=-1).values
+
+
+class Slots:
+    """Plain storage: new slots are appended, eviction gathers the kept ones in order."""
+
+    def __init__(self, state=None):
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.valid: torch.Tensor | None = None  # (B, Hkv, N) bool
+        self.pos: torch.Tensor | None = None  # (B, Hkv, N) long: position each key was rotated with
+        self.state = state  # the policy's state dataclass (or None)
+
+    # -- writing --------------------------------------------------------------------------------
+    def write(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store the new tokens' keys and values."""
+        if self.keys is None:
+            self.keys, self.values = keys, values
+        else:
+            self.keys = torch.cat([self.keys, keys], dim=-2)
+            self.values = torch.cat([self.values, values], dim=-2)
+
+    def describe(self, real: torch.Tensor, pos: torch.Tensor) -> None:
+        """Describe the newest slots: which hold real tokens (B, n) and their positions (B, n)."""
+        b, hkv = self.keys.shape[:2]
+        n = pos.shape[-1]
+        real, pos = real[:, None].expand(b, hkv, n), pos[:, None].expand(b, hkv, n)
+        if self.valid is None:
+            self.valid, self.pos = real, pos
+        else:
+            self.valid, self.pos = torch.cat([self.valid, real], -1), torch.cat([self.pos, pos], -1)
+        for name, t in self.slot_fields():  # the policy's per-slot state: new slots start at zero
+            grow = self.length - t.shape[2]
+            if grow > 0:
+                setattr(self.state, name, torch.cat([t, t.new_zeros(*t.shape[:2], grow, *t.shape[3:])], dim=2))
+
+    def settle(self, capacity: int | None) -> None:
+        """After the call's eviction (quantised storage compresses, static storage pads)."""
+
+    # -- reading --------------------------------------------------------------------------------
+    @property
+    def length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    def kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every cached key and value, in full precision, (B, Hkv, N, D) each."""
+        return self.keys, self.values
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held for keys and values (bookkeeping excluded)."""
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values) if t is not None)
+
+    def slot_fields(self):
+        if self.state is None:
+            return []
+        return [(f.name, getattr(self.state, f.name)) for f in dataclasses.fields(self.state)
+                if is_slot_field(f) and getattr(self.state, f.name) is not None]
+
+    # -- eviction and batch operations ------------------------------------------------------------
+    def _slots(self, fn) -> None:
+        """Apply ``fn`` to every per-slot tensor: keys, values, validity, positions, the policy's slot fields."""
+        for name, t in self.slot_fields():
+            setattr(self.state, name, fn(t))
+        self.keys, self.values = fn(self.keys), fn(self.values)
+        self.valid, self.pos = fn(self.valid), fn(self.pos)
+
+    def keep(self, idx: torch.Tensor) -> None:
+        """Keep the slots ``idx`` (B, Hkv, C), which must be sorted, in that order."""
+        self._slots(lambda t: t.gather(2, _per_slot(idx, t)))
+
+    def pad(self, n: int) -> None:
+        """Add ``n`` empty slots before the others."""
+        self._slots(lambda t: torch.cat([t.new_zeros(*t.shape[:2], n, *t.shape[3:]), t], dim=2))
+
+    def map(self, fn) -> None:
+        """Apply a batch operation (beam reorder, repeat, select) to everything held."""
+        if self.keys is None:
+            return
+        self._slots(fn)
+        if self.state is not None:
+            for f in dataclasses.fields(self.state):
+                t = getattr(self.state, f.name)
+                if isinstance(t, torch.Tensor) and not is_slot_field(f):
+                    setattr(self.state, f.name, fn(t))
+
+
+class Ring(Slots):
+    """A policy that evicts at every step frees one slot per decoded token; the next token takes it in place."""
+
+    def __init__(self, state=None):
+        super().__init__(state)
+        self.hole: torch.Tensor | None = None  # (B, Hkv): the freed slot of each sequence and head
+
+    def write(self, keys, values):
+        if self.hole is not None and keys.shape[-2] == 1:
+            idx = self.hole[:, :, None, None].expand(*self.hole.shape, 1, keys.shape[-1])
+            self.keys.scatter_(2, idx, keys)
+            self.values.scatter_(2, idx, values)
+        else:
+            self.hole = None  # several tokens at once: append (the freed slot stays empty)
+            super().write(keys, values)
+
+    def describe(self, real, pos):
+        if self.hole is None:
+            return super().describe(real, pos)
+        b, hkv = self.hole.shape
+        hole, self.hole = self.hole[..., None], None
+        self.valid.scatter_(2, hole, real[:, None].expand(b, hkv, 1))
+        self.pos.scatter_(2, hole, pos[:, None].expand(b, hkv, 1))
+        for _, t in self.slot_fields():
+            t.scatter_(2, _per_slot(hole, t), 0)
+
+    def keep(self, idx):
+        if idx.shape[-1] != self.length - 1:
+            return super().keep(idx)
+        # one slot goes: mark it free. keep is sorted and leaves one slot out: the slots before it are kept as they
+        # are, so their count is its index
+        self.valid, self.pos = self.valid.clone(), self.pos.clone()  # they may be expanded views of the prompt's
+        self.hole = (idx == torch.arange(idx.shape[-1], device=idx.device)).sum(-1)
+        self.valid.scatter_(2, self.hole[..., None], False)
+
+    def map(self, fn):
+        super().map(fn)
+        if self.hole is not None:
+            self.hole = fn(self.hole)
+
+
+class Static(Slots):
+    """A fixed number of slots, capacity + ``extra``: empty slots go first; real tokens are never dropped for them."""
+
+    def __init__(self, state=None, extra: int = 0):
+        super().__init__(state)
+        self.extra = extra
+
+    def settle(self, capacity):
+        slots = capacity + self.extra
+        if self.length < slots:
+            self.pad(slots - self.length)
+        elif self.length > slots:
+            self.keep(top(torch.zeros_like(self.pos, dtype=torch.float32), self.valid, slots, protect=self.valid))
+
+    def load(self, keys, values, valid, pos) -> None:
+        self.keys, self.values, self.valid, self.pos = keys, values, valid, pos
+
+
+class Quantized(Slots):
+    """KIVI: keys quantised per channel in groups of ``group`` tokens, values per token (groups of ``group``
+    channels); the newest tokens stay in full precision. ``keys`` / ``values`` hold those residual tokens, the
+    quantised parts live in ``kq`` / ``vq`` (chunks of codes, scale and minimum, oldest first)."""
+
+    def __init__(self, state=None, spec: Quantization | None = None):
+        super().__init__(state)
+        self.spec = spec
+        self.kq: list[tuple] = []
+        self.vq: list[tuple] = []
+        self.nk = self.nv = 0  # tokens in the quantised parts
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys is None else self.nk + self.keys.shape[-2]
+
+    @property
+    def nbytes(self) -> int:
+        held = [t for chunk in self.kq + self.vq for t in chunk] + [t for t in (self.keys, self.values) if t is not None]
+        return sum(t.numel() * t.element_size() for t in held)
+
+    def kv(self):
+        bits = self.spec.bits
+        keys = [dequantize(c, s, m, bits).flatten(2, 3) for c, s, m in self.kq]  # (B, H, n/G, G, D) chunks
+        values = [dequantize(c, s, m, bits).flatten(-2) for c, s, m in self.vq]  # (B, H, n, D/g, g) chunks
+        return torch.cat([*keys, self.keys], dim=-2), torch.cat([*values, self.values], dim=-2)
+
+    def settle(self, capacity):
+        """Keys go into the quantised part a whole residual block at a time, values all but the newest residual."""
+        r = self.spec.residual
+        n = self.keys.shape[-2] - self.keys.shape[-2] % r
+        if n:
+            self._quantize_keys(n)
+        if self.values.shape[-2] > r:
+            self._quantize_values(self.values.shape[-2] - r)
+
+    def _quantize_keys(self, n: int) -> None:
+        g, bits = self.spec.group, self.spec.bits
+        x = self.keys[..., :n, :]
+        b, h, _, d = x.shape
+        valid = self.valid[..., self.nk:self.nk + n].reshape(b, h, n // g, g, 1)
+        self.kq.append(quantize(x.reshape(b, h, n // g, g, d), bits, axis=3, valid=valid))
+        self.keys, self.nk = self.keys[..., n:, :], self.nk + n
+
+    def _quantize_values(self, n: int) -> None:
+        x = self.values[..., :n, :]
+        b, h, _, d = x.shape
+        g = self.spec.group if d % self.spec.group == 0 else d
+        self.vq.append(quantize(x.reshape(b, h, n, d // g, g), self.spec.bits, axis=-1))
+        self.values, self.nv = self.values[..., n:, :], self.nv + n
+
+    def keep(self, idx):
+        raise NotImplementedError("quantised storage never evicts")
+
+    def map(self, fn):
+        super().map(fn)
+        self.kq = [tuple(fn(t) for t in chunk) for chunk in self.kq]
+        self.vq = [tuple(fn(t) for t in chunk) for chunk in self.vq]
+
+
+def storage_for(policy: CachePolicy, static: int | None = None) -> Slots:
+    """The storage a policy's layer uses: static slots for export (``static`` extra slots), quantised codes when the
+    policy quantises, a ring when it evicts at every step, plain slots otherwise."""
+    state = policy.new_state()
+    if static is not None:
+        return Static(state, static)
+    spec = policy.quantization()
+    if spec is not None:
+        return Quantized(state, spec)
+    return Ring(state) if policy.evicts is When.STEP and not policy.slot_order else Slots(state)

@@ -1,0 +1,118 @@
+"""What a cache policy sees of one layer after an attention call: a read-only, typed view.
+
+Shapes: B batch, Hkv KV heads, G query heads per KV head, N cached slots, L new queries, D head size.
+The scorers compute attention from q and k for just the query rows asked for (in chunks when all
+of them are needed), never the full L × N matrix at once.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cached_property
+
+import torch
+
+from graphprune.kv.storage import Slots
+
+ROW_CHUNK = 256  # query rows scored at once when a policy needs every row (bounded memory)
+
+
+class View:
+    """One layer's cache as a policy sees it, right after the new tokens were attended to.
+
+    ``keys``, ``values`` (B, Hkv, N, D), ``positions`` (B, Hkv, N), ``valid`` (B, Hkv, N) bool (the slot holds a
+    real token), ``queries`` (B, Hq, L, D) of the new tokens, ``scaling``, ``prefill`` (this call is the prompt),
+    ``prompt_len`` (padding included), ``layer`` and ``n_layers``, ``capacity`` (the layer's budget; None: the policy
+    decides), ``input_ids`` (B, L) of the new tokens when the model was called with them, ``inv_freq`` (RoPE), and
+    ``state``: the policy's running state, which :meth:`CachePolicy.update` may change.
+    """
+
+    def __init__(self, storage: Slots, queries: torch.Tensor, scaling: float, *, prefill: bool, prompt_len: int,
+                 layer: int, n_layers: int, capacity: int | None, input_ids: torch.Tensor | None,
+                 inv_freq: torch.Tensor | None):
+        self._storage = storage
+        self.queries, self.scaling, self.prefill, self.prompt_len = queries, scaling, prefill, prompt_len
+        self.layer, self.n_layers, self.capacity = layer, n_layers, capacity
+        self.input_ids, self.inv_freq = input_ids, inv_freq
+
+    # -- the slots ---------------------------------------------------------------------------------
+    @cached_property
+    def _kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._storage.kv()
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self._kv[0]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._kv[1]
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self._storage.pos
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return self._storage.valid
+
+    @property
+    def state(self):
+        return self._storage.state
+
+    @property
+    def slots(self) -> int:
+        return self._storage.length
+
+    @property
+    def n_new(self) -> int:
+        return self.queries.shape[2]
+
+    def newest(self) -> torch.Tensor:
+        """(B, Hkv, 1): the position of the newest real token."""
+        return self.positions.masked_fill(~self.valid, -1).amax(-1, keepdim=True)
+
+    def recent(self, window: int) -> torch.Tensor:
+        """(B, Hkv, N) bool: the ``window`` most recent real tokens (positions of real tokens are consecutive)."""
+        return self.valid & (self.positions > self.newest() - window)
+
+    def new_slots(self) -> torch.Tensor:
+        """(B, Hkv, N) bool: the slots that hold this call's tokens."""
+        return self.recent(self.n_new)
+
+    # -- attention, computed from q and k ------------------------------------------------------------
+    def visible(self, start: int = 0, stop: int | None = None, q_len: int | None = None) -> torch.Tensor:
+        """(B, Hkv, 1, rows, N) bool: the real slots each query row ``start:stop`` of the newest ``q_len`` slots (default:
+        this call's tokens) sees, causal by slot. In a ring the one new token refills a freed slot; it sees them all."""
+        q_len = self.n_new if q_len is None else q_len
+        stop = q_len if stop is None else stop
+        n = self.slots
+        slot = torch.arange(n, device=self.valid.device)
+        own = n - q_len + torch.arange(start, stop, device=self.valid.device)  # slot of each query row
+        return (slot[None, :] <= own[:, None])[None, None, None] & self.valid[:, :, None, None, :]
+
+    def rows(self, start: int, stop: int, queries: torch.Tensor | None = None) -> torch.Tensor:
+        """Softmax attention of query rows ``start:stop`` over every slot, float32, (B, Hkv, G, rows, N). ``queries``:
+        the queries (B, Hq, q, D) of the newest q slots (default: this call's)."""
+        queries = self.queries if queries is None else queries
+        b, hq, q_len, d = queries.shape
+        hkv, n = self.keys.shape[1], self.keys.shape[2]
+        q = queries[:, :, start:stop].reshape(b, hkv, hq // hkv, stop - start, d).float()
+        upto = n - q_len + stop  # keys after the chunk's last query are never seen: leave them out of the product
+        logits = torch.einsum("bhgrd,bhnd->bhgrn", q, self.keys[:, :, :upto].float()) * self.scaling
+        see = self.visible(start, stop, q_len)[..., :upto]
+        probs = logits.masked_fill(~see, -math.inf).softmax(-1).nan_to_num(0.0)
+        return probs if upto == n else torch.nn.functional.pad(probs, (0, n - upto))
+
+    def attention_rows(self, rows: int, queries: torch.Tensor | None = None) -> torch.Tensor:
+        """Softmax attention of the last ``rows`` queries (of this call, or ``queries``) over every slot, float32,
+        (B, Hkv, G, rows, N)."""
+        q_len = (self.queries if queries is None else queries).shape[2]
+        return self.rows(q_len - rows, q_len, queries)
+
+    def attention_columns(self) -> torch.Tensor:
+        """Attention each slot receives, summed over every new query row, (B, Hkv, G, N); in row chunks."""
+        total = 0
+        for start in range(0, self.n_new, ROW_CHUNK):
+            total = total + self.rows(start, min(start + ROW_CHUNK, self.n_new)).sum(-2)
+        return total
