@@ -330,37 +330,51 @@ def tome_split_reference(model, x, rs: list[int], split: str, k: int = 2, seed: 
     return _blocks(model, x, reduce, prop_attn=True)
 
 
+def ats_pick(score, samples: int) -> list[int]:
+    """Official ATS inverse-transform sampling of one image whose tokens were really dropped (DROP_TOKENS, one
+    image at a time): ``score`` (n,) holds the significance of the patch tokens that are still there.
+
+    Significance normalised to sum 1 and sorted ascending (ties: lower index); its running sum is min-max
+    normalised, the minimum being the running sum at the least significant token, i.e. that token's own
+    score, so the normalised CDF starts at exactly 0. ``samples`` points spaced evenly from the smallest
+    non-zero normalised value to 1; each takes the token with the nearest normalised value (ties: the
+    earlier one). Returns the distinct picks as token indices, in ascending significance."""
+    sig = score / score.sum()
+    order = sorted(range(sig.shape[0]), key=lambda j: (float(sig[j]), j))
+    cdf = torch.cumsum(sig[order], dim=0)  # float32 throughout, as the official code
+    norm = (cdf - cdf.min()) / (cdf.max() - cdf.min())
+    start = norm[norm != 0].min()
+    ys = (start + torch.arange(samples, dtype=torch.float32) / (samples - 1) * (1 - start)).tolist()
+    norm = norm.tolist()
+    picked = {min(range(len(norm)), key=lambda j: (abs(y - norm[j]), j)) for y in ys}
+    return [order[p] for p in sorted(picked)]
+
+
 @torch.no_grad()
-def ats_reference(model, x, samples: int, locations: list[int]):
-    """ATS per image with compaction (each image keeps its own token count): significance = cls attention
-    summed over heads × ‖v‖ (cls excluded, normalised); ``samples`` evenly spaced points from the smallest
-    positive normalised CDF value to 1, each taking the token with the nearest CDF value; distinct picks kept
-    after cls in ascending significance."""
-    outs = []
+def ats_reference(model, x, samples: int, locations: list[int], counts: bool = False):
+    """ATS run image by image with real compaction: after the attention residual of each sampling block the
+    significance is the class token's attention summed over heads times the norm of the token's value
+    vector (all heads), the class token excluded; :func:`ats_pick` chooses the tokens and only those (after
+    the class token, in ascending significance) go on. ``counts``: also return, per image, the token count
+    (class token included) after each sampling block."""
+    logits, kept = [], []
     for b in range(x.shape[0]):
         t = _embed(model, x[b : b + 1])
+        seen = []
         for i, blk in enumerate(model.blocks):
             h = blk.norm1(t)
             out, _, probs = _attention(blk.attn, h)
-            n, c = h.shape[1], h.shape[2]
-            v = blk.attn.qkv(h)[0, :, 2 * c :]  # (n, C): every head's value, concatenated
+            c = h.shape[2]
+            v = blk.attn.qkv(h)[0, :, 2 * c :]  # (n, C): every head's value, side by side
             t = t + blk.ls1(out)
             if i in locations:
-                sig = probs[0, :, 0, 1:].sum(dim=0) * v[1:].norm(dim=-1)
-                sig = (sig / sig.sum()).tolist()
-                order = sorted(range(n - 1), key=lambda j: (sig[j], j))
-                cdf, run = [], 0.0
-                for j in order:
-                    run += sig[j]
-                    cdf.append(run)
-                cdf = [(u - cdf[0]) / (cdf[-1] - cdf[0]) for u in cdf]
-                y0 = min(u for u in cdf if u > 0)
-                ys = [y0 + q * (1 - y0) / (samples - 1) for q in range(samples)]
-                picks = sorted({min(range(n - 1), key=lambda j: (abs(y - cdf[j]), j)) for y in ys})
-                t = t[:, [0] + [1 + order[p] for p in picks]]
+                score = probs[0, :, 0, 1:].sum(dim=0) * v[1:].norm(dim=-1)
+                t = t[:, [0] + [1 + j for j in ats_pick(score, samples)]]
+                seen.append(t.shape[1])
             t = t + blk.ls2(blk.mlp(blk.norm2(t)))
-        outs.append(_head(model, t, None, model.num_prefix_tokens))
-    return torch.cat(outs)
+        logits.append(_head(model, t, None, model.num_prefix_tokens))
+        kept.append(seen)
+    return (torch.cat(logits), kept) if counts else torch.cat(logits)
 
 
 def _wpr_one(probs, iterations):

@@ -5,10 +5,11 @@ official config), after the attention residual, tokens are scored by the class t
 attention (summed over heads) times the norm of their value vector, and ``capacity`` points
 are sampled from the inverse CDF of the scores (:mod:`graphprune.ops.ats`). Repeated picks
 count once, so each image keeps its own number of tokens. The graph has a fixed capacity:
-slots past an image's count are padding, masked out of attention with ``log(size)`` and
-skipped by pooling. The official DeiT-S config samples as many points as there are patch
-tokens (``capacity=1.0``, which only removes repeated picks); smaller capacities bound the
-count and make the graph smaller.
+slots past an image's count are padding, masked out of attention with ``log(size)``, skipped by
+pooling and left out of later samplings, so each image keeps what the official code keeps with
+``DROP_TOKENS`` run one image at a time (not its masked mode, whose CDF counts the padding).
+The official DeiT-S config samples as many points as there are patch tokens (``capacity=1.0``,
+which only removes repeated picks); smaller capacities bound the count and make the graph smaller.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from graphprune.recipes.scores import cls_attention_value_norm, has_class_token
 from graphprune.schedule import parse_locations
 
 
-def _sample(x, samples, protected, n, score_fn, *score_args):
-    return ats_sample(x, score_fn(*score_args), samples, protected, n)
+def _sample(x, samples, protected, n, size, score_fn, *score_args):
+    return ats_sample(x, score_fn(*score_args), samples, protected, n, size)
 
 
 @register
@@ -66,6 +67,7 @@ class ATS(Recipe):
             if block.index in where:
                 n = flow.n
                 score_fn, score_args = cls_attention_value_norm(block.site, has_cls=has_class_token(graph))
-                flow.reduce(block, _sample, samples, protected, n, score_fn, *score_args,
+                # the sizes so far: padding from an earlier sampling stays out of the CDF
+                flow.reduce(block, _sample, samples, protected, n, flow.size, score_fn, *score_args,
                             out_tokens=ats_capacity(n, samples, protected), drops=True)
         return flow.counts
