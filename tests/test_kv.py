@@ -267,8 +267,15 @@ def test_pyramidkv_budgets_fall_with_depth_and_keep_the_mean():
     caps = [rec.capacity(i, 6, 200) for i in range(6)]
     assert caps == ref.pyramidkv_budgets(40, 8, 20, 6, 200)
     assert caps == sorted(caps, reverse=True) and caps[0] > caps[-1]
-    assert abs(sum(caps) / 6 - 40) <= 3  # integer steps round the mean down a little
+    assert 40 <= sum(caps) / 6 <= 43  # the step is rounded down, as in the authors' code: the mean lies a little above
     assert [rec.capacity(i, 6, 30) for i in range(6)] == [40] * 6  # short prompt: nothing to compress
+    # the authors' PyramidKVCluster: a prompt shorter than 2 (budget - window) is compressed by uniform SnapKV
+    rec = get_recipe("pyramidkv", budget=330, window=64)
+    assert {rec.capacity(i, 30, 512) for i in range(30)} == {330}
+    assert [rec.capacity(i, 30, 532) for i in (0, 29)] == [532, 155]  # from 2 (budget - window) on: the pyramid
+    rec = get_recipe("pyramidkv", budget=128, window=32, beta=4)
+    caps = [rec.capacity(i, 30, 2048) for i in range(30)]
+    assert caps == list(range(200, 83, -4)) and sum(caps) / 30 == 142  # the step 144 // 29 = 4 rounds down
     rec = get_recipe("pyramidkv", budget=12, window=4)
     caps = [rec.capacity(i, 6, 24) for i in range(6)]
     assert caps == [20, 17, 14, 11, 8, 5]

@@ -22,7 +22,7 @@ import torch
 from graphprune.errors import ExportError, GraphPruneError
 from graphprune.exporters.files import publish, staging_dir
 from graphprune.exporters.onnx import OPSET, _quiet_loggers, _session
-from graphprune.kv.model import positions
+from graphprune.kv.model import cache_argument, positions
 from graphprune.kv.policy import When
 
 TOLERANCE = 1e-4
@@ -36,7 +36,7 @@ class Prefill(torch.nn.Module):
     def forward(self, input_ids, attention_mask):
         cache = self.lm.graphprune.new_cache(static=self.extra)
         out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
-                      cache=cache, use_cache=True, logits_to_keep=1)
+                      use_cache=True, logits_to_keep=1, **{cache_argument(self.lm): cache})
         return (out.logits[:, -1], *cache.flat())
 
 
@@ -47,7 +47,7 @@ class DecodeStep(torch.nn.Module):
 
     def forward(self, input_ids, position_ids, *state):
         cache = self.lm.graphprune.new_cache(static=self.extra).load_flat(state, self.capacities)
-        out = self.lm(input_ids=input_ids, position_ids=position_ids, cache=cache, use_cache=True)
+        out = self.lm(input_ids=input_ids, position_ids=position_ids, use_cache=True, **{cache_argument(self.lm): cache})
         return (out.logits[:, -1], *cache.flat())
 
 

@@ -15,21 +15,21 @@ import time
 import torch
 
 from graphprune.bench import BenchResult, _progress, fidelity
-from graphprune.kv.model import positions
+from graphprune.kv.model import cache_argument, positions, returned_cache
 
 
 def continuation(model, ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor):
     """Next-token logits for the prompt's end and each target (B, T, V), seconds per decode step, and the cache."""
     with torch.inference_mode():
         out = model(ids, attention_mask=mask, position_ids=positions(mask), use_cache=True)
-        logits, cache = [out.logits[:, -1]], out.cache
+        logits, cache, name = [out.logits[:, -1]], returned_cache(out), cache_argument(model)
         t0 = time.perf_counter()
         for i in range(targets.shape[1] - 1):
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            out = model(targets[:, i:i + 1], attention_mask=mask, position_ids=positions(mask)[:, -1:], cache=cache,
-                        use_cache=True)
+            out = model(targets[:, i:i + 1], attention_mask=mask, position_ids=positions(mask)[:, -1:], use_cache=True,
+                        **{name: cache})
             logits.append(out.logits[:, -1])
-            cache = out.cache
+            cache = returned_cache(out)
         step = (time.perf_counter() - t0) / max(targets.shape[1] - 1, 1)
     return torch.stack(logits, 1).float(), step, cache
 

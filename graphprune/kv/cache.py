@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from graphprune.kv.policy import CachePolicy, When, is_slot_field
+from graphprune.kv.policy import FULL, CachePolicy, When, is_slot_field
 from graphprune.kv.storage import Slots, Static, storage_for, top
 from graphprune.kv.view import View
 
@@ -116,11 +116,7 @@ class EvictingLayer(CacheLayerMixin):
                                             dropout=dropout, scaling=scaling, **kwargs)
         else:
             keys = self.policy.attention_keys(view)
-            hkv = view.keys.shape[1]
-            mask = view.visible()[:, :, 0].repeat_interleave(query.shape[1] // hkv, dim=1)
-            out = F.scaled_dot_product_attention(query, view.keys if keys is None else keys, view.values,
-                                                 attn_mask=mask, scale=scaling, enable_gqa=query.shape[1] != hkv)
-            out = out.transpose(1, 2).contiguous()
+            out = _grouped_attention(query, view.keys if keys is None else keys, view.values, view, scaling)
         self.evict(view)
         return out, None
 
@@ -137,11 +133,13 @@ class EvictingLayer(CacheLayerMixin):
     def evict(self, view: View) -> None:
         """Let the policy update its state and rank the slots; keep its choice when over capacity."""
         policy, st, cap = self.policy, self.storage, self.capacity
-        policy.update(view)
+        ranks = cap is None or cap < FULL  # the full cache has nothing to rank
+        if ranks:
+            policy.update(view)
         if view.prefill:
             self.call.chosen = policy.rows(view)
         due = policy.evicts is When.STEP or (view.prefill and policy.evicts is When.PROMPT)
-        if due and (cap is None or st.length > cap):
+        if ranks and due and (cap is None or st.length > cap):
             keep = self.choose(policy.score(view), view)
             if keep is not None:
                 st.keep(keep)
@@ -169,6 +167,21 @@ class EvictingLayer(CacheLayerMixin):
         if protect is not None:
             s = s.masked_fill(protect & st.valid, float("inf"))
         return s.argsort(dim=-1, descending=True, stable=True)[..., :k].sort(dim=-1).values
+
+
+def _grouped_attention(query, keys, values, view: View, scaling: float) -> torch.Tensor:
+    """Fused attention of the new queries over the cached slots, (B, L, Hq, D). The query heads that share a KV head
+    become rows of one attention over that head's keys (no copies of the keys per query head); the mask is left out
+    when every slot is real and visible (one new token, no padding or freed slot)."""
+    b, hq, n_new, d = query.shape
+    hkv = keys.shape[1]
+    g = hq // hkv
+    q = query.reshape(b, hkv, g * n_new, d)  # rows ordered (query head in group, new token)
+    mask = None
+    if n_new > 1 or not bool(view.valid.all()):
+        mask = view.visible()[:, :, 0].repeat(1, 1, g, 1)  # (B, Hkv, G·L, N)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling)
+    return out.reshape(b, hq, n_new, -1).transpose(1, 2).contiguous()
 
 
 def _real_tokens(mask, b, n, device) -> torch.Tensor:

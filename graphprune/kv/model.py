@@ -169,6 +169,17 @@ def optimize_decoder(model, policy):
     return evicting_copy(model, policy, analyze_decoder(model))
 
 
+def cache_argument(model) -> str:
+    """The name of the cache argument of ``model``'s forward: ``cache`` (transformers ≥ 5.24) or ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def returned_cache(output):
+    """The cache a model's forward returned (``output.cache``, or ``output.past_key_values`` before transformers 5.24)."""
+    cache = getattr(output, "cache", None)
+    return output.past_key_values if cache is None else cache
+
+
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids of a left-padded batch, as ``generate`` computes them (padding at 1; it is masked anyway)."""
     pos = attention_mask.long().cumsum(-1) - 1

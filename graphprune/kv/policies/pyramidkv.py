@@ -1,4 +1,11 @@
-"""PyramidKV: Dynamic KV Cache Compression based on Pyramidal Information Funneling (Cai et al., 2024)."""
+"""PyramidKV: Dynamic KV Cache Compression based on Pyramidal Information Funneling (Cai et al., 2024).
+
+Per-layer budgets as in the authors' code (``PyramidKVCluster``): with M the budget and w the window,
+the bottom layer chooses up to 2(M − w) − (M − w)//beta prompt tokens and the top one (M − w)//beta,
+in equal integer steps (rounded down, so the mean lies a little above M), each plus the window. A
+prompt shorter than 2(M − w) falls back to SnapKV's uniform M. kvpress's variant differs: its
+budget counts the window inside the pyramid and its step is fractional, so its mean is exactly M.
+"""
 
 from __future__ import annotations
 
@@ -12,14 +19,15 @@ from graphprune.recipes.base import option, register
 @dataclass
 class PyramidKV(SnapKV):
     name = "pyramidkv"
-    summary = "SnapKV scoring with per-layer budgets falling linearly with depth (same mean budget)"
+    summary = "SnapKV scoring with per-layer budgets falling linearly with depth (about the same mean budget)"
     paper = "PyramidKV: Dynamic KV Cache Compression based on Pyramidal Information Funneling (2024)"
 
-    beta: int = option(20, "the top layer keeps (budget − window) / beta prompt tokens besides the window")
+    beta: int = option(20, "the pyramid's slope: the top layer chooses about (budget − window) // beta prompt tokens "
+                           "besides the window")
 
     def capacity(self, layer, n_layers, prompt_len):
         budget = self.tokens(prompt_len)
-        if prompt_len <= budget or n_layers == 1:
+        if prompt_len < 2 * (budget - self.window) or n_layers == 1:  # nothing to compress, or uniform SnapKV
             return budget
         spare = budget - self.window  # chosen tokens per layer on average (the window comes on top)
         low = spare // self.beta
