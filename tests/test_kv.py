@@ -88,8 +88,9 @@ def test_user_model_untouched():
 
 # -- the papers' kept sets on hand-made attention patterns ------------------------------------
 
-def run_layer(recipe, keys, values, queries, prompt, layer_idx=0, n_layers=1, tokens=None):
-    """One cache layer fed the prompt's keys, values and queries (scaling 1), then one token per step."""
+def run_layer(recipe, keys, values, queries, prompt, layer_idx=0, n_layers=1, tokens=None, each=None):
+    """One cache layer fed the prompt's keys, values and queries (scaling 1), then one token per step; ``each(layer,
+    t)`` is called after every step (t tokens seen)."""
     layer = EvictingLayer(recipe, layer_idx, n_layers)
 
     def step(lo, hi, first):
@@ -101,6 +102,8 @@ def run_layer(recipe, keys, values, queries, prompt, layer_idx=0, n_layers=1, to
     step(0, prompt, True)
     for i in range(prompt, keys.shape[2]):
         step(i, i + 1, False)
+        if each is not None:
+            each(layer, i + 1)
     return layer
 
 
@@ -112,6 +115,11 @@ def drive(recipe, logits, kv_heads, prompt, total, layer_idx=0, n_layers=1, toke
     layer = run_layer(recipe, keys, keys, logits[None], prompt, layer_idx, n_layers, tokens)
     st = layer.storage
     return [set(st.pos[0, h][st.valid[0, h]].tolist()) for h in range(kv_heads)]
+
+
+def kept(layer) -> list[set[int]]:
+    st = layer.storage
+    return [set(st.pos[0, h][st.valid[0, h]].tolist()) for h in range(st.pos.shape[1])]
 
 
 def patterns(hq=4, t=20, seed=0):
@@ -249,6 +257,45 @@ def test_lazyllm_prunes_more_with_depth_and_reports_memory():
     mem = out.cache.memory()
     assert mem["bytes"] > 0 and mem["ratio"] < 1  # the Aux Cache is counted, and still less than the full cache
     assert [fast.graphprune.policy.rate_at(i, 4) for i in range(4)] == [0, 0.25, 0.25, 0]
+
+
+LONG = {  # recipes that evict at every step, and their direct references (tests/reference_kv.py)
+    "h2o": ({"recent": 0.5}, lambda heads, p, t, b: ref.h2o(heads, p, t, budget=b, recent=b // 2)),
+    "tova": ({}, None),
+    "scissorhands": ({"history": 8, "recent": 3}, lambda heads, p, t, b: ref.scissorhands(heads, p, t, b, 8, 3)),
+    "streaming_llm": ({"sinks": 3}, None),
+}
+
+
+@pytest.mark.parametrize("recipe", list(LONG))
+def test_kept_sets_equal_the_reference_at_every_step_of_a_long_generation(recipe):
+    """Ring-mode eviction over 130 decoding steps (the freed slot refilled each step, in place): after every step the
+    kept set of each KV head equals the paper's, recomputed from scratch."""
+    options, reference = LONG[recipe]
+    logits = patterns(t=150, seed=21)
+    logits[:, :, 60:67] += 2.5  # a needle the queries keep coming back to
+    rec = get_recipe(recipe, budget=12, **options)
+    t = logits.shape[1]
+    keys = torch.eye(t).expand(1, 2, t, t)
+    checked = []
+
+    def each(layer, seen):
+        if seen % 13 and seen != t:  # every 13th step and the last (the reference reruns from the start)
+            return
+        got = kept(layer)
+        for h in range(2):
+            heads = list(logits[2 * h:2 * h + 2])
+            if recipe == "tova":
+                expected = ref.tova(list(logits), 20, seen, 12)
+            elif recipe == "streaming_llm":
+                expected = ref.streaming_llm(20, seen, 12, 3)
+            else:
+                expected = reference(heads, 20, seen, 12)
+            assert got[h] == expected, f"{recipe}: head {h} after {seen} tokens"
+        checked.append(seen)
+
+    run_layer(rec, keys, keys, logits[None], 20, each=each)
+    assert len(checked) == 11
 
 
 def test_tova_keeps_the_papers_set():

@@ -115,8 +115,17 @@ class EvictingLayer(CacheLayerMixin):
             out, _ = sdpa_attention_forward(module, query, st.keys, st.values, attention_mask,
                                             dropout=dropout, scaling=scaling, **kwargs)
         else:
-            keys = self.policy.attention_keys(view)
-            out = _grouped_attention(query, view.keys if keys is None else keys, view.values, view, scaling)
+            keys, override = view.keys, self.policy.attention_keys(view)
+            if override is None:
+                out = _grouped_attention(query, keys, view.values, view, st, scaling)
+            else:  # swap the policy's keys in for the attention call only (a few slots, in place)
+                idx = override.slots[..., None].expand_as(override.keys)
+                cached = keys.gather(2, idx)
+                keys.scatter_(2, idx, override.keys)
+                try:
+                    out = _grouped_attention(query, keys, view.values, view, st, scaling)
+                finally:
+                    keys.scatter_(2, idx, cached)
         self.evict(view)
         return out, None
 
@@ -169,7 +178,7 @@ class EvictingLayer(CacheLayerMixin):
         return s.argsort(dim=-1, descending=True, stable=True)[..., :k].sort(dim=-1).values
 
 
-def _grouped_attention(query, keys, values, view: View, scaling: float) -> torch.Tensor:
+def _grouped_attention(query, keys, values, view: View, storage: Slots, scaling: float) -> torch.Tensor:
     """Fused attention of the new queries over the cached slots, (B, L, Hq, D). The query heads that share a KV head
     become rows of one attention over that head's keys (no copies of the keys per query head); the mask is left out
     when every slot is real and visible (one new token, no padding or freed slot)."""
@@ -178,7 +187,7 @@ def _grouped_attention(query, keys, values, view: View, scaling: float) -> torch
     g = hq // hkv
     q = query.reshape(b, hkv, g * n_new, d)  # rows ordered (query head in group, new token)
     mask = None
-    if n_new > 1 or not bool(view.valid.all()):
+    if n_new > 1 or not storage.all_real():
         mask = view.visible()[:, :, 0].repeat(1, 1, g, 1)  # (B, Hkv, G·L, N)
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling)
     return out.reshape(b, hq, n_new, -1).transpose(1, 2).contiguous()

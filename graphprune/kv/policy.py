@@ -59,6 +59,15 @@ class Quantization:
     residual: int
 
 
+@dataclass(frozen=True)
+class KeyOverride:
+    """Keys that attention uses instead of the cached ones, for a few slots: ``slots`` (B, Hkv, k), ``keys``
+    (B, Hkv, k, D)."""
+
+    slots: torch.Tensor
+    keys: torch.Tensor
+
+
 def slot_field(help: str = ""):  # noqa: A002
     """A field of a policy's ``State`` holding one entry per cached slot, ``(B, Hkv, N, ...)``; it follows the slots."""
     return dataclasses.field(default=None, metadata={"slots": True, "help": help})
@@ -150,8 +159,9 @@ class CachePolicy(Recipe):
         """Store the cache quantised (KIVI) instead of in full precision."""
         return None
 
-    def attention_keys(self, view: "View") -> torch.Tensor | None:
-        """Keys attention uses while decoding, if not the cached ones (StreamingLLM re-rotates them)."""
+    def attention_keys(self, view: "View") -> KeyOverride | None:
+        """While decoding, keys that attention uses instead of the cached ones for a few slots (StreamingLLM turns its
+        sink keys); None: the cached keys."""
         return None
 
     def rows(self, view: "View") -> torch.Tensor | None:

@@ -91,6 +91,10 @@ class Slots:
         """Bytes held for keys and values (bookkeeping excluded)."""
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values) if t is not None)
 
+    def all_real(self) -> bool:
+        """Whether every slot holds a real token (then attention needs no mask)."""
+        return bool(self.valid.all())
+
     def slot_fields(self):
         if self.state is None:
             return []
@@ -179,6 +183,9 @@ class Static(Slots):
             self.pad(slots - self.length)
         elif self.length > slots:
             self.keep(top(torch.zeros_like(self.pos, dtype=torch.float32), self.valid, slots, protect=self.valid))
+
+    def all_real(self) -> bool:
+        return False  # exported graphs may not branch on the data: always masked
 
     def load(self, keys, values, valid, pos) -> None:
         self.keys, self.values, self.valid, self.pos = keys, values, valid, pos

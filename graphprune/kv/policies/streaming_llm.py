@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from graphprune.kv.policy import CachePolicy
+from graphprune.kv.policy import CachePolicy, KeyOverride
 from graphprune.ops.rope import rotate
 from graphprune.recipes.base import option, register
 
@@ -46,5 +46,4 @@ class StreamingLLM(CachePolicy):
         k = min(self.sinks, keys.shape[2])
         idx = pos.masked_fill(~sink, torch.iinfo(pos.dtype).max).topk(k, dim=-1, largest=False).indices
         picked = keys.gather(2, idx[..., None].expand(*idx.shape, keys.shape[-1]))
-        turned = rotate(picked, (-shift).expand_as(idx) * sink.gather(2, idx), view.inv_freq)
-        return keys.scatter(2, idx[..., None].expand_as(picked), turned)
+        return KeyOverride(idx, rotate(picked, (-shift).expand_as(idx) * sink.gather(2, idx), view.inv_freq))
