@@ -3,6 +3,7 @@
     python benchmarks/llm.py ppl --context 2048 4096     # continuation perplexity, full cache vs every cache recipe
     python benchmarks/llm.py stream                      # StreamingLLM (1024-token cache) over 8192 tokens, per segment
     python benchmarks/llm.py speed --context 8192        # decode latency at 8k context, budget 0.25 vs the full cache
+    python benchmarks/llm.py speed --against 332a623     # ... and the same recipes as an earlier commit built them
     python benchmarks/llm.py lazy --context 2048 4096    # LazyLLM: time to first token and perplexity
     python benchmarks/llm.py report                      # docs/llm.md from the JSON results
 
@@ -22,11 +23,15 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import importlib
+import io
 import json
 import math
 import statistics
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -253,17 +258,43 @@ def _decode(model, cache, token: torch.Tensor, n: int) -> float:
     return time.perf_counter() - t0
 
 
-def run_speed(context: int, budget: float, steps: int, rounds: int, recipes: list[str], article: int) -> None:
+def package_at(commit: str):
+    """graphprune as it was at ``commit``, importable beside the current one under another name, so that both run
+    in one interleaved measurement. Every occurrence of the name is replaced (module paths, the registered
+    attention function, custom-op namespace), so the two never share a registration."""
+    root = Path(__file__).parent.parent
+    sha = subprocess.run(["git", "rev-parse", "--short=7", commit], cwd=root, capture_output=True, text=True, check=True)
+    name = f"graphprune_at_{sha.stdout.strip()}"
+    tmp = Path(tempfile.mkdtemp(prefix="graphprune-"))
+    archive = subprocess.run(["git", "archive", commit, "graphprune"], cwd=root, capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(tmp, filter="data")
+    (tmp / "graphprune").rename(tmp / name)
+    for f in (tmp / name).rglob("*.py"):
+        f.write_text(f.read_text().replace("graphprune", name))
+    sys.path.insert(0, str(tmp))
+    return importlib.import_module(name)
+
+
+def run_speed(context: int, budget: float, steps: int, rounds: int, recipes: list[str], article: int,
+              against: str | None = None) -> None:
     tokenizer, base = assets.load_smollm2()
     ids = assets.wiki_token_stream(tokenizer, context, article)[None]
     variants = _variants(recipes, [budget])
     labels = [_label(r, o) for r, o in variants]
+    builders = {label: (lambda r=r, o=o: _model(base, r, o)) for (r, o), label in zip(variants, labels)}
+    if against is not None:  # the same recipes built by an earlier commit, interleaved with these
+        old = package_at(against)
+        for (recipe, options), label in zip(variants[1:], labels[1:]):
+            builders[f"{label} @{against}"] = lambda r=recipe, o=options: old.optimize(base, r, **o)
+            variants.append((recipe, options))
+        labels = list(builders)
     states, models, info = {}, {}, {}
     t_run = time.time()
     with _progress() as progress:
         task = progress.add_task(f"prefill {context}", total=len(variants))
         for (recipe, options), label in zip(variants, labels):
-            model = models[label] = _model(base, recipe, options)
+            model = models[label] = builders[label]()
             t0 = time.perf_counter()
             out = model(ids, use_cache=True, logits_to_keep=1)
             info[label] = {"recipe": recipe, "options": options, "prefill_s": time.perf_counter() - t0,
@@ -301,8 +332,9 @@ def run_speed(context: int, budget: float, steps: int, rounds: int, recipes: lis
               f"(paired {statistics.median(paired):.2f}×)  cache ratio {info[label]['memory_end']['ratio']:.3f}")
     payload = {"title": f"decode speed · {context}-token context · budget {budget} · {steps} greedy steps per round",
                "context": context, "budget": budget, "steps": steps, "rounds": rounds, "article": article,
+               "against": against,
                "seconds": time.time() - t_run, "rows": rows}
-    _save(f"speed_{context}", payload)
+    _save(f"speed_{context}" + (f"_vs_{against}" if against else ""), payload)
 
 
 # ----------------------------------------------------------------------------- report
@@ -567,6 +599,7 @@ def main() -> None:
     v.add_argument("--rounds", type=int, default=5)
     v.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
     v.add_argument("--article", type=int, default=0)
+    v.add_argument("--against", default=None, help="also the same recipes as built by this earlier commit, interleaved")
     z = sub.add_parser("lazy", help="LazyLLM: time to first token and continuation perplexity")
     z.add_argument("--context", type=int, nargs="+", default=[2048, 4096], choices=(1024, 2048, 4096, 8192))
     z.add_argument("--samples", type=int, default=3)
@@ -591,7 +624,7 @@ def main() -> None:
             run_stream(args.tokens, args.prefill, args.budget, args.sinks, args.segment, args.chunk, args.article,
                        args.max_steps, not args.no_full, args.window)
         else:
-            run_speed(args.context, args.budget, args.steps, args.rounds, args.recipes, args.article)
+            run_speed(args.context, args.budget, args.steps, args.rounds, args.recipes, args.article, args.against)
     report()
 
 
