@@ -97,7 +97,8 @@ def run_layer(recipe, keys, values, queries, prompt, layer_idx=0, n_layers=1, to
         layer.update(keys[:, :, lo:hi], values[:, :, lo:hi])
         if tokens is not None:
             layer.call.input_ids = torch.tensor(tokens[lo:hi])[None]
-        layer.evict(layer.receive(queries[:, :, lo:hi], 1.0, None, torch.arange(lo, hi)[None]))
+        layer.evict(layer.receive(queries[:, :, lo:hi], 1.0, torch.ones(1, hi - lo, dtype=torch.bool),
+                                  torch.arange(lo, hi)[None]))
 
     step(0, prompt, True)
     for i in range(prompt, keys.shape[2]):
@@ -193,8 +194,8 @@ def test_pyramidinfer_selects_the_papers_prompt_tokens(layer):
     keys = torch.eye(20).expand(1, 2, 20, 20)
     lay = run_layer(rec, keys, keys, logits[None], 20, layer, 4)
     expected = ref.pyramidinfer_prompt(list(logits), 20, layer, 4, 0.2, 0.5, 1.2, 2, 3)
-    select = lay.call.chosen
-    assert (None if select is None else set(select[0].tolist())) == expected
+    stop = rec.rows(lay.view(logits[None], 1.0, True, torch.arange(20)[None], torch.ones(1, 20, dtype=torch.bool)))
+    assert (None if stop is None else set((~stop[0]).nonzero().flatten().tolist())) == expected
     assert (expected is None) == (layer == 0)  # layer 0 keeps everything (r = 1)
 
 
@@ -242,7 +243,7 @@ def test_lazyllm_equals_the_papers_definition(kv_heads):
     for l, layer in enumerate(cache.layers):
         st = layer.storage
         assert sorted(st.pos[0, 0][st.valid[0, 0]].tolist()) == sorted(lazy.kv[l])
-        stored = (layer.hidden_pos if layer.hidden_pos is not None else torch.empty(1, 0))[0]
+        stored = (layer.aux.pos if layer.aux is not None else torch.empty(1, 0))[0]
         assert sorted(stored[stored >= 0].tolist()) == sorted(lazy.aux[l])
     assert cache.get_seq_length() == 26
 

@@ -18,6 +18,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from graphprune.kv.policy import FULL, CachePolicy, When, is_slot_field
+from graphprune.kv.rows import Aux, Rows, by_position
 from graphprune.kv.storage import Slots, Static, storage_for, top
 from graphprune.kv.view import View
 
@@ -26,12 +27,11 @@ ATTENTION = "graphprune_kv"
 
 @dataclass
 class Call:
-    """What the current forward passes to every layer: its token ids, and the prompt rows still going on."""
+    """What the current forward passes to every layer: its token ids, and (with a policy that prunes rows) the rows
+    the current layer computes."""
 
     input_ids: torch.Tensor | None = None
-    kept: torch.Tensor | None = None  # (B, R): the prompt rows that reached the current layer (prompt pruning)
-    chosen: torch.Tensor | None = None  # (B, R'): the rows the last layer chose to go on, indices into its rows
-    lazy: object | None = None  # LazyLLM's rows of this forward (graphprune.kv.lazy.Rows)
+    rows: Rows | None = None
 
 
 class EvictingLayer(CacheLayerMixin):
@@ -50,6 +50,7 @@ class EvictingLayer(CacheLayerMixin):
         self.seen = 0  # tokens written so far, padding included (what HF calls the sequence length)
         self.prompt_len: int | None = None
         self.capacity: int | None = None
+        self.aux: Aux | None = None  # hidden states of the rows this layer stopped (policies that revive them)
 
     # -- transformers' cache-layer protocol -------------------------------------------------------
     @property
@@ -68,7 +69,8 @@ class EvictingLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.storage.write(key_states, value_states)
-        self.seen += key_states.shape[-2]
+        rows = self.call.rows
+        self.seen += key_states.shape[-2] if rows is None else rows.n_new  # revived rows are not new tokens
         return self.storage.keys, self.storage.values
 
     def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
@@ -87,66 +89,88 @@ class EvictingLayer(CacheLayerMixin):
         type(self).__init__(self, self.policy, self.layer_idx, self.n_layers, self.inv_freq, self.call, self.static)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self.storage.map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self.storage.map(lambda t: t.repeat_interleave(repeats, dim=0))
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.storage.map(lambda t: t[indices])
+        self._map(lambda t: t[indices])
+
+    def _map(self, fn) -> None:
+        self.storage.map(fn)
+        if self.aux is not None:
+            self.aux = Aux(fn(self.aux.hidden), fn(self.aux.pos))
 
     # -- one attention call ----------------------------------------------------------------------
     @property
     def length(self) -> int:
         return self.storage.length
 
-    def view(self, query: torch.Tensor, scaling: float, prefill: bool) -> View:
-        ids = self.call.input_ids
-        return View(self.storage, query, scaling, prefill=prefill, prompt_len=self.prompt_len, layer=self.layer_idx,
+    def view(self, query: torch.Tensor, scaling: float, prefill: bool, pos: torch.Tensor, real: torch.Tensor) -> View:
+        ids, rows, st = self.call.input_ids, self.call.rows, self.storage
+        return View(st, query, scaling, prefill=prefill, prompt_len=self.prompt_len, layer=self.layer_idx,
                     n_layers=self.n_layers, capacity=self.capacity,
-                    input_ids=None if ids is None else ids[:, -query.shape[2]:], inv_freq=self.inv_freq)
+                    input_ids=None if ids is None else ids[:, -query.shape[2]:], inv_freq=self.inv_freq,
+                    query_pos=pos, query_real=real, selected=None if rows is None else rows.visible(st.pos[:, 0]))
 
     def attend(self, module, query, attention_mask, scaling, dropout, kwargs):
-        st, b, n_new = self.storage, query.shape[0], query.shape[2]
+        st, rows, b, n_new = self.storage, self.call.rows, query.shape[0], query.shape[2]
         prefill = self.prompt_len is None
-        real = _real_tokens(attention_mask, b, n_new, query.device) if prefill else None
-        view = self.receive(query, scaling, real, _positions(kwargs, b, n_new, query.device))
-        if prefill:  # the prompt: the model's own causal + padding mask, fused attention
+        if rows is not None:  # the rows stage says which tokens these are
+            pos, real = rows.pos, rows.real
+        else:
+            pos = _positions(kwargs, b, n_new, query.device)
+            real = real_tokens(attention_mask, b, n_new, query.device) if prefill else torch.ones_like(pos, dtype=torch.bool)
+        view = self.receive(query, scaling, real, pos)
+        if prefill and (rows is None or not rows.moved):  # the prompt: the model's own causal + padding mask, fused
             out, _ = sdpa_attention_forward(module, query, st.keys, st.values, attention_mask,
                                             dropout=dropout, scaling=scaling, **kwargs)
         else:
+            mask = None
+            if rows is not None:  # by position and selection; every row sees itself (padding rows too)
+                mask = view.visible()[:, :, 0].clone()
+                own = torch.arange(n_new, device=mask.device)
+                mask[:, :, own, view.slots - n_new + own] = True
+            elif n_new > 1 or not st.all_real():
+                mask = view.visible()[:, :, 0]
             keys, override = view.keys, self.policy.attention_keys(view)
             if override is None:
-                out = _grouped_attention(query, keys, view.values, view, st, scaling)
+                out = _grouped_attention(query, keys, view.values, mask, scaling)
             else:  # swap the policy's keys in for the attention call only (a few slots, in place)
                 idx = override.slots[..., None].expand_as(override.keys)
                 cached = keys.gather(2, idx)
                 keys.scatter_(2, idx, override.keys)
                 try:
-                    out = _grouped_attention(query, keys, view.values, view, st, scaling)
+                    out = _grouped_attention(query, keys, view.values, mask, scaling)
                 finally:
                     keys.scatter_(2, idx, cached)
         self.evict(view)
         return out, None
 
-    def receive(self, query: torch.Tensor, scaling: float, real: torch.Tensor | None, pos: torch.Tensor) -> View:
-        """Describe the slots just written: which hold real tokens (B, n; None: all) and their positions (B, n); the
-        view the policy gets. The first call is the prompt."""
+    def receive(self, query: torch.Tensor, scaling: float, real: torch.Tensor, pos: torch.Tensor) -> View:
+        """Describe the slots just written: which hold real tokens (B, n) and their positions (B, n); the view the
+        policy gets. The first call is the prompt."""
         prefill = self.prompt_len is None
         if prefill:
             self.prompt_len = pos.shape[-1]
             self.capacity = self.policy.capacity(self.layer_idx, self.n_layers, self.prompt_len)
-        self.storage.describe(pos.new_ones(pos.shape, dtype=torch.bool) if real is None else real, pos)
-        return self.view(query, scaling, prefill)
+        self.storage.describe(real, pos)
+        return self.view(query, scaling, prefill, pos, real)
 
     def evict(self, view: View) -> None:
-        """Let the policy update its state and rank the slots; keep its choice when over capacity."""
-        policy, st, cap = self.policy, self.storage, self.capacity
+        """Let the policy update its state, stop rows, and rank the slots; keep its choice when over capacity."""
+        policy, st, cap, rows = self.policy, self.storage, self.capacity, self.call.rows
         ranks = cap is None or cap < FULL  # the full cache has nothing to rank
         if ranks:
             policy.update(view)
-        if view.prefill:
-            self.call.chosen = policy.rows(view)
+        if rows is not None:
+            stop = policy.rows(view)
+            if stop is not None:
+                if rows.selected is None:  # layer 0 holds every token: all of them start selected
+                    rows.selected = by_position(st.pos[:, 0], st.valid[:, 0], int(st.pos.max()) + 1)
+                rows.deselect(st.pos[:, 0], stop)
+                rows.drop = stop[:, st.length - view.n_new:]
         due = policy.evicts is When.STEP or (view.prefill and policy.evicts is When.PROMPT)
         if ranks and due and (cap is None or st.length > cap):
             keep = self.choose(policy.score(view), view)
@@ -178,22 +202,20 @@ class EvictingLayer(CacheLayerMixin):
         return s.argsort(dim=-1, descending=True, stable=True)[..., :k].sort(dim=-1).values
 
 
-def _grouped_attention(query, keys, values, view: View, storage: Slots, scaling: float) -> torch.Tensor:
-    """Fused attention of the new queries over the cached slots, (B, L, Hq, D). The query heads that share a KV head
-    become rows of one attention over that head's keys (no copies of the keys per query head); the mask is left out
-    when every slot is real and visible (one new token, no padding or freed slot)."""
+def _grouped_attention(query, keys, values, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """Fused attention of the new queries over the cached slots, (B, L, Hq, D); ``mask`` (B, Hkv, L, N) or None. The
+    query heads that share a KV head become rows of one attention over that head's keys (no copies of the keys
+    per query head)."""
     b, hq, n_new, d = query.shape
     hkv = keys.shape[1]
     g = hq // hkv
     q = query.reshape(b, hkv, g * n_new, d)  # rows ordered (query head in group, new token)
-    mask = None
-    if n_new > 1 or not storage.all_real():
-        mask = view.visible()[:, :, 0].repeat(1, 1, g, 1)  # (B, Hkv, G·L, N)
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=None if mask is None else mask.repeat(1, 1, g, 1),
+                                         scale=scaling)
     return out.reshape(b, hq, n_new, -1).transpose(1, 2).contiguous()
 
 
-def _real_tokens(mask, b, n, device) -> torch.Tensor:
+def real_tokens(mask, b, n, device) -> torch.Tensor:
     """(B, N) bool: the prompt positions that hold real tokens, read from the model's 4-D mask."""
     if mask is None:
         return torch.ones(b, n, dtype=torch.bool, device=device)
@@ -213,20 +235,19 @@ def _positions(kwargs, b, n, device) -> torch.Tensor:
 class EvictingCache(Cache):
     """A KV cache whose layers evict by a cache policy (see :mod:`graphprune.kv.policy`)."""
 
-    def __init__(self, policy: CachePolicy, n_layers: int, inv_freq: torch.Tensor | None = None,
-                 layer_type: type[EvictingLayer] = EvictingLayer, static: int | None = None):
+    def __init__(self, policy: CachePolicy, n_layers: int, inv_freq: torch.Tensor | None = None, static: int | None = None):
         self.call = Call()
-        super().__init__(layers=[layer_type(policy, i, n_layers, inv_freq, self.call, static) for i in range(n_layers)])
+        super().__init__(layers=[EvictingLayer(policy, i, n_layers, inv_freq, self.call, static) for i in range(n_layers)])
         self.policy = policy
 
     def begin(self, input_ids: torch.Tensor | None) -> None:
         """A new forward starts: its token ids; no prompt rows chosen yet."""
-        self.call.input_ids, self.call.kept, self.call.chosen, self.call.lazy = input_ids, None, None, None
+        self.call.input_ids, self.call.rows = input_ids, None
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the cached keys and values of every layer."""
-        return sum(layer.storage.nbytes for layer in self.layers)
+        return sum(layer.storage.nbytes + (0 if layer.aux is None else layer.aux.nbytes) for layer in self.layers)
 
     @property
     def full_nbytes(self) -> int:

@@ -95,10 +95,9 @@ class Decoder:
 
     def new_cache(self, static: int | None = None):
         """An empty :class:`~graphprune.kv.cache.EvictingCache`; ``static``: a fixed slot count (capacity + static)."""
-        from graphprune.kv.cache import EvictingCache, EvictingLayer
+        from graphprune.kv.cache import EvictingCache
 
-        layer = self.policy.layer_type() or EvictingLayer
-        return EvictingCache(self.policy, self.info.n_layers, self.info.inv_freq, layer, static)
+        return EvictingCache(self.policy, self.info.n_layers, self.info.inv_freq, static)
 
 
 def _evicting_class(base: type, setup: Decoder) -> type:
@@ -150,8 +149,7 @@ def evicting_copy(model, policy: CachePolicy, info: DecoderInfo):
     for layer in new.get_decoder().layers:
         layer.self_attn.register_forward_pre_hook(hand_layer, with_kwargs=True)
     if policy.prunes_rows:
-        install_rows(new)
-    policy.install(new)
+        install_rows(new, policy.revives)
     return new
 
 

@@ -87,6 +87,7 @@ class CachePolicy(Recipe):
     State: ClassVar[type | None] = None  # the policy's running state (a dataclass), or None
     exportable: ClassVar[bool] = True  # a fixed budget gives static cache shapes (ONNX decode step)
     slot_order: ClassVar[bool] = False  # reads slot indices as cache order (then freed slots are not reused in place)
+    revives: ClassVar[bool] = False  # rows stopped by rows() keep their hidden states and may come back later
     sizes_itself: ClassVar[str | None] = None  # a policy sized by its own options says how (then budget stays 1.0)
 
     budget: Union[int, float] = option(
@@ -165,8 +166,9 @@ class CachePolicy(Recipe):
         return None
 
     def rows(self, view: "View") -> torch.Tensor | None:
-        """Prompt pruning: the rows (B, R') of this prompt layer's tokens that go on to the next layer, sorted; None:
-        all of them. Hidden states, positions, masks and the cache of later layers follow."""
+        """Row pruning at a layer boundary (in every forward): (B, N) bool over this layer's slots, the tokens that
+        stop here and are left out of the layers above in this forward; None: all go on. Hidden states, positions,
+        masks and the cache of later layers follow (:mod:`graphprune.kv.rows`)."""
         return None
 
     @property
@@ -177,13 +179,6 @@ class CachePolicy(Recipe):
     def new_state(self):
         return None if self.State is None else self.State()
 
-    # -- LazyLLM's own layer and hooks, until it runs on the prompt-rows stage --------------------------
-    def layer_type(self) -> type | None:
-        """A cache-layer class of the policy's own; None: the evicting layer."""
-        return None
-
-    def install(self, model) -> None:
-        """Hooks the policy needs on graphprune's copy of the model."""
 
 
 def group_mean(rows: torch.Tensor) -> torch.Tensor:

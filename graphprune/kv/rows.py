@@ -1,64 +1,179 @@
-"""The prompt-rows stage: at a layer boundary a policy picks which token rows go on (PyramidInfer).
+"""The prompt-rows stage: at a layer boundary a policy picks which token rows go on.
 
-A policy that prunes the prompt returns, from :meth:`CachePolicy.rows` in a layer's attention
-call, the rows of that layer's tokens that go on to the next layer (``Call.chosen``). Hooks on
-the copy's decoder layers then gather the layer's output, and give every later layer the
-matching rows of the position embeddings, position ids and attention mask (``Call.kept``). The
-kept tokens keep their original positions. Logits come out for the tokens that reached the top
-(the last token always does).
+Every forward starts with its tokens as the rows of layer 0, all of them *selected*. After a
+layer's attention a policy that prunes rows (:meth:`CachePolicy.rows`) names the tokens that
+stop there; those rows leave the hidden states, and the tokens are deselected for the layers
+above in this forward (left out of their attention). The hooks below carry the rows between
+layers: their positions (so rotary embeddings and the attention mask follow), which are real
+tokens (padding rows fill up a batch whose sequences keep different numbers) and which this
+forward brought in. The kept rows keep their original positions. Logits come out for the
+tokens that reached the top (the last token always does).
+
+A policy that *revives* (LazyLLM) keeps the hidden states of the rows it stops in an Aux store
+of that layer; a later forward that selects such a token again recomputes it from the first
+layer where it has no keys and values, from the Aux store of the layer below. No token is
+computed twice at a layer.
+
+PyramidInfer and LazyLLM run on this stage.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from graphprune.kv.cache import EvictingCache
+
+@dataclass
+class Rows:
+    """The rows the current layer computes, and which tokens are still selected in this forward."""
+
+    pos: torch.Tensor  # (B, R) position of each row
+    real: torch.Tensor  # (B, R) bool: a token (not padding)
+    new: torch.Tensor  # (B, R) bool: a token this forward brought in (not revived)
+    n_new: int  # tokens this forward brought in
+    selected: torch.Tensor | None = None  # (B, T) bool by position; set after layer 0 (every token there)
+    drop: torch.Tensor | None = None  # (B, R) bool: rows the current layer stopped
+    moved: bool = False  # the rows differ from the forward's input rows
+
+    def deselect(self, slot_pos: torch.Tensor, stop: torch.Tensor) -> None:
+        """Deselect the tokens at ``slot_pos`` (B, N) where ``stop`` holds, for the rest of this forward."""
+        self.selected &= ~by_position(slot_pos, stop, self.selected.shape[1])
+
+    def visible(self, slot_pos: torch.Tensor) -> torch.Tensor | None:
+        """(B, N) bool: which of the tokens at ``slot_pos`` are still selected; None: all (layer 0)."""
+        if self.selected is None:
+            return None
+        return self.selected.gather(1, slot_pos.clamp(0, self.selected.shape[1] - 1))
 
 
-def _take(t: torch.Tensor, kept: torch.Tensor, *dims: int) -> torch.Tensor:
-    """Rows ``kept`` (B, n) of ``t`` along each of ``dims`` (a batch of 1 is broadcast first)."""
-    if t.shape[0] != kept.shape[0]:
-        t = t.expand(kept.shape[0], *t.shape[1:])
-    for d in dims:
-        shape = [kept.shape[0]] + [1] * (t.dim() - 1)
-        shape[d] = kept.shape[1]
-        t = t.gather(d, kept.reshape(shape).expand(*[kept.shape[1] if i == d else t.shape[i] for i in range(t.dim())]))
-    return t
+@dataclass
+class Aux:
+    """Hidden states of the rows a layer stopped, for revival: ``hidden`` (B, A, C), ``pos`` (B, A) (-1: padding)."""
+
+    hidden: torch.Tensor
+    pos: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.hidden.numel() * self.hidden.element_size()
 
 
-def _call(kwargs):
-    """The current forward's :class:`~graphprune.kv.cache.Call`, from the cache passed to a decoder layer."""
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    return cache.call if isinstance(cache, EvictingCache) else None
+def by_position(pos: torch.Tensor, flag: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, size) bool: the positions of ``pos`` (B, N) where ``flag`` holds."""
+    out = torch.zeros(pos.shape[0], size, dtype=torch.long, device=pos.device)
+    return out.scatter_add_(1, pos.clamp(0, size - 1), flag.long()) > 0
 
 
-def install(model) -> None:
-    """Hooks on the decoder layers of ``model`` (graphprune's own copy) that carry out prompt pruning."""
-    layers = model.get_decoder().layers
+def compact(keep: torch.Tensor, pos: torch.Tensor, *rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Reorder rows by position, the ones not kept first as padding, and drop the padding no sequence needs.
+
+    Returns ``keep``, ``pos`` and ``rows`` gathered in that order."""
+    key = torch.where(keep, pos, -1)
+    order = key.argsort(dim=-1, stable=True)[:, -max(int(keep.sum(-1).max()), 1):]
+    return tuple(_gather(t, order) for t in (keep, pos, *rows))
+
+
+def _gather(t: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    idx = order.reshape(*order.shape, *([1] * (t.dim() - 2))).expand(*order.shape, *t.shape[2:])
+    return t.gather(1, idx)
+
+
+def stash(layer, which: torch.Tensor, pos: torch.Tensor, hidden: torch.Tensor) -> None:
+    """Append the hidden states of rows ``which`` (B, R) to ``layer``'s Aux store."""
+    if not bool(which.any()):
+        return
+    real, pos, hidden = compact(which, pos, hidden)
+    pos = pos.masked_fill(~real, -1)
+    if layer.aux is not None:
+        hidden, pos = torch.cat([layer.aux.hidden, hidden], 1), torch.cat([layer.aux.pos, pos], 1)
+    layer.aux = Aux(hidden, pos)
+
+
+def revive(rows: Rows, layer, below, hidden: torch.Tensor) -> torch.Tensor:
+    """Bring the selected tokens that have no keys and values at ``layer`` back from the Aux store of the layer
+    below; returns the hidden rows (as they were when none revive)."""
+    st, t = layer.storage, rows.selected.shape[1]
+    have = by_position(st.pos[:, 0], st.valid[:, 0], t) if st.valid is not None else torch.zeros_like(rows.selected)
+    wanted = rows.selected & ~have & ~by_position(rows.pos, rows.real, t)
+    if not bool(wanted.any()):
+        return hidden
+    k = int(wanted.sum(-1).max())
+    pos = wanted.long().argsort(dim=-1, descending=True, stable=True)[:, :k]  # revived positions first, ascending
+    real = wanted.gather(1, pos)
+    entry = torch.full((wanted.shape[0], t + 1), -1, dtype=torch.long, device=pos.device)
+    if below.aux is not None:
+        stored = below.aux.pos
+        entry.scatter_(1, stored.masked_fill(stored < 0, t), torch.arange(stored.shape[1], device=pos.device).expand_as(stored))
+    found = entry.gather(1, pos)
+    if bool((real & (found < 0)).any()):
+        raise RuntimeError(f"graphprune: a selected token has neither keys and values nor an Aux entry at layer "
+                           f"{layer.layer_idx}")
+    back = _gather(below.aux.hidden, found.clamp(min=0))
+    rows.real, rows.pos, rows.new, hidden = compact(
+        torch.cat([rows.real, real], 1), torch.cat([rows.pos, pos], 1),
+        torch.cat([rows.new, torch.zeros_like(real)], 1), torch.cat([hidden, back.to(hidden.dtype)], 1))
+    rows.moved = True
+    return hidden
+
+
+def install(model, revives: bool) -> None:
+    """Hooks on the decoder layers of ``model`` (graphprune's own copy) that carry the rows between layers."""
+    from graphprune.kv.cache import EvictingCache, real_tokens
+
+    decoder = model.get_decoder()
+    layers, rotary = decoder.layers, decoder.rotary_emb
+    last = len(layers) - 1
+
+    def ours(kwargs) -> EvictingCache | None:
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        return cache if isinstance(cache, EvictingCache) else None
 
     def before(module, args, kwargs):
-        call = _call(kwargs)
-        kept = None if call is None else call.kept
-        if kept is None:
+        cache = ours(kwargs)
+        if cache is None:
             return None
-        kwargs = dict(kwargs)
-        cos, sin = kwargs["position_embeddings"]
-        kwargs["position_embeddings"] = (_take(cos, kept, 1), _take(sin, kept, 1))
-        if kwargs.get("position_ids") is not None:
-            kwargs["position_ids"] = _take(kwargs["position_ids"], kept, 1)
-        mask = kwargs.get("attention_mask")
-        if isinstance(mask, torch.Tensor):
-            kwargs["attention_mask"] = _take(mask, kept, 2, 3)
-        return args, kwargs
+        hidden = args[0] if args else kwargs["hidden_states"]
+        idx = module.self_attn.layer_idx
+        if idx == 0:  # a new forward: its tokens are the rows
+            b, n = hidden.shape[:2]
+            pos = kwargs["position_ids"][..., -n:].expand(b, n)
+            real = real_tokens(kwargs.get("attention_mask"), b, n, hidden.device) if cache.layers[0].prompt_len is None \
+                else torch.ones(b, n, dtype=torch.bool, device=hidden.device)
+            cache.call.rows = Rows(pos, real, torch.ones_like(real), n)
+        rows = cache.call.rows
+        if revives and idx > 0:
+            hidden = revive(rows, cache.layers[idx], cache.layers[idx - 1], hidden)
+        if not rows.moved:
+            return None
+        kwargs = dict(kwargs)  # the rows are no longer the model's: their own positions; the layer masks by position
+        kwargs.pop("hidden_states", None)
+        kwargs["position_embeddings"] = rotary(hidden, rows.pos)
+        kwargs["position_ids"] = rows.pos
+        kwargs["attention_mask"] = None
+        return (hidden, *args[1:]), kwargs
 
     def after(module, args, kwargs, output):
-        call = _call(kwargs)
-        chosen = None if call is None else call.chosen
-        if chosen is None:
+        cache = ours(kwargs)
+        rows = None if cache is None else cache.call.rows
+        if rows is None:
             return None
-        call.chosen = None
-        call.kept = chosen if call.kept is None else call.kept.gather(1, chosen)
-        return _take(output, chosen, 1)
+        idx = module.self_attn.layer_idx
+        hidden = output[0] if isinstance(output, tuple) else output
+        if idx == 0 and rows.selected is None:  # layer 0 holds every token: all of them start selected
+            st = cache.layers[0].storage
+            rows.selected = by_position(st.pos[:, 0], st.valid[:, 0], int(st.pos.max()) + 1)
+        drop, rows.drop = rows.drop, None
+        keep = rows.real if drop is None else rows.real & ~drop
+        if revives and drop is not None and idx < last:  # the Aux store of this layer keeps their hidden states
+            stash(cache.layers[idx], drop & rows.real, rows.pos, hidden)
+        if idx == last:  # only this forward's tokens come out (revived ones were computed for their keys and values)
+            keep = keep & rows.new
+        if bool(keep.all()):
+            return None
+        rows.real, rows.pos, rows.new, hidden = compact(keep, rows.pos, rows.new, hidden)
+        rows.moved = True
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
     for layer in layers:
         layer.register_forward_pre_hook(before, with_kwargs=True)

@@ -260,4 +260,5 @@ def storage_for(policy: CachePolicy, static: int | None = None) -> Slots:
     spec = policy.quantization()
     if spec is not None:
         return Quantized(state, spec)
-    return Ring(state) if policy.evicts is When.STEP and not policy.slot_order else Slots(state)
+    in_place = policy.evicts is When.STEP and not policy.slot_order and not policy.prunes_rows
+    return Ring(state) if in_place else Slots(state)

@@ -24,16 +24,20 @@ class View:
     real token), ``queries`` (B, Hq, L, D) of the new tokens, ``scaling``, ``prefill`` (this call is the prompt),
     ``prompt_len`` (padding included), ``layer`` and ``n_layers``, ``capacity`` (the layer's budget; None: the policy
     decides), ``input_ids`` (B, L) of the new tokens when the model was called with them, ``inv_freq`` (RoPE), and
-    ``state``: the policy's running state, which :meth:`CachePolicy.update` may change.
+    ``state``: the policy's running state, which :meth:`CachePolicy.update` may change. ``query_pos`` (B, L) and
+    ``query_real`` (B, L) describe the new query rows; ``selected`` (B, N) (or None) the slots whose tokens are still
+    selected in this forward (the prompt-rows stage): attention sees only those.
     """
 
     def __init__(self, storage: Slots, queries: torch.Tensor, scaling: float, *, prefill: bool, prompt_len: int,
                  layer: int, n_layers: int, capacity: int | None, input_ids: torch.Tensor | None,
-                 inv_freq: torch.Tensor | None):
+                 inv_freq: torch.Tensor | None, query_pos: torch.Tensor, query_real: torch.Tensor,
+                 selected: torch.Tensor | None = None):
         self._storage = storage
         self.queries, self.scaling, self.prefill, self.prompt_len = queries, scaling, prefill, prompt_len
         self.layer, self.n_layers, self.capacity = layer, n_layers, capacity
         self.input_ids, self.inv_freq = input_ids, inv_freq
+        self.query_pos, self.query_real, self.selected = query_pos, query_real, selected
 
     # -- the slots ---------------------------------------------------------------------------------
     @cached_property
@@ -82,14 +86,21 @@ class View:
 
     # -- attention, computed from q and k ------------------------------------------------------------
     def visible(self, start: int = 0, stop: int | None = None, q_len: int | None = None) -> torch.Tensor:
-        """(B, Hkv, 1, rows, N) bool: the real slots each query row ``start:stop`` of the newest ``q_len`` slots (default:
-        this call's tokens) sees, causal by slot. In a ring the one new token refills a freed slot; it sees them all."""
+        """(B, Hkv, 1, rows, N) bool: the real, selected slots each query row ``start:stop`` sees, causal by position.
+        ``q_len``: the rows are queries of the newest ``q_len`` tokens (default: this call's rows, padding rows see
+        nothing)."""
         q_len = self.n_new if q_len is None else q_len
         stop = q_len if stop is None else stop
-        n = self.slots
-        slot = torch.arange(n, device=self.valid.device)
-        own = n - q_len + torch.arange(start, stop, device=self.valid.device)  # slot of each query row
-        return (slot[None, :] <= own[:, None])[None, None, None] & self.valid[:, :, None, None, :]
+        slot_pos, see = self.positions[:, :, None, :], self.valid[:, :, None, :]
+        if q_len == self.n_new:
+            row_pos = self.query_pos[:, None, start:stop, None]
+            see = see & self.query_real[:, None, start:stop, None]
+        else:  # the newest q_len tokens have consecutive positions
+            row_pos = (self.newest() - q_len + 1 + torch.arange(start, stop, device=slot_pos.device))[..., None]
+        see = see & (slot_pos <= row_pos)
+        if self.selected is not None:
+            see = see & self.selected[:, None, None, :]
+        return see[:, :, None]
 
     def rows(self, start: int, stop: int, queries: torch.Tensor | None = None) -> torch.Tensor:
         """Softmax attention of query rows ``start:stop`` over every slot, float32, (B, Hkv, G, rows, N). ``queries``:

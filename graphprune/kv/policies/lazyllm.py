@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from graphprune.errors import ScheduleError
@@ -18,6 +19,7 @@ class LazyLLM(CachePolicy):
     paper = "LazyLLM: Dynamic Token Pruning for Efficient Long Context LLM Inference (ICML 2024 ES-FoMo workshop)"
     zero = {"rate": 0.0}
     evicts = When.NEVER
+    revives = True
     exportable = False  # each forward computes a data-dependent set of tokens per layer
     sizes_itself = "computes keys and values only for the tokens it selects (set rate)"
 
@@ -39,12 +41,15 @@ class LazyLLM(CachePolicy):
         prunes = layer >= self.start and (layer - self.start) % self.every == 0 and layer < n_layers - 1
         return self.rate if prunes else 0.0
 
-    def layer_type(self):
-        from graphprune.kv.lazy import LazyLayer
-
-        return LazyLayer
-
-    def install(self, model) -> None:
-        from graphprune.kv.lazy import install
-
-        install(model)
+    def rows(self, view):
+        """Deselect the lowest-scored share of the tokens the last token sees (its attention, mean over heads)."""
+        rate = self.rate_at(view.layer, view.n_layers)
+        if rate <= 0:
+            return None
+        see = view.visible(view.n_new - 1)[:, 0, 0, 0]  # (B, N): what the last token sees
+        score = view.attention_rows(1)[..., -1, :].mean(dim=(1, 2))  # (B, N)
+        count = (rate * see.sum(-1)).floor().long()  # the paper's percentile of the tokens at this layer
+        candidate = see.clone()
+        candidate[:, -1] = False  # the last token (the newest slot) is never pruned
+        rank = score.masked_fill(~candidate, math.inf).argsort(dim=-1, stable=True).argsort(-1)
+        return candidate & (rank < count[:, None])

@@ -65,6 +65,9 @@ class PyramidInfer(CachePolicy):
         return (att * weight).mean(1)
 
     def rows(self, view):
+        """At the prompt: the context tokens that stop here (the recent window and the chosen context go on)."""
+        if not view.prefill:
+            return None
         n, idx, n_layers = view.slots, view.layer, view.n_layers
         window = 1 + int(view.prompt_len * self.recent)
         context = n - window
@@ -75,9 +78,10 @@ class PyramidInfer(CachePolicy):
         score = self._scores(view, view.queries[:, :, -window:], slice(0, context))
         real = view.valid[:, 0, :context]
         score = score.masked_fill(real & (real.cumsum(-1) <= self.sinks), math.inf).masked_fill(~real, -math.inf)
-        chosen = score.topk(keep, dim=-1).indices.sort(-1).values
-        recent = torch.arange(context, n, device=chosen.device).expand(chosen.shape[0], window)
-        return torch.cat([chosen, recent], dim=-1)
+        chosen = score.topk(keep, dim=-1).indices
+        stop = torch.ones_like(view.valid[:, 0]).scatter(1, chosen, False)
+        stop[:, context:] = False
+        return stop
 
     def update(self, view):
         st = view.state
