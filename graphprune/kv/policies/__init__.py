@@ -1,5 +1,8 @@
-"""The KV-cache policies: one file per published method (each registers itself)."""
+"""The KV-cache policies: one file per published method. Every module in this folder is imported here, and each
+registers its policy, so a new method is one new file."""
 
-from graphprune.kv.policies import (  # noqa: F401  (registers the policies)
-    fastgen, h2o, kivi, lazyllm, pyramidinfer, pyramidkv, scissorhands, snapkv, streaming_llm, tova,
-)
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
