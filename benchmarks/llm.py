@@ -556,12 +556,15 @@ def report() -> None:
                   f"Every model prefills the same {d['context']} tokens once; each of {d['rounds']} rounds copies that cache "
                   f"and decodes {d['steps']} greedy tokens, models interleaved in a rotating order. Latency: median over "
                   "rounds of the mean per-token time; speedup: against the full cache's median (paired: median of the "
-                  "per-round ratios).", "",
+                  "per-round ratios)." + (f" Rows marked 'as built at {d['against']}' are the same recipes as that earlier "
+                  "commit built them, in the same interleaved run." if d.get("against") else ""), "",
                   "| variant | ms/token | tokens/s | speedup | paired speedup | cache ratio | slots per layer | prefill s |",
                   "|---|---:|---:|---:|---:|---:|---|---:|"]
         for row in d["rows"]:
             opts = {k: v for k, v in row["options"].items() if k != "budget"}
             name = "full cache" if row["recipe"] is None else f"`{row['recipe']}`" + (f" ({_fmt_opts(opts)})" if opts else "")
+            if d.get("against") and row["label"].endswith(f" @{d['against']}"):
+                name += f" as built at {d['against']}"
             mem = row["memory_end"]
             slots = f"{mem['slots_min']}" if mem["slots_min"] == mem["slots_max"] else f"{mem['slots_min']}–{mem['slots_max']}"
             lines.append(f"| {name} | {row['ms_per_token']:.1f} | {row['tokens_per_s']:.1f} | {row['speedup']:.2f}× | "
