@@ -109,6 +109,24 @@ def test_bad_recipe_and_options():
         graphprune.optimize(model, "tome", target="tflite", example_inputs=x)
 
 
+def test_mutable_option_defaults_are_per_instance():
+    import dataclasses
+
+    from graphprune.recipes.base import Recipe, option
+
+    @dataclasses.dataclass
+    class Listy(Recipe):
+        ids: list = option([1], "ids")
+        table: dict = option({"a": [1]}, "table")
+
+    first, second = Listy(), Listy()
+    first.ids.append(2)
+    first.table["a"].append(2)
+    assert second.ids == [1] and second.table == {"a": [1]}
+    assert Listy().options()["ids"] == [1]
+    assert ("ids", "[1]", "ids") in Listy.describe_options()
+
+
 def test_wrong_input_shape():
     with pytest.raises(GraphPruneError, match="do not fit the model"):
         graphprune.optimize(family("vit"), "tome", example_inputs=(torch.randn(2, 3, 20, 20),))
