@@ -49,6 +49,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 import graphprune
 from graphprune.api import default_example_inputs
+from graphprune import errors
 from graphprune.errors import GraphPruneError
 from graphprune.recipes import RECIPES
 from graphprune.report import max_abs_diff
@@ -344,11 +345,11 @@ class CellTimeout(Exception):
 
 
 def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    line = text.splitlines()[0].strip() if text else ""
-    if isinstance(e, (GraphPruneError, BuildError)):
-        return line or type(e).__name__
-    return f"{type(e).__name__}: {line}" if line else type(e).__name__
+    """errors.first_line, prefixed with the type name for errors that are not our own."""
+    line = errors.first_line(e)
+    if isinstance(e, (GraphPruneError, BuildError)) or not str(e).strip():
+        return line
+    return f"{type(e).__name__}: {line}"
 
 
 def _where(e: BaseException) -> str | None:

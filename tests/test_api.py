@@ -127,6 +127,24 @@ def test_mutable_option_defaults_are_per_instance():
     assert ("ids", "[1]", "ids") in Listy.describe_options()
 
 
+def test_first_line_of_an_error():
+    from graphprune.errors import first_line
+
+    assert first_line(RuntimeError("\n  first  \nsecond")) == "first"
+    assert first_line(RuntimeError("")) == "RuntimeError"
+    assert first_line(KeyError()) == "KeyError"
+    assert first_line(ValueError(" \n ")) == "ValueError"
+
+
+def test_onnx_export_error_without_a_message(tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError()
+
+    monkeypatch.setattr(torch.onnx, "export", fail)
+    with pytest.raises(ExportError, match="ONNX export failed: RuntimeError"):
+        graphprune.optimize(family("vit"), "tome", target="onnx", output=tmp_path / "m.onnx", example_inputs=(images(2),))
+
+
 def test_wrong_input_shape():
     with pytest.raises(GraphPruneError, match="do not fit the model"):
         graphprune.optimize(family("vit"), "tome", example_inputs=(torch.randn(2, 3, 20, 20),))
