@@ -87,6 +87,20 @@ def test_flops_count_attention():
     assert rep.flops_before == linear + attention + patch + head
 
 
+@pytest.mark.parametrize("recipe,opts", [
+    ("tome", {"r": 5}), ("tome", {"r": 5, "split": "random"}), ("evit", {"keep": 0.5}), ("tps", {"keep": 0.5}),
+    ("diffrate", {}), ("pitome", {}), ("ppt", {}), ("atc", {"keep": 0.5}),
+])
+def test_flops_include_the_reduction_itself(recipe, opts, monkeypatch):
+    """The token ops' similarities and merges are counted: without their formulas the count is lower."""
+    from graphprune import report
+
+    fast = graphprune.optimize(family("vit"), recipe, example_inputs=(images(2),), **opts)
+    attention_only = {k: v for k, v in report._CUSTOM.items() if k is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu}
+    monkeypatch.setattr(report, "_CUSTOM", attention_only)
+    assert report.count_flops(fast.gm, (images(1),)) < fast.report.flops_after
+
+
 def test_bad_recipe_and_options():
     model = family("vit")
     x = (images(2),)
