@@ -27,8 +27,8 @@ from graphprune.ops.pagerank import similar_half, weighted_pagerank
 from graphprune.passes.flow import TokenFlow
 from graphprune.patterns import ModelGraph
 from graphprune.recipes.base import Recipe, option, register
+from graphprune.recipes.options import parse_keep, parse_locations
 from graphprune.recipes.scores import attention_probs, has_class_token
-from graphprune.schedule import parse_keep, parse_locations
 
 PRUNE = torch.ops.graphprune.prune.default
 
