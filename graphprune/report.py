@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -19,36 +20,10 @@ aten = torch.ops.aten
 def _sdpa_flops(q_shape, k_shape, v_shape, *args, **kwargs) -> int:
     *batch, nq, d = q_shape
     nk, dv = k_shape[-2], v_shape[-1]
-    return _prod(batch) * (2 * nq * nk * d + 2 * nq * nk * dv)
+    return math.prod(batch) * (2 * nq * nk * d + 2 * nq * nk * dv)
 
 
-# The token ops' own cost. FlopCounterMode cannot see inside a custom op, so each op that does
-# arithmetic has a formula here. Counted, per sample, at 2 FLOPs per multiply-add (the
-# convention FlopCounterMode applies to matrix products, the only work it counts elsewhere):
-#
-# * similarity: a cosine-similarity matrix between ``rows`` and ``cols`` tokens of a d-channel
-#   metric costs 2·rows·cols·d, and the metric's L2 normalisation 2·n·d for the n tokens normalised;
-# * weighted sums of tokens (merges, EViT's fused token): 2·n·C, one multiply-add per input
-#   token and channel of the n tokens summed (a product with the sparse merge matrix).
-#
-# Not counted, as for the rest of the model: sorting, top-k, argmax, gathers and scatters that
-# only move data, masking, and elementwise work on the similarity matrix (as the softmax of
-# attention is not counted). An op that reduces nothing (r = 0, keep covering every token)
-# returns its input and costs nothing.
-#
-# Custom ops (``graphprune/ops``): tome_merge, merge_nearest, pitome_merge, evit_select as
-# below; prune only selects (no arithmetic); the markers tokens/token_mask are removed before
-# counting. The token ops written as plain tensor code (ToMe's random/k-th splits, ATS, ATC's
-# clustering, Zero-TPrune's PageRank and similarity) are traced into the graph, where their
-# matrix products are counted like any other; their merges go through ``aten.scatter_add``
-# (``ops.maps.merge_by_assign``), counted as weighted sums below.
-
-
-def _prod(dims) -> int:
-    out = 1
-    for d in dims:
-        out *= d
-    return out
+# The token ops' own cost, which FlopCounterMode cannot see inside a custom op (what is counted: count_flops).
 
 
 def _cosine(rows: int, cols: int, d: int, normalised: int) -> int:
@@ -91,7 +66,7 @@ def _evit_flops(x_shape, score_shape, keep, protected, *args, **kwargs) -> int:
 
 
 def _scatter_add_flops(self_shape, dim, index_shape, src_shape, *args, **kwargs) -> int:
-    return 2 * _prod(src_shape)  # a weighted sum into slots (merge_by_assign): one multiply-add per source element
+    return 2 * math.prod(src_shape)  # a weighted sum into slots (merge_by_assign): one multiply-add per source element
 
 
 # FlopCounterMode has no formula for the CPU flash-attention kernel, and cannot see inside
@@ -113,8 +88,31 @@ def max_abs_diff(a, b) -> float:
 
 
 def count_flops(module, inputs: tuple) -> int:
-    """FLOPs (2 per multiply-add) of one forward pass: matrix products, attention included, and the
-    token reductions' own similarity and merge arithmetic (see the formulas above)."""
+    """FLOPs of one forward pass, 2 per multiply-add: the matrix products (linear layers, convolutions,
+    attention) and the token reductions' own cost.
+
+    The reductions' cost, per sample (N tokens in, C channels, a d-channel similarity metric):
+
+    * similarity: a cosine-similarity matrix between ``rows`` and ``cols`` tokens costs
+      2·rows·cols·d, and the metric's L2 normalisation 2·n·d for the n tokens normalised;
+    * weighted sums of tokens (merges, EViT's fused token): 2·n·C, one multiply-add per input
+      token and channel summed (a product with the sparse merge matrix).
+
+    Per custom op (``graphprune/ops``): ``tome_merge``: the A·Bᵀ similarity (⌈N/2⌉ × ⌊N/2⌋) and the
+    merge; ``merge_nearest`` (TPS, DiffRate): pruned × kept similarity and the merge;
+    ``pitome_merge``: the T × T energy similarity (T unprotected tokens), the A·Bᵀ similarity over
+    the mergeable pool and the merge; ``evit_select``: the fused token (2·(N − protected)·C);
+    ``prune``: nothing (it only selects); the markers ``tokens``/``token_mask`` are removed before
+    counting. An op that reduces nothing (r = 0, keep covering every token) costs nothing. The
+    token ops written as plain tensor code (ToMe's random/k-th splits, ATS, ATC's clustering,
+    Zero-TPrune's PageRank and similarity) are traced into the graph, where their matrix products
+    are counted like any other, and their merges (``aten.scatter_add`` of ``ops.maps.merge_by_assign``)
+    as weighted sums.
+
+    Not counted, as elsewhere in the model: sorting, top-k, argmin/argmax (ATC's clustering loop is
+    mostly these), gathers and scatters that only move data, masking, and elementwise work (such as
+    the softmax of attention, or the ELU of PiToMe's energy).
+    """
     counter = FlopCounterMode(display=False, custom_mapping=_CUSTOM)
     with counter, torch.no_grad():
         module(*inputs)
