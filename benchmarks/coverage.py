@@ -10,8 +10,8 @@ and a few Hugging Face architectures from tiny configs. For each model and each 
 ``graphprune.list_recipes()`` the sweep checks:
 
 1. capture: ``optimize(model, "tome", r=0)`` succeeds (a refusal records its reason);
-2. zero reduction: the recipe at its no-op setting (tome r=0, evit keep=1.0) reproduces the
-   original output, max |Δ| ≤ 1e-5 (recipes without a known no-op setting: n/a);
+2. zero reduction: the recipe at its no-op setting (``Recipe.zero``: tome r=0, evit keep=1.0, ...)
+   reproduces the original output, max |Δ| ≤ 1e-5;
 3. reduction: the recipe at a small reduction runs and the last block sees fewer tokens
    than the first (or, for a reduction inside the last block, the FLOPs drop);
 4. ONNX: the same reduction exported with ``target="onnx"`` matches the eager graph in ONNX
@@ -49,6 +49,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 import graphprune
 from graphprune.api import default_example_inputs
+from graphprune import errors
 from graphprune.errors import GraphPruneError
 from graphprune.recipes import RECIPES
 from graphprune.report import max_abs_diff
@@ -88,39 +89,13 @@ MAX_DEFAULT_PARAMS = 40e6  # a model that cannot be shrunk is built at its own s
 # recipes: the no-op and the small-reduction setting of each
 # --------------------------------------------------------------------------------------------
 
-KNOWN_ZERO = {"tome": {"r": 0}, "evit": {"keep": 1.0}}
-KNOWN_REDUCE = {"tome": {"r": 4}, "evit": {"keep": 0.7}}
-ZERO_HOOKS = ("zero", "zero_options", "zero_settings", "zero_reduction", "identity_options", "no_reduction_options")
-REDUCE_HOOKS = ("default_reduction", "reduction_options", "example_options", "demo_options", "default_options")
-
-
-def _hook(cls, names) -> dict | None:
-    """A dict the recipe class exposes under one of ``names`` (attribute or classmethod)."""
-    for name in names:
-        value = getattr(cls, name, None)
-        if callable(value):
-            try:
-                value = value()
-            except Exception:  # an instance method, or a hook with another signature
-                continue
-        if isinstance(value, dict):
-            return dict(value)
-    return None
+KNOWN_REDUCE = {"tome": {"r": 4}, "evit": {"keep": 0.7}}  # the others reduce at their defaults
 
 
 def recipe_settings() -> dict:
-    """recipe -> {"zero": options or None (unknown), "reduce": options}."""
-    out = {}
-    for name in graphprune.list_recipes("tokens"):
-        cls = RECIPES[name]
-        zero = _hook(cls, ZERO_HOOKS)
-        if zero is None:
-            zero = KNOWN_ZERO.get(name)
-        reduce = KNOWN_REDUCE.get(name)
-        if reduce is None:
-            reduce = _hook(cls, REDUCE_HOOKS) or {}
-        out[name] = {"zero": zero, "reduce": reduce}
-    return out
+    """recipe -> {"zero": its no-op options (``Recipe.zero``), "reduce": options}."""
+    return {name: {"zero": dict(RECIPES[name].zero), "reduce": KNOWN_REDUCE.get(name, {})}
+            for name in graphprune.list_recipes("tokens")}
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,11 +319,11 @@ class CellTimeout(Exception):
 
 
 def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    line = text.splitlines()[0].strip() if text else ""
-    if isinstance(e, (GraphPruneError, BuildError)):
-        return line or type(e).__name__
-    return f"{type(e).__name__}: {line}" if line else type(e).__name__
+    """errors.first_line, prefixed with the type name for errors that are not our own."""
+    line = errors.first_line(e)
+    if isinstance(e, (GraphPruneError, BuildError)) or not str(e).strip():
+        return line
+    return f"{type(e).__name__}: {line}"
 
 
 def _where(e: BaseException) -> str | None:
@@ -448,9 +423,7 @@ def check_model(model, x, settings: dict, onnx: bool, tmp: Path) -> dict:
         return row
     # (2) zero reduction: every recipe at its no-op setting reproduces the original output
     for recipe, s in settings.items():
-        if s["zero"] is None:
-            row["zero"][recipe] = None  # n/a: no known no-op setting
-        elif recipe == "tome" and s["zero"] == {"r": 0}:
+        if recipe == "tome" and s["zero"] == {"r": 0}:
             row["zero"][recipe] = cell(zero(recipe, s["zero"], captured["model"]))
         else:
             row["zero"][recipe] = cell(zero(recipe, s["zero"]))
@@ -842,7 +815,7 @@ def main(argv=None) -> None:
         "onnx": not args.no_onnx,
         "onnx_recipes": [r for r in recipes if settings[r].get("onnx", True)] if args.onnx_recipes else None,
         "recipes": recipes,
-        "zero_settings": {k: (v["zero"] if v["zero"] is not None else "n/a") for k, v in settings.items()},
+        "zero_settings": {k: v["zero"] for k, v in settings.items()},
         "reduce_settings": {k: v["reduce"] for k, v in settings.items()},
         "tolerances": {"zero": ZERO_TOL, "onnx": ONNX_TOL},
         "totals": totals,

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from graphprune.capture import capture
-from graphprune.errors import GraphPruneError, UnsupportedArchitectureError
+from graphprune.errors import GraphPruneError, UnsupportedArchitectureError, first_line
 from graphprune.exporters.eager import OptimizedModel
 from graphprune.exporters.files import check_writable
 from graphprune.exporters.decoder_onnx import export_decoder_onnx
@@ -102,9 +102,8 @@ def optimize(model: torch.nn.Module, recipe: str | None = None, target: str = "e
         try:
             graph.gm(*inputs)  # the rewritten graph must run
         except Exception as err:  # noqa: BLE001
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise UnsupportedArchitectureError(
-                f"the model does not run with fewer tokens ({first}): its blocks depend on a fixed token count, e.g. "
+                f"the model does not run with fewer tokens ({first_line(err)}): its blocks depend on a fixed token count, e.g. "
                 "rotary position embeddings or other per-position tensors passed to the blocks as keyword arguments"
             ) from err
         flops_after = count_flops(graph.gm, one)

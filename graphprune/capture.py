@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.export import Dim
 from torch.overrides import TorchFunctionMode
 
-from graphprune.errors import GraphPruneError, UnsupportedArchitectureError
+from graphprune.errors import GraphPruneError, UnsupportedArchitectureError, first_line
 from graphprune.ops.markers import MARKER
 from graphprune.patterns.attention import find_attention_sites
 from graphprune.patterns.block import inside as _inside
@@ -131,14 +131,9 @@ def find_block_paths(model: torch.nn.Module, example_inputs: tuple) -> list[str]
 def _inputs_do_not_fit(example_inputs: tuple, err: BaseException) -> GraphPruneError:
     shapes = [tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)]
     return GraphPruneError(
-        f"the example inputs {shapes} do not fit the model ({_first_line(err)}); "
+        f"the example inputs {shapes} do not fit the model ({first_line(err)}); "
         "pass example_inputs (or --input-size) of the shape the model expects"
     )
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 
 
 def _indexed_path(node: torch.fx.Node) -> str | None:
@@ -251,7 +246,7 @@ def capture(model: torch.nn.Module, example_inputs: tuple) -> Captured:
             raise
         except Exception as err:  # noqa: BLE001
             raise UnsupportedArchitectureError(
-                "the model's blocks depend on a fixed token count (" + _first_line(err) + "); this happens with "
+                "the model's blocks depend on a fixed token count (" + first_line(err) + "); this happens with "
                 "relative position bias, rotary or other position tensors indexed inside the blocks, windowed "
                 "attention, or convolutions between blocks, none of which can follow reduced tokens yet"
             ) from err
@@ -272,7 +267,7 @@ def _capture_graph(model: torch.fx.GraphModule, example_inputs: tuple) -> Captur
             program = export(marked, example_inputs)
         except Exception as err:  # noqa: BLE001
             raise UnsupportedArchitectureError(
-                f"the graph's blocks depend on a fixed token count ({_first_line(err)}); a program exported with a "
+                f"the graph's blocks depend on a fixed token count ({first_line(err)}); a program exported with a "
                 "static batch, or one whose token count is folded into other shapes, cannot be re-captured"
             ) from err
     return _finish(model, program.module(), example_inputs, paths)
@@ -291,7 +286,7 @@ def _finish(model, gm: torch.fx.GraphModule, example_inputs: tuple, paths: list[
             got = gm(*example_inputs)
         except Exception as err:  # noqa: BLE001
             raise UnsupportedArchitectureError(
-                f"the captured graph does not run with a variable token count ({_first_line(err)}); the model "
+                f"the captured graph does not run with a variable token count ({first_line(err)}); the model "
                 "probably changes or indexes tokens between or inside its blocks"
             ) from err
     diff = max_abs_diff(got, reference)

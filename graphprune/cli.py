@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from graphprune.errors import GraphPruneError
+from graphprune.errors import GraphPruneError, first_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Token reduction for transformers as a compiler pass.")
 err_console = Console(stderr=True)
@@ -46,7 +46,7 @@ def load_model(spec: str, weights: Optional[Path], trust_pickle: bool):
         try:
             return torch.export.load(str(path)).module()
         except Exception as err:  # noqa: BLE001
-            _fail(f"{path} is not a readable torch.export program ({str(err).splitlines()[0] if str(err) else type(err).__name__})")
+            _fail(f"{path} is not a readable torch.export program ({first_line(err)})")
     if path.suffix in (".pt", ".pth", ".pkl", ".bin") or path.exists():
         if not path.is_file():
             _fail(f"no such file: {path}")
@@ -58,7 +58,7 @@ def load_model(spec: str, weights: Optional[Path], trust_pickle: bool):
         try:
             model = torch.load(str(path), map_location="cpu", weights_only=False)
         except Exception as err:  # noqa: BLE001
-            _fail(f"cannot load {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+            _fail(f"cannot load {path}: {first_line(err)}")
         if not isinstance(model, torch.nn.Module):
             _fail(f"{path} holds a {type(model).__name__}, not a torch.nn.Module (a state dict goes with --weights)")
         return model
@@ -90,7 +90,7 @@ def load_hf_decoder(path: Path):
         return AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True).eval()
     except Exception as err:  # noqa: BLE001
         _fail(f"cannot load a causal LM from {path} (a folder with config.json and .safetensors weights, or a .gguf "
-              f"file): {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+              f"file): {first_line(err)}")
 
 
 def load_tokenizer(spec: str):
@@ -102,7 +102,7 @@ def load_tokenizer(spec: str):
             return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as err:  # noqa: BLE001
-        _fail(f"cannot load the tokenizer of {path} for --data: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+        _fail(f"cannot load the tokenizer of {path} for --data: {first_line(err)}")
 
 
 def text_batches(model: str, data: Optional[Path], vocab: int, batch: int, prompt_len: int, new_tokens: int):
@@ -134,7 +134,7 @@ def read_state_dict(path: Path) -> dict:
             return load_file(str(path))
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001
-        _fail(f"cannot read weights from {path} (safetensors or a weights-only state dict): {str(err).splitlines()[0]}")
+        _fail(f"cannot read weights from {path} (safetensors or a weights-only state dict): {first_line(err)}")
 
 
 # options shared by the commands that apply a recipe
@@ -326,7 +326,7 @@ def load_data(path: Path, net, input_size: Optional[str]):
         return torch.load(str(path), map_location="cpu", weights_only=True).float()
     except Exception as err:  # noqa: BLE001
         _fail(f"cannot read inputs from {path} (a folder of images, .npy, .safetensors or a tensor saved with torch.save): "
-              f"{str(err).splitlines()[0] if str(err) else type(err).__name__}")
+              f"{first_line(err)}")
 
 
 def model_and_batches(model: str, weights, trust_pickle: bool, batch: int, input_size, data, net=None):

@@ -23,3 +23,12 @@ class UntrustedFileError(GraphPruneError):
 
 class ExportError(GraphPruneError):
     """An artifact could not be written or did not match the eager model."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first non-empty line of an exception's message, or its type name when the message is empty.
+
+    For wrapping another library's (often multi-line) error into one clear graphprune message.
+    """
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__

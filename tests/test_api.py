@@ -87,6 +87,20 @@ def test_flops_count_attention():
     assert rep.flops_before == linear + attention + patch + head
 
 
+@pytest.mark.parametrize("recipe,opts", [
+    ("tome", {"r": 5}), ("tome", {"r": 5, "split": "random"}), ("evit", {"keep": 0.5}), ("tps", {"keep": 0.5}),
+    ("diffrate", {}), ("pitome", {}), ("ppt", {}), ("atc", {"keep": 0.5}),
+])
+def test_flops_include_the_reduction_itself(recipe, opts, monkeypatch):
+    """The token ops' similarities and merges are counted: without their formulas the count is lower."""
+    from graphprune import report
+
+    fast = graphprune.optimize(family("vit"), recipe, example_inputs=(images(2),), **opts)
+    attention_only = {k: v for k, v in report._CUSTOM.items() if k is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu}
+    monkeypatch.setattr(report, "_CUSTOM", attention_only)
+    assert report.count_flops(fast.gm, (images(1),)) < fast.report.flops_after
+
+
 def test_bad_recipe_and_options():
     model = family("vit")
     x = (images(2),)
@@ -107,6 +121,42 @@ def test_bad_recipe_and_options():
         graphprune.optimize(model, "evit", example_inputs=x, locations=[7])
     with pytest.raises(GraphPruneError, match="unknown target"):
         graphprune.optimize(model, "tome", target="tflite", example_inputs=x)
+
+
+def test_mutable_option_defaults_are_per_instance():
+    import dataclasses
+
+    from graphprune.recipes.base import Recipe, option
+
+    @dataclasses.dataclass
+    class Listy(Recipe):
+        ids: list = option([1], "ids")
+        table: dict = option({"a": [1]}, "table")
+
+    first, second = Listy(), Listy()
+    first.ids.append(2)
+    first.table["a"].append(2)
+    assert second.ids == [1] and second.table == {"a": [1]}
+    assert Listy().options()["ids"] == [1]
+    assert ("ids", "[1]", "ids") in Listy.describe_options()
+
+
+def test_first_line_of_an_error():
+    from graphprune.errors import first_line
+
+    assert first_line(RuntimeError("\n  first  \nsecond")) == "first"
+    assert first_line(RuntimeError("")) == "RuntimeError"
+    assert first_line(KeyError()) == "KeyError"
+    assert first_line(ValueError(" \n ")) == "ValueError"
+
+
+def test_onnx_export_error_without_a_message(tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError()
+
+    monkeypatch.setattr(torch.onnx, "export", fail)
+    with pytest.raises(ExportError, match="ONNX export failed: RuntimeError"):
+        graphprune.optimize(family("vit"), "tome", target="onnx", output=tmp_path / "m.onnx", example_inputs=(images(2),))
 
 
 def test_wrong_input_shape():

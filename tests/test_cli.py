@@ -61,6 +61,17 @@ def test_weights_option(tmp_path):
     assert res.exit_code == 2 and "cannot read weights" in res.output
 
 
+def test_error_without_a_message_is_still_one_clear_error(tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise ValueError()
+
+    (tmp_path / "w.pt").write_bytes(b"")
+    monkeypatch.setattr(torch, "load", fail)
+    res = _run("export", "test_vit", "--weights", tmp_path / "w.pt", "--recipe", "tome", "-o", tmp_path / "o")
+    assert res.exit_code == 2, res.output
+    assert "cannot read weights" in res.output and "ValueError" in res.output and "Traceback" not in res.output
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

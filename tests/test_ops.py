@@ -11,9 +11,13 @@ from torch.export import Dim
 import graphprune  # noqa: F401
 from graphprune.ops.evit import evit_keep_count
 from graphprune.ops.onnx import TRANSLATIONS
+from graphprune.report import count_flops
 
 TOME = torch.ops.graphprune.tome_merge
 EVIT = torch.ops.graphprune.evit_select
+MERGE = torch.ops.graphprune.merge_nearest
+PITOME = torch.ops.graphprune.pitome_merge
+PRUNE = torch.ops.graphprune.prune
 
 
 def _inputs(b=3, n=33, c=8, d=4, seed=0, duplicate=True):  # noqa: PLR0913
@@ -95,6 +99,29 @@ def test_evit_select_definition():
         assert (assign[b, 1 + dropped] == k + 1).all() and rep[b, -1] == 1 + dropped[0]
         assert torch.equal(rep[b, : k + 1], torch.cat([torch.zeros(1, dtype=torch.long), 1 + order[:k]]))
     assert torch.equal(EVIT(x, score, 1.0, 1)[0], x)  # nothing dropped: unchanged, no fused token
+
+
+def test_flops_of_the_token_ops_equal_a_hand_count():
+    """The custom ops' own cost (report.py): similarity products, metric normalisation, weighted sums."""
+    b, n, c, d, p = 2, 33, 8, 4, 1
+    x, size, metric = _inputs(b, n, c, d)
+    score = torch.rand(b, n)
+    t = n - p  # unprotected tokens
+    merge = 2 * n * c  # weighted sum of every token into its slot
+    cases = [
+        (lambda: TOME(x, size, metric, 10, p), 2 * 17 * 16 * d + 2 * n * d + merge),  # A (17) × B (16)
+        (lambda: MERGE(x, size, metric, score, 20, p), 2 * (t - 20) * 20 * d + 2 * n * d + merge),  # pruned × kept
+        (lambda: PITOME(x, size, metric, 5, p, 0.5, True), 2 * t * t * d + 2 * t * d + 2 * 16 * 16 * d + merge),
+        (lambda: PITOME(x, size, metric, 5, p, 0.5, False), 2 * t * t * d + 2 * t * d + 2 * 5 * 5 * d + merge),
+        (lambda: EVIT(x, score, 0.5, p), 2 * t * c),  # the fused token
+        (lambda: PRUNE(x, score, 10, p), 0),  # selection only
+    ]
+    for op, per_sample in cases:
+        assert count_flops(op, ()) == b * per_sample
+    nothing = [lambda: TOME(x, size, metric, 0, p), lambda: MERGE(x, size, metric, score, t, p),
+               lambda: PITOME(x, size, metric, 0, p, 0.5, True), lambda: EVIT(x, score, 1.0, p)]
+    for op in nothing:  # an op that reduces nothing returns its input and costs nothing
+        assert count_flops(op, ()) == 0
 
 
 class _Ops(torch.nn.Module):

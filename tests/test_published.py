@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import graphprune
-from graphprune.schedule import parse_r
+from graphprune.recipes.options import parse_r
 from tests.conftest import images, tiny
 from tests.reference import (
     ats_reference, diffrate_reference, evo_vit_reference, evit_reference, pitome_reference, ppt_reference, tome_reference, tome_split_reference, tps_reference,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import graphprune
-from graphprune.ops.pagerank import similar_half, weighted_pagerank
+from graphprune.recipes.zero_tprune import similar_half, weighted_pagerank
 from tests.conftest import images, tiny
 from tests.reference import zero_tprune_reference
 

@@ -13,7 +13,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from graphprune.capture import dynamic_batch_shapes
-from graphprune.errors import ExportError
+from graphprune.errors import ExportError, first_line
 from graphprune.exporters.files import publish, staging_dir
 from graphprune.ops.onnx import TRANSLATIONS
 from graphprune.passes.layout import pin_attention_layout
@@ -83,7 +83,7 @@ def export_onnx(module: torch.fx.GraphModule, example_inputs: tuple, output: Pat
                 )
                 program.save(str(staged), external_data=True)
         except Exception as err:  # noqa: BLE001
-            raise ExportError(f"ONNX export failed: {str(err).strip().splitlines()[0]}") from err
+            raise ExportError(f"ONNX export failed: {first_line(err)}") from err
         with torch.no_grad():
             expected = module(*example_inputs)
         _, out_spec = pytree.tree_flatten(expected)

@@ -21,8 +21,7 @@ from graphprune.ops.cluster import LINKAGES, agglomerative_merge
 from graphprune.passes.flow import TokenFlow
 from graphprune.patterns import ModelGraph
 from graphprune.recipes.base import Recipe, option, register
-from graphprune.recipes.tps import tps_keep_counts
-from graphprune.schedule import parse_keep, parse_locations
+from graphprune.recipes.options import location_keep_counts, parse_keep, parse_locations
 
 
 def _cluster(x, size, k, clusters, protected, n, linkage, valid):
@@ -58,7 +57,7 @@ class ATC(Recipe):
     def apply(self, graph: ModelGraph) -> list[int]:
         protected = graph.layout.prefix
         where = parse_locations(self.locations, len(graph.blocks))
-        counts = dict(zip(where, tps_keep_counts(graph.tokens - protected, parse_keep(self.keep), len(where))))
+        counts = dict(zip(where, location_keep_counts(graph.tokens - protected, parse_keep(self.keep), len(where))))
         flow = TokenFlow(graph, prop_attn=self.prop_attn, restore=self.restore_tokens)
         for block in flow.blocks():
             clusters, n = counts.get(block.index), flow.n

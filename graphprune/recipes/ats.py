@@ -22,8 +22,8 @@ from graphprune.ops.ats import ats_capacity, ats_sample
 from graphprune.passes.flow import TokenFlow
 from graphprune.patterns import ModelGraph
 from graphprune.recipes.base import Recipe, option, register
+from graphprune.recipes.options import parse_locations
 from graphprune.recipes.scores import cls_attention_value_norm, has_class_token
-from graphprune.schedule import parse_locations
 
 
 def _sample(x, samples, protected, n, size, score_fn, *score_args):

@@ -7,6 +7,7 @@ graph with passes and token ops, returning the number of tokens entering each bl
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 from typing import ClassVar
@@ -18,8 +19,9 @@ RECIPES: dict[str, type["Recipe"]] = {}
 
 
 def option(default, help: str):  # noqa: A002
+    """A recipe option with its help text; a mutable default (list, dict) is copied for each instance."""
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: default, metadata={"help": help})
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
     return dataclasses.field(default=default, metadata={"help": help})
 
 

@@ -19,8 +19,8 @@ import torch
 from graphprune.passes.flow import TokenFlow, compose_maps
 from graphprune.patterns import ModelGraph
 from graphprune.recipes.base import Recipe, option, register
+from graphprune.recipes.options import parse_counts
 from graphprune.recipes.scores import cls_attention, has_class_token
-from graphprune.schedule import parse_counts
 
 PRUNE = torch.ops.graphprune.prune.default
 MERGE = torch.ops.graphprune.merge_nearest.default

@@ -8,11 +8,11 @@ from typing import Optional
 import torch
 
 from graphprune.ops.evit import evit_out_tokens
-from graphprune.patterns import ModelGraph
-from graphprune.recipes.scores import cls_attention, has_class_token
-from graphprune.recipes.base import Recipe, option, register
 from graphprune.passes.flow import TokenFlow
-from graphprune.schedule import parse_keep, parse_locations
+from graphprune.patterns import ModelGraph
+from graphprune.recipes.base import Recipe, option, register
+from graphprune.recipes.options import parse_keep, parse_locations
+from graphprune.recipes.scores import cls_attention, has_class_token
 
 EVIT = torch.ops.graphprune.evit_select.default
 

@@ -28,8 +28,8 @@ from graphprune.passes.emit import emit, emit_before
 from graphprune.passes.flow import gather_tokens, token_dims
 from graphprune.patterns import ModelGraph
 from graphprune.recipes.base import Recipe, option, register
+from graphprune.recipes.options import parse_keep, parse_locations
 from graphprune.recipes.scores import cls_attention, has_class_token
-from graphprune.schedule import parse_keep, parse_locations
 
 
 def _select(x, g, keep: int, protected: int):

@@ -19,8 +19,8 @@ from graphprune.ops import tome_effective_r
 from graphprune.passes.flow import TokenFlow
 from graphprune.patterns import ModelGraph
 from graphprune.recipes.base import Recipe, option, register
+from graphprune.recipes.options import parse_locations, parse_r
 from graphprune.recipes.scores import cls_attention_value_norm, has_class_token
-from graphprune.schedule import parse_locations
 
 TOME = torch.ops.graphprune.tome_merge.default
 PRUNE = torch.ops.graphprune.prune.default
@@ -54,8 +54,6 @@ class PPT(Recipe):
     threshold: float = option(7e-5, "pool when the variance of the normalised significance is below this")
 
     def validate(self) -> None:
-        from graphprune.schedule import parse_r
-
         parse_r(self.r, 2)
         if self.locations is not None:
             parse_locations(self.locations, 10**6)

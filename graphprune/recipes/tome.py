@@ -30,7 +30,7 @@ from graphprune.ops.bipartite import bipartite_merge, kth_split, random_split
 from graphprune.passes.flow import TokenFlow
 from graphprune.patterns import ModelGraph
 from graphprune.recipes.base import Recipe, option, register
-from graphprune.schedule import parse_r
+from graphprune.recipes.options import parse_r
 
 TOME = torch.ops.graphprune.tome_merge.default
 

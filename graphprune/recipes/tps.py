@@ -18,8 +18,8 @@ import torch
 from graphprune.passes.flow import TokenFlow
 from graphprune.patterns import ModelGraph
 from graphprune.recipes.base import Recipe, option, register
+from graphprune.recipes.options import location_keep_counts, parse_keep, parse_locations
 from graphprune.recipes.scores import cls_attention, has_class_token
-from graphprune.schedule import parse_keep, parse_locations
 
 MERGE = torch.ops.graphprune.merge_nearest.default
 
@@ -27,11 +27,6 @@ MERGE = torch.ops.graphprune.merge_nearest.default
 def _squeeze(x, keep, protected, valid, score_fn, *score_args):
     out, size, assign, rep = MERGE(x, torch.ones_like(x[..., :1]), x, score_fn(*score_args), keep, protected, valid, "squeeze")
     return out, assign, rep
-
-
-def tps_keep_counts(patches: int, keep: float, locations: int) -> list[int]:
-    """Patch tokens kept at each location: ``int(P · keep^(k+1))`` (at least 1)."""
-    return [max(1, int(patches * keep ** (k + 1))) for k in range(locations)]
 
 
 @register
@@ -56,7 +51,7 @@ class TPS(Recipe):
     def apply(self, graph: ModelGraph) -> list[int]:
         protected = graph.layout.prefix
         where = parse_locations(self.locations, len(graph.blocks))
-        counts = dict(zip(where, tps_keep_counts(graph.tokens - protected, parse_keep(self.keep), len(where))))
+        counts = dict(zip(where, location_keep_counts(graph.tokens - protected, parse_keep(self.keep), len(where))))
         flow = TokenFlow(graph, restore=self.restore_tokens)
         for block in flow.blocks():
             keep = counts.get(block.index)

@@ -1,11 +1,12 @@
 """Zero-TPrune: zero-shot token pruning on the attention graph (Wang et al., CVPR 2024), training-free.
 
 At each location (default ⌊L/4⌋, ⌊L/2⌋, ⌊3L/4⌋), after the attention residual, a fraction
-``keep`` of the unprotected tokens stays, pruned in the paper's I′ → S → I order
-(:mod:`graphprune.ops.pagerank`): one weighted-PageRank iteration ranks the tokens (I′); the
-S-stage drops the ``similar`` share of the pruned tokens that are near-duplicates (the less
-important half's best key cosine to the more important half); the I-stage drops the rest by
-converged weighted-PageRank importance. Pruned tokens are dropped, not merged.
+``keep`` of the unprotected tokens stays, pruned in the paper's I′ → S → I order: one
+weighted-PageRank iteration on the attention graph (:mod:`graphprune.ops.pagerank`) ranks the
+tokens (I′); the S-stage drops the ``similar`` share of the pruned tokens that are
+near-duplicates (the less important half's best key cosine to the more important half); the
+I-stage drops the rest by converged weighted-PageRank importance. Pruned tokens are dropped,
+not merged.
 
 From the paper as summarised (no official code was reachable): the iteration counts follow
 its convergence ablation (30 in the first third of the model, 10 in the middle, 1 in the last
@@ -23,14 +24,50 @@ import torch
 
 from graphprune.errors import ScheduleError
 from graphprune.ops.evit import evit_keep_count
-from graphprune.ops.pagerank import similar_half, weighted_pagerank
+from graphprune.ops.pagerank import attention_pagerank
 from graphprune.passes.flow import TokenFlow
 from graphprune.patterns import ModelGraph
 from graphprune.recipes.base import Recipe, option, register
+from graphprune.recipes.options import parse_keep, parse_locations
 from graphprune.recipes.scores import attention_probs, has_class_token
-from graphprune.schedule import parse_keep, parse_locations
 
 PRUNE = torch.ops.graphprune.prune.default
+
+
+def weighted_pagerank(probs, n: int, iterations: int, has_cls: bool, valid=None, v_min: float = 0.01, v_max: float = 0.7):
+    """(B, N) importance from (B, H, N, N) attention probabilities over ``n`` tokens; ``valid`` (B, N) zeroes
+    padded queries.
+
+    The iteration starts where the class token weighs √N times the others. The heads are combined
+    by their root mean square (the paper's "emphasizing informative region"), over the heads whose
+    score variance lies in ``[v_min, v_max]`` (its variance-based head filter; measured here on
+    N·s, whose mean is 1, and all heads when none passes).
+    """
+    start = [math.sqrt(n) if (has_cls and i == 0) else 1.0 for i in range(n)]
+    s = attention_pagerank(probs, probs.new_tensor(start) / sum(start), iterations, valid)
+    var = (s * n).var(dim=-1, unbiased=False)  # (B, H)
+    ok = ((var >= v_min) & (var <= v_max)).to(s.dtype)
+    ok = torch.where(ok.sum(dim=1, keepdim=True) > 0, ok, torch.ones_like(ok))
+    return ((s * s * ok[..., None]).sum(dim=1) / ok.sum(dim=1, keepdim=True)).sqrt()
+
+
+def similar_half(importance, metric, n: int, drop: int, protected: int, valid=None):
+    """The S-stage: ``(B, N)`` bool, True for the ``drop`` tokens removed as near-duplicates.
+
+    The unprotected tokens are split by importance: the less important half A, the more
+    important half B. Each A token's similarity is its best cosine to B (``metric``: the keys);
+    the ``drop`` most similar A tokens go. Padding (``valid`` False) goes first.
+    """
+    p = n - protected
+    order = importance[:, protected:].argsort(dim=1, descending=True, stable=True) + protected
+    b_idx, a_idx = order[:, : p - p // 2], order[:, p - p // 2 :]
+    m = metric / metric.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+    take = lambda idx: m.gather(1, idx[..., None].expand(-1, -1, m.shape[-1]))  # noqa: E731
+    best = (take(a_idx) @ take(b_idx).transpose(1, 2)).amax(dim=-1)  # (B, |A|)
+    if valid is not None:
+        best = torch.where(valid.gather(1, a_idx), best, torch.full_like(best, math.inf))
+    chosen = a_idx.gather(1, best.argsort(dim=1, descending=True, stable=True)[:, :drop])
+    return torch.zeros_like(importance, dtype=torch.bool).scatter(1, chosen, torch.ones_like(chosen, dtype=torch.bool))
 
 
 def default_iterations(index: int, num_blocks: int) -> int:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Union
 
 from graphprune.errors import ScheduleError
+from graphprune.exporters.files import write_text
 
 FORMAT = "graphprune-schedule"
 VERSION = 1
@@ -34,8 +35,6 @@ class Schedule:
 
     def save(self, path) -> Path:
         """Write the schedule as JSON (atomically: a failed write leaves no file)."""
-        from graphprune.exporters.files import write_text
-
         return write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
 

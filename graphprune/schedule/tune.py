@@ -22,13 +22,16 @@ Tuned recipe options: ``tome``'s per-block ``r``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
+import io
 import json
 import os
 import platform
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -36,9 +39,13 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.utils._pytree as pytree
 
-from graphprune.bench import as_args
-from graphprune.capture import eval_mode, first_two
+from graphprune import bench as gb
+from graphprune.api import default_example_inputs, optimize
+from graphprune.capture import eval_mode, find_block_paths, first_two
 from graphprune.errors import GraphPruneError, RecipeError, ScheduleError
+from graphprune.exporters.files import write_text
+from graphprune.exporters.onnx import OPSET, OnnxModel
+from graphprune.recipes import get_recipe
 from graphprune.schedule.files import Schedule
 
 TUNABLE = {"tome": "r"}  # recipe → its per-block count option
@@ -81,8 +88,6 @@ class LatencyTable:
         return total
 
     def save(self, path) -> Path:
-        from graphprune.exporters.files import write_text
-
         return write_text(path, json.dumps(asdict(self), indent=2))
 
     @classmethod
@@ -179,11 +184,9 @@ def latency_table(model: torch.nn.Module, example_inputs, *, target: str = "eage
     Cached in ``cache_dir`` (default ``~/.cache/graphprune/latency``, or ``$GRAPHPRUNE_CACHE``)
     per device, runtime, model and batch; ``refresh`` profiles again.
     """
-    from graphprune.capture import find_block_paths
-
     if target not in TARGETS:
         raise GraphPruneError(f"unknown tuning target '{target}'; choose one of {', '.join(TARGETS)}")
-    inputs = as_args(example_inputs)
+    inputs = gb.as_args(example_inputs)
     batch = int(inputs[0].shape[0])
     key = f"{model_key(model, inputs)}-b{batch}-{target}-" + hashlib.sha1(device_name().encode()).hexdigest()[:8]
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -192,8 +195,6 @@ def latency_table(model: torch.nn.Module, example_inputs, *, target: str = "eage
         table = LatencyTable.load(path)
         if counts is None or list(counts) == table.counts:
             return table
-    import graphprune
-
     with torch.inference_mode():
         paths = find_block_paths(model, inputs)
     twin, calls = _record_block_calls(model, paths, inputs)
@@ -218,10 +219,10 @@ def latency_table(model: torch.nn.Module, example_inputs, *, target: str = "eage
         # the rewritten model runs as a captured graph: "the rest" is that graph at zero reduction minus its
         # blocks; on ONNX Runtime that graph exported is also the unmodified model on that runtime
         if target == "onnx":
-            graph = graphprune.optimize(model, "tome", target="onnx", output=Path(tmp) / "model.onnx", example_inputs=example, r=0)
+            graph = optimize(model, "tome", target="onnx", output=Path(tmp) / "model.onnx", example_inputs=example, r=0)
             fns["model"] = fns["graph"] = lambda: graph(*inputs)
         else:
-            graph = graphprune.optimize(model, "tome", example_inputs=example, r=0)
+            graph = optimize(model, "tome", example_inputs=example, r=0)
             fns["model"] = lambda: twin(*inputs)  # the unmodified model (an eval-mode copy)
             fns["graph"] = lambda: graph(*inputs)
         ms = _min_times(fns, rounds, progress)
@@ -250,12 +251,6 @@ class _Call(torch.nn.Module):
 
 def _onnx_block(block, args: tuple, kwargs: dict, path: Path) -> Callable:
     """Block ``block`` at these inputs' shapes, exported to ONNX and run in ONNX Runtime."""
-    import contextlib
-    import io
-    import warnings
-
-    from graphprune.exporters.onnx import OPSET, OnnxModel
-
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(_Call(block, kwargs), args, dynamo=True, opset_version=OPSET, verbose=False)
@@ -407,12 +402,10 @@ def paired_gain(samples: torch.Tensor, baseline: torch.Tensor) -> tuple[float, f
 
 def check_options(recipe: str, options: Optional[dict]) -> dict:
     """The recipe's fixed options for tuning, checked: the tuned count is not among them, the rest are valid."""
-    import graphprune
-
     options = dict(options or {})
     if TUNABLE[recipe] in options:
         raise ScheduleError(f"'{TUNABLE[recipe]}' is what tune chooses: give the recipe's other options only")
-    graphprune.recipes.get_recipe(recipe, **options)  # bad options: fail before profiling
+    get_recipe(recipe, **options)  # bad options: fail before profiling
     return options
 
 
@@ -429,12 +422,8 @@ def tune(model: torch.nn.Module, recipe: str = "tome", *, speedup: Optional[floa
     the predicted and measured latency and the fidelity. ``options``: the recipe's other options,
     fixed while the per-block count is tuned (``{"metric": "tokens"}``), saved with the schedule.
     """
-    import graphprune
-    from graphprune import bench as gb
-    from graphprune.api import default_example_inputs
-
     if recipe not in TUNABLE:
-        graphprune.recipes.get_recipe(recipe)  # an unknown recipe: that error, with its suggestion
+        get_recipe(recipe)  # an unknown recipe: that error, with its suggestion
         raise RecipeError(f"tune chooses per-block schedules for {', '.join(TUNABLE)}; '{recipe}' has no per-block count to tune")
     options = check_options(recipe, options)
     if metric not in gb.PER_SAMPLE:
@@ -453,12 +442,12 @@ def tune(model: torch.nn.Module, recipe: str = "tome", *, speedup: Optional[floa
     with eval_mode(model), gb._progress(progress) as bar:  # flags restored after
         table = latency_table(model, inputs, target=target, rounds=rounds, cache_dir=cache_dir, refresh=refresh, progress=bar)
         budget = latency_ms if latency_ms is not None else table.full_ms / speedup
-        probe = graphprune.optimize(model, recipe, example_inputs=example, **{**options, TUNABLE[recipe]: 0})
+        probe = optimize(model, recipe, example_inputs=example, **{**options, TUNABLE[recipe]: 0})
         tokens, protected = probe.report.tokens_per_block[0], probe.report.layout["prefix_tokens"]
         reference = gb.outputs(model, data, output_fn)
 
         def build(r):
-            return graphprune.optimize(model, recipe, example_inputs=example, **options, **{TUNABLE[recipe]: list(r)})
+            return optimize(model, recipe, example_inputs=example, **options, **{TUNABLE[recipe]: list(r)})
 
         def score(r):
             return gb.per_sample(reference, gb.outputs(build(r), data, output_fn), metric)
@@ -467,7 +456,7 @@ def tune(model: torch.nn.Module, recipe: str = "tome", *, speedup: Optional[floa
             """(unmodified, with schedule r) in ms on the target, interleaved, min of the rounds."""
             with tempfile.TemporaryDirectory(prefix="graphprune-tune-") as tmp:
                 if target == "onnx":
-                    fns = {name: graphprune.optimize(model, recipe, target="onnx", output=Path(tmp) / f"{name}.onnx",
+                    fns = {name: optimize(model, recipe, target="onnx", output=Path(tmp) / f"{name}.onnx",
                                                      example_inputs=example, **options, **{TUNABLE[recipe]: list(rr)})
                            for name, rr in (("baseline", [0] * len(r)), ("tuned", r))}
                 else:
