@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from graphprune.kv.policy import FULL, CachePolicy, When, is_slot_field
-from graphprune.kv.rows import Aux, Rows, by_position
-from graphprune.kv.storage import Slots, Static, storage_for, top
+from graphprune.kv.policy import FULL, CachePolicy, When
+from graphprune.kv.rows import Aux, Rows
+from graphprune.kv.storage import Slots, Static, ranked, storage_for, top
 from graphprune.kv.view import View
 
 ATTENTION = "graphprune_kv"
@@ -167,8 +167,7 @@ class EvictingLayer(CacheLayerMixin):
         if rows is not None:
             stop = policy.rows(view)
             if stop is not None:
-                if rows.selected is None:  # layer 0 holds every token: all of them start selected
-                    rows.selected = by_position(st.pos[:, 0], st.valid[:, 0], int(st.pos.max()) + 1)
+                rows.start_selection(st)  # (at layer 0, before its after-hook)
                 rows.deselect(st.pos[:, 0], stop)
                 rows.drop = stop[:, st.length - view.n_new:]
         due = policy.evicts is When.STEP or (view.prefill and policy.evicts is When.PROMPT)
@@ -196,9 +195,7 @@ class EvictingLayer(CacheLayerMixin):
         k = max(int(st.valid.sum(-1).max()), 1)
         if k == st.length:
             return None
-        s = scores.float().masked_fill(~st.valid, float("-inf"))
-        if protect is not None:
-            s = s.masked_fill(protect & st.valid, float("inf"))
+        s = ranked(scores, st.valid, protect)  # stable: among equal scores the earlier slot stays
         return s.argsort(dim=-1, descending=True, stable=True)[..., :k].sort(dim=-1).values
 
 
@@ -271,7 +268,7 @@ class EvictingCache(Cache):
 
     # -- static shapes: the cache as a flat list of tensors (ONNX inputs and outputs) -------------
     def _state_fields(self) -> list[str]:
-        state = self.policy.new_state()
+        state = self.policy.State
         return [] if state is None else [f.name for f in dataclasses.fields(state)]
 
     def state_names(self) -> list[str]:
@@ -307,10 +304,17 @@ def kv_attention(module, query, key, value, attention_mask, dropout: float = 0.0
     return kv_layer.attend(module, query, attention_mask, scaling, dropout, kwargs)
 
 
+def cache_in(kwargs) -> EvictingCache | None:
+    """graphprune's cache among the keyword arguments of a decoder layer or attention call (``cache`` or, before
+    transformers 5.24, ``past_key_values``); None when the call runs without one."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    return cache if isinstance(cache, EvictingCache) else None
+
+
 def hand_layer(module, args, kwargs):
     """Forward pre-hook on an attention module of graphprune's copy: pass it its cache layer (an argument)."""
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    if not isinstance(cache, EvictingCache):
+    cache = cache_in(kwargs)
+    if cache is None:
         return None
     return args, {**kwargs, "kv_layer": cache.layers[module.layer_idx]}
 
@@ -324,4 +328,4 @@ def register() -> None:
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 
-__all__ = ["ATTENTION", "Call", "EvictingCache", "EvictingLayer", "is_slot_field", "kv_attention", "register"]
+__all__ = ["ATTENTION", "Call", "EvictingCache", "EvictingLayer", "cache_in", "kv_attention", "register"]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from graphprune.errors import GraphPruneError, RecipeError, UnsupportedArchitectureError
+from graphprune.errors import RecipeError, UnsupportedArchitectureError
 from graphprune.kv.policy import CachePolicy
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # rotate-half RoPE, cache.update + attention interface

@@ -36,6 +36,11 @@ class Rows:
     drop: torch.Tensor | None = None  # (B, R) bool: rows the current layer stopped
     moved: bool = False  # the rows differ from the forward's input rows
 
+    def start_selection(self, storage) -> None:
+        """Every token starts selected: the ones layer 0 holds (it holds all of them), by position."""
+        if self.selected is None:
+            self.selected = by_position(storage.pos[:, 0], storage.valid[:, 0], int(storage.pos.max()) + 1)
+
     def deselect(self, slot_pos: torch.Tensor, stop: torch.Tensor) -> None:
         """Deselect the tokens at ``slot_pos`` (B, N) where ``stop`` holds, for the rest of this forward."""
         self.selected &= ~by_position(slot_pos, stop, self.selected.shape[1])
@@ -119,18 +124,14 @@ def revive(rows: Rows, layer, below, hidden: torch.Tensor) -> torch.Tensor:
 
 def install(model, revives: bool) -> None:
     """Hooks on the decoder layers of ``model`` (graphprune's own copy) that carry the rows between layers."""
-    from graphprune.kv.cache import EvictingCache, real_tokens
+    from graphprune.kv.cache import cache_in, real_tokens
 
     decoder = model.get_decoder()
     layers, rotary = decoder.layers, decoder.rotary_emb
     last = len(layers) - 1
 
-    def ours(kwargs) -> EvictingCache | None:
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        return cache if isinstance(cache, EvictingCache) else None
-
     def before(module, args, kwargs):
-        cache = ours(kwargs)
+        cache = cache_in(kwargs)
         if cache is None:
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -154,15 +155,14 @@ def install(model, revives: bool) -> None:
         return (hidden, *args[1:]), kwargs
 
     def after(module, args, kwargs, output):
-        cache = ours(kwargs)
+        cache = cache_in(kwargs)
         rows = None if cache is None else cache.call.rows
         if rows is None:
             return None
         idx = module.self_attn.layer_idx
         hidden = output[0] if isinstance(output, tuple) else output
-        if idx == 0 and rows.selected is None:  # layer 0 holds every token: all of them start selected
-            st = cache.layers[0].storage
-            rows.selected = by_position(st.pos[:, 0], st.valid[:, 0], int(st.pos.max()) + 1)
+        if idx == 0:
+            rows.start_selection(cache.layers[0].storage)
         drop, rows.drop = rows.drop, None
         keep = rows.real if drop is None else rows.real & ~drop
         if revives and drop is not None and idx < last:  # the Aux store of this layer keeps their hidden states

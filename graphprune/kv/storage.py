@@ -28,12 +28,17 @@ def _per_slot(idx: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return idx.reshape(*idx.shape, *([1] * (t.dim() - 3))).expand(*idx.shape, *t.shape[3:])
 
 
-def top(scores: torch.Tensor, valid: torch.Tensor, k: int, protect: torch.Tensor | None = None) -> torch.Tensor:
-    """Sorted indices (B, Hkv, k) of the ``k`` best slots: protected ones first, invalid ones last."""
+def ranked(scores: torch.Tensor, valid: torch.Tensor, protect: torch.Tensor | None = None) -> torch.Tensor:
+    """Float32 scores with protected real slots at +inf and slots without a real token at -inf."""
     s = scores.to(torch.float32)
     if protect is not None:
         s = s.masked_fill(protect & valid, math.inf)
-    s = s.masked_fill(~valid, -math.inf)
+    return s.masked_fill(~valid, -math.inf)
+
+
+def top(scores: torch.Tensor, valid: torch.Tensor, k: int, protect: torch.Tensor | None = None) -> torch.Tensor:
+    """Sorted indices (B, Hkv, k) of the ``k`` best slots: protected ones first, invalid ones last."""
+    s = ranked(scores, valid, protect)
     n = s.shape[-1]
     if k == n - 1:  # one slot goes (every decoding step): an argmin, not a sort
         slot = torch.arange(n - 1, device=s.device)

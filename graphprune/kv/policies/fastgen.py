@@ -112,8 +112,7 @@ class FastGen(CachePolicy):
         valid = view.valid
         if self.recovery >= 1.0:
             return torch.full(valid.shape[:2], len(POLICIES) - 1, device=valid.device)
-        special, sp = self._masks(view)[:2]
-        freq = self._frequent(view, sp)
+        special, sp, spf = self._masks(view)[:3]  # spf: special, punctuation and frequent
         n, length = view.n_new, view.slots
         mass = torch.zeros(*valid.shape[:2], len(POLICIES) - 1, device=valid.device)
         window = view.state.window[:, None, None, None]
@@ -122,7 +121,7 @@ class FastGen(CachePolicy):
             att = group_mean(view.rows(start, stop))  # (B, Hkv, r, N)
             own = view.positions[..., length - n + start:length - n + stop]  # positions of the rows
             local = valid[:, :, None] & (own[..., None] - view.positions[:, :, None] < window)
-            kept = [special[:, :, None], sp[:, :, None], (sp | freq)[:, :, None], (sp | freq)[:, :, None] | local]
+            kept = [special[:, :, None], sp[:, :, None], spf[:, :, None], spf[:, :, None] | local]
             real = valid[..., length - n + start:length - n + stop].float()  # (B, Hkv, r)
             for k, m in enumerate(kept):
                 mass[..., k] += ((att * m).sum(-1) * real).sum(-1)
