@@ -415,6 +415,30 @@ def test_cache_is_stored_at_kv_heads_and_within_budget(recipe):
     assert out.cache.get_seq_length() == 33
 
 
+def test_decoding_appends_in_place_and_keeps_the_full_caches_keys():
+    """A growing cache writes each decoded token into spare slots (1/32 of its length at a time), not a new copy of
+    the cache per token as concatenating does, and holds exactly the keys of the unmodified model's cache."""
+    from graphprune.kv.storage import GROW
+
+    model = tiny(layers=2)
+    fast = graphprune.optimize(model, "snapkv", budget=1.0, window=4)
+    ids, steps = prompts(2, 160), 48
+    with torch.no_grad():
+        out, want = fast(ids, use_cache=True), model(ids, use_cache=True)
+        buffers = set()
+        for _ in range(steps):
+            nxt = out.logits[:, -1:].argmax(-1)
+            out = fast(nxt, past_key_values=out.cache, use_cache=True)
+            want = model(nxt, past_key_values=want.past_key_values, use_cache=True)
+            buffers.add(out.cache.layers[0].keys.untyped_storage().data_ptr())
+    for layer, full in zip(out.cache.layers, want.past_key_values.layers):  # (above layer 0: SDPA's rounding)
+        assert torch.allclose(layer.keys, full.keys, atol=1e-5) and torch.allclose(layer.values, full.values, atol=1e-5)
+    assert torch.equal(out.cache.layers[0].keys, want.past_key_values.layers[0].keys)
+    assert len(buffers) <= steps // (160 // GROW) + 1  # one new buffer per GROW-th of the length, not per token
+    held = out.cache.memory()["ratio"]
+    assert 1.0 <= held <= 1.0 + 1 / GROW + 1e-6  # the spare slots are counted, and stay within 1/GROW
+
+
 @pytest.mark.parametrize("recipe", [*CACHE_RECIPES, "fastgen", "lazyllm"])
 def test_left_padded_batch_equals_each_prompt_alone(recipe):
     model = tiny("qwen2", seed=3)

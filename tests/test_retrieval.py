@@ -1,11 +1,14 @@
-"""Generation on retrieval prompts with real weights (slow): where a cache recipe keeps every needle, its greedy
-answer equals the full cache's.
+"""Generation on retrieval prompts with real weights (slow): where a cache recipe keeps the needle asked about, its
+greedy answer equals the full cache's.
 
 Teacher-forced perplexity hardly depends on a few rare tokens, so it cannot show a cache that keeps the right
-tokens but breaks generation. Here each recipe runs at the smallest budget (of a few) whose prefill keeps every
-needle's tokens in every layer and KV head, and must then answer as the unmodified model does. Prompts: the
+tokens but breaks generation. Here each recipe runs at the smallest setting (of a few) whose prefill keeps the asked
+needle's value tokens in every layer and KV head, and must then answer as the unmodified model does. Prompts: the
 ``hard-needle`` generator (six needles with near-duplicate distractors, about 1k tokens) in the chat template;
 models: Qwen2.5-Coder-0.5B-Instruct and SmolLM2-135M-Instruct (benchmarks/assets.py loads both offline).
+
+(The other five needles are distractors: requiring them all, in every layer and KV head, is a setting no evicting
+recipe reaches on SmolLM2 below budget 0.98, so the check would never run.)
 """
 
 from __future__ import annotations
@@ -57,21 +60,21 @@ def llm(request):
 
 
 def _example(tokenizer, seed: int):
-    """Token ids of one hard-needle prompt in the chat template, and the positions of every needle's value."""
+    """Token ids of one hard-needle prompt in the chat template, and the positions of the asked needle's value."""
     import hard_needle
 
     e = hard_needle.generate_hard_example(num_needles=6, ctx_chars=6000, seed=seed)
     text = tokenizer.apply_chat_template([{"role": "user", "content": e["prompt"]}], add_generation_prompt=True,
                                          tokenize=False)
     enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False, return_tensors="pt")
-    spans = []
-    for record in e["needle_records"]:
-        start = text.index(record["sentence"]) + record["sentence"].index(record["value"])
-        spans.append((start, start + len(record["value"])))
+    (record,) = [r for r in e["needle_records"]
+                 if (r["entity"], r["type"]) == (e["target_entity"], e["target_needle_type"])]
+    start = text.index(record["sentence"]) + record["sentence"].index(record["value"])
+    stop = start + len(record["value"])
     offsets = enc["offset_mapping"][0].tolist()
-    needles = {i for i, (a, b) in enumerate(offsets) for s, t in spans if a < t and b > s}
-    assert len(needles) >= 6
-    return enc["input_ids"], sorted(needles)
+    needle = [i for i, (a, b) in enumerate(offsets) if a < stop and b > start]
+    assert needle
+    return enc["input_ids"], needle
 
 
 def _greedy(model, ids: torch.Tensor) -> list[int]:
@@ -80,7 +83,7 @@ def _greedy(model, ids: torch.Tensor) -> list[int]:
 
 
 def _keeps(cache, needles: list[int]) -> bool:
-    """Whether every needle token is cached in every layer and KV head."""
+    """Whether every one of these tokens is cached in every layer and KV head."""
     want = torch.tensor(needles)
     for layer in cache.layers:
         st = layer.storage
@@ -117,13 +120,13 @@ def _check(llm, recipe: str, settings: list[dict]):
             assert n >= 3 and a[:n] == b[:n], \
                 f"{recipe} {options}: {tokenizer.decode(got)!r} vs the full cache's {tokenizer.decode(expected)!r}"
             break
-        else:  # first run (SmolLM2): even snapkv at 0.95 drops some needle token in some layer and KV head
-            pytest.skip(f"{recipe}: none of the {len(settings)} settings keeps every needle token in every layer and "
+        else:
+            pytest.skip(f"{recipe}: none of the {len(settings)} settings keeps the asked needle in every layer and "
                         "KV head")
 
 
 @pytest.mark.parametrize("recipe", EVICTING)
-def test_evicting_recipes_answer_as_the_full_cache_when_they_keep_every_needle(llm, recipe):
+def test_evicting_recipes_answer_as_the_full_cache_when_they_keep_the_needle(llm, recipe):
     window = {"window": 16} if recipe in ("snapkv", "pyramidkv") else {}
     _check(llm, recipe, [{"budget": b, **window} for b in BUDGETS])
 

@@ -107,7 +107,7 @@ class EvictingLayer(CacheLayerMixin):
     def length(self) -> int:
         return self.storage.length
 
-    def view(self, query: torch.Tensor, scaling: float, prefill: bool, pos: torch.Tensor, real: torch.Tensor) -> View:
+    def view(self, query: torch.Tensor, scaling: float, prefill: bool, pos: torch.Tensor, real: torch.Tensor | None) -> View:
         ids, rows, st = self.call.input_ids, self.call.rows, self.storage
         return View(st, query, scaling, prefill=prefill, prompt_len=self.prompt_len, layer=self.layer_idx,
                     n_layers=self.n_layers, capacity=self.capacity,
@@ -121,7 +121,7 @@ class EvictingLayer(CacheLayerMixin):
             pos, real = rows.pos, rows.real
         else:
             pos = _positions(kwargs, b, n_new, query.device)
-            real = real_tokens(attention_mask, b, n_new, query.device) if prefill else torch.ones_like(pos, dtype=torch.bool)
+            real = real_tokens(attention_mask, b, n_new, query.device) if prefill else None  # (None: every token)
         view = self.receive(query, scaling, real, pos)
         if prefill and (rows is None or not rows.moved):  # the prompt: the model's own causal + padding mask, fused
             out, _ = sdpa_attention_forward(module, query, st.keys, st.values, attention_mask,
@@ -132,8 +132,10 @@ class EvictingLayer(CacheLayerMixin):
                 mask = view.visible()[:, :, 0].clone()
                 own = torch.arange(n_new, device=mask.device)
                 mask[:, :, own, view.slots - n_new + own] = True
-            elif n_new > 1 or not st.all_real():
+            elif n_new > 1:
                 mask = view.visible()[:, :, 0]
+            elif not st.all_real():  # one new token sees every real slot
+                mask = st.valid[:, :, None, :]
             keys, override = view.keys, self.policy.attention_keys(view)
             if override is None:
                 out = _grouped_attention(query, keys, view.values, mask, scaling)
@@ -148,9 +150,9 @@ class EvictingLayer(CacheLayerMixin):
         self.evict(view)
         return out, None
 
-    def receive(self, query: torch.Tensor, scaling: float, real: torch.Tensor, pos: torch.Tensor) -> View:
-        """Describe the slots just written: which hold real tokens (B, n) and their positions (B, n); the view the
-        policy gets. The first call is the prompt."""
+    def receive(self, query: torch.Tensor, scaling: float, real: torch.Tensor | None, pos: torch.Tensor) -> View:
+        """Describe the slots just written: which hold real tokens (B, n; None: all) and their positions (B, n); the
+        view the policy gets. The first call is the prompt."""
         prefill = self.prompt_len is None
         if prefill:
             self.prompt_len = pos.shape[-1]
@@ -191,7 +193,7 @@ class EvictingLayer(CacheLayerMixin):
             return top(scores, st.valid, cap, protect)
         # no fixed size: slots scored -inf go, the others stay (heads may keep different numbers: the rest is padding)
         finite = scores > float("-inf")
-        st.valid = st.valid & finite
+        st.forget(~finite)
         k = max(int(st.valid.sum(-1).max()), 1)
         if k == st.length:
             return None

@@ -23,6 +23,22 @@ from graphprune.kv.policy import CachePolicy, Quantization, When, is_slot_field
 from graphprune.ops.quant import dequantize, quantize
 
 
+GROW = 32  # a growing cache allocates 1/GROW of its length in spare slots at once: decoding appends in place (not a
+# copy of the cache per token, as concatenating does) for at most 1/GROW more memory
+
+
+def _append(buf: torch.Tensor | None, t: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``t`` with ``new`` appended along dim 2, as ``(buffer, t')``: ``t'`` is a prefix view of ``buffer``. Written in
+    place when ``t`` is still the buffer's prefix and there is room; otherwise a new buffer with ``(n + m) // GROW`` spare
+    slots. (Slots past a view's end are never visible through it, so earlier views stay valid.)"""
+    n, m = t.shape[2], new.shape[2]
+    if buf is None or t.data_ptr() != buf.data_ptr() or t.stride() != buf.stride() or buf.shape[2] < n + m:
+        buf = t.new_empty(*t.shape[:2], n + m + (n + m) // GROW, *t.shape[3:])
+        buf[:, :, :n] = t
+    buf[:, :, n:n + m] = new
+    return buf, buf[:, :, :n + m]
+
+
 def _per_slot(idx: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Slot indices ``idx`` (B, Hkv, k) expanded over the trailing dimensions of ``t`` (B, Hkv, N, ...)."""
     return idx.reshape(*idx.shape, *([1] * (t.dim() - 3))).expand(*idx.shape, *t.shape[3:])
@@ -55,6 +71,8 @@ class Slots:
         self.valid: torch.Tensor | None = None  # (B, Hkv, N) bool
         self.pos: torch.Tensor | None = None  # (B, Hkv, N) long: position each key was rotated with
         self.state = state  # the policy's state dataclass (or None)
+        self.padded: bool | None = None  # some slot holds no real token (None: not known, see all_real)
+        self._bufs: dict[str, torch.Tensor] = {}  # growth buffers the per-slot tensors are prefix views of
 
     # -- writing --------------------------------------------------------------------------------
     def write(self, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -62,18 +80,25 @@ class Slots:
         if self.keys is None:
             self.keys, self.values = keys, values
         else:
-            self.keys = torch.cat([self.keys, keys], dim=-2)
-            self.values = torch.cat([self.values, values], dim=-2)
+            self.keys, self.values = self._grow("keys", keys), self._grow("values", values)
 
-    def describe(self, real: torch.Tensor, pos: torch.Tensor) -> None:
-        """Describe the newest slots: which hold real tokens (B, n) and their positions (B, n)."""
+    def _grow(self, name: str, new: torch.Tensor) -> torch.Tensor:
+        self._bufs[name], t = _append(self._bufs.get(name), getattr(self, name), new)
+        return t
+
+    def describe(self, real: torch.Tensor | None, pos: torch.Tensor) -> None:
+        """Describe the newest slots: which hold real tokens (B, n; None: all of them) and their positions (B, n)."""
         b, hkv = self.keys.shape[:2]
         n = pos.shape[-1]
+        if real is None:
+            real = torch.ones_like(pos, dtype=torch.bool)
+        elif self.padded is False:
+            self.padded = None  # (known again when all_real asks)
         real, pos = real[:, None].expand(b, hkv, n), pos[:, None].expand(b, hkv, n)
         if self.valid is None:
             self.valid, self.pos = real, pos
         else:
-            self.valid, self.pos = torch.cat([self.valid, real], -1), torch.cat([self.pos, pos], -1)
+            self.valid, self.pos = self._grow("valid", real), self._grow("pos", pos)
         for name, t in self.slot_fields():  # the policy's per-slot state: new slots start at zero
             grow = self.length - t.shape[2]
             if grow > 0:
@@ -93,12 +118,24 @@ class Slots:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held for keys and values (bookkeeping excluded)."""
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values) if t is not None)
+        """Bytes held for keys and values, spare slots of the growth buffers included (bookkeeping excluded)."""
+        held = [self._held(name) for name in ("keys", "values")]
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
+
+    def _held(self, name: str) -> torch.Tensor | None:
+        """The tensor holding ``name``'s memory: its growth buffer while it is the buffer's prefix."""
+        t, buf = getattr(self, name), self._bufs.get(name)
+        return buf if buf is not None and t is not None and t.data_ptr() == buf.data_ptr() else t
 
     def all_real(self) -> bool:
         """Whether every slot holds a real token (then attention needs no mask)."""
-        return bool(self.valid.all())
+        if self.padded is None:
+            self.padded = not bool(self.valid.all())
+        return not self.padded
+
+    def forget(self, slots: torch.Tensor) -> None:
+        """Mark the slots ``slots`` (B, Hkv, N) bool as holding no real token."""
+        self.valid, self.padded = self.valid & ~slots, None
 
     def slot_fields(self):
         if self.state is None:
@@ -113,6 +150,7 @@ class Slots:
             setattr(self.state, name, fn(t))
         self.keys, self.values = fn(self.keys), fn(self.values)
         self.valid, self.pos = fn(self.valid), fn(self.pos)
+        self.padded = None
 
     def keep(self, idx: torch.Tensor) -> None:
         """Keep the slots ``idx`` (B, Hkv, C), which must be sorted, in that order."""
@@ -154,7 +192,9 @@ class Ring(Slots):
         if self.hole is None:
             return super().describe(real, pos)
         b, hkv = self.hole.shape
-        hole, self.hole = self.hole[..., None], None
+        hole, self.hole, self.padded = self.hole[..., None], None, None
+        if real is None:
+            real = torch.ones_like(pos, dtype=torch.bool)
         self.valid.scatter_(2, hole, real[:, None].expand(b, hkv, 1))
         self.pos.scatter_(2, hole, pos[:, None].expand(b, hkv, 1))
         for _, t in self.slot_fields():
@@ -165,9 +205,11 @@ class Ring(Slots):
             return super().keep(idx)
         # one slot goes: mark it free. keep is sorted and leaves one slot out: the slots before it are kept as they
         # are, so their count is its index
-        self.valid, self.pos = self.valid.clone(), self.pos.clone()  # they may be expanded views of the prompt's
+        if not (self.valid.is_contiguous() and self.pos.is_contiguous()):  # expanded views of the prompt's
+            self.valid, self.pos = self.valid.contiguous(), self.pos.contiguous()
         self.hole = (idx == torch.arange(idx.shape[-1], device=idx.device)).sum(-1)
         self.valid.scatter_(2, self.hole[..., None], False)
+        self.padded = None
 
     def map(self, fn):
         super().map(fn)
@@ -181,6 +223,9 @@ class Static(Slots):
     def __init__(self, state=None, extra: int = 0):
         super().__init__(state)
         self.extra = extra
+
+    def _grow(self, name, new):
+        return torch.cat([getattr(self, name), new], dim=2)  # (exported: no buffers, no data pointers)
 
     def settle(self, capacity):
         slots = capacity + self.extra

@@ -31,13 +31,20 @@ class View:
 
     def __init__(self, storage: Slots, queries: torch.Tensor, scaling: float, *, prefill: bool, prompt_len: int,
                  layer: int, n_layers: int, capacity: int | None, input_ids: torch.Tensor | None,
-                 inv_freq: torch.Tensor | None, query_pos: torch.Tensor, query_real: torch.Tensor,
+                 inv_freq: torch.Tensor | None, query_pos: torch.Tensor, query_real: torch.Tensor | None,
                  selected: torch.Tensor | None = None):
         self._storage = storage
         self.queries, self.scaling, self.prefill, self.prompt_len = queries, scaling, prefill, prompt_len
         self.layer, self.n_layers, self.capacity = layer, n_layers, capacity
         self.input_ids, self.inv_freq = input_ids, inv_freq
-        self.query_pos, self.query_real, self.selected = query_pos, query_real, selected
+        self.query_pos, self.selected, self._query_real = query_pos, selected, query_real
+
+    @property
+    def query_real(self) -> torch.Tensor:
+        """(B, L) bool: the new query rows that hold real tokens."""
+        if self._query_real is None:  # (decoding steps: every one)
+            self._query_real = torch.ones_like(self.query_pos, dtype=torch.bool)
+        return self._query_real
 
     # -- the slots ---------------------------------------------------------------------------------
     @cached_property
