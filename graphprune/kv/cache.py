@@ -174,31 +174,31 @@ class EvictingLayer(CacheLayerMixin):
                 rows.drop = stop[:, st.length - view.n_new:]
         due = policy.evicts is When.STEP or (view.prefill and policy.evicts is When.PROMPT)
         if ranks and due and (cap is None or st.length > cap):
-            keep = self.choose(policy.score(view), view)
-            if keep is not None:
-                st.keep(keep)
+            self.choose(policy.score(view), view)
         st.settle(cap)
 
-    def choose(self, scores: torch.Tensor, view: View) -> torch.Tensor | None:
-        """Sorted slot indices to keep (B, Hkv, C): the policy's sinks and recent tokens, then the best scores."""
+    def choose(self, scores: torch.Tensor, view: View) -> None:
+        """Evict by the scores: keep the policy's sinks and recent tokens, then the best scores (per KV head)."""
         st, cap, policy = self.storage, self.capacity, self.policy
+        valid = None if st.all_real() else st.valid
         protect = None
         sinks = policy.sink_tokens()
         if sinks:
-            protect = st.valid & (st.pos < sinks)  # positions count real tokens from 0
+            protect = st.pos < sinks  # positions count real tokens from 0
         recent = policy.recent_tokens(cap) if cap is not None else 0
         if recent:
             protect = view.recent(recent) if protect is None else protect | view.recent(recent)
-        if cap is not None:
-            return top(scores, st.valid, cap, protect)
-        # no fixed size: slots scored -inf go, the others stay (heads may keep different numbers: the rest is padding)
-        finite = scores > float("-inf")
-        st.forget(~finite)
-        k = max(int(st.valid.sum(-1).max()), 1)
-        if k == st.length:
-            return None
-        s = ranked(scores, st.valid, protect)  # stable: among equal scores the earlier slot stays
-        return s.argsort(dim=-1, descending=True, stable=True)[..., :k].sort(dim=-1).values
+        if cap is not None and st.length == cap + 1:  # one slot goes (every decoding step): an argmin
+            st.drop(ranked(scores, valid, protect).argmin(-1))
+        elif cap is not None:
+            st.keep(top(scores, valid, cap, protect))
+        else:  # no fixed size: slots scored -inf go, the others stay (heads may keep different numbers: the rest is
+            # padding)
+            st.forget(~(scores > float("-inf")))
+            k = max(int(st.valid.sum(-1).max()), 1)
+            if k < st.length:
+                s = ranked(scores, st.valid, protect)  # stable: among equal scores the earlier slot stays
+                st.keep(s.argsort(dim=-1, descending=True, stable=True)[..., :k].sort(dim=-1).values)
 
 
 def _grouped_attention(query, keys, values, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:

@@ -23,6 +23,7 @@ from graphprune.kv.policy import CachePolicy, Quantization, When, is_slot_field
 from graphprune.ops.quant import dequantize, quantize
 
 
+DEFERRED = 64  # decoding steps whose slot descriptions may wait for one concatenation
 GROW = 32  # a growing cache allocates 1/GROW of its length in spare slots at once: decoding appends in place (not a
 # copy of the cache per token, as concatenating does) for at most 1/GROW more memory
 
@@ -44,22 +45,27 @@ def _per_slot(idx: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return idx.reshape(*idx.shape, *([1] * (t.dim() - 3))).expand(*idx.shape, *t.shape[3:])
 
 
-def ranked(scores: torch.Tensor, valid: torch.Tensor, protect: torch.Tensor | None = None) -> torch.Tensor:
-    """Float32 scores with protected real slots at +inf and slots without a real token at -inf."""
+def ranked(scores: torch.Tensor, valid: torch.Tensor | None, protect: torch.Tensor | None = None) -> torch.Tensor:
+    """Float32 scores with protected real slots at +inf and slots without a real token at -inf (``valid`` None: every
+    slot holds one)."""
     s = scores.to(torch.float32)
     if protect is not None:
-        s = s.masked_fill(protect & valid, math.inf)
-    return s.masked_fill(~valid, -math.inf)
+        s = s.masked_fill(protect if valid is None else protect & valid, math.inf)
+    return s if valid is None else s.masked_fill(~valid, -math.inf)
 
 
-def top(scores: torch.Tensor, valid: torch.Tensor, k: int, protect: torch.Tensor | None = None) -> torch.Tensor:
+def top(scores: torch.Tensor, valid: torch.Tensor | None, k: int, protect: torch.Tensor | None = None) -> torch.Tensor:
     """Sorted indices (B, Hkv, k) of the ``k`` best slots: protected ones first, invalid ones last."""
     s = ranked(scores, valid, protect)
-    n = s.shape[-1]
-    if k == n - 1:  # one slot goes (every decoding step): an argmin, not a sort
-        slot = torch.arange(n - 1, device=s.device)
-        return slot + (slot >= s.argmin(-1)[..., None])
+    if k == s.shape[-1] - 1:  # one slot goes: an argmin, not a sort
+        return all_but(s.argmin(-1), k + 1)
     return s.topk(k, dim=-1).indices.sort(dim=-1).values
+
+
+def all_but(slot: torch.Tensor, n: int) -> torch.Tensor:
+    """Sorted indices (B, Hkv, n - 1) of every slot but ``slot`` (B, Hkv)."""
+    idx = torch.arange(n - 1, device=slot.device)
+    return idx + (idx >= slot[..., None])
 
 
 class Slots:
@@ -68,8 +74,9 @@ class Slots:
     def __init__(self, state=None):
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
-        self.valid: torch.Tensor | None = None  # (B, Hkv, N) bool
-        self.pos: torch.Tensor | None = None  # (B, Hkv, N) long: position each key was rotated with
+        self._valid: torch.Tensor | None = None  # (B, Hkv, N) bool
+        self._pos: torch.Tensor | None = None  # (B, Hkv, N) long: position each key was rotated with
+        self._described: list[tuple[torch.Tensor | None, torch.Tensor]] = []  # newest slots' (real, pos), not yet in
         self.state = state  # the policy's state dataclass (or None)
         self.padded: bool | None = None  # some slot holds no real token (None: not known, see all_real)
         self._bufs: dict[str, torch.Tensor] = {}  # growth buffers the per-slot tensors are prefix views of
@@ -80,29 +87,63 @@ class Slots:
         if self.keys is None:
             self.keys, self.values = keys, values
         else:
-            self.keys, self.values = self._grow("keys", keys), self._grow("values", values)
+            self.keys, self.values = self._grow("keys", self.keys, keys), self._grow("values", self.values, values)
 
-    def _grow(self, name: str, new: torch.Tensor) -> torch.Tensor:
-        self._bufs[name], t = _append(self._bufs.get(name), getattr(self, name), new)
+    def _grow(self, name: str, t: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        self._bufs[name], t = _append(self._bufs.get(name), t, new)
         return t
 
     def describe(self, real: torch.Tensor | None, pos: torch.Tensor) -> None:
-        """Describe the newest slots: which hold real tokens (B, n; None: all of them) and their positions (B, n)."""
-        b, hkv = self.keys.shape[:2]
-        n = pos.shape[-1]
-        if real is None:
-            real = torch.ones_like(pos, dtype=torch.bool)
-        elif self.padded is False:
+        """Describe the newest slots: which hold real tokens (B, n; None: all of them) and their positions (B, n).
+        Decoding steps only note them: validity and positions are brought up to date when next read (a policy that
+        does not evict while decoding reads neither)."""
+        if real is not None and self.padded is False:
             self.padded = None  # (known again when all_real asks)
-        real, pos = real[:, None].expand(b, hkv, n), pos[:, None].expand(b, hkv, n)
-        if self.valid is None:
-            self.valid, self.pos = real, pos
-        else:
-            self.valid, self.pos = self._grow("valid", real), self._grow("pos", pos)
+        self._described.append((real, pos))
+        if self._valid is None or len(self._described) >= DEFERRED:
+            self._settle_described()
         for name, t in self.slot_fields():  # the policy's per-slot state: new slots start at zero
             grow = self.length - t.shape[2]
             if grow > 0:
                 setattr(self.state, name, torch.cat([t, t.new_zeros(*t.shape[:2], grow, *t.shape[3:])], dim=2))
+
+    def _settle_described(self) -> None:
+        described, self._described = self._described, []
+        pos = torch.cat([p for _, p in described], -1) if len(described) > 1 else described[0][1]
+        real = [torch.ones_like(p, dtype=torch.bool) if r is None else r for r, p in described]
+        real = torch.cat(real, -1) if len(real) > 1 else real[0]
+        b, hkv, n = self.keys.shape[0], self.keys.shape[1], pos.shape[-1]
+        real, pos = real[:, None].expand(b, hkv, n), pos[:, None].expand(b, hkv, n)
+        if self._valid is None:
+            self._valid, self._pos = real, pos
+        else:
+            self._valid, self._pos = self._grow("valid", self._valid, real), self._grow("pos", self._pos, pos)
+
+    @property
+    def valid(self) -> torch.Tensor | None:
+        """(B, Hkv, N) bool: the slots that hold a real token."""
+        if self._described:
+            self._settle_described()
+        return self._valid
+
+    @valid.setter
+    def valid(self, t: torch.Tensor) -> None:
+        if self._described:
+            self._settle_described()
+        self._valid = t
+
+    @property
+    def pos(self) -> torch.Tensor | None:
+        """(B, Hkv, N) long: the position each slot's key was rotated with."""
+        if self._described:
+            self._settle_described()
+        return self._pos
+
+    @pos.setter
+    def pos(self, t: torch.Tensor) -> None:
+        if self._described:
+            self._settle_described()
+        self._pos = t
 
     def settle(self, capacity: int | None) -> None:
         """After the call's eviction (quantised storage compresses, static storage pads)."""
@@ -156,6 +197,10 @@ class Slots:
         """Keep the slots ``idx`` (B, Hkv, C), which must be sorted, in that order."""
         self._slots(lambda t: t.gather(2, _per_slot(idx, t)))
 
+    def drop(self, slot: torch.Tensor) -> None:
+        """Evict one slot per sequence and KV head, ``slot`` (B, Hkv)."""
+        self.keep(all_but(slot, self.length))
+
     def pad(self, n: int) -> None:
         """Add ``n`` empty slots before the others."""
         self._slots(lambda t: torch.cat([t.new_zeros(*t.shape[:2], n, *t.shape[3:]), t], dim=2))
@@ -178,6 +223,7 @@ class Ring(Slots):
     def __init__(self, state=None):
         super().__init__(state)
         self.hole: torch.Tensor | None = None  # (B, Hkv): the freed slot of each sequence and head
+        self.refill = False  # every other slot holds a real token
 
     def write(self, keys, values):
         if self.hole is not None and keys.shape[-2] == 1:
@@ -192,7 +238,8 @@ class Ring(Slots):
         if self.hole is None:
             return super().describe(real, pos)
         b, hkv = self.hole.shape
-        hole, self.hole, self.padded = self.hole[..., None], None, None
+        hole, self.hole = self.hole[..., None], None
+        self.padded = False if real is None and self.refill else None
         if real is None:
             real = torch.ones_like(pos, dtype=torch.bool)
         self.valid.scatter_(2, hole, real[:, None].expand(b, hkv, 1))
@@ -200,16 +247,13 @@ class Ring(Slots):
         for _, t in self.slot_fields():
             t.scatter_(2, _per_slot(hole, t), 0)
 
-    def keep(self, idx):
-        if idx.shape[-1] != self.length - 1:
-            return super().keep(idx)
-        # one slot goes: mark it free. keep is sorted and leaves one slot out: the slots before it are kept as they
-        # are, so their count is its index
+    def drop(self, slot):
+        """Mark the slot free; the next token is written into it."""
         if not (self.valid.is_contiguous() and self.pos.is_contiguous()):  # expanded views of the prompt's
             self.valid, self.pos = self.valid.contiguous(), self.pos.contiguous()
-        self.hole = (idx == torch.arange(idx.shape[-1], device=idx.device)).sum(-1)
-        self.valid.scatter_(2, self.hole[..., None], False)
-        self.padded = None
+        self.hole = slot
+        self.valid.scatter_(2, slot[..., None], False)
+        self.refill, self.padded = self.padded is False, True  # (refill: all real again once the hole is filled)
 
     def map(self, fn):
         super().map(fn)
@@ -224,8 +268,8 @@ class Static(Slots):
         super().__init__(state)
         self.extra = extra
 
-    def _grow(self, name, new):
-        return torch.cat([getattr(self, name), new], dim=2)  # (exported: no buffers, no data pointers)
+    def _grow(self, name, t, new):
+        return torch.cat([t, new], dim=2)  # (exported: no buffers, no data pointers)
 
     def settle(self, capacity):
         slots = capacity + self.extra

@@ -81,6 +81,8 @@ class View:
 
     def newest(self) -> torch.Tensor:
         """(B, Hkv, 1): the position of the newest real token."""
+        if self._query_real is None:  # decoding: the query rows are real tokens, the newest is the last
+            return self.query_pos[:, None, -1:].expand(-1, self.valid.shape[1], -1)
         return self.positions.masked_fill(~self.valid, -1).amax(-1, keepdim=True)
 
     def recent(self, window: int) -> torch.Tensor:
