@@ -28,16 +28,20 @@ GROW = 32  # a growing cache allocates 1/GROW of its length in spare slots at on
 # copy of the cache per token, as concatenating does) for at most 1/GROW more memory
 
 
-def _append(buf: torch.Tensor | None, t: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``t`` with ``new`` appended along dim 2, as ``(buffer, t')``: ``t'`` is a prefix view of ``buffer``. Written in
-    place when ``t`` is still the buffer's prefix and there is room; otherwise a new buffer with ``(n + m) // GROW`` spare
-    slots. (Slots past a view's end are never visible through it, so earlier views stay valid.)"""
+def _append(grown: tuple[torch.Tensor, torch.Tensor] | None, t: torch.Tensor,
+            new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``t`` with ``new`` appended along dim 2, as ``(buffer, t')``: ``t'`` is a prefix view of ``buffer``. ``grown``:
+    the last ``(buffer, t')`` made for this tensor; when ``t`` is still that ``t'`` and the buffer has room, ``new``
+    is written in place; otherwise into a new buffer with ``(n + m) // GROW`` spare slots. (Slots past a view's end
+    are never visible through it, so earlier views stay valid.)"""
     n, m = t.shape[2], new.shape[2]
-    if buf is None or t.data_ptr() != buf.data_ptr() or t.stride() != buf.stride() or buf.shape[2] < n + m:
+    if grown is not None and grown[1] is t and grown[0].shape[2] >= n + m:
+        buf = grown[0]
+    else:
         buf = t.new_empty(*t.shape[:2], n + m + (n + m) // GROW, *t.shape[3:])
-        buf[:, :, :n] = t
-    buf[:, :, n:n + m] = new
-    return buf, buf[:, :, :n + m]
+        buf.narrow(2, 0, n).copy_(t)
+    buf.narrow(2, n, m).copy_(new)
+    return buf, buf.narrow(2, 0, n + m)
 
 
 def _per_slot(idx: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -79,7 +83,7 @@ class Slots:
         self._described: list[tuple[torch.Tensor | None, torch.Tensor]] = []  # newest slots' (real, pos), not yet in
         self.state = state  # the policy's state dataclass (or None)
         self.padded: bool | None = None  # some slot holds no real token (None: not known, see all_real)
-        self._bufs: dict[str, torch.Tensor] = {}  # growth buffers the per-slot tensors are prefix views of
+        self._grown: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # growth buffers and their prefix views
 
     # -- writing --------------------------------------------------------------------------------
     def write(self, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -90,8 +94,8 @@ class Slots:
             self.keys, self.values = self._grow("keys", self.keys, keys), self._grow("values", self.values, values)
 
     def _grow(self, name: str, t: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        self._bufs[name], t = _append(self._bufs.get(name), t, new)
-        return t
+        self._grown[name] = grown = _append(self._grown.get(name), t, new)
+        return grown[1]
 
     def describe(self, real: torch.Tensor | None, pos: torch.Tensor) -> None:
         """Describe the newest slots: which hold real tokens (B, n; None: all of them) and their positions (B, n).
@@ -165,8 +169,8 @@ class Slots:
 
     def _held(self, name: str) -> torch.Tensor | None:
         """The tensor holding ``name``'s memory: its growth buffer while it is the buffer's prefix."""
-        t, buf = getattr(self, name), self._bufs.get(name)
-        return buf if buf is not None and t is not None and t.data_ptr() == buf.data_ptr() else t
+        t, grown = getattr(self, name), self._grown.get(name)
+        return grown[0] if grown is not None and grown[1] is t else t
 
     def all_real(self) -> bool:
         """Whether every slot holds a real token (then attention needs no mask)."""
@@ -187,6 +191,7 @@ class Slots:
     # -- eviction and batch operations ------------------------------------------------------------
     def _slots(self, fn) -> None:
         """Apply ``fn`` to every per-slot tensor: keys, values, validity, positions, the policy's slot fields."""
+        self._grown.clear()  # (the growth buffers go with the old tensors)
         for name, t in self.slot_fields():
             setattr(self.state, name, fn(t))
         self.keys, self.values = fn(self.keys), fn(self.values)
