@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -41,12 +43,10 @@ def load_model(spec: str, weights: Optional[Path], trust_pickle: bool):
     if path.suffix == ".gguf" or (path.is_dir() and (path / "config.json").is_file()):
         return load_hf_decoder(path)
     if path.suffix in (".pt2",):
-        if not path.is_file():
-            _fail(f"no such file: {path}")
-        try:
-            return torch.export.load(str(path)).module()
-        except Exception as err:  # noqa: BLE001
-            _fail(f"{path} is not a readable torch.export program ({first_line(err)})")
+        return load_exported(path)
+    if path.is_dir():
+        _fail(f"{path} is a folder without config.json: give a Hugging Face model folder (config.json and .safetensors "
+              "weights), a .gguf, .pt2 or pickled model file, or a timm model name")
     if path.suffix in (".pt", ".pth", ".pkl", ".bin") or path.exists():
         if not path.is_file():
             _fail(f"no such file: {path}")
@@ -72,8 +72,54 @@ def load_model(spec: str, weights: Optional[Path], trust_pickle: bool):
         _fail(f"'{spec}' is neither a file nor a timm model name.{hint}")
     model = timm.create_model(spec, pretrained=False)
     if weights is not None:
-        model.load_state_dict(read_state_dict(weights))
+        load_weights(model, spec, weights)
     return model
+
+
+def load_exported(path: Path):
+    """The module of a ``.pt2`` file written by ``torch.export.save`` (or ``graphprune-cli export``)."""
+    import warnings
+    import zipfile
+
+    import torch
+
+    if not path.is_file():
+        _fail(f"no such file: {path}")
+    if not zipfile.is_zipfile(path):
+        _fail(f"{path} is not an exported program: a .pt2 file is the zip archive torch.export.save writes "
+              "(graphprune-cli export writes one as model.pt2)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.export.load(str(path)).module()
+    except Exception as err:  # noqa: BLE001
+        _fail(f"{path} is not a readable torch.export program ({first_line(err)})")
+
+
+def load_weights(model, name: str, weights: Path) -> None:
+    """Load ``--weights`` into ``model``; one clear error naming a few keys when they do not fit."""
+    state = read_state_dict(weights)
+    if not isinstance(state, dict):
+        _fail(f"{weights} holds a {type(state).__name__}, not a state dict (parameter name -> tensor)")
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} (the model's: {tuple(own[k].shape)})" for k in own
+              if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)]
+
+    def few(keys):
+        return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+    problems = [f"{len(missing)} missing ({few(missing)})"] if missing else []
+    problems += [f"{len(unexpected)} unexpected ({few(unexpected)})"] if unexpected else []
+    problems += [f"{len(shapes)} of another shape ({few(shapes)})"] if shapes else []
+    if problems:
+        _fail(f"the weights in {weights} do not fit {name}: " + "; ".join(problems) + ". Give the state dict of this "
+              "architecture (the keys of model.state_dict())")
+    try:
+        model.load_state_dict(state)
+    except Exception as err:  # noqa: BLE001
+        _fail(f"cannot load the weights in {weights} into {name}: {first_line(err)}")
 
 
 def load_hf_decoder(path: Path):
@@ -238,6 +284,29 @@ def export(
 
     Decoder LLMs take a KV-cache recipe (-O budget=...): --target onnx writes prefill.onnx and
     decode.onnx; --target eager writes the recipe as a schedule file to pass back with --schedule."""
+    with _removed_on_failure(output):
+        _export(model, output, recipe, target, r, inflection, prop_attn, keep, locations, restore_tokens, option,
+                schedule, weights, trust_pickle, batch, input_size, prompt_len, new_tokens)
+
+
+@contextlib.contextmanager
+def _removed_on_failure(folder: Path):
+    """Remove the folders this command created on the way to ``folder`` if it fails (nothing half-written)."""
+    top = None
+    for p in (folder, *folder.parents):
+        if p.exists():
+            break
+        top = p
+    try:
+        yield
+    except BaseException:
+        if top is not None:
+            shutil.rmtree(top, ignore_errors=True)
+        raise
+
+
+def _export(model, output, recipe, target, r, inflection, prop_attn, keep, locations, restore_tokens, option, schedule,
+            weights, trust_pickle, batch, input_size, prompt_len, new_tokens):
     try:
         import graphprune
 
@@ -463,43 +532,47 @@ def tune(
     rounds: Annotated[int, typer.Option("--rounds", min=1, help="timing rounds (min of N) per profiled block and count")] = 5,
     data: Annotated[Optional[Path], typer.Option("--data", help="calibration inputs for fidelity: a folder of images or a tensor file")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="latency-table cache (default ~/.cache/graphprune/latency)")] = None,
-    refresh: Annotated[bool, typer.Option("--refresh", help="profile again even if a cached table exists")] = False,
+    refresh: Annotated[bool, typer.Option("--rebuild", "--refresh", help="profile again even if a cached table exists "
+                                          "(a cached one is also profiled again when the unmodified model's time now "
+                                          "differs from it by more than 1.3x)")] = False,
     option: OptionOpt = [],  # noqa: B006
     weights: WeightsOpt = None, trust_pickle: TrustOpt = False, input_size: InputSizeOpt = None,
 ):
     """Choose a per-block schedule meeting --speedup or --latency-ms with the best fidelity, by profiling this device."""
     try:
-        import graphprune
+        with _removed_on_failure(output.parent):  # (the folder check_writable makes for the schedule file)
+            import graphprune
 
-        if (speedup is None) == (latency_ms is None):
-            _fail("give one goal: --speedup X or --latency-ms Y")
-        if recipe not in graphprune.schedule.tune.TUNABLE:
-            graphprune.recipes.get_recipe(recipe)  # unknown recipe: its own error
-            _fail(f"tune chooses per-block schedules for {', '.join(graphprune.schedule.tune.TUNABLE)}; '{recipe}' has none")
-        options = graphprune.schedule.tune.check_options(recipe, key_values(option))  # before loading the model
-        from graphprune.exporters.files import check_writable
+            if (speedup is None) == (latency_ms is None):
+                _fail("give one goal: --speedup X or --latency-ms Y")
+            if recipe not in graphprune.schedule.tune.TUNABLE:
+                graphprune.recipes.get_recipe(recipe)  # unknown recipe: its own error
+                _fail(f"tune chooses per-block schedules for {', '.join(graphprune.schedule.tune.TUNABLE)}; '{recipe}' has none")
+            options = graphprune.schedule.tune.check_options(recipe, key_values(option))  # before loading the model
+            from graphprune.exporters.files import check_writable
 
-        check_writable(output)
-        net, timed, calibration = model_and_batches(model, weights, trust_pickle, batch, input_size, data)
-        schedule = graphprune.tune(net, recipe, speedup=speedup, latency_ms=latency_ms, example_inputs=timed, calibration=calibration,
-                                   target=target, rounds=rounds, cache_dir=cache_dir, refresh=refresh, options=options)
-        info = schedule.info
-        t = Table(title=f"{model} · {recipe} schedules at {info['goal']}")
-        for col in ("schedule", "family", "predicted ms", "cosine"):
-            t.add_column(col, justify="left" if col in ("schedule", "family") else "right")
-        for c in sorted(info["candidates"], key=lambda c: -c["cosine"]):
-            mark = "★ " if c["r"] == schedule.options["r"] else "  "
-            t.add_row(mark + ",".join(map(str, c["r"])), c["family"], f"{c['predicted_ms']:.2f}", f"{c['cosine']:.4f}")
-        console.print(t)
-        console.print(f"unmodified model {info['baseline_ms']:.2f} ms; chosen schedule predicted {info['predicted_ms']:.2f} ms "
-                      f"({info.get('predicted_speedup', info['baseline_ms'] / info['predicted_ms']):.2f}×)"
-                      + (f", measured {info['measured_speedup']:.2f}× (prediction off by {100 * info['prediction_error']:+.1f} %)"
-                         if "measured_speedup" in info else ""))
-        if "within_noise" in info:
-            w = info["within_noise"]
-            console.print(f"kept the constant schedule: the best-scoring one ({w['family']}) beat it by {w['gain']:+.4f} ± "
-                          f"{w['stderr']:.4f}, within the calibration data's noise (more --data resolves smaller gains)")
-        console.print(f"wrote {schedule.save(output)}")
+            check_writable(output)
+            net, timed, calibration = model_and_batches(model, weights, trust_pickle, batch, input_size, data)
+            schedule = graphprune.tune(net, recipe, speedup=speedup, latency_ms=latency_ms, example_inputs=timed, calibration=calibration,
+                                       target=target, rounds=rounds, cache_dir=cache_dir, refresh=refresh, options=options)
+            info = schedule.info
+            console.print(info["latency_table"], highlight=False)
+            t = Table(title=f"{model} · {recipe} schedules at {info['goal']}")
+            for col in ("schedule", "family", "predicted ms", "cosine"):
+                t.add_column(col, justify="left" if col in ("schedule", "family") else "right")
+            for c in sorted(info["candidates"], key=lambda c: -c["cosine"]):
+                mark = "★ " if c["r"] == schedule.options["r"] else "  "
+                t.add_row(mark + ",".join(map(str, c["r"])), c["family"], f"{c['predicted_ms']:.2f}", f"{c['cosine']:.4f}")
+            console.print(t)
+            console.print(f"unmodified model {info['baseline_ms']:.2f} ms; chosen schedule predicted {info['predicted_ms']:.2f} ms "
+                          f"({info.get('predicted_speedup', info['baseline_ms'] / info['predicted_ms']):.2f}×)"
+                          + (f", measured {info['measured_speedup']:.2f}× (prediction off by {100 * info['prediction_error']:+.1f} %)"
+                             if "measured_speedup" in info else ""))
+            if "within_noise" in info:
+                w = info["within_noise"]
+                console.print(f"kept the constant schedule: the best-scoring one ({w['family']}) beat it by {w['gain']:+.4f} ± "
+                              f"{w['stderr']:.4f}, within the calibration data's noise (more --data resolves smaller gains)")
+            console.print(f"wrote {schedule.save(output)}")
     except GraphPruneError as err:
         _fail(str(err))
 

@@ -91,7 +91,47 @@ def test_bad_input_is_one_clear_error(args, message, tmp_path):
     assert res.exit_code == 2, res.output
     assert message in " ".join(res.output.split())
     assert "Traceback" not in res.output
-    assert not out.exists() or list(out.iterdir()) == []  # nothing half-written
+    assert not out.exists()  # nothing half-written: not even the empty output folder
+
+
+def test_pt2_that_is_not_an_exported_program(tmp_path):
+    bad = tmp_path / "model.pt2"
+    bad.write_bytes(b"this is not a zip archive")
+    out = tmp_path / "new" / "out"
+    res = _run("export", bad, "--recipe", "tome", "-o", out)
+    assert res.exit_code == 2, res.output
+    text = " ".join(res.output.split())
+    assert "is not an exported program" in text and "miniz" not in text and "Traceback" not in text
+    assert not (tmp_path / "new").exists()  # the folders it made on the way are gone too
+
+
+def test_weights_that_do_not_fit_the_model(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    state = timm.create_model("test_vit", pretrained=False).state_dict()
+    state["extra.weight"] = torch.zeros(2)
+    del state["head.weight"]
+    save_file(state, tmp_path / "w.safetensors")
+    res = _run("export", "test_vit", "--weights", tmp_path / "w.safetensors", "--recipe", "tome", "-o", tmp_path / "o")
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2, res.output
+    assert "do not fit test_vit" in text and "1 missing (head.weight)" in text and "1 unexpected (extra.weight)" in text
+    assert "Traceback" not in text and not (tmp_path / "o").exists()
+    state = timm.create_model("test_vit", pretrained=False).state_dict()
+    state["head.bias"] = torch.zeros(3)
+    save_file(state, tmp_path / "s.safetensors")
+    res = _run("export", "test_vit", "--weights", tmp_path / "s.safetensors", "--recipe", "tome", "-o", tmp_path / "o")
+    assert res.exit_code == 2 and "1 of another shape (head.bias (3,)" in " ".join(res.output.split())
+
+
+def test_folder_without_config_is_not_no_such_file(tmp_path):
+    folder = tmp_path / "my_model"
+    folder.mkdir()
+    (folder / "weights.bin").write_bytes(b"x")
+    res = _run("export", folder, "--recipe", "tome", "-o", tmp_path / "o")
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2 and "is a folder without config.json" in text and "no such file" not in text
 
 
 def test_pickle_needs_explicit_trust(pickled, tmp_path):
@@ -174,6 +214,7 @@ def test_tune_writes_a_schedule_that_export_takes(pickled, tmp_path):
     assert saved["format"] == "graphprune-schedule" and saved["recipe"] == "tome" and len(saved["options"]["r"]) == 4
     assert saved["options"]["metric"] == "tokens"  # a fixed option is kept with the tuned schedule
     assert "measured" in res.output and list((tmp_path / "cache").glob("*.json"))
+    assert "latency table" in res.output and "(profiled now)" in " ".join(res.output.split())  # says which table
     res = _run("export", pickled, "--trust-pickle", "--schedule", tmp_path / "s.json", "-o", tmp_path / "o", "--input-size", "3,32,32")
     assert res.exit_code == 0, res.output
 
@@ -185,9 +226,10 @@ def test_tune_writes_a_schedule_that_export_takes(pickled, tmp_path):
     (["--speedup", "1.5", "--recipe", "tomee"], "unknown recipe"),
     (["--speedup", "1.5", "-O", "r=3"], "other options only"),
     (["--speedup", "1.5", "-O", "metric=queries"], "metric must be one of"),
+    (["--speedup", "1.5", "--data", "no_such_calibration.npy"], "no such data"),  # after the output folder is made
 ])
 def test_tune_bad_input_is_one_clear_error(args, message, tmp_path):
-    res = _run("tune", "test_vit", *args, "-o", tmp_path / "s.json")
+    res = _run("tune", "test_vit", *args, "-o", tmp_path / "new" / "s.json")
     assert res.exit_code == 2, res.output
     assert message in " ".join(res.output.split())
-    assert not (tmp_path / "s.json").exists()
+    assert not (tmp_path / "new").exists()  # nothing left behind, not even the folder

@@ -116,9 +116,21 @@ def test_latency_table_profiles_every_block_and_is_cached(tmp_path, monkeypatch)
         raise AssertionError("profiled again instead of reading the cache")
 
     monkeypatch.setattr(gt, "_min_times", no_profiling)
-    assert gt.latency_table(model, (x,), counts=[17, 33, 65], cache_dir=tmp_path) == table
+    now = {"ms": table.full_ms * 1.2}  # the unmodified model, measured when the cached table is about to be reused
+    monkeypatch.setattr(gt, "unmodified_ms", lambda *a, **k: now["ms"])
+    chosen = gt.choose_table(model, (x,), counts=[17, 33, 65], cache_dir=tmp_path)
+    assert chosen.table == table and chosen.reused and "cached" in chosen.describe()
     with pytest.raises(AssertionError, match="profiled again"):
         gt.latency_table(model, (images(2),), cache_dir=tmp_path)  # another batch: another table
+    now["ms"] = table.full_ms / 3  # profiled on a busy machine: stale, profiled again
+    with pytest.raises(AssertionError, match="profiled again"):
+        gt.latency_table(model, (x,), counts=[17, 33, 65], cache_dir=tmp_path)
+    monkeypatch.undo()
+    stale = gt.LatencyTable(**{**table.__dict__, "full_ms": table.full_ms * 3})
+    stale.save(next(tmp_path.glob("*.json")))
+    chosen = gt.choose_table(model, (x,), counts=[17, 33, 65], rounds=1, cache_dir=tmp_path)
+    assert not chosen.reused and chosen.stale_ms == stale.full_ms and "stale" in chosen.describe()
+    assert gt.LatencyTable.load(chosen.path) == chosen.table != stale  # the fresh table replaced it
 
 
 def test_block_inputs_follow_the_token_count():

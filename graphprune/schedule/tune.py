@@ -177,13 +177,45 @@ def _min_times(fns: dict, rounds: int, progress=None, label: str = "profiling") 
     return {k: v * 1e3 for k, v in best.items()}
 
 
+STALE = 1.3  # a cached table is profiled again when the unmodified model now runs this many times faster or slower
+
+
+@dataclass
+class TableChoice:
+    """The latency table :func:`choose_table` uses: where it lives, whether the cached one was reused, and the
+    unmodified model's time measured now to check it (``checked_ms``; None when profiled afresh without a cache)."""
+
+    table: LatencyTable
+    path: Path
+    reused: bool
+    checked_ms: Optional[float] = None
+    stale_ms: Optional[float] = None  # the cached table's baseline when it was found stale and profiled again
+
+    def describe(self) -> str:
+        if self.reused:
+            return (f"latency table {self.path} (cached; the unmodified model {self.checked_ms:.2f} ms now, "
+                    f"{self.table.full_ms:.2f} ms in the table)")
+        if self.stale_ms is not None:
+            return (f"latency table {self.path} profiled again: the cached one was stale (the unmodified model "
+                    f"{self.checked_ms:.2f} ms now, {self.stale_ms:.2f} ms in it)")
+        return f"latency table {self.path} (profiled now)"
+
+
 def latency_table(model: torch.nn.Module, example_inputs, *, target: str = "eager", counts: Optional[Sequence[int]] = None,
                   rounds: int = 5, cache_dir=None, refresh: bool = False, progress=None) -> LatencyTable:
     """Profile every block of ``model`` at token ``counts`` on ``example_inputs`` (their batch is the table's).
 
     Cached in ``cache_dir`` (default ``~/.cache/graphprune/latency``, or ``$GRAPHPRUNE_CACHE``)
-    per device, runtime, model and batch; ``refresh`` profiles again.
+    per device, runtime, model and batch, and reused while the unmodified model's time measured now stays within
+    :data:`STALE` × the table's (a table profiled on a busy machine is profiled again); ``refresh`` profiles again.
     """
+    return choose_table(model, example_inputs, target=target, counts=counts, rounds=rounds, cache_dir=cache_dir,
+                        refresh=refresh, progress=progress).table
+
+
+def choose_table(model: torch.nn.Module, example_inputs, *, target: str = "eager", counts: Optional[Sequence[int]] = None,
+                 rounds: int = 5, cache_dir=None, refresh: bool = False, progress=None) -> TableChoice:
+    """:func:`latency_table`, saying which table it used and why."""
     if target not in TARGETS:
         raise GraphPruneError(f"unknown tuning target '{target}'; choose one of {', '.join(TARGETS)}")
     inputs = gb.as_args(example_inputs)
@@ -191,10 +223,37 @@ def latency_table(model: torch.nn.Module, example_inputs, *, target: str = "eage
     key = f"{model_key(model, inputs)}-b{batch}-{target}-" + hashlib.sha1(device_name().encode()).hexdigest()[:8]
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = cache / f"{key}.json"
+    checked = stale = None
     if path.is_file() and not refresh:
         table = LatencyTable.load(path)
         if counts is None or list(counts) == table.counts:
-            return table
+            checked = unmodified_ms(model, inputs, target)
+            if 1 / STALE <= checked / table.full_ms <= STALE:
+                return TableChoice(table, path, True, checked)
+            stale = table.full_ms
+    return TableChoice(_profile(model, inputs, target, counts, rounds, progress, key, path), path, False, checked, stale)
+
+
+def unmodified_ms(model: torch.nn.Module, inputs: tuple, target: str, rounds: int = 5) -> float:
+    """The unmodified model's time on ``target`` now, in ms (the fastest of ``rounds`` after a warm-up), as the
+    latency table measures it (on ONNX Runtime: the model exported at zero reduction)."""
+    with tempfile.TemporaryDirectory(prefix="graphprune-tune-") as tmp:
+        if target == "onnx":
+            run = optimize(model, "tome", target="onnx", output=Path(tmp) / "model.onnx", example_inputs=first_two(inputs),
+                           r=0)
+        else:
+            run = model
+        best = float("inf")
+        with torch.inference_mode():
+            for i in range(rounds + 1):
+                t0 = time.perf_counter()
+                run(*inputs)
+                if i:
+                    best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
+def _profile(model, inputs, target, counts, rounds, progress, key, path) -> LatencyTable:
     with torch.inference_mode():
         paths = find_block_paths(model, inputs)
     twin, calls = _record_block_calls(model, paths, inputs)
@@ -203,7 +262,7 @@ def latency_table(model: torch.nn.Module, example_inputs, *, target: str = "eage
     counts = sorted(set(int(c) for c in counts)) if counts is not None else default_counts(full)
     if counts[-1] != full:
         counts = sorted(set(c for c in counts if c < full) | {full})
-    example = first_two(inputs)
+    example, batch = first_two(inputs), int(inputs[0].shape[0])
     with tempfile.TemporaryDirectory(prefix="graphprune-tune-") as tmp:
         fns = {}
         for i, p in enumerate(paths):
@@ -440,7 +499,8 @@ def tune(model: torch.nn.Module, recipe: str = "tome", *, speedup: Optional[floa
     example = first_two(inputs)
 
     with eval_mode(model), gb._progress(progress) as bar:  # flags restored after
-        table = latency_table(model, inputs, target=target, rounds=rounds, cache_dir=cache_dir, refresh=refresh, progress=bar)
+        chosen = choose_table(model, inputs, target=target, rounds=rounds, cache_dir=cache_dir, refresh=refresh, progress=bar)
+        table = chosen.table
         budget = latency_ms if latency_ms is not None else table.full_ms / speedup
         probe = optimize(model, recipe, example_inputs=example, **{**options, TUNABLE[recipe]: 0})
         tokens, protected = probe.report.tokens_per_block[0], probe.report.layout["prefix_tokens"]
@@ -474,6 +534,7 @@ def tune(model: torch.nn.Module, recipe: str = "tome", *, speedup: Optional[floa
                 table.overhead_ms = (got_ms * table.full_ms / base_ms - raw) / max(reducing, 1)
         best, scored = search(table, budget, tokens, protected, score, progress=bar)
         info = {"model": table.model, "target": target, "batch": table.batch, "device": table.device,
+                "latency_table": chosen.describe(),
                 "goal": {"speedup": speedup} if speedup is not None else {"latency_ms": latency_ms},
                 "baseline_ms": table.full_ms, "predicted_ms": best.predicted_ms, "fidelity": {metric: best.score},
                 "family": best.family, "overhead_ms": table.overhead_ms,
