@@ -337,6 +337,74 @@ def run_speed(context: int, budget: float, steps: int, rounds: int, recipes: lis
     _save(f"speed_{context}" + (f"_vs_{against}" if against else ""), payload)
 
 
+# ----------------------------------------------------------------------------- overhead
+
+VIEW_OPS = {"view", "_unsafe_view", "slice", "narrow", "unsqueeze", "squeeze", "expand", "alias", "permute", "select",
+            "transpose", "t", "reshape", "as_strided", "detach", "split", "unbind", "_local_scalar_dense"}
+
+
+def _ops_per_step(model, cache, token) -> int:
+    """Tensor ops (views left out) one decode step dispatches: on a GPU, each is a kernel launch."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func.overloadpacket.__name__ not in VIEW_OPS
+            return func(*args, **(kwargs or {}))
+
+    with Count() as c:
+        model(token, cache=cache, use_cache=True)
+    return c.n
+
+
+def run_overhead(prompt: int, budget: int, steps: int, rounds: int, against: str | None) -> None:
+    """Decode-step cost where compute is negligible: a 30-layer decoder of width 64 (SmolLM2's depth and head layout,
+    random weights), so a step's time is Python and op dispatch, as on a GPU where kernels are fast."""
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=72, intermediate_size=128, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=4 * prompt)
+    base = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 512, (1, prompt))
+    t_run = time.time()
+    variants = [(None, {}), ("snapkv", {"budget": 1.0})] + [(r, {"budget": budget}) for r in RECIPES]
+    builders = {_label(r, o): (lambda r=r, o=o: _model(base, r, o)) for r, o in variants}
+    if against is not None:
+        old = package_at(against)
+        for r, o in variants[1:]:
+            builders[f"{_label(r, o)} @{against}"] = lambda r=r, o=o: old.optimize(base, r, **o)
+    states, ops = {}, {}
+    for label, build in builders.items():
+        model = build()
+        out = model(ids, cache=DynamicCache() if label == "full cache" else None, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        _decode(model, out.cache, token, 4)  # past the first steps' growth
+        ops[label] = _ops_per_step(model, copy.deepcopy(out.cache), token)
+        states[label] = (model, out.cache, token)
+    times = {label: [] for label in builders}
+    labels = list(builders)
+    for r in range(rounds + 1):
+        for label in labels[r % len(labels):] + labels[: r % len(labels)]:
+            model, cache, token = states[label]
+            t = _decode(model, copy.deepcopy(cache), token, steps) / steps
+            if r:
+                times[label].append(t)
+    full = statistics.median(times["full cache"])
+    rows = []
+    for (label, t), (recipe, options) in zip(times.items(), variants + variants[1:]):
+        med = statistics.median(t)
+        rows.append({"label": label, "recipe": recipe, "options": options, "ms_per_step": med * 1e3,
+                     "ratio_to_unmodified": med / full, "ops_per_step": ops[label],
+                     "ms_per_step_rounds": [x * 1e3 for x in t]})
+        print(f"{label:40s} {med * 1e3:6.2f} ms/step  {med / full:5.2f}× unmodified  {ops[label]:5d} ops per step")
+    _save("overhead", {"seconds": time.time() - t_run, "title": "decode-step overhead", "model": "random LlamaForCausalLM: 30 layers, width 72, 9 query "
+                       "heads, 3 KV heads", "prompt": prompt, "budget": budget, "steps": steps, "rounds": rounds,
+                       "against": against, "rows": rows})
+
+
 # ----------------------------------------------------------------------------- report
 
 # ----------------------------------------------------------------------------- lazy
@@ -456,7 +524,7 @@ NOTES = [
     "none and go first, so the answer can stop after its first digit. StreamingLLM keeps sinks and the newest "
     "tokens, so an earlier needle is gone by definition. Query-aware scoring (`snapkv`, `tova`: the last rows, i.e. "
     "the question) keeps such needles more often. `tests/test_retrieval.py` (slow) checks that where a recipe keeps "
-    "every needle, it answers as the full cache does.",
+    "the asked needle's value in every layer and KV head, it answers as the full cache does.",
     "- Side by side with NVIDIA's kvpress 0.5.5 (run outside the repository, in a venv with `pip install --no-deps "
     "kvpress==0.5.5 cachetools`; its forward hook given `past_key_values` and `cache_position` for transformers 5.24; "
     "SmolLM2, 2048-token prompt, budget 1024 (kvpress compression_ratio 0.5), 32 greedy tokens, batch 1, one "
@@ -593,6 +661,24 @@ def report() -> None:
             lines.append(f"| {name} | {row['ms_per_token']:.1f} | {row['tokens_per_s']:.1f} | {row['speedup']:.2f}× | "
                          f"{row['speedup_paired_median']:.2f}× | {mem['ratio']:.3f} | {slots} | {row['prefill_s']:.1f} |")
         lines.append("")
+    path = OUT / "overhead.json"
+    if path.is_file():
+        d = json.loads(path.read_text())
+        lines += ["## Decode-step overhead (dispatch-bound)", "",
+                  f"`{d['command']}` ({d['date']}, {_threads(d)}, {d['seconds'] / 60:.1f} min)" if "seconds" in d else
+                  f"`{d['command']}` ({d['date']}, {_threads(d)})", "",
+                  f"{d['model']}: a {d['prompt']}-token prompt, budget {d['budget']} (and snapkv at 1.0, the full cache), "
+                  f"{d['steps']} greedy steps per round, {d['rounds']} rounds interleaved. The model is so small that a "
+                  "step's time is Python and op dispatch, as on a GPU where every op is a short kernel launch: this is "
+                  "what a cache policy adds per step beyond the model. Ops per step: tensor ops dispatched by one step "
+                  "(views left out)." + (f" Rows marked 'as built at {d['against']}' are the same recipes as that commit "
+                                         "built them." if d.get("against") else ""), "",
+                  "| variant | ms/step | × unmodified | ops per step |", "|---|---:|---:|---:|"]
+        for row in d["rows"]:
+            name = "unmodified model" if row["recipe"] is None else row["label"].replace(f" @{d.get('against')}",
+                                                                                        f" as built at {d.get('against')}")
+            lines.append(f"| {name} | {row['ms_per_step']:.2f} | {row['ratio_to_unmodified']:.2f}× | {row['ops_per_step']} |")
+        lines.append("")
     (OUT.parent / "llm.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {OUT.parent / 'llm.md'}")
 
@@ -626,6 +712,12 @@ def main() -> None:
     v.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
     v.add_argument("--article", type=int, default=0)
     v.add_argument("--against", default=None, help="also the same recipes as built by this earlier commit, interleaved")
+    o = sub.add_parser("overhead", help="decode-step overhead and op count on a tiny 30-layer model (dispatch-bound)")
+    o.add_argument("--prompt", type=int, default=512)
+    o.add_argument("--budget", type=int, default=128)
+    o.add_argument("--steps", type=int, default=32)
+    o.add_argument("--rounds", type=int, default=7)
+    o.add_argument("--against", default=None, help="also the same recipes as built by this earlier commit, interleaved")
     z = sub.add_parser("lazy", help="LazyLLM: time to first token and continuation perplexity")
     z.add_argument("--context", type=int, nargs="+", default=[2048, 4096], choices=(1024, 2048, 4096, 8192))
     z.add_argument("--samples", type=int, default=3)
@@ -634,7 +726,7 @@ def main() -> None:
     z.add_argument("--start", type=int, nargs="+", default=[2], help="first pruning layer(s)")
     z.add_argument("--rounds", type=int, default=3, help="timed prefills per model and sample")
     sub.add_parser("report")
-    for q in (p, s, z):
+    for q in (p, s, z, o):
         q.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
     if args.task == "report":
@@ -646,6 +738,8 @@ def main() -> None:
             run_ppl(args.context, args.samples, args.continuation, args.budget, args.recipes, args.others)
         elif args.task == "lazy":
             run_lazy(args.context, args.samples, args.continuation, args.rate, args.start, args.rounds)
+        elif args.task == "overhead":
+            run_overhead(args.prompt, args.budget, args.steps, args.rounds, args.against)
         elif args.task == "stream":
             run_stream(args.tokens, args.prefill, args.budget, args.sinks, args.segment, args.chunk, args.article,
                        args.max_steps, not args.no_full, args.window)

@@ -439,6 +439,49 @@ def test_decoding_appends_in_place_and_keeps_the_full_caches_keys():
     assert 1.0 <= held <= 1.0 + 1 / GROW + 1e-6  # the spare slots are counted, and stay within 1/GROW
 
 
+VIEWS = {"view", "_unsafe_view", "slice", "narrow", "unsqueeze", "squeeze", "expand", "alias", "permute", "select",
+         "transpose", "t", "reshape", "as_strided", "detach", "split", "unbind", "_local_scalar_dense"}
+
+
+def _kernels_per_step(model, cache, token, steps=8) -> int:
+    """The fewest tensor ops (views left out) one decode step dispatches, over ``steps`` steps."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ not in VIEWS:
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    for _ in range(steps):
+        with Count() as c:
+            out = model(token, past_key_values=cache, use_cache=True)
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        counts.append(c.n)
+    return min(counts)
+
+
+@pytest.mark.parametrize("recipe,options", [("snapkv", {"budget": 1.0, "window": 4}), ("snapkv", {"budget": 48, "window": 4}),
+                                            ("pyramidkv", {"budget": 96, "window": 4})])
+def test_decode_steps_dispatch_no_more_ops_than_the_unmodified_model(recipe, options):
+    """Decoding past the prompt, a policy that evicts only the prompt (or nothing) adds no tensor op to the step: the
+    cache appends in place where the unmodified model concatenates, and the slots' bookkeeping waits (on a GPU, each
+    op is a kernel launch). (Every layer here keeps at least 32 slots: a shorter cache has no spare slot and grows
+    by a copy per step, as concatenating does.)"""
+    from transformers import DynamicCache
+
+    model = tiny(layers=4)
+    ids, token = prompts(1, 160), torch.tensor([[7]])
+    with torch.no_grad():
+        base = _kernels_per_step(model, model(ids, past_key_values=DynamicCache(), use_cache=True).past_key_values, token)
+        fast = graphprune.optimize(model, recipe, **options)
+        ours = _kernels_per_step(fast, fast(ids, use_cache=True).cache, token)
+    assert ours <= base
+
+
 @pytest.mark.parametrize("recipe", [*CACHE_RECIPES, "fastgen", "lazyllm"])
 def test_left_padded_batch_equals_each_prompt_alone(recipe):
     model = tiny("qwen2", seed=3)

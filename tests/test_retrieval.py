@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 
 BUDGETS = (0.25, 0.5, 0.75, 0.9, 0.95, 0.98)
 EVICTING = ("streaming_llm", "h2o", "tova", "scissorhands", "snapkv", "pyramidkv")
-OTHERS = {  # settings from stronger to milder reduction; the first that keeps every needle is checked
+OTHERS = {  # settings from stronger to milder reduction; the first that keeps the asked needle is checked
     "kivi": [{"bits": 4}],
     "fastgen": [{"recovery": r} for r in (0.95, 0.98, 0.995)],
     "pyramidinfer": [{"decay": d} for d in (0.9, 0.95, 0.99)],

@@ -25,7 +25,8 @@ from graphprune.ops.quant import dequantize, quantize
 
 DEFERRED = 64  # decoding steps whose slot descriptions may wait for one concatenation
 GROW = 32  # a growing cache allocates 1/GROW of its length in spare slots at once: decoding appends in place (not a
-# copy of the cache per token, as concatenating does) for at most 1/GROW more memory
+# copy of the cache per token, as concatenating does) for at most 1/GROW more memory (a cache under GROW slots has no
+# spare slot and is copied per token)
 
 
 def _append(grown: tuple[torch.Tensor, torch.Tensor] | None, t: torch.Tensor,
@@ -96,6 +97,9 @@ class Slots:
     def _grow(self, name: str, t: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         self._grown[name] = grown = _append(self._grown.get(name), t, new)
         return grown[1]
+
+    def _concatenate(self, name: str, t: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t, new], dim=2)
 
     def describe(self, real: torch.Tensor | None, pos: torch.Tensor) -> None:
         """Describe the newest slots: which hold real tokens (B, n; None: all of them) and their positions (B, n).
@@ -230,6 +234,8 @@ class Ring(Slots):
         self.hole: torch.Tensor | None = None  # (B, Hkv): the freed slot of each sequence and head
         self.refill = False  # every other slot holds a real token
 
+    _grow = Slots._concatenate  # appends are rare here (a call of several tokens): no spare slots
+
     def write(self, keys, values):
         if self.hole is not None and keys.shape[-2] == 1:
             idx = self.hole[:, :, None, None].expand(*self.hole.shape, 1, keys.shape[-1])
@@ -273,8 +279,7 @@ class Static(Slots):
         super().__init__(state)
         self.extra = extra
 
-    def _grow(self, name, t, new):
-        return torch.cat([t, new], dim=2)  # (exported: no buffers, no data pointers)
+    _grow = Slots._concatenate  # traced for export: no buffers
 
     def settle(self, capacity):
         slots = capacity + self.extra
@@ -294,6 +299,8 @@ class Quantized(Slots):
     """KIVI: keys quantised per channel in groups of ``group`` tokens, values per token (groups of ``group``
     channels); the newest tokens stay in full precision. ``keys`` / ``values`` hold those residual tokens, the
     quantised parts live in ``kq`` / ``vq`` (chunks of codes, scale and minimum, oldest first)."""
+
+    _grow = Slots._concatenate  # the full-precision part is a small residual, sliced off as it is quantised
 
     def __init__(self, state=None, spec: Quantization | None = None):
         super().__init__(state)
