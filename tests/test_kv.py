@@ -475,7 +475,7 @@ def test_decode_steps_dispatch_no_more_ops_than_the_unmodified_model(recipe, opt
 
     model = tiny(layers=4)
     ids, token = prompts(1, 160), torch.tensor([[7]])
-    with torch.no_grad():
+    with torch.inference_mode():
         base = _kernels_per_step(model, model(ids, past_key_values=DynamicCache(), use_cache=True).past_key_values, token)
         fast = graphprune.optimize(model, recipe, **options)
         ours = _kernels_per_step(fast, fast(ids, use_cache=True).cache, token)

@@ -228,7 +228,10 @@ def _positions(kwargs, b, n, device) -> torch.Tensor:
     pos = kwargs.get("position_ids")
     if pos is None:
         raise RuntimeError("graphprune: the model did not pass position_ids to its attention")
-    return pos[..., -n:].to(device).expand(b, n)
+    pos = pos[..., -n:]
+    if pos.device != device:
+        pos = pos.to(device)
+    return pos if pos.shape == (b, n) else pos.expand(b, n)
 
 
 class EvictingCache(Cache):
