@@ -498,23 +498,18 @@ NOTES = [
     "the first step, under 100 after 50 steps), and each step pays for its bookkeeping in many small per-layer ops "
     "(selection, masks, Aux-Cache lookups): 70–95 ms per step against the full cache's 44–53 ms. Its memory counts the "
     "Aux Cache's hidden states, so it is near the full cache's.",
-    "- The machine has 2 cores and was shared with other test runs. `ppl` and `stream` ran at the same time with one "
-    "thread each (`--threads 1`); their per-step times are not speed measurements. `speed` ran alone with torch's "
-    "default threads (2); its rounds agree within a few per cent.",
+    "- The machine has 2 cores. `ppl` ran beside `ppl --others` and then `lazy` (and `stream`, earlier, beside `ppl`), "
+    "one thread each (`--threads 1`); their per-step times are not speed measurements. `speed` and `overhead` ran "
+    "alone with torch's default threads (2).",
     "- With 2 threads and another busy process on the machine, recipes that evict at every step (many small ops per "
     "layer) slowed down 30–40× in trial runs while the full model barely did (thread oversubscription); prefer "
     "`--threads 1` for `ppl`/`stream` on a shared machine.",
     "- `speed` decodes from a `copy.deepcopy` of each prefilled cache, so every round starts at the same length.",
-    "- `ppl` and `stream` ran before commit 0691620 (ring mode: recipes that evict every step write the new token "
-    "into the slot freed at the previous step instead of copying the cache twice per token). Re-run after it, the "
-    "third 2048-token sample gives the same perplexities to three decimals for `h2o`, `streaming_llm` and `tova` "
-    "(16.883, 18.582, 14.137). `speed` before that commit, same command: full cache 68.6 ms/token, `streaming_llm` 0.68×, "
-    "`h2o` 0.85×, `tova` 0.88×, `snapkv` 1.50×, `pyramidkv` 1.49×.",
+    "- `stream` ran before the decoder side was rebuilt on the cache-policy interface (commit 332a623 and earlier); "
+    "`ppl`, `lazy`, `speed` and `overhead` were re-run after it. StreamingLLM keeps the same sets as before "
+    "(tests/reference_kv.py, and the long-generation test in tests/test_kv.py), so its perplexities carry over.",
     "- `stream`'s full-cache run (plain `DynamicCache`, one token per step to 8192) grew the process to about 11 GB "
     "resident although the cache itself is 0.38 GB (most likely allocator fragmentation from re-concatenating growing tensors at every step).",
-    "- The `speed` table below was measured after the per-step eviction was made cheaper (one argmin when a single "
-    "slot goes, StreamingLLM turning only its sink keys, H2O's prompt scoring skipping unseen keys); the perplexity "
-    "runs before it use the same kept sets (tests check the sets against direct implementations of the papers).",
     "- `kivi` keeps every token and dequantises the whole cache at each step in eager PyTorch (no fused kernel), so it "
     "saves memory, not time. On this 135M model 2-bit codes cost 1.35× perplexity while 4-bit is lossless (1.003×); "
     "the paper's near-lossless 2-bit results are on 7B+ models.",
@@ -530,17 +525,35 @@ NOTES = [
     "the question) keeps such needles more often. `tests/test_retrieval.py` (slow) checks that where a recipe keeps "
     "the asked needle's value in every layer and KV head, it answers as the full cache does.",
     "- Side by side with NVIDIA's kvpress 0.5.5 (run outside the repository, in a venv with `pip install --no-deps "
-    "kvpress==0.5.5 cachetools`; its forward hook given `past_key_values` and `cache_position` for transformers 5.24; "
-    "SmolLM2, 2048-token prompt, budget 1024 (kvpress compression_ratio 0.5), 32 greedy tokens, batch 1, one "
-    "interleaved run of 3 rounds, 1 thread because 2-thread steps stalled 0.09–2.4 s with other jobs on the 2 cores; "
-    "commit 32c7949). Median ms per decode step, graphprune vs kvpress: snapkv 91.5 vs 85.5, streaming_llm 94.9 vs "
-    "90.8 (kvpress evicts once; its every-step press 115.6), tova 96.2 vs 85.2 (every-step press 145.1), pyramidkv "
-    "93.7 vs 88.2, a key-norm policy registered from outside 89.1 vs 85.7 (KnormPress); snapkv at budget 1.0 110.4 vs "
-    "the unmodified model's 112.9. SnapKV, key norm and every-step TOVA keep the same sets in all 30 layers × 3 KV "
-    "heads and generate the same 32 tokens; streaming_llm matches with `rerotate=False` (the default re-rotates the "
-    "sinks, as the paper does); PyramidKV's sets are nested (kvpress counts the window inside a fractional-step "
-    "pyramid). graphprune's step is 4–11 % slower than kvpress's prompt-only presses: a profile puts the gap in "
-    "per-layer bookkeeping (appending validity and positions beside the keys, about 5 ms per step over 30 layers).",
+    "kvpress==0.5.5 cachetools`; its forward hook given `past_key_values` and `cache_position` for transformers 5.24): "
+    "SmolLM2, 2048-token prompt, budget 1024 (kvpress compression_ratio 0.5), 32 greedy tokens, batch 1, 2 threads, "
+    "one interleaved run of 6 rounds after a warm-up, alone on the machine (2026-11-26, commit 8c4a7a7). Median ms per "
+    "decode step, graphprune vs kvpress for the same method and setting: `snapkv` 51.1 vs 54.6 (1.07× faster), "
+    "`pyramidkv` 52.5 vs 56.8 (1.08×), a key-norm policy registered from outside 51.8 vs 55.4 (KnormPress, 1.07×), "
+    "`tova` (evicting at every step, as published) 64.0 vs 95.5 (kvpress's `DecodingPress(TOVAPress)` at interval 1, "
+    "1.49×), `streaming_llm` with `rerotate=False` 55.6 vs 74.5 (`DecodingPress(StreamingLLMPress)`, 1.34×); "
+    "`streaming_llm` as published (sink keys re-rotated to their cache positions at every step) 62.4, which kvpress "
+    "cannot do per step (its KeyRerotationPress is not a ScorerPress, which DecodingPress requires). `snapkv` at "
+    "budget 1.0 (the full cache) 57.9 vs the unmodified model's 66.2 (1.14× faster: decoded tokens go into spare "
+    "slots instead of a concatenated copy of the cache). SnapKV, key norm, every-step TOVA and StreamingLLM without "
+    "re-rotation keep the same sets in all 30 layers × 3 KV heads as kvpress and generate the same 32 tokens; "
+    "PyramidKV's sets differ (kvpress counts the window inside a fractional-step pyramid). Before this work "
+    "(commit 32c7949, 1 thread, machine shared) graphprune's step was 4–11 % slower than kvpress's prompt-only "
+    "presses; the gap was per-layer bookkeeping (concatenating validity and positions beside the keys, checking "
+    "them for padding) and the cache copy per token. `python benchmarks/llm.py overhead` tracks it where it matters "
+    "most, on a model so small that a step is all dispatch: policies that evict only the prompt now dispatch the "
+    "unmodified model's op count per step (a test checks it).",
+    "- On a GPU (one H200, bf16, SmolLM2-135M's shapes with random weights, 8192-token random prompt, budget 2048, 48 "
+    "greedy steps, 2 interleaved rounds after a warm-up; a harness outside the repository beside the kvpress one; "
+    "2026-11-26, commit 70cd167), decode steps are launch-bound: the unmodified model takes 15.9 ms "
+    "per step. graphprune at full budget 16.4; `snapkv` 17.5 vs kvpress 16.1, `pyramidkv` 17.9 vs 16.5, key norm 18.0 "
+    "vs 16.8 (7–8 % slower there: Python per layer, the hook that hands each attention call its cache layer and the "
+    "view); every-step eviction is faster than kvpress's (`tova` 31.3 vs 36.5, `streaming_llm` without re-rotation "
+    "22.0 vs 26.7); the published per-step sink re-rotation costs 12 ms per step (34.4). An earlier run the same day "
+    "(commit 079862a, before the per-step op count was cut) had `snapkv` at 21.0 vs 18.5 and the full budget at 21.4 vs "
+    "18.4. The two later per-layer savings (growth buffers checked by identity, commit 8c4a7a7; no `.to()` per layer, "
+    "478651b) were not measured on the GPU (the session's device time was spent); on the dispatch-bound model of "
+    "`overhead` they took `snapkv`'s step from 1.17× the unmodified model's to 1.00×.",
     "",
 ]
 

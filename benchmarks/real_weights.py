@@ -301,7 +301,10 @@ def report() -> None:
              "★ marks the Pareto front (speedup vs cosine). FLOPs: the ratio to the unmodified model, counting matrix "
              "products, attention, and the reduction's own cost (its similarity and merge arithmetic, "
              "`graphprune.report`); the ratios below were recounted that way on 2026-11-25 (the runs' `flops_note`), "
-             "after the timings were taken.", ""]
+             "after the timings were taken. The `ats` rows were measured before commit 3304370, which takes ATS's CDF "
+             "minimum over real tokens only (as the authors' DROP_TOKENS code does one image at a time): from the second "
+             "sampling block on, padded batches sample differently now, so those rows are stale until re-run with the "
+             "commands below.", ""]
     for name in ("dinov2_224", "dinov2_448", "minilm_64", "minilm_128"):
         path = OUT / f"{name}.json"
         if not path.is_file():
