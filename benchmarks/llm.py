@@ -185,8 +185,7 @@ def run_ppl(contexts: list[int], samples: int, continuation: int, budgets: list[
                     seconds = time.perf_counter() - t0
                     progress.remove_task(task)
                     progress.advance(overall)
-                    row = _sample(starts[si], nll, cache, prefill_s, seconds, continuation, tokens=int(nll.numel()),
-                                  prefill_s=prefill_s)
+                    row = _sample(starts[si], nll, cache, prefill_s, seconds, continuation, tokens=int(nll.numel()))
                     rows[label]["samples"].append(row)
                     progress.console.print(f"[{context}] sample {si} (article {starts[si]}) {label:28s} "
                                            f"ppl {row['ppl']:8.3f}  cache ratio {row['memory']['ratio']:.3f}  "
