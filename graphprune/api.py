@@ -12,7 +12,7 @@ from graphprune.exporters.eager import OptimizedModel
 from graphprune.exporters.files import check_writable
 from graphprune.exporters.decoder_onnx import export_decoder_onnx
 from graphprune.exporters.onnx import export_onnx
-from graphprune.exporters.trt import export_trt
+from graphprune.exporters.trt import write_trt_build
 from graphprune.kv import input_ids, is_decoder_lm, optimize_decoder
 from graphprune.passes import remove_markers
 from graphprune.patterns import analyze
@@ -59,7 +59,8 @@ def optimize(model: torch.nn.Module, recipe: str | None = None, target: str = "e
     """Apply a token-reduction recipe to ``model`` and lower the result to ``target``.
 
     Returns an :class:`OptimizedModel` (``target="eager"``) or an :class:`OnnxModel`
-    (``target="onnx"``, written to ``output``). Both are callable with the original inputs
+    (``target="onnx"``, written to ``output``; ``target="trt"``: the same, plus the TensorRT engine build files
+    beside it, and the engine itself where ``tensorrt`` imports, see :mod:`graphprune.exporters.trt`). Both are callable with the original inputs
     and carry ``.report``. Decoder LLMs (Llama, Qwen2/3, Mistral) take a KV-cache recipe and
     ``budget=``; they come back as a model with the standard forward and ``generate``
     (``target="eager"``), or as prefill/decode ONNX graphs in the folder ``output``
@@ -74,11 +75,9 @@ def optimize(model: torch.nn.Module, recipe: str | None = None, target: str = "e
     rec = get_recipe(recipe, **options)
     if is_decoder_lm(model) or getattr(rec, "kind", None) == "cache":
         return _optimize_decoder(model, rec, target, output, example_inputs, max_new_tokens)
-    if target == "trt":
-        export_trt()
-    if target == "onnx":
+    if target in ("onnx", "trt"):
         if output is None:
-            raise GraphPruneError("target='onnx' needs output='path/to/model.onnx'")
+            raise GraphPruneError(f"target='{target}' needs output='path/to/model.onnx' (or a folder)")
         output = Path(output)
         if output.suffix != ".onnx":
             output = output / "model.onnx"
@@ -114,10 +113,16 @@ def optimize(model: torch.nn.Module, recipe: str | None = None, target: str = "e
         layout={"prefix_tokens": layout.prefix, "roles": layout.roles, "pooling": layout.pooling},
     )
     result = OptimizedModel(graph.gm, report, inputs)
-    if target == "onnx":
+    if target in ("onnx", "trt"):
         runner, diff = export_onnx(result.gm, inputs, output)
         report.parity["onnx"] = diff
         report.artifact = str(output)
+        if target == "trt":  # the checked ONNX model plus its engine build (run here only where TensorRT imports)
+            names = [i.name for i in runner.session.get_inputs()]
+            shapes = [tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)]
+            build = write_trt_build(output, dict(zip(names, shapes)))
+            report.engine = None if build.engine is None else str(build.engine)
+            report.engine_note = build.note
         runner.report = report
         return runner
     return result

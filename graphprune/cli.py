@@ -273,7 +273,9 @@ def export(
     model: ModelArg,
     output: Annotated[Path, typer.Option("-o", "--output", help="output folder")],
     recipe: Annotated[Optional[str], typer.Option("--recipe", help="recipe name (see 'graphprune-cli recipes')")] = None,
-    target: Annotated[str, typer.Option("--target", help="eager (writes model.pt2) or onnx (writes model.onnx)")] = "eager",
+    target: Annotated[str, typer.Option("--target", help="eager (writes model.pt2), onnx (writes model.onnx) or trt "
+                                        "(model.onnx plus the TensorRT engine build: build_engine.sh/.py, and "
+                                        "model.plan where TensorRT is installed)")] = "eager",
     r: ROpt = None, inflection: InflectionOpt = None, prop_attn: PropAttnOpt = None, keep: KeepOpt = None,
     locations: LocationsOpt = None, restore_tokens: RestoreOpt = None, option: OptionOpt = [],  # noqa: B006
     schedule: ScheduleOpt = None, weights: WeightsOpt = None, trust_pickle: TrustOpt = False,
@@ -325,8 +327,8 @@ def _export(model, output, recipe, target, r, inflection, prop_attn, keep, locat
             return export_decoder(net, model, recipe, options, target, output, batch, prompt_len, new_tokens)
         example = example_inputs(net, batch, input_size)
         with console.status(f"optimizing {model} with {recipe}…"):
-            if target == "onnx":
-                result = graphprune.optimize(net, recipe, target="onnx", example_inputs=example, output=output / "model.onnx", **options)
+            if target in ("onnx", "trt"):
+                result = graphprune.optimize(net, recipe, target=target, example_inputs=example, output=output / "model.onnx", **options)
             else:
                 result = graphprune.optimize(net, recipe, target=target, example_inputs=example, **options)
                 result.report.artifact = str(result.save(output / "model.pt2"))
@@ -334,6 +336,9 @@ def _export(model, output, recipe, target, r, inflection, prop_attn, keep, locat
         write_text(output / "report.json", report.to_json())
         console.print(report.table())
         console.print(f"wrote {report.artifact} and {output / 'report.json'}")
+        if target == "trt":
+            console.print(f"wrote {output / 'build_engine.sh'} (trtexec) and {output / 'build_engine.py'} (TensorRT's "
+                          f"Python builder), with the profile in {output / 'profile.json'}; {report.engine_note}")
     except GraphPruneError as err:
         _fail(str(err))
 

@@ -129,6 +129,8 @@ class Report:
     parity: dict = field(default_factory=dict)  # name -> max abs diff
     layout: dict = field(default_factory=dict)
     artifact: str | None = None
+    engine: str | None = None  # target="trt": the TensorRT engine built here (None: not built, see engine_note)
+    engine_note: str | None = None
 
     @property
     def flop_ratio(self) -> float:

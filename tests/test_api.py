@@ -1,6 +1,9 @@
 """optimize(): the user's model is untouched, batching is honest, artifacts reload, bad input is refused."""
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -164,9 +167,79 @@ def test_wrong_input_shape():
         graphprune.optimize(family("vit"), "tome", example_inputs=(torch.randn(2, 3, 20, 20),))
 
 
-def test_trt_target_says_what_to_do():
-    with pytest.raises(ExportError, match="target='onnx'"):
-        graphprune.optimize(family("vit"), "tome", target="trt", example_inputs=(images(2),))
+FAKE_TENSORRT = """
+import json, os
+calls = []
+class Logger:
+    WARNING = 2
+    def __init__(self, level): pass
+class NetworkDefinitionCreationFlag:
+    EXPLICIT_BATCH = 0
+class BuilderFlag:
+    FP16 = 1
+class OnnxParser:
+    def __init__(self, network, logger): pass
+    num_errors = 0
+    def parse_from_file(self, path):
+        calls.append(("parse", os.path.basename(path), os.path.exists(path + ".data")))
+        return True
+class Profile:
+    def set_shape(self, name, lo, opt, hi): calls.append(("shape", name, lo, opt, hi))
+class Config:
+    def set_flag(self, flag): calls.append(("flag", flag))
+    def add_optimization_profile(self, profile): calls.append(("profile",))
+class Builder:
+    def __init__(self, logger): pass
+    def create_network(self, flags): calls.append(("network", flags)); return object()
+    def create_builder_config(self): return Config()
+    def create_optimization_profile(self): return Profile()
+    def build_serialized_network(self, network, config):
+        with open(os.environ["FAKE_TRT_LOG"], "w") as f:
+            json.dump(calls, f)
+        return b"engine bytes"
+"""
+
+
+def test_trt_target_writes_the_checked_onnx_and_its_engine_build(tmp_path, monkeypatch):
+    from graphprune.exporters import trt
+
+    out = tmp_path / "trt"
+    fast = graphprune.optimize(family("vit"), "tome", r=4, target="trt", output=out, example_inputs=(images(2),))
+    assert sorted(p.name for p in out.iterdir()) == ["build_engine.py", "build_engine.sh", "model.onnx",
+                                                     "model.onnx.data", "profile.json"]
+    assert fast.report.parity["onnx"] <= 1e-4 and fast.report.engine is None  # never an engine that was not built
+    assert "no engine was built" in fast.report.engine_note
+    name = fast.session.get_inputs()[0].name
+    profile = json.loads((out / "profile.json").read_text())
+    assert profile == {name: {"min": [1, 3, 32, 32], "opt": [2, 3, 32, 32], "max": [32, 3, 32, 32]}}
+    sh = (out / "build_engine.sh").read_text()
+    assert (f"trtexec --onnx=model.onnx --saveEngine=model.plan --minShapes={name}:1x3x32x32 "
+            f"--optShapes={name}:2x3x32x32 --maxShapes={name}:32x3x32x32") in sh
+    # the written script builds wherever tensorrt imports: here, a stand-in module that records the builder calls
+    fake = tmp_path / "fake"
+    (fake / "tensorrt").mkdir(parents=True)
+    (fake / "tensorrt" / "__init__.py").write_text(FAKE_TENSORRT)
+    log = tmp_path / "calls.json"
+    env = {**os.environ, "PYTHONPATH": str(fake), "FAKE_TRT_LOG": str(log)}
+    res = subprocess.run([sys.executable, str(out / "build_engine.py")], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert (out / "model.plan").read_bytes() == b"engine bytes"
+    calls = json.loads(log.read_text())
+    assert ["parse", "model.onnx", True] in calls and ["shape", name, [1, 3, 32, 32], [2, 3, 32, 32], [32, 3, 32, 32]] in calls
+    # without TensorRT the script says what to do
+    res = subprocess.run([sys.executable, str(out / "build_engine.py")], capture_output=True, text=True,
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert res.returncode == 2 and "needs TensorRT" in res.stderr
+    # where tensorrt imports, optimize builds the engine itself and says so
+    monkeypatch.syspath_prepend(str(fake))
+    monkeypatch.setenv("FAKE_TRT_LOG", str(log))
+    try:
+        built = graphprune.optimize(family("vit"), "tome", r=4, target="trt", output=tmp_path / "b",
+                                    example_inputs=(images(2),))
+        assert trt.tensorrt_available()
+    finally:
+        sys.modules.pop("tensorrt", None)  # (the stand-in must not outlive this test)
+    assert built.report.engine == str(tmp_path / "b" / "model.plan") and (tmp_path / "b" / "model.plan").is_file()
 
 
 def test_onnx_needs_output_and_a_writable_place(tmp_path):

@@ -82,7 +82,6 @@ def test_error_without_a_message_is_still_one_clear_error(tmp_path, monkeypatch)
         (["test_vit", "--recipe", "evit", "--keep", "1.5"], "(0, 1]"),
         (["test_vit", "--recipe", "evit", "--keep", "0"], "(0, 1]"),
         (["test_vit", "--recipe", "tome", "--input-size", "3,20,20"], "do not fit the model"),
-        (["test_vit", "--recipe", "tome", "--target", "trt"], "TensorRT"),
     ],
 )
 def test_bad_input_is_one_clear_error(args, message, tmp_path):
@@ -92,6 +91,15 @@ def test_bad_input_is_one_clear_error(args, message, tmp_path):
     assert message in " ".join(res.output.split())
     assert "Traceback" not in res.output
     assert not out.exists()  # nothing half-written: not even the empty output folder
+
+
+def test_export_trt_writes_the_engine_build_and_says_no_engine_was_built(tmp_path):
+    out = tmp_path / "trt"
+    res = _run("export", "test_vit", "--recipe", "tome", "--r", "2", "--target", "trt", "-o", out)
+    assert res.exit_code == 0, res.output
+    assert {"model.onnx", "build_engine.sh", "build_engine.py", "profile.json", "report.json"} <= {p.name for p in out.iterdir()}
+    assert not (out / "model.plan").exists() and "no engine was built" in " ".join(res.output.split())
+    assert json.loads((out / "report.json").read_text())["engine"] is None
 
 
 def test_pt2_that_is_not_an_exported_program(tmp_path):
