@@ -495,8 +495,10 @@ NOTES = [
     "- `lazyllm` (the `lazy` runs) saves prefill time, not decode time. Tokens it prunes in the prompt are computed later "
     "if a decoding step selects them again (a 2048-token prompt at rate 0.05: about 4,700 revived rows over all layers in "
     "the first step, under 100 after 50 steps), and each step pays for its bookkeeping in many small per-layer ops "
-    "(selection, masks, Aux-Cache lookups): 70–95 ms per step against the full cache's 44–53 ms. Its memory counts the "
-    "Aux Cache's hidden states, so it is near the full cache's.",
+    "(selection, masks, Aux-Cache lookups): about 1.3–1.5× the full cache's step in the 2048-token run below. Its "
+    "memory counts the Aux Cache's hidden states, so it is near the full cache's. Re-run on the rows stage of the "
+    "cache-policy interface, its perplexities equal the run before the redesign (commit 3b5ead2: 15.934 and 17.466 "
+    "at rates 0.05 and 0.1, now 15.934 and 17.465). The 4096-token `lazy` run predates the redesign (not re-run).",
     "- The machine has 2 cores. `ppl` ran beside `ppl --others` and then `lazy` (and `stream`, earlier, beside `ppl`), "
     "one thread each (`--threads 1`); their per-step times are not speed measurements. `speed` and `overhead` ran "
     "alone with torch's default threads (2).",
@@ -504,11 +506,21 @@ NOTES = [
     "layer) slowed down 30–40× in trial runs while the full model barely did (thread oversubscription); prefer "
     "`--threads 1` for `ppl`/`stream` on a shared machine.",
     "- `speed` decodes from a `copy.deepcopy` of each prefilled cache, so every round starts at the same length.",
-    "- `stream` ran before the decoder side was rebuilt on the cache-policy interface (commit 332a623 and earlier); "
-    "`ppl`, `lazy`, `speed` and `overhead` were re-run after it. StreamingLLM keeps the same sets as before "
-    "(tests/reference_kv.py, and the long-generation test in tests/test_kv.py), so its perplexities carry over.",
+    "- The decoder side was rebuilt on the cache-policy interface after commit 332a623. Re-run after it: `speed`, "
+    "`overhead`, the 2048-token `ppl` (both), and the 2048-token `lazy`. The 2048-token perplexities equal the runs "
+    "before the rebuild to three decimals for every recipe (e.g. `snapkv` 14.643 and `h2o` 16.242 at budget 0.5, "
+    "`tova` 16.973 vs 16.972 at 0.25); the cache ratio of `snapkv` and `pyramidkv` is up by up to 0.016 of the full "
+    "cache: a growing cache now holds up to 1/32 of its length in spare slots, and they are counted. The 4096-token "
+    "`ppl` and `lazy` runs and `stream` predate the rebuild (not re-run for time); the kept sets they measure are "
+    "unchanged (tests/reference_kv.py and the long-generation test in tests/test_kv.py).",
     "- `stream`'s full-cache run (plain `DynamicCache`, one token per step to 8192) grew the process to about 11 GB "
     "resident although the cache itself is 0.38 GB (most likely allocator fragmentation from re-concatenating growing tensors at every step).",
+    "- `pyramidinfer` changed with the rebuild (open): on the 2048-token `ppl --others` run its perplexity is 15.749 "
+    "against 15.787 before (per sample 23.846 / 10.401 against 23.806 / 10.469), with the same slots per layer. "
+    "Traced on SmolLM2 (1024-token prompt): logits equal the old build's through the prefill and the first 15 "
+    "decoding steps; at the first compression of a decoded block (step 16) the kept sets differ in layers 1–5 and 7 "
+    "(layer 1: positions 823 and 826 dropped instead of 819 and 831), so the block scores differ. The earlier "
+    "memory ratio (0.931) under-counted the full cache (1812 instead of 2303 tokens per layer); 0.749 is right.",
     "- `kivi` keeps every token and dequantises the whole cache at each step in eager PyTorch (no fused kernel), so it "
     "saves memory, not time. On this 135M model 2-bit codes cost 1.35× perplexity while 4-bit is lossless (1.003×); "
     "the paper's near-lossless 2-bit results are on 7B+ models.",
@@ -522,7 +534,10 @@ NOTES = [
     "none and go first, so the answer can stop after its first digit. StreamingLLM keeps sinks and the newest "
     "tokens, so an earlier needle is gone by definition. Query-aware scoring (`snapkv`, `tova`: the last rows, i.e. "
     "the question) keeps such needles more often. `tests/test_retrieval.py` (slow) checks that where a recipe keeps "
-    "the asked needle's value in every layer and KV head, it answers as the full cache does.",
+    "every needle's sentence in every layer and KV head through the whole answer, it answers as the full cache does. "
+    "Keeping the asked needle alone is not enough: on SmolLM2, `streaming_llm` at budget 0.5 keeps the asked sentence "
+    "throughout (re-rotated or not) and answers with a near-duplicate's value, as the model does with that half of "
+    "the document gone.",
     "- Side by side with NVIDIA's kvpress 0.5.5 (run outside the repository, in a venv with `pip install --no-deps "
     "kvpress==0.5.5 cachetools`; its forward hook given `past_key_values` and `cache_position` for transformers 5.24): "
     "SmolLM2, 2048-token prompt, budget 1024 (kvpress compression_ratio 0.5), 32 greedy tokens, batch 1, 2 threads, "

@@ -1,14 +1,16 @@
-"""Generation on retrieval prompts with real weights (slow): where a cache recipe keeps the needle asked about, its
-greedy answer equals the full cache's.
+"""Generation on retrieval prompts with real weights (slow): where a cache recipe keeps every needle, its greedy
+answer equals the full cache's.
 
 Teacher-forced perplexity hardly depends on a few rare tokens, so it cannot show a cache that keeps the right
-tokens but breaks generation. Here each recipe runs at the smallest setting (of a few) whose prefill keeps the asked
-needle's value tokens in every layer and KV head, and must then answer as the unmodified model does. Prompts: the
+tokens but breaks generation. Here each recipe runs at the smallest setting (of a few) whose cache keeps every
+needle's sentence (each entity and its value) in every layer and KV head through the whole answer, and must then
+answer as the unmodified model does. Prompts: the
 ``hard-needle`` generator (six needles with near-duplicate distractors, about 1k tokens) in the chat template;
 models: Qwen2.5-Coder-0.5B-Instruct and SmolLM2-135M-Instruct (benchmarks/assets.py loads both offline).
 
-(The other five needles are distractors: requiring them all, in every layer and KV head, is a setting no evicting
-recipe reaches on SmolLM2 below budget 0.98, so the check would never run.)
+(Keeping only the asked needle is not enough: on SmolLM2, `streaming_llm` at budget 0.5 keeps the asked sentence
+in every layer and KV head, re-rotated or not, and answers with a near-duplicate's value, as the model does with that
+half of the document gone. On SmolLM2 few settings keep every needle, so most cases skip there.)
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ pytestmark = pytest.mark.slow
 
 BUDGETS = (0.25, 0.5, 0.75, 0.9, 0.95, 0.98)
 EVICTING = ("streaming_llm", "h2o", "tova", "scissorhands", "snapkv", "pyramidkv")
-OTHERS = {  # settings from stronger to milder reduction; the first that keeps the asked needle is checked
+OTHERS = {  # settings from stronger to milder reduction; the first that keeps every needle is checked
     "kivi": [{"bits": 4}],
     "fastgen": [{"recovery": r} for r in (0.95, 0.98, 0.995)],
     "pyramidinfer": [{"decay": d} for d in (0.9, 0.95, 0.99)],
@@ -60,26 +62,30 @@ def llm(request):
 
 
 def _example(tokenizer, seed: int):
-    """Token ids of one hard-needle prompt in the chat template, and the positions of the asked needle's value."""
+    """Token ids of one hard-needle prompt in the chat template, and the positions of every needle's sentence (the
+    asked one and its near-duplicates: with some of them gone, the model may fairly answer with another's value)."""
     import hard_needle
 
     e = hard_needle.generate_hard_example(num_needles=6, ctx_chars=6000, seed=seed)
     text = tokenizer.apply_chat_template([{"role": "user", "content": e["prompt"]}], add_generation_prompt=True,
                                          tokenize=False)
     enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False, return_tensors="pt")
-    (record,) = [r for r in e["needle_records"]
-                 if (r["entity"], r["type"]) == (e["target_entity"], e["target_needle_type"])]
-    start = text.index(record["sentence"]) + record["sentence"].index(record["value"])
-    stop = start + len(record["value"])
+    spans = [(text.index(r["sentence"]), text.index(r["sentence"]) + len(r["sentence"])) for r in e["needle_records"]]
     offsets = enc["offset_mapping"][0].tolist()
-    needle = [i for i, (a, b) in enumerate(offsets) if a < stop and b > start]
-    assert needle
-    return enc["input_ids"], needle
+    needles = sorted({i for i, (a, b) in enumerate(offsets) for s, t in spans if a < t and b > s})
+    assert len(needles) >= 6 * 5
+    return enc["input_ids"], needles
+
+
+def _generate(model, ids: torch.Tensor):
+    """Greedy tokens after the prompt, and the cache at the end."""
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
+                         return_dict_in_generate=True)
+    return out.sequences[0, ids.shape[1]:].tolist(), out.cache
 
 
 def _greedy(model, ids: torch.Tensor) -> list[int]:
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False)
-    return out[0, ids.shape[1]:].tolist()
+    return _generate(model, ids)[0]
 
 
 def _keeps(cache, needles: list[int]) -> bool:
@@ -110,10 +116,11 @@ def _check(llm, recipe: str, settings: list[dict]):
         for options in settings:
             fast = graphprune.optimize(model, recipe, **options)
             with torch.inference_mode():
-                cache = fast(ids, use_cache=True).cache
-                if not _keeps(cache, needles):
-                    continue
-                got = _greedy(fast, ids)
+                got, cache = _generate(fast, ids)
+            # kept at the end, so throughout: an evicted token never comes back (LazyLLM revives pruned rows: for
+            # it, this reads "at the end")
+            if not _keeps(cache, needles):
+                continue
             # the same answer as far as both go (one may stop after the name, the other go on with a sentence)
             a, b = _until_end(got, eos), _until_end(expected, eos)
             n = min(len(a), len(b))
@@ -121,12 +128,11 @@ def _check(llm, recipe: str, settings: list[dict]):
                 f"{recipe} {options}: {tokenizer.decode(got)!r} vs the full cache's {tokenizer.decode(expected)!r}"
             break
         else:
-            pytest.skip(f"{recipe}: none of the {len(settings)} settings keeps the asked needle in every layer and "
-                        "KV head")
+            pytest.skip(f"{recipe}: none of the {len(settings)} settings keeps every needle in every layer and KV head")
 
 
 @pytest.mark.parametrize("recipe", EVICTING)
-def test_evicting_recipes_answer_as_the_full_cache_when_they_keep_the_needle(llm, recipe):
+def test_evicting_recipes_answer_as_the_full_cache_when_they_keep_every_needle(llm, recipe):
     window = {"window": 16} if recipe in ("snapkv", "pyramidkv") else {}
     _check(llm, recipe, [{"budget": b, **window} for b in BUDGETS])
 
