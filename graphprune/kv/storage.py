@@ -73,6 +73,26 @@ def all_but(slot: torch.Tensor, n: int) -> torch.Tensor:
     return idx + (idx >= slot[..., None])
 
 
+class _Described:
+    """A per-slot tensor of :class:`Slots` that the noted slot descriptions are settled into before it is read or
+    replaced."""
+
+    def __init__(self, attr: str, doc: str):
+        self.attr, self.__doc__ = attr, doc
+
+    def __get__(self, st, owner=None):
+        if st is None:
+            return self
+        if st._described:
+            st._settle_described()
+        return getattr(st, self.attr)
+
+    def __set__(self, st, t) -> None:
+        if st._described:
+            st._settle_described()
+        setattr(st, self.attr, t)
+
+
 class Slots:
     """Plain storage: new slots are appended, eviction gathers the kept ones in order."""
 
@@ -127,31 +147,8 @@ class Slots:
         else:
             self._valid, self._pos = self._grow("valid", self._valid, real), self._grow("pos", self._pos, pos)
 
-    @property
-    def valid(self) -> torch.Tensor | None:
-        """(B, Hkv, N) bool: the slots that hold a real token."""
-        if self._described:
-            self._settle_described()
-        return self._valid
-
-    @valid.setter
-    def valid(self, t: torch.Tensor) -> None:
-        if self._described:
-            self._settle_described()
-        self._valid = t
-
-    @property
-    def pos(self) -> torch.Tensor | None:
-        """(B, Hkv, N) long: the position each slot's key was rotated with."""
-        if self._described:
-            self._settle_described()
-        return self._pos
-
-    @pos.setter
-    def pos(self, t: torch.Tensor) -> None:
-        if self._described:
-            self._settle_described()
-        self._pos = t
+    valid = _Described("_valid", "(B, Hkv, N) bool: the slots that hold a real token.")
+    pos = _Described("_pos", "(B, Hkv, N) long: the position each slot's key was rotated with.")
 
     def settle(self, capacity: int | None) -> None:
         """After the call's eviction (quantised storage compresses, static storage pads)."""
