@@ -248,8 +248,9 @@ class LazyLLM:
     ones computed here go to the Aux Cache of layer l. The attention is written out by hand.
     """
 
-    def __init__(self, model, rate_at):
-        self.model, self.rate_at = model, rate_at
+    def __init__(self, model, rate_at, revive: bool = True):
+        self.model, self.rate_at, self.revive = model, rate_at, revive  # revive False: no Aux Cache; a token a
+        # layer holds no keys and values for is not seen there (an evicting cache filled in from outside)
         n = model.config.num_hidden_layers
         self.kv: list[dict[int, tuple]] = [{} for _ in range(n)]  # position -> (key (Hkv, D), value (Hkv, D))
         self.aux: list[dict[int, torch.Tensor]] = [{} for _ in range(n)]  # position -> hidden state
@@ -268,7 +269,7 @@ class LazyLLM:
         self.pruned.append([])
         for l, layer in enumerate(dec.layers):
             for p in sorted(selected):
-                if p not in self.kv[l] and p not in hidden:
+                if p not in self.kv[l] and p not in hidden and self.revive:
                     hidden[p] = self.aux[l - 1][p]
                     self.revived += 1
             rows = sorted(hidden)

@@ -220,6 +220,32 @@ def test_pyramidinfer_prunes_the_prompt_with_depth_and_compresses_decoded_blocks
     assert grown == [s + 8 - 2 * (4 - k) for s, k in zip(slots, keep)]  # two full blocks of 4 compressed per layer
 
 
+def test_pyramidinfer_layers_decode_over_exactly_the_tokens_they_keep():
+    """Layers compress decoded blocks on their own: every decoding step equals a by-hand forward in which each layer
+    attends over the tokens its own cache holds (a token a lower layer evicted stays visible where it is cached)."""
+    model = tiny(layers=4)
+    fast = graphprune.optimize(model, "pyramidinfer", decay=0.5, min_context=4, block=4)
+    ids = prompts(1, 24)
+    hand = ref.LazyLLM(model, lambda layer: 0.0, revive=False)  # rate 0: no rows stop
+    with torch.no_grad():
+        out = fast(ids, use_cache=True)
+        differ = 0
+        for step in range(12):
+            token = int(out.logits[0, -1].argmax())
+            for layer, lay in zip(hand.kv, out.cache.layers):
+                st = lay.storage
+                real = st.valid[0, 0]
+                layer.clear()
+                layer.update({int(p): (k, v) for p, k, v in
+                              zip(st.pos[0, 0][real], st.keys[0].transpose(0, 1)[real], st.values[0].transpose(0, 1)[real])})
+            held = [set(layer) for layer in hand.kv]
+            differ += any(not held[i] <= held[0] for i in range(1, 4))
+            expected = hand.forward([token], 24 + step)
+            out = fast(torch.tensor([[token]]), cache=out.cache, use_cache=True)
+            assert (out.logits[0, -1] - expected).abs().max() < 1e-4, f"step {step}"
+    assert differ  # some layer held a token that layer 0 had evicted
+
+
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_lazyllm_equals_the_papers_definition(kv_heads):
     """Prompt and decoding steps against a by-hand LazyLLM (tests/reference_kv.py): the logits of every forward,

@@ -169,7 +169,6 @@ class EvictingLayer(CacheLayerMixin):
         if rows is not None:
             stop = policy.rows(view)
             if stop is not None:
-                rows.start_selection(st)  # (at layer 0, before its after-hook)
                 rows.deselect(st.pos[:, 0], stop)
                 rows.drop = stop[:, st.length - view.n_new:]
         due = policy.evicts is When.STEP or (view.prefill and policy.evicts is When.PROMPT)

@@ -3,7 +3,8 @@
 Every forward starts with its tokens as the rows of layer 0, all of them *selected*. After a
 layer's attention a policy that prunes rows (:meth:`CachePolicy.rows`) names the tokens that
 stop there; those rows leave the hidden states, and the tokens are deselected for the layers
-above in this forward (left out of their attention). The hooks below carry the rows between
+above in this forward (left out of their attention; a token that an earlier forward evicted
+from a lower layer's cache is not stopped: each layer evicts from its own cache). The hooks below carry the rows between
 layers: their positions (so rotary embeddings and the attention mask follow), which are real
 tokens (padding rows fill up a batch whose sequences keep different numbers) and which this
 forward brought in. The kept rows keep their original positions. Logits come out for the
@@ -20,36 +21,41 @@ PyramidInfer and LazyLLM run on this stage.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
 
 @dataclass
 class Rows:
-    """The rows the current layer computes, and which tokens are still selected in this forward."""
+    """The rows the current layer computes, and which tokens a layer below stopped in this forward."""
 
     pos: torch.Tensor  # (B, R) position of each row
     real: torch.Tensor  # (B, R) bool: a token (not padding)
     new: torch.Tensor  # (B, R) bool: a token this forward brought in (not revived)
     n_new: int  # tokens this forward brought in
-    selected: torch.Tensor | None = None  # (B, T) bool by position; set after layer 0 (every token there)
+    stopped: torch.Tensor | None = None  # (B, T) bool by position: tokens a layer stopped (None: none yet)
     drop: torch.Tensor | None = None  # (B, R) bool: rows the current layer stopped
     moved: bool = False  # the rows differ from the forward's input rows
 
-    def start_selection(self, storage) -> None:
-        """Every token starts selected: the ones layer 0 holds (it holds all of them), by position."""
-        if self.selected is None:
-            self.selected = by_position(storage.pos[:, 0], storage.valid[:, 0], int(storage.pos.max()) + 1)
+    @cached_property
+    def span(self) -> int:
+        """Positions this forward can name: up to its newest token's (every layer holds that one)."""
+        return int(self.pos.max()) + 1
 
     def deselect(self, slot_pos: torch.Tensor, stop: torch.Tensor) -> None:
-        """Deselect the tokens at ``slot_pos`` (B, N) where ``stop`` holds, for the rest of this forward."""
-        self.selected &= ~by_position(slot_pos, stop, self.selected.shape[1])
+        """The tokens at ``slot_pos`` (B, N) where ``stop`` holds stop here: the layers above leave them out, for
+        the rest of this forward."""
+        hit = by_position(slot_pos, stop, self.span)
+        self.stopped = hit if self.stopped is None else self.stopped | hit
 
     def visible(self, slot_pos: torch.Tensor) -> torch.Tensor | None:
-        """(B, N) bool: which of the tokens at ``slot_pos`` are still selected; None: all (layer 0)."""
-        if self.selected is None:
+        """(B, N) bool: which of the tokens at ``slot_pos`` no layer below stopped; None: all. (A token that an
+        earlier step evicted from a lower layer's cache is still seen where it is cached: layers evict on their
+        own.)"""
+        if self.stopped is None:
             return None
-        return self.selected.gather(1, slot_pos.clamp(0, self.selected.shape[1] - 1))
+        return ~self.stopped.gather(1, slot_pos.clamp(0, self.span - 1))
 
 
 @dataclass
@@ -95,12 +101,18 @@ def stash(layer, which: torch.Tensor, pos: torch.Tensor, hidden: torch.Tensor) -
     layer.aux = Aux(hidden, pos)
 
 
-def revive(rows: Rows, layer, below, hidden: torch.Tensor) -> torch.Tensor:
-    """Bring the selected tokens that have no keys and values at ``layer`` back from the Aux store of the layer
-    below; returns the hidden rows (as they were when none revive)."""
-    st, t = layer.storage, rows.selected.shape[1]
-    have = by_position(st.pos[:, 0], st.valid[:, 0], t) if st.valid is not None else torch.zeros_like(rows.selected)
-    wanted = rows.selected & ~have & ~by_position(rows.pos, rows.real, t)
+def revive(rows: Rows, layer, below, first, hidden: torch.Tensor) -> torch.Tensor:
+    """Bring the selected tokens (the ones the ``first`` layer holds that no layer below stopped) that have no keys
+    and values at ``layer`` back from the Aux store of the layer below; returns the hidden rows (as they were when
+    none revive)."""
+    t = rows.span
+    wanted = by_position(first.storage.pos[:, 0], first.storage.valid[:, 0], t)
+    if rows.stopped is not None:
+        wanted &= ~rows.stopped
+    st = layer.storage
+    if st.valid is not None:
+        wanted &= ~by_position(st.pos[:, 0], st.valid[:, 0], t)
+    wanted &= ~by_position(rows.pos, rows.real, t)
     if not bool(wanted.any()):
         return hidden
     k = int(wanted.sum(-1).max())
@@ -144,7 +156,7 @@ def install(model, revives: bool) -> None:
             cache.call.rows = Rows(pos, real, torch.ones_like(real), n)
         rows = cache.call.rows
         if revives and idx > 0:
-            hidden = revive(rows, cache.layers[idx], cache.layers[idx - 1], hidden)
+            hidden = revive(rows, cache.layers[idx], cache.layers[idx - 1], cache.layers[0], hidden)
         if not rows.moved:
             return None
         kwargs = dict(kwargs)  # the rows are no longer the model's: their own positions; the layer masks by position
@@ -161,8 +173,6 @@ def install(model, revives: bool) -> None:
             return None
         idx = module.self_attn.layer_idx
         hidden = output[0] if isinstance(output, tuple) else output
-        if idx == 0:
-            rows.start_selection(cache.layers[0].storage)
         drop, rows.drop = rows.drop, None
         keep = rows.real if drop is None else rows.real & ~drop
         if revives and drop is not None and idx < last:  # the Aux store of this layer keeps their hidden states

@@ -25,8 +25,8 @@ class View:
     ``prompt_len`` (padding included), ``layer`` and ``n_layers``, ``capacity`` (the layer's budget; None: the policy
     decides), ``input_ids`` (B, L) of the new tokens when the model was called with them, ``inv_freq`` (RoPE), and
     ``state``: the policy's running state, which :meth:`CachePolicy.update` may change. ``query_pos`` (B, L) and
-    ``query_real`` (B, L) describe the new query rows; ``selected`` (B, N) (or None) the slots whose tokens are still
-    selected in this forward (the prompt-rows stage): attention sees only those.
+    ``query_real`` (B, L) describe the new query rows; ``selected`` (B, N) (or None) the slots whose tokens no lower
+    layer stopped in this forward (the prompt-rows stage): attention sees only those.
     """
 
     def __init__(self, storage: Slots, queries: torch.Tensor, scaling: float, *, prefill: bool, prompt_len: int,
