@@ -28,10 +28,12 @@ ATTENTION = "graphprune_kv"
 @dataclass
 class Call:
     """What the current forward passes to every layer: its token ids, and (with a policy that prunes rows) the rows
-    the current layer computes."""
+    the current layer computes; and, for the whole cache, the ids of the model's image and video placeholder tokens
+    (a vision-language model's; None: text only)."""
 
     input_ids: torch.Tensor | None = None
     rows: Rows | None = None
+    media: torch.Tensor | None = None
 
 
 class EvictingLayer(CacheLayerMixin):
@@ -108,10 +110,12 @@ class EvictingLayer(CacheLayerMixin):
         return self.storage.length
 
     def view(self, query: torch.Tensor, scaling: float, prefill: bool, pos: torch.Tensor, real: torch.Tensor | None) -> View:
-        ids, rows, st = self.call.input_ids, self.call.rows, self.storage
+        call, st = self.call, self.storage
+        rows, ids = call.rows, call.input_ids
+        ids = rows.ids if rows is not None else None if ids is None else ids[:, -query.shape[2]:]
+        visual = None if call.media is None or ids is None else torch.isin(ids, call.media.to(ids.device))
         return View(st, query, scaling, prefill=prefill, prompt_len=self.prompt_len, layer=self.layer_idx,
-                    n_layers=self.n_layers, capacity=self.capacity,
-                    input_ids=None if ids is None else ids[:, -query.shape[2]:], inv_freq=self.inv_freq,
+                    n_layers=self.n_layers, capacity=self.capacity, input_ids=ids, visual=visual, inv_freq=self.inv_freq,
                     query_pos=pos, query_real=real, selected=None if rows is None else rows.visible(st.pos[:, 0]))
 
     def attend(self, module, query, attention_mask, scaling, dropout, kwargs):
@@ -236,8 +240,9 @@ def _positions(kwargs, b, n, device) -> torch.Tensor:
 class EvictingCache(Cache):
     """A KV cache whose layers evict by a cache policy (see :mod:`graphprune.kv.policy`)."""
 
-    def __init__(self, policy: CachePolicy, n_layers: int, inv_freq: torch.Tensor | None = None, static: int | None = None):
-        self.call = Call()
+    def __init__(self, policy: CachePolicy, n_layers: int, inv_freq: torch.Tensor | None = None, static: int | None = None,
+                 media: tuple[int, ...] = ()):
+        self.call = Call(media=torch.tensor(media) if media else None)
         super().__init__(layers=[EvictingLayer(policy, i, n_layers, inv_freq, self.call, static) for i in range(n_layers)])
         self.policy = policy
 

@@ -20,6 +20,7 @@ from graphprune.errors import RecipeError, UnsupportedArchitectureError
 from graphprune.kv.policy import CachePolicy
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # rotate-half RoPE, cache.update + attention interface
+VLMS = ("llava", "llava_next")  # image placeholders in input_ids before a language model of one of FAMILIES
 
 
 @dataclass
@@ -32,6 +33,7 @@ class DecoderInfo:
     kv_heads: int
     head_dim: int
     inv_freq: torch.Tensor | None
+    media: tuple[int, ...] = ()  # a vision-language model's image and video placeholder ids (empty: text only)
 
 
 def is_decoder_lm(model) -> bool:
@@ -41,9 +43,20 @@ def is_decoder_lm(model) -> bool:
 
 
 def analyze_decoder(model) -> DecoderInfo:
-    """Match the attention sites of a Hugging Face decoder; refuse what eviction cannot handle."""
-    config = model.config
+    """Match the attention sites of a Hugging Face decoder (or of a vision-language model's language model); refuse
+    what eviction cannot handle."""
+    outer = model.config
+    config = outer.get_text_config()
     family = config.model_type
+    media = ()
+    if config is not outer:  # a vision-language model
+        if outer.model_type not in VLMS:
+            raise UnsupportedArchitectureError(
+                f"graphprune supports the vision-language models {', '.join(VLMS)}; this model is '{outer.model_type}'")
+        media = tuple(i for i in (getattr(outer, "image_token_id", None), getattr(outer, "video_token_id", None))
+                      if i is not None)
+        if not media:
+            raise UnsupportedArchitectureError(f"this '{outer.model_type}' config names no image token id")
     if family not in FAMILIES:
         raise UnsupportedArchitectureError(
             f"KV-cache recipes support the decoder families {', '.join(FAMILIES)}; this model is '{family}'")
@@ -65,7 +78,7 @@ def analyze_decoder(model) -> DecoderInfo:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return DecoderInfo(family, len(layers), config.num_attention_heads,
                        getattr(config, "num_key_value_heads", None) or config.num_attention_heads, head_dim,
-                       getattr(rope, "inv_freq", None))
+                       getattr(rope, "inv_freq", None), media)
 
 
 @dataclass
@@ -97,7 +110,7 @@ class Decoder:
         """An empty :class:`~graphprune.kv.cache.EvictingCache`; ``static``: a fixed slot count (capacity + static)."""
         from graphprune.kv.cache import EvictingCache
 
-        return EvictingCache(self.policy, self.info.n_layers, self.info.inv_freq, static)
+        return EvictingCache(self.policy, self.info.n_layers, self.info.inv_freq, static, self.info.media)
 
 
 def _evicting_class(base: type, setup: Decoder) -> type:
@@ -114,7 +127,7 @@ def _evicting_class(base: type, setup: Decoder) -> type:
         cache = kwargs.get(cache_key, bound.get(cache_key, kwargs.get("past_key_values")))
         use_cache = kwargs.get("use_cache", bound.get("use_cache"))
         if use_cache is None:
-            use_cache = self.config.use_cache
+            use_cache = self.config.get_text_config().use_cache
         if not isinstance(cache, EvictingCache) and (cache is not None or use_cache):
             if cache is not None and cache.get_seq_length() > 0:
                 raise ValueError("graphprune: this model evicts from its own cache; pass the cache it returned "
@@ -145,7 +158,7 @@ def evicting_copy(model, policy: CachePolicy, info: DecoderInfo):
     new = copy.deepcopy(model, shared)
     report = KVReport(policy.name, policy.options(), info.family, info.n_layers, info.q_heads, info.kv_heads, info.head_dim)
     new.__class__ = _evicting_class(type(model), Decoder(policy, info, report))
-    new.config._attn_implementation = ATTENTION
+    new.config.get_text_config()._attn_implementation = ATTENTION  # (a vision tower keeps its own)
     for layer in new.get_decoder().layers:
         layer.self_attn.register_forward_pre_hook(hand_layer, with_kwargs=True)
     if policy.prunes_rows:
@@ -164,7 +177,11 @@ def optimize_decoder(model, policy):
     if not is_decoder_lm(model):
         raise RecipeError(f"'{policy.name}' is a KV-cache recipe for Hugging Face decoder LLMs ({', '.join(FAMILIES)}); "
                           f"{type(model).__name__} is not one")
-    return evicting_copy(model, policy, analyze_decoder(model))
+    info = analyze_decoder(model)
+    if policy.needs_images and not info.media:
+        raise RecipeError(f"'{policy.name}' prunes the image tokens of a vision-language model ({', '.join(VLMS)}); "
+                          f"{type(model).__name__} has none")
+    return evicting_copy(model, policy, info)
 
 
 def cache_argument(model) -> str:

@@ -89,6 +89,7 @@ class CachePolicy(Recipe):
     slot_order: ClassVar[bool] = False  # reads slot indices as cache order (then freed slots are not reused in place)
     revives: ClassVar[bool] = False  # rows stopped by rows() keep their hidden states and may come back later
     sizes_itself: ClassVar[str | None] = None  # a policy sized by its own options says how (then budget stays 1.0)
+    needs_images: ClassVar[bool] = False  # it prunes image tokens (``view.visual``): vision-language models only
 
     budget: Union[int, float] = option(
         0.5, "cached tokens per layer: an int, or a fraction in (0, 1) of the prompt length (1.0: keep everything)")

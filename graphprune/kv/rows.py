@@ -34,6 +34,7 @@ class Rows:
     real: torch.Tensor  # (B, R) bool: a token (not padding)
     new: torch.Tensor  # (B, R) bool: a token this forward brought in (not revived)
     n_new: int  # tokens this forward brought in
+    ids: torch.Tensor  # (B, R) token id of each row (-1: unknown, a revived row or a call without ids)
     stopped: torch.Tensor | None = None  # (B, T) bool by position: tokens a layer stopped (None: none yet)
     drop: torch.Tensor | None = None  # (B, R) bool: rows the current layer stopped
     moved: bool = False  # the rows differ from the forward's input rows
@@ -127,9 +128,10 @@ def revive(rows: Rows, layer, below, first, hidden: torch.Tensor) -> torch.Tenso
         raise RuntimeError(f"graphprune: a selected token has neither keys and values nor an Aux entry at layer "
                            f"{layer.layer_idx}")
     back = _gather(below.aux.hidden, found.clamp(min=0))
-    rows.real, rows.pos, rows.new, hidden = compact(
+    rows.real, rows.pos, rows.new, rows.ids, hidden = compact(
         torch.cat([rows.real, real], 1), torch.cat([rows.pos, pos], 1),
-        torch.cat([rows.new, torch.zeros_like(real)], 1), torch.cat([hidden, back.to(hidden.dtype)], 1))
+        torch.cat([rows.new, torch.zeros_like(real)], 1), torch.cat([rows.ids, torch.full_like(pos, -1)], 1),
+        torch.cat([hidden, back.to(hidden.dtype)], 1))
     rows.moved = True
     return hidden
 
@@ -153,7 +155,9 @@ def install(model, revives: bool) -> None:
             pos = kwargs["position_ids"][..., -n:].expand(b, n)
             real = real_tokens(kwargs.get("attention_mask"), b, n, hidden.device) if cache.layers[0].prompt_len is None \
                 else torch.ones(b, n, dtype=torch.bool, device=hidden.device)
-            cache.call.rows = Rows(pos, real, torch.ones_like(real), n)
+            ids = cache.call.input_ids
+            ids = torch.full_like(pos, -1) if ids is None else ids[:, -n:].to(pos.device).expand(b, n)
+            cache.call.rows = Rows(pos, real, torch.ones_like(real), n, ids)
         rows = cache.call.rows
         if revives and idx > 0:
             hidden = revive(rows, cache.layers[idx], cache.layers[idx - 1], cache.layers[0], hidden)
@@ -181,7 +185,7 @@ def install(model, revives: bool) -> None:
             keep = keep & rows.new
         if bool(keep.all()):
             return None
-        rows.real, rows.pos, rows.new, hidden = compact(keep, rows.pos, rows.new, hidden)
+        rows.real, rows.pos, rows.new, rows.ids, hidden = compact(keep, rows.pos, rows.new, rows.ids, hidden)
         rows.moved = True
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 

@@ -1,0 +1,143 @@
+"""Vision-language models: image-token pruning inside the language model (FastV, PyramidDrop) on tiny LLaVAs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+import graphprune
+from graphprune.errors import RecipeError
+from graphprune.recipes import RECIPES
+
+IMAGE = 100  # the image placeholder id
+PATCHES = 16  # a 32-pixel image in 8-pixel patches
+
+
+@pytest.fixture(scope="module")
+def llava():
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=8, projection_dim=32)
+    text = LlamaConfig(vocab_size=120, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, eos_token_id=1)
+    return LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE)).eval()
+
+
+def prompt(before: int, after: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(2, 99, (before + after,), generator=g)
+    return torch.cat([text[:before], torch.full((PATCHES,), IMAGE), text[before:]])
+
+
+def batch(*prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and attention mask."""
+    n = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), n, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, n - len(p):], mask[i, n - len(p):] = p, 1
+    return ids, mask
+
+
+def pixels(n: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+VISUAL = {"fastv": {"layer": 2, "ratio": 0.5}}
+
+
+@pytest.mark.parametrize("recipe", list(VISUAL))
+def test_zero_setting_reproduces_the_model(llava, recipe):
+    fast = graphprune.optimize(llava, recipe, **RECIPES[recipe].zero)
+    ids, mask = batch(prompt(3, 5), prompt(1, 2, seed=1))
+    px = pixels(2)
+    with torch.no_grad():
+        expected = llava(input_ids=ids, attention_mask=mask, pixel_values=px).logits[:, -1]
+        got = fast(input_ids=ids, attention_mask=mask, pixel_values=px).logits[:, -1]
+        assert (got - expected).abs().max() <= 1e-5
+        kw = dict(input_ids=ids, attention_mask=mask, pixel_values=px, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(fast.generate(**kw), llava.generate(**kw))
+
+
+def held(cache, layer: int, b: int = 0) -> set[int]:
+    st = cache.layers[layer].storage
+    return set(st.pos[b, 0][st.valid[b, 0]].tolist())
+
+
+def masked_logits(model, ids, px, gone: dict[int, set[int]]) -> torch.Tensor:
+    """The oracle: the unmodified model, one sequence, with the tokens ``gone[l]`` left out of the attention of
+    every layer from l on; the last token's logits."""
+    n = ids.shape[-1]
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    hooks = []
+    for i, layer in enumerate(model.model.language_model.layers):
+        out = set().union(*(g for l, g in gone.items() if l <= i))
+        if not out:
+            continue
+        see = causal.clone()
+        see[:, sorted(out)] = False
+        see |= torch.eye(n, dtype=torch.bool)  # (a dropped row still sees itself; its output is never used)
+        hooks.append(layer.register_forward_pre_hook(
+            lambda m, a, kw, see=see: (a, {**kw, "attention_mask": see[None, None]}), with_kwargs=True))
+    try:
+        return model(input_ids=ids[None], pixel_values=px[None]).logits[0, -1]
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def attention_of_last_token(model, ids, px, layer: int) -> torch.Tensor:
+    """The last token's attention in ``layer`` of the unmodified model (eager attention), mean over heads, (L,)."""
+    import copy
+
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    return eager(input_ids=ids[None], pixel_values=px[None], output_attentions=True).attentions[layer][0, :, -1].mean(0)
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.75])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fastv_drops_the_papers_tokens_and_dropping_equals_masking(llava, ratio, seed):
+    """The kept set is FastV's (the last token's head-mean attention in layer K-1 ranks the image tokens, the top
+    round(n·(1-R)) stay), and the output equals the unmodified model with those tokens masked out from layer K on."""
+    k = 2
+    fast = graphprune.optimize(llava, "fastv", layer=k, ratio=ratio)
+    ids, px = prompt(4, 6, seed), pixels(1, seed)[0]
+    with torch.no_grad():
+        out = fast(input_ids=ids[None], pixel_values=px[None], use_cache=True)
+        att = attention_of_last_token(llava, ids, px, k - 1)
+        image = (ids == IMAGE).nonzero().flatten().tolist()
+        expected = set(image) - set(sorted(image, key=lambda i: -float(att[i]))[:round(len(image) * (1 - ratio))])
+        gone = held(out.cache, 0) - held(out.cache, k)
+        assert gone == expected
+        assert held(out.cache, k - 1) == set(range(len(ids))) and held(out.cache, 3) == held(out.cache, k)
+        assert (out.logits[0, -1] - masked_logits(llava, ids, px, {k: gone})).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("recipe", list(VISUAL))
+def test_a_left_padded_batch_equals_each_sample_alone_and_generates(llava, recipe):
+    fast = graphprune.optimize(llava, recipe, **VISUAL[recipe])
+    prompts, px = [prompt(3, 7, seed=2), prompt(1, 2, seed=3)], pixels(2, seed=4)
+    ids, mask = batch(*prompts)
+    kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        together = fast.generate(input_ids=ids, attention_mask=mask, pixel_values=px, **kw)[:, ids.shape[1]:]
+        first = fast(input_ids=ids, attention_mask=mask, pixel_values=px).logits[:, -1]
+        for i, p in enumerate(prompts):
+            alone = fast(input_ids=p[None], pixel_values=px[i:i + 1], use_cache=True)
+            assert (first[i] - alone.logits[0, -1]).abs().max() <= 1e-5
+            assert alone.cache.slots()[VISUAL[recipe]["layer"]] < len(p)  # image tokens went
+            assert torch.equal(together[i], fast.generate(input_ids=p[None], pixel_values=px[i:i + 1], **kw)[0, len(p):])
+        sampled = fast.generate(input_ids=ids, attention_mask=mask, pixel_values=px, max_new_tokens=5, do_sample=True,
+                                pad_token_id=0)
+    assert sampled.shape == (2, ids.shape[1] + 5)
+
+
+def test_visual_recipes_refuse_text_only_models():
+    from transformers import LlamaForCausalLM
+
+    text = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2))
+    with pytest.raises(RecipeError, match="image tokens of a vision-language model"):
+        graphprune.optimize(text, "fastv")
