@@ -44,7 +44,7 @@ def pixels(n: int, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
-VISUAL = {"fastv": {"layer": 2, "ratio": 0.5}}
+VISUAL = {"fastv": {"layer": 2, "ratio": 0.5}, "pyramiddrop": {"layers": [2], "keep": 0.5}}
 
 
 @pytest.mark.parametrize("recipe", list(VISUAL))
@@ -65,35 +65,39 @@ def held(cache, layer: int, b: int = 0) -> set[int]:
     return set(st.pos[b, 0][st.valid[b, 0]].tolist())
 
 
-def masked_logits(model, ids, px, gone: dict[int, set[int]]) -> torch.Tensor:
-    """The oracle: the unmodified model, one sequence, with the tokens ``gone[l]`` left out of the attention of
-    every layer from l on; the last token's logits."""
+def masked(model, ids, px, gone: dict[int, set[int]], eager: bool = False):
+    """The oracle: the unmodified model (or its copy with eager attention), one sequence, with the tokens ``gone[l]``
+    left out of the attention of every layer from l on; its output (``eager``: with the attention maps)."""
+    import copy
+
+    if eager:
+        model = copy.deepcopy(model)
+        model.set_attn_implementation("eager")
     n = ids.shape[-1]
     causal = torch.ones(n, n, dtype=torch.bool).tril()
     hooks = []
     for i, layer in enumerate(model.model.language_model.layers):
         out = set().union(*(g for l, g in gone.items() if l <= i))
-        if not out:
-            continue
         see = causal.clone()
         see[:, sorted(out)] = False
         see |= torch.eye(n, dtype=torch.bool)  # (a dropped row still sees itself; its output is never used)
+        mask = torch.zeros(n, n).masked_fill(~see, torch.finfo(torch.float32).min) if eager else see
         hooks.append(layer.register_forward_pre_hook(
-            lambda m, a, kw, see=see: (a, {**kw, "attention_mask": see[None, None]}), with_kwargs=True))
+            lambda m, a, kw, mask=mask: (a, {**kw, "attention_mask": mask[None, None]}), with_kwargs=True))
     try:
-        return model(input_ids=ids[None], pixel_values=px[None]).logits[0, -1]
+        return model(input_ids=ids[None], pixel_values=px[None], output_attentions=eager)
     finally:
         for h in hooks:
             h.remove()
 
 
-def attention_of_last_token(model, ids, px, layer: int) -> torch.Tensor:
-    """The last token's attention in ``layer`` of the unmodified model (eager attention), mean over heads, (L,)."""
-    import copy
+def masked_logits(model, ids, px, gone: dict[int, set[int]]) -> torch.Tensor:
+    return masked(model, ids, px, gone).logits[0, -1]
 
-    eager = copy.deepcopy(model)
-    eager.set_attn_implementation("eager")
-    return eager(input_ids=ids[None], pixel_values=px[None], output_attentions=True).attentions[layer][0, :, -1].mean(0)
+
+def attention_of_last_token(model, ids, px, layer: int, gone: dict[int, set[int]] | None = None) -> torch.Tensor:
+    """The last token's attention in ``layer`` (eager attention; ``gone`` as in :func:`masked`), head mean, (L,)."""
+    return masked(model, ids, px, gone or {}, eager=True).attentions[layer][0, :, -1].mean(0)
 
 
 @pytest.mark.parametrize("ratio", [0.5, 0.75])
@@ -127,7 +131,7 @@ def test_a_left_padded_batch_equals_each_sample_alone_and_generates(llava, recip
         for i, p in enumerate(prompts):
             alone = fast(input_ids=p[None], pixel_values=px[i:i + 1], use_cache=True)
             assert (first[i] - alone.logits[0, -1]).abs().max() <= 1e-5
-            assert alone.cache.slots()[VISUAL[recipe]["layer"]] < len(p)  # image tokens went
+            assert alone.cache.slots()[3] < len(p)  # image tokens went
             assert torch.equal(together[i], fast.generate(input_ids=p[None], pixel_values=px[i:i + 1], **kw)[0, len(p):])
         sampled = fast.generate(input_ids=ids, attention_mask=mask, pixel_values=px, max_new_tokens=5, do_sample=True,
                                 pad_token_id=0)
@@ -141,3 +145,24 @@ def test_visual_recipes_refuse_text_only_models():
                                         num_attention_heads=2))
     with pytest.raises(RecipeError, match="image tokens of a vision-language model"):
         graphprune.optimize(text, "fastv")
+
+
+@pytest.mark.parametrize("keep, layers", [(0.5, []), (0.6, [1, 3])])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_pyramiddrop_drops_the_papers_tokens_and_dropping_equals_masking(llava, keep, layers, seed):
+    """Stage by stage, before each boundary layer s the last token's head-mean attention in layer s (over the tokens
+    that reached it) ranks the image tokens left, and int(n·λ^stage) of the prompt's n stay; the output equals the
+    unmodified model with the dropped tokens masked out from their boundary layer on."""
+    fast = graphprune.optimize(llava, "pyramiddrop", keep=keep, layers=layers)
+    ids, px = prompt(4, 6, seed), pixels(1, seed)[0]
+    bounds = layers or [1, 2, 3]  # a quarter, half and three quarters of 4 layers
+    with torch.no_grad():
+        out = fast(input_ids=ids[None], pixel_values=px[None], use_cache=True)
+        image = set((ids == IMAGE).nonzero().flatten().tolist())
+        gone: dict[int, set[int]] = {}
+        for stage, s in enumerate(bounds, 1):
+            att = attention_of_last_token(llava, ids, px, s, gone)
+            left = sorted(image - set().union(*gone.values()), key=lambda i: -float(att[i]))
+            gone[s] = set(left[int(len(image) * keep ** stage):])
+            assert held(out.cache, s - 1) - held(out.cache, s) == gone[s], f"stage {stage}"
+        assert (out.logits[0, -1] - masked_logits(llava, ids, px, gone)).abs().max() <= 1e-5

@@ -34,6 +34,7 @@ class Call:
     input_ids: torch.Tensor | None = None
     rows: Rows | None = None
     media: torch.Tensor | None = None
+    images: torch.Tensor | None = None  # (B,) image and video tokens this forward brought in (with media and ids)
 
 
 class EvictingLayer(CacheLayerMixin):
@@ -115,7 +116,8 @@ class EvictingLayer(CacheLayerMixin):
         ids = rows.ids if rows is not None else None if ids is None else ids[:, -query.shape[2]:]
         visual = None if call.media is None or ids is None else torch.isin(ids, call.media.to(ids.device))
         return View(st, query, scaling, prefill=prefill, prompt_len=self.prompt_len, layer=self.layer_idx,
-                    n_layers=self.n_layers, capacity=self.capacity, input_ids=ids, visual=visual, inv_freq=self.inv_freq,
+                    n_layers=self.n_layers, capacity=self.capacity, input_ids=ids, visual=visual, images=call.images,
+                    inv_freq=self.inv_freq,
                     query_pos=pos, query_real=real, selected=None if rows is None else rows.visible(st.pos[:, 0]))
 
     def attend(self, module, query, attention_mask, scaling, dropout, kwargs):
@@ -127,7 +129,12 @@ class EvictingLayer(CacheLayerMixin):
             pos = _positions(kwargs, b, n_new, query.device)
             real = real_tokens(attention_mask, b, n_new, query.device) if prefill else None  # (None: every token)
         view = self.receive(query, scaling, real, pos)
-        if prefill and (rows is None or not rows.moved):  # the prompt: the model's own causal + padding mask, fused
+        early = None if rows is None else self.policy.rows_before(view)
+        if early is not None:  # these rows stop before this layer: its attention and cache leave them out
+            self.stop(early, view)
+            view.selected = rows.visible(st.pos[:, 0])
+        if prefill and (rows is None or not rows.moved) and early is None:  # the prompt: the model's own causal +
+            # padding mask, fused
             out, _ = sdpa_attention_forward(module, query, st.keys, st.values, attention_mask,
                                             dropout=dropout, scaling=scaling, **kwargs)
         else:
@@ -151,8 +158,17 @@ class EvictingLayer(CacheLayerMixin):
                     out = _grouped_attention(query, keys, view.values, mask, scaling)
                 finally:
                     keys.scatter_(2, idx, cached)
+        if early is not None:
+            st.remove(early[:, None].expand_as(st.valid))
         self.evict(view)
         return out, None
+
+    def stop(self, stop: torch.Tensor, view: View) -> None:
+        """The rows stage: the tokens of this layer's slots where ``stop`` (B, N) holds go no further in this forward."""
+        rows, st = self.call.rows, self.storage
+        rows.deselect(st.pos[:, 0], stop)
+        mine = stop[:, st.length - view.n_new:]
+        rows.drop = mine if rows.drop is None else rows.drop | mine
 
     def receive(self, query: torch.Tensor, scaling: float, real: torch.Tensor | None, pos: torch.Tensor) -> View:
         """Describe the slots just written: which hold real tokens (B, n; None: all) and their positions (B, n); the
@@ -173,8 +189,7 @@ class EvictingLayer(CacheLayerMixin):
         if rows is not None:
             stop = policy.rows(view)
             if stop is not None:
-                rows.deselect(st.pos[:, 0], stop)
-                rows.drop = stop[:, st.length - view.n_new:]
+                self.stop(stop, view)
         due = policy.evicts is When.STEP or (view.prefill and policy.evicts is When.PROMPT)
         if ranks and due and (cap is None or st.length > cap):
             self.choose(policy.score(view), view)
@@ -248,7 +263,10 @@ class EvictingCache(Cache):
 
     def begin(self, input_ids: torch.Tensor | None) -> None:
         """A new forward starts: its token ids; no prompt rows chosen yet."""
-        self.call.input_ids, self.call.rows = input_ids, None
+        call = self.call
+        call.input_ids, call.rows = input_ids, None
+        call.images = None if call.media is None or input_ids is None else \
+            torch.isin(input_ids, call.media.to(input_ids.device)).sum(-1)
 
     @property
     def nbytes(self) -> int:

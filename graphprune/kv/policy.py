@@ -172,10 +172,16 @@ class CachePolicy(Recipe):
         masks and the cache of later layers follow (:mod:`graphprune.kv.rows`)."""
         return None
 
+    def rows_before(self, view: "View") -> torch.Tensor | None:
+        """Row pruning before this layer's attention (in every forward), scored with this layer's own queries and keys
+        of all the rows that reached it: (B, N) bool over this layer's slots, the tokens that stop before this layer
+        (it holds no keys and values for them, its attention leaves them out); None: all go on."""
+        return None
+
     @property
     def prunes_rows(self) -> bool:
-        """Whether the policy prunes prompt rows at layer boundaries (it defines :meth:`rows`)."""
-        return type(self).rows is not CachePolicy.rows
+        """Whether the policy prunes prompt rows at layer boundaries (it defines :meth:`rows` or :meth:`rows_before`)."""
+        return type(self).rows is not CachePolicy.rows or type(self).rows_before is not CachePolicy.rows_before
 
     def new_state(self):
         return None if self.State is None else self.State()

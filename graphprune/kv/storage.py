@@ -183,6 +183,14 @@ class Slots:
         """Mark the slots ``slots`` (B, Hkv, N) bool as holding no real token."""
         self.valid, self.padded = self.valid & ~slots, None
 
+    def remove(self, slots: torch.Tensor) -> None:
+        """Forget the slots ``slots`` (B, Hkv, N) bool and give up the room no sequence and head needs any more (the
+        others stay in order)."""
+        self.forget(slots)
+        k = max(int(self.valid.sum(-1).max()), 1)
+        if k < self.length:
+            self.keep(self.valid.to(torch.int8).argsort(dim=-1, descending=True, stable=True)[..., :k].sort(-1).values)
+
     def slot_fields(self):
         if self.state is None:
             return []

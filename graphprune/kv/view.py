@@ -26,18 +26,20 @@ class View:
     decides), ``input_ids`` (B, L) of the new tokens when the model was called with them (-1: a revived row),
     ``inv_freq`` (RoPE), and ``state``: the policy's running state, which :meth:`CachePolicy.update` may change.
     ``query_pos`` (B, L) and ``query_real`` (B, L) describe the new query rows; ``visual`` (B, L) which of them are
-    image or video tokens of a vision-language model (None: a text-only model); ``selected`` (B, N) (or None) the
+    image or video tokens of a vision-language model (None: a text-only model), and ``images`` (B,) how many image and
+    video tokens the forward brought in (before any was dropped); ``selected`` (B, N) (or None) the
     slots whose tokens no lower layer stopped in this forward (the prompt-rows stage): attention sees only those.
     """
 
     def __init__(self, storage: Slots, queries: torch.Tensor, scaling: float, *, prefill: bool, prompt_len: int,
                  layer: int, n_layers: int, capacity: int | None, input_ids: torch.Tensor | None,
                  inv_freq: torch.Tensor | None, query_pos: torch.Tensor, query_real: torch.Tensor | None,
-                 selected: torch.Tensor | None = None, visual: torch.Tensor | None = None):
+                 selected: torch.Tensor | None = None, visual: torch.Tensor | None = None,
+                 images: torch.Tensor | None = None):
         self._storage = storage
         self.queries, self.scaling, self.prefill, self.prompt_len = queries, scaling, prefill, prompt_len
         self.layer, self.n_layers, self.capacity = layer, n_layers, capacity
-        self.input_ids, self.visual, self.inv_freq = input_ids, visual, inv_freq
+        self.input_ids, self.visual, self.images, self.inv_freq = input_ids, visual, images, inv_freq
         self.query_pos, self.selected, self._query_real = query_pos, selected, query_real
 
     @property

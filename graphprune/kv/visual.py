@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 from graphprune.kv.view import View
@@ -16,12 +14,11 @@ def image_slots(view: View) -> torch.Tensor:
     return image
 
 
-def least_attended_images(view: View, count: Callable[[torch.Tensor], torch.Tensor],
-                          among: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, N) bool: the image slots (``among`` them, default all) that the last token attends to least (its attention
-    at this layer, mean over heads), ``count(n)`` of them per sequence where n (B,) is how many there are; ties go
-    to the earlier slot."""
-    image = image_slots(view) if among is None else among
+def least_attended_images(view: View, keep: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, N) bool: the image slots (``image``, default :func:`image_slots`) to drop, all but the ``keep`` (B,) that
+    the last token attends to most (its attention at this layer, mean over heads); among equal scores the earlier
+    slot stays."""
+    image = image_slots(view) if image is None else image
     score = view.attention_rows(1)[..., -1, :].mean(dim=(1, 2))  # (B, N)
-    rank = score.masked_fill(~image, torch.inf).argsort(dim=-1, stable=True).argsort(dim=-1)
-    return image & (rank < count(image.sum(-1))[:, None])
+    rank = score.masked_fill(~image, -torch.inf).argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
+    return image & (rank >= keep[:, None])

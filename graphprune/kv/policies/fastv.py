@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from graphprune.errors import ScheduleError
 from graphprune.kv.policy import CachePolicy, When
-from graphprune.kv.visual import least_attended_images
+from graphprune.kv.visual import image_slots, least_attended_images
 from graphprune.recipes.base import option, register
 
 
@@ -42,4 +42,5 @@ class FastV(CachePolicy):
     def rows(self, view):
         if not view.prefill or view.layer != self.layer - 1 or self.ratio == 0:
             return None
-        return least_attended_images(view, lambda n: n - (n * (1 - self.ratio)).round().long())  # keeps round(n(1-R))
+        image = image_slots(view)
+        return least_attended_images(view, (image.sum(-1) * (1 - self.ratio)).round().long(), image)
