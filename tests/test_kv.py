@@ -469,6 +469,31 @@ VIEWS = {"view", "_unsafe_view", "slice", "narrow", "unsqueeze", "squeeze", "exp
          "transpose", "t", "reshape", "as_strided", "detach", "split", "unbind", "_local_scalar_dense"}
 
 
+@pytest.mark.parametrize("recipe", [*CACHE_RECIPES, "kivi", "fastgen", "pyramidinfer", "lazyllm"])
+def test_a_cache_filled_under_inference_mode_goes_on_outside_it(recipe):
+    """A prompt run under ``torch.inference_mode`` and decoding steps under ``no_grad`` (or the other way round), the
+    cache read in between: the same logits as in one mode."""
+    model = tiny()
+    fast = graphprune.optimize(model, recipe, **SMALL.get(recipe, {}), **({"budget": 40} if recipe in CACHE_RECIPES else {}))
+    ids = prompts(1, 64)  # (caches over 32 slots grow in place)
+
+    def run(first, then):
+        with first():
+            out = fast(ids, use_cache=True)
+        logits = []
+        for step in range(8):
+            with first() if step % 3 == 2 else then():
+                out = fast(out.logits[:, -1:].argmax(-1), cache=out.cache, use_cache=True)
+            logits.append(out.logits[:, -1].clone())
+            for layer in out.cache.layers:  # reading settles the noted slot descriptions
+                assert layer.storage.pos.shape == layer.storage.valid.shape
+        return torch.stack(logits)
+
+    same = run(torch.no_grad, torch.no_grad)
+    assert torch.equal(run(torch.inference_mode, torch.no_grad), same)
+    assert torch.equal(run(torch.no_grad, torch.inference_mode), same)
+
+
 def _kernels_per_step(model, cache, token, steps=8) -> int:
     """The fewest tensor ops (views left out) one decode step dispatches, over ``steps`` steps."""
     from torch.utils._python_dispatch import TorchDispatchMode

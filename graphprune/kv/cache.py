@@ -151,6 +151,8 @@ class EvictingLayer(CacheLayerMixin):
             if override is None:
                 out = _grouped_attention(query, keys, view.values, mask, scaling)
             else:  # swap the policy's keys in for the attention call only (a few slots, in place)
+                st.writable()
+                keys = view.keys
                 idx = override.slots[..., None].expand_as(override.keys)
                 cached = keys.gather(2, idx)
                 keys.scatter_(2, idx, override.keys)

@@ -36,13 +36,18 @@ def _append(grown: tuple[torch.Tensor, torch.Tensor] | None, t: torch.Tensor,
     is written in place; otherwise into a new buffer with ``(n + m) // GROW`` spare slots. (Slots past a view's end
     are never visible through it, so earlier views stay valid.)"""
     n, m = t.shape[2], new.shape[2]
-    if grown is not None and grown[1] is t and grown[0].shape[2] >= n + m:
+    if grown is not None and grown[1] is t and grown[0].shape[2] >= n + m and _writable(grown[0]):
         buf = grown[0]
     else:
         buf = t.new_empty(*t.shape[:2], n + m + (n + m) // GROW, *t.shape[3:])
         buf.narrow(2, 0, n).copy_(t)
     buf.narrow(2, n, m).copy_(new)
     return buf, buf.narrow(2, 0, n + m)
+
+
+def _writable(t: torch.Tensor) -> bool:
+    """Whether ``t`` takes in-place writes here: not a tensor made under inference mode, unless that mode is on."""
+    return not t.is_inference() or torch.is_inference_mode_enabled()
 
 
 def _per_slot(idx: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -191,6 +196,13 @@ class Slots:
         if k < self.length:
             self.keep(self.valid.to(torch.int8).argsort(dim=-1, descending=True, stable=True)[..., :k].sort(-1).values)
 
+    def writable(self) -> None:
+        """Before writing in place: tensors made under inference mode (a prompt run in it) are copied once when the
+        cache goes on outside it."""
+        if self.keys is not None and not all(_writable(t) for t in (
+                self.keys, self.values, self.valid, self.pos, *(t for _, t in self.slot_fields()))):
+            self._slots(torch.clone)
+
     def slot_fields(self):
         if self.state is None:
             return []
@@ -243,6 +255,7 @@ class Ring(Slots):
 
     def write(self, keys, values):
         if self.hole is not None and keys.shape[-2] == 1:
+            self.writable()
             idx = self.hole[:, :, None, None].expand(*self.hole.shape, 1, keys.shape[-1])
             self.keys.scatter_(2, idx, keys)
             self.values.scatter_(2, idx, values)
@@ -253,6 +266,7 @@ class Ring(Slots):
     def describe(self, real, pos):
         if self.hole is None:
             return super().describe(real, pos)
+        self.writable()
         b, hkv = self.hole.shape
         hole, self.hole = self.hole[..., None], None
         self.padded = False if real is None and self.refill else None
@@ -265,6 +279,7 @@ class Ring(Slots):
 
     def drop(self, slot):
         """Mark the slot free; the next token is written into it."""
+        self.writable()
         if not (self.valid.is_contiguous() and self.pos.is_contiguous()):  # expanded views of the prompt's
             self.valid, self.pos = self.valid.contiguous(), self.pos.contiguous()
         self.hole = slot
