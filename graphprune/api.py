@@ -14,6 +14,7 @@ from graphprune.exporters.decoder_onnx import export_decoder_onnx
 from graphprune.exporters.onnx import export_onnx
 from graphprune.exporters.trt import write_trt_build
 from graphprune.kv import input_ids, is_decoder_lm, optimize_decoder
+from graphprune.kv.compose import compose
 from graphprune.passes import remove_markers
 from graphprune.patterns import analyze
 from graphprune.recipes import get_recipe
@@ -54,7 +55,7 @@ def _optimize_decoder(model, policy, target: str, output, example_inputs, max_ne
     return export_decoder_onnx(fast, output, prompt_len=prompt_len, max_new_tokens=max_new_tokens)
 
 
-def optimize(model: torch.nn.Module, recipe: str | None = None, target: str = "eager", example_inputs=None, output=None,
+def optimize(model: torch.nn.Module, recipe: str | list | None = None, target: str = "eager", example_inputs=None, output=None,
              schedule=None, **options):
     """Apply a token-reduction recipe to ``model`` and lower the result to ``target``.
 
@@ -62,7 +63,8 @@ def optimize(model: torch.nn.Module, recipe: str | None = None, target: str = "e
     (``target="onnx"``, written to ``output``; ``target="trt"``: the same, plus the TensorRT engine build files
     beside it, and the engine itself where ``tensorrt`` imports, see :mod:`graphprune.exporters.trt`). Both are callable with the original inputs
     and carry ``.report``. Decoder LLMs (Llama, Qwen2/3, Mistral) take a KV-cache recipe and
-    ``budget=``; they come back as a model with the standard forward and ``generate``
+    ``budget=`` (vision-language models also a visual recipe, ``recipe="fastv"``, or both at once,
+    ``recipe=["fastv", "snapkv"]``: each option goes to the recipe that has it); they come back as a model with the standard forward and ``generate``
     (``target="eager"``), or as prefill/decode ONNX graphs in the folder ``output``
     (``target="onnx"``; ``max_new_tokens=`` sizes them). ``schedule``: a schedule from :func:`graphprune.tune` (or its JSON
     file) giving the recipe and its per-block options; explicit options override it. The
@@ -71,8 +73,11 @@ def optimize(model: torch.nn.Module, recipe: str | None = None, target: str = "e
     if target not in TARGETS:
         raise GraphPruneError(f"unknown target '{target}'; choose one of {', '.join(TARGETS)}")
     max_new_tokens = options.pop("max_new_tokens", 64)
-    recipe, options = resolve(recipe, schedule, options)
-    rec = get_recipe(recipe, **options)
+    if isinstance(recipe, (list, tuple)):  # decoder policies at once, e.g. ["fastv", "snapkv"]
+        rec = compose(list(recipe), options)
+    else:
+        recipe, options = resolve(recipe, schedule, options)
+        rec = get_recipe(recipe, **options)
     if is_decoder_lm(model) or getattr(rec, "kind", None) == "cache":
         return _optimize_decoder(model, rec, target, output, example_inputs, max_new_tokens)
     if target in ("onnx", "trt"):

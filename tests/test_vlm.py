@@ -1,33 +1,53 @@
-"""Vision-language models: image-token pruning inside the language model (FastV, PyramidDrop) on tiny LLaVAs."""
+"""Vision-language models: image-token pruning inside the language model (FastV, PyramidDrop) on tiny LLaVA and
+LLaVA-NeXT models (anyres tiles and newline rows)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig,
+                          LlavaNextForConditionalGeneration)
 
 import graphprune
 from graphprune.errors import RecipeError
 from graphprune.recipes import RECIPES
 
 IMAGE = 100  # the image placeholder id
-PATCHES = 16  # a 32-pixel image in 8-pixel patches
 
 
-@pytest.fixture(scope="module")
-def llava():
+@dataclass
+class VLM:
+    model: torch.nn.Module
+    tokens: int  # image tokens per image
+
+    def images(self, n: int, seed: int = 1) -> dict:
+        """Pixel inputs of ``n`` images (one per prompt)."""
+        g = torch.Generator().manual_seed(seed)
+        if isinstance(self.model, LlavaNextForConditionalGeneration):  # 64×32 pixels: the base tile and two
+            return {"pixel_values": torch.randn(n, 3, 3, 32, 32, generator=g), "image_sizes": torch.tensor([[64, 32]] * n)}
+        return {"pixel_values": torch.randn(n, 3, 32, 32, generator=g)}
+
+    def prompt(self, before: int, after: int, seed: int = 0) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        text = torch.randint(2, 99, (before + after,), generator=g)
+        return torch.cat([text[:before], torch.full((self.tokens,), IMAGE), text[before:]])
+
+
+@pytest.fixture(scope="module", params=["llava", "llava_next"])
+def vlm(request):
     torch.manual_seed(0)
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                               image_size=32, patch_size=8, projection_dim=32)
     text = LlamaConfig(vocab_size=120, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, eos_token_id=1)
-    return LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE)).eval()
-
-
-def prompt(before: int, after: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    text = torch.randint(2, 99, (before + after,), generator=g)
-    return torch.cat([text[:before], torch.full((PATCHES,), IMAGE), text[before:]])
+    if request.param == "llava":  # 16 patches of 8 pixels
+        return VLM(LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text,
+                                                             image_token_id=IMAGE)).eval(), 16)
+    config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=IMAGE, vision_feature_layer=-1,
+                             image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]])
+    return VLM(LlavaNextForConditionalGeneration(config).eval(), 56)  # 16 base + 2×4×4 tiles + 8 newline rows
 
 
 def batch(*prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,24 +60,22 @@ def batch(*prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def pixels(n: int, seed: int = 1) -> torch.Tensor:
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+def one(images: dict, i: int) -> dict:
+    return {k: v[i:i + 1] for k, v in images.items()}
 
 
 VISUAL = {"fastv": {"layer": 2, "ratio": 0.5}, "pyramiddrop": {"layers": [2], "keep": 0.5}}
 
 
 @pytest.mark.parametrize("recipe", list(VISUAL))
-def test_zero_setting_reproduces_the_model(llava, recipe):
-    fast = graphprune.optimize(llava, recipe, **RECIPES[recipe].zero)
-    ids, mask = batch(prompt(3, 5), prompt(1, 2, seed=1))
-    px = pixels(2)
+def test_zero_setting_reproduces_the_model(vlm, recipe):
+    fast = graphprune.optimize(vlm.model, recipe, **RECIPES[recipe].zero)
+    ids, mask = batch(vlm.prompt(3, 5), vlm.prompt(1, 2, seed=1))
+    kw = dict(input_ids=ids, attention_mask=mask, **vlm.images(2))
     with torch.no_grad():
-        expected = llava(input_ids=ids, attention_mask=mask, pixel_values=px).logits[:, -1]
-        got = fast(input_ids=ids, attention_mask=mask, pixel_values=px).logits[:, -1]
-        assert (got - expected).abs().max() <= 1e-5
-        kw = dict(input_ids=ids, attention_mask=mask, pixel_values=px, max_new_tokens=6, do_sample=False, pad_token_id=0)
-        assert torch.equal(fast.generate(**kw), llava.generate(**kw))
+        assert (fast(**kw).logits[:, -1] - vlm.model(**kw).logits[:, -1]).abs().max() <= 1e-5
+        gen = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(fast.generate(**kw, **gen), vlm.model.generate(**kw, **gen))
 
 
 def held(cache, layer: int, b: int = 0) -> set[int]:
@@ -65,7 +83,7 @@ def held(cache, layer: int, b: int = 0) -> set[int]:
     return set(st.pos[b, 0][st.valid[b, 0]].tolist())
 
 
-def masked(model, ids, px, gone: dict[int, set[int]], eager: bool = False):
+def masked(model, ids, images: dict, gone: dict[int, set[int]], eager: bool = False):
     """The oracle: the unmodified model (or its copy with eager attention), one sequence, with the tokens ``gone[l]``
     left out of the attention of every layer from l on; its output (``eager``: with the attention maps)."""
     import copy
@@ -85,55 +103,74 @@ def masked(model, ids, px, gone: dict[int, set[int]], eager: bool = False):
         hooks.append(layer.register_forward_pre_hook(
             lambda m, a, kw, mask=mask: (a, {**kw, "attention_mask": mask[None, None]}), with_kwargs=True))
     try:
-        return model(input_ids=ids[None], pixel_values=px[None], output_attentions=eager)
+        return model(input_ids=ids[None], **images, output_attentions=eager)
     finally:
         for h in hooks:
             h.remove()
 
 
-def masked_logits(model, ids, px, gone: dict[int, set[int]]) -> torch.Tensor:
-    return masked(model, ids, px, gone).logits[0, -1]
-
-
-def attention_of_last_token(model, ids, px, layer: int, gone: dict[int, set[int]] | None = None) -> torch.Tensor:
+def attention_of_last_token(model, ids, images, layer: int, gone: dict[int, set[int]]) -> torch.Tensor:
     """The last token's attention in ``layer`` (eager attention; ``gone`` as in :func:`masked`), head mean, (L,)."""
-    return masked(model, ids, px, gone or {}, eager=True).attentions[layer][0, :, -1].mean(0)
+    return masked(model, ids, images, gone, eager=True).attentions[layer][0, :, -1].mean(0)
 
 
 @pytest.mark.parametrize("ratio", [0.5, 0.75])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_fastv_drops_the_papers_tokens_and_dropping_equals_masking(llava, ratio, seed):
+def test_fastv_drops_the_papers_tokens_and_dropping_equals_masking(vlm, ratio, seed):
     """The kept set is FastV's (the last token's head-mean attention in layer K-1 ranks the image tokens, the top
     round(n·(1-R)) stay), and the output equals the unmodified model with those tokens masked out from layer K on."""
     k = 2
-    fast = graphprune.optimize(llava, "fastv", layer=k, ratio=ratio)
-    ids, px = prompt(4, 6, seed), pixels(1, seed)[0]
+    fast = graphprune.optimize(vlm.model, "fastv", layer=k, ratio=ratio)
+    ids, images = vlm.prompt(4, 6, seed), vlm.images(1, seed)
     with torch.no_grad():
-        out = fast(input_ids=ids[None], pixel_values=px[None], use_cache=True)
-        att = attention_of_last_token(llava, ids, px, k - 1)
+        out = fast(input_ids=ids[None], **images, use_cache=True)
+        att = attention_of_last_token(vlm.model, ids, images, k - 1, {})
         image = (ids == IMAGE).nonzero().flatten().tolist()
         expected = set(image) - set(sorted(image, key=lambda i: -float(att[i]))[:round(len(image) * (1 - ratio))])
         gone = held(out.cache, 0) - held(out.cache, k)
         assert gone == expected
         assert held(out.cache, k - 1) == set(range(len(ids))) and held(out.cache, 3) == held(out.cache, k)
-        assert (out.logits[0, -1] - masked_logits(llava, ids, px, {k: gone})).abs().max() <= 1e-5
+        oracle = masked(vlm.model, ids, images, {k: gone}).logits[0, -1]
+        assert (out.logits[0, -1] - oracle).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("keep, layers", [(0.5, []), (0.6, [1, 3])])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_pyramiddrop_drops_the_papers_tokens_and_dropping_equals_masking(vlm, keep, layers, seed):
+    """Stage by stage, before each boundary layer s the last token's head-mean attention in layer s (over the tokens
+    that reached it) ranks the image tokens left, and int(n·λ^stage) of the prompt's n stay; the output equals the
+    unmodified model with the dropped tokens masked out from their boundary layer on."""
+    fast = graphprune.optimize(vlm.model, "pyramiddrop", keep=keep, layers=layers)
+    ids, images = vlm.prompt(4, 6, seed), vlm.images(1, seed)
+    bounds = layers or [1, 2, 3]  # a quarter, half and three quarters of 4 layers
+    with torch.no_grad():
+        out = fast(input_ids=ids[None], **images, use_cache=True)
+        image = set((ids == IMAGE).nonzero().flatten().tolist())
+        gone: dict[int, set[int]] = {}
+        for stage, s in enumerate(bounds, 1):
+            att = attention_of_last_token(vlm.model, ids, images, s, gone)
+            left = sorted(image - set().union(*gone.values()), key=lambda i: -float(att[i]))
+            gone[s] = set(left[int(len(image) * keep ** stage):])
+            assert held(out.cache, s - 1) - held(out.cache, s) == gone[s], f"stage {stage}"
+        oracle = masked(vlm.model, ids, images, gone).logits[0, -1]
+        assert (out.logits[0, -1] - oracle).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("recipe", list(VISUAL))
-def test_a_left_padded_batch_equals_each_sample_alone_and_generates(llava, recipe):
-    fast = graphprune.optimize(llava, recipe, **VISUAL[recipe])
-    prompts, px = [prompt(3, 7, seed=2), prompt(1, 2, seed=3)], pixels(2, seed=4)
+def test_a_left_padded_batch_equals_each_sample_alone_and_generates(vlm, recipe):
+    fast = graphprune.optimize(vlm.model, recipe, **VISUAL[recipe])
+    prompts, images = [vlm.prompt(3, 7, seed=2), vlm.prompt(1, 2, seed=3)], vlm.images(2, seed=4)
     ids, mask = batch(*prompts)
-    kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+    gen = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
     with torch.no_grad():
-        together = fast.generate(input_ids=ids, attention_mask=mask, pixel_values=px, **kw)[:, ids.shape[1]:]
-        first = fast(input_ids=ids, attention_mask=mask, pixel_values=px).logits[:, -1]
+        together = fast.generate(input_ids=ids, attention_mask=mask, **images, **gen)[:, ids.shape[1]:]
+        first = fast(input_ids=ids, attention_mask=mask, **images).logits[:, -1]
         for i, p in enumerate(prompts):
-            alone = fast(input_ids=p[None], pixel_values=px[i:i + 1], use_cache=True)
+            alone = fast(input_ids=p[None], **one(images, i), use_cache=True)
             assert (first[i] - alone.logits[0, -1]).abs().max() <= 1e-5
             assert alone.cache.slots()[3] < len(p)  # image tokens went
-            assert torch.equal(together[i], fast.generate(input_ids=p[None], pixel_values=px[i:i + 1], **kw)[0, len(p):])
-        sampled = fast.generate(input_ids=ids, attention_mask=mask, pixel_values=px, max_new_tokens=5, do_sample=True,
+            assert torch.equal(together[i], fast.generate(input_ids=p[None], **one(images, i), **gen)[0, len(p):])
+        sampled = fast.generate(input_ids=ids, attention_mask=mask, **images, max_new_tokens=5, do_sample=True,
                                 pad_token_id=0)
     assert sampled.shape == (2, ids.shape[1] + 5)
 
@@ -147,22 +184,24 @@ def test_visual_recipes_refuse_text_only_models():
         graphprune.optimize(text, "fastv")
 
 
-@pytest.mark.parametrize("keep, layers", [(0.5, []), (0.6, [1, 3])])
-@pytest.mark.parametrize("seed", [0, 1])
-def test_pyramiddrop_drops_the_papers_tokens_and_dropping_equals_masking(llava, keep, layers, seed):
-    """Stage by stage, before each boundary layer s the last token's head-mean attention in layer s (over the tokens
-    that reached it) ranks the image tokens left, and int(n·λ^stage) of the prompt's n stay; the output equals the
-    unmodified model with the dropped tokens masked out from their boundary layer on."""
-    fast = graphprune.optimize(llava, "pyramiddrop", keep=keep, layers=layers)
-    ids, px = prompt(4, 6, seed), pixels(1, seed)[0]
-    bounds = layers or [1, 2, 3]  # a quarter, half and three quarters of 4 layers
+def test_a_visual_recipe_composes_with_a_cache_policy(vlm):
+    """recipe=["fastv", "snapkv"]: FastV's rows and SnapKV's eviction; options go to the recipe that has them."""
+    both = graphprune.optimize(vlm.model, ["fastv", "snapkv"], ratio=0.5, budget=12, window=4)
+    assert both.report.options == {"fastv": {**RECIPES["fastv"]().options(), "ratio": 0.5},
+                                   "snapkv": {**RECIPES["snapkv"]().options(), "budget": 12, "window": 4}}
+    fastv = graphprune.optimize(vlm.model, "fastv", ratio=0.5)
+    ids, images = vlm.prompt(4, 6), vlm.images(1)
     with torch.no_grad():
-        out = fast(input_ids=ids[None], pixel_values=px[None], use_cache=True)
-        image = set((ids == IMAGE).nonzero().flatten().tolist())
-        gone: dict[int, set[int]] = {}
-        for stage, s in enumerate(bounds, 1):
-            att = attention_of_last_token(llava, ids, px, s, gone)
-            left = sorted(image - set().union(*gone.values()), key=lambda i: -float(att[i]))
-            gone[s] = set(left[int(len(image) * keep ** stage):])
-            assert held(out.cache, s - 1) - held(out.cache, s) == gone[s], f"stage {stage}"
-        assert (out.logits[0, -1] - masked_logits(llava, ids, px, gone)).abs().max() <= 1e-5
+        out = both(input_ids=ids[None], **images, use_cache=True)
+        alone = fastv(input_ids=ids[None], **images, use_cache=True)
+        assert torch.equal(out.logits[0, -1], alone.logits[0, -1])  # (the prompt pass attends before evicting)
+        assert out.cache.slots() == [12] * 4 and alone.cache.slots()[0] == len(ids)
+        for layer in (0, 2):  # snapkv's choice among the tokens each layer holds
+            assert held(out.cache, layer) <= held(alone.cache, layer)
+        tokens = both.generate(input_ids=ids[None], **images, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                               pad_token_id=0)
+    assert tokens.shape[1] == len(ids) + 4
+    with pytest.raises(RecipeError, match="both evict"):
+        graphprune.optimize(vlm.model, ["snapkv", "h2o"])
+    with pytest.raises(RecipeError, match="option window belongs to none"):
+        graphprune.optimize(vlm.model, ["fastv", "h2o"], window=3)

@@ -1,0 +1,120 @@
+"""Several decoder policies at once: prompt-row pruning (a visual recipe such as FastV, or PyramidInfer's prompt stage)
+beside one cache policy that ranks slots (``recipe=["fastv", "snapkv"]``).
+
+The rows stage stops a token where any part stops it; everything about the cache (capacity, ranking, state, storage)
+is the one ranking part's. Options are routed by name to the parts that have them."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from graphprune.errors import RecipeError
+from graphprune.kv.policy import CachePolicy, When
+from graphprune.recipes.base import Recipe, get_recipe
+
+
+def _union(stops: list[torch.Tensor | None]) -> torch.Tensor | None:
+    stops = [s for s in stops if s is not None]
+    return None if not stops else stops[0] if len(stops) == 1 else torch.stack(stops).any(0)
+
+
+@dataclass
+class Composed(CachePolicy):
+    """Row-pruning parts and at most one part that evicts (see the module docstring)."""
+
+    name = "composed"
+    summary = "several decoder policies at once"
+    paper = "-"
+
+    parts: tuple = ()
+
+    def __post_init__(self):
+        evicting = [p for p in self.parts if p.evicts is not When.NEVER]
+        if len(evicting) > 1:
+            raise RecipeError(f"{' and '.join(p.name for p in evicting)} both evict from the cache; compose one cache "
+                              "policy with row-pruning ones (fastv, pyramiddrop, pyramidinfer, lazyllm)")
+        self.cache = evicting[0] if evicting else self.parts[0]
+        self.name = "+".join(p.name for p in self.parts)
+        # what the cache and the rows stage are built from
+        self.evicts, self.State, self.slot_order = self.cache.evicts, self.cache.State, self.cache.slot_order
+        self.exportable = all(p.exportable for p in self.parts)
+        self.revives = any(p.revives for p in self.parts)
+        self.needs_images = any(p.needs_images for p in self.parts)
+
+    def validate(self) -> None:
+        for p in self.parts:
+            p.validate()
+
+    def options(self) -> dict:
+        return {p.name: p.options() for p in self.parts}
+
+    @property
+    def prunes_rows(self) -> bool:
+        return any(p.prunes_rows for p in self.parts)
+
+    # -- the cache: the ranking part's --------------------------------------------------------
+    def tokens(self, prompt_len):
+        return self.cache.tokens(prompt_len)
+
+    def capacity(self, layer, n_layers, prompt_len):
+        return self.cache.capacity(layer, n_layers, prompt_len)
+
+    def sink_tokens(self):
+        return self.cache.sink_tokens()
+
+    def recent_tokens(self, capacity):
+        return self.cache.recent_tokens(capacity)
+
+    def update(self, view):
+        self.cache.update(view)
+
+    def score(self, view):
+        return self.cache.score(view)
+
+    def quantization(self):
+        return self.cache.quantization()
+
+    def attention_keys(self, view):
+        return self.cache.attention_keys(view)
+
+    def new_state(self):
+        return self.cache.new_state()
+
+    # -- the rows stage: every part's --------------------------------------------------------
+    def rows(self, view):
+        return _union([p.rows(view) for p in self.parts])
+
+    def rows_before(self, view):
+        return _union([p.rows_before(view) for p in self.parts])
+
+
+def compose(recipes: list, options: dict) -> Composed:
+    """The policies ``recipes`` (names or recipe objects) as one; each of ``options`` goes to the named recipes that
+    have it (where several do, to the ones not sized by their own options, e.g. ``budget`` to the cache policy)."""
+    if len(recipes) < 2:
+        raise RecipeError("give two or more recipes to compose, or one recipe name")
+    classes = []
+    for r in recipes:
+        if isinstance(r, Recipe):
+            classes.append(type(r))
+        else:
+            classes.append(type(get_recipe(r)))  # (an unknown name fails here, with suggestions)
+    for cls in classes:
+        if getattr(cls, "kind", None) != "cache":
+            raise RecipeError(f"'{cls.name}' reduces an encoder's tokens; only decoder policies compose "
+                              f"(e.g. recipe=['fastv', 'snapkv'])")
+    routed: dict[int, dict] = {i: {} for i, r in enumerate(recipes) if not isinstance(r, Recipe)}
+    for key, value in options.items():
+        have = [i for i in routed if key in {f.name for f in dataclasses.fields(classes[i])}]
+        if len(have) > 1:
+            have = [i for i in have if classes[i].sizes_itself is None]
+        if len(have) != 1:
+            names = ", ".join(c.name for c in classes)
+            raise RecipeError(f"option {key} belongs to {'none' if not have else 'more than one'} of {names}; "
+                              "pass recipe objects instead (graphprune.recipes.get_recipe(name, **options))")
+        routed[have[0]][key] = value
+    parts = tuple(r if isinstance(r, Recipe) else get_recipe(r, **routed[i]) for i, r in enumerate(recipes))
+    return Composed(parts=parts)
