@@ -515,11 +515,12 @@ NOTES = [
     "unchanged (tests/reference_kv.py and the long-generation test in tests/test_kv.py).",
     "- `stream`'s full-cache run (plain `DynamicCache`, one token per step to 8192) grew the process to about 11 GB "
     "resident although the cache itself is 0.38 GB (most likely allocator fragmentation from re-concatenating growing tensors at every step).",
-    "- `pyramidinfer` changed with the rebuild (open): on the 2048-token `ppl --others` run its perplexity is 15.749 "
-    "against 15.787 before (per sample 23.846 / 10.401 against 23.806 / 10.469), with the same slots per layer. "
-    "Traced on SmolLM2 (1024-token prompt): logits equal the old build's through the prefill and the first 15 "
-    "decoding steps; at the first compression of a decoded block (step 16) the kept sets differ in layers 1–5 and 7 "
-    "(layer 1: positions 823 and 826 dropped instead of 819 and 831), so the block scores differ. The earlier "
+    "- `pyramidinfer` briefly differed after the rebuild (15.749 instead of 15.787 on the 2048-token `ppl --others` "
+    "run): the rows stage hid, from every layer above, the decoded tokens that layer 0's block compression had "
+    "evicted, although those layers still held them (each layer compresses its own cache). Fixed in commit 89356ee "
+    "(`tests/test_kv.py::test_pyramidinfer_layers_decode_over_exactly_the_tokens_they_keep` checks each decoding step "
+    "against a by-hand forward over each layer's own cache); the logits and kept sets equal commit 332a623's again "
+    "over 64 decoding steps of a 1024-token SmolLM2 prompt, and the rerun below gives 15.787 as before. The earlier "
     "memory ratio (0.931) under-counted the full cache (1812 instead of 2303 tokens per layer); 0.749 is right.",
     "- `kivi` keeps every token and dequantises the whole cache at each step in eager PyTorch (no fused kernel), so it "
     "saves memory, not time. On this 135M model 2-bit codes cost 1.35× perplexity while 4-bit is lossless (1.003×); "

@@ -64,7 +64,7 @@ def one(images: dict, i: int) -> dict:
     return {k: v[i:i + 1] for k, v in images.items()}
 
 
-VISUAL = {"fastv": {"layer": 2, "ratio": 0.5}, "pyramiddrop": {"layers": [2], "keep": 0.5}}
+VISUAL = {"fastv": {"layer": 2, "ratio": 0.5}, "pyramiddrop": {"layers": [2], "keep": 0.5}, "divprune": {"keep": 0.3}}
 
 
 @pytest.mark.parametrize("recipe", list(VISUAL))
@@ -201,7 +201,48 @@ def test_a_visual_recipe_composes_with_a_cache_policy(vlm):
         tokens = both.generate(input_ids=ids[None], **images, max_new_tokens=4, min_new_tokens=4, do_sample=False,
                                pad_token_id=0)
     assert tokens.shape[1] == len(ids) + 4
+    before = graphprune.optimize(vlm.model, ["divprune", "fastv"], keep=0.5, ratio=0.5)  # before and inside the LM
+    with torch.no_grad():
+        slots = before(input_ids=ids[None], **images, use_cache=True).cache.slots()
+    n = vlm.tokens
+    assert slots == [len(ids) - n + n // 2] * 2 + [len(ids) - n + round(n // 2 * 0.5)] * 2
     with pytest.raises(RecipeError, match="both evict"):
         graphprune.optimize(vlm.model, ["snapkv", "h2o"])
     with pytest.raises(RecipeError, match="option window belongs to none"):
         graphprune.optimize(vlm.model, ["fastv", "h2o"], window=3)
+
+
+def divprune_reference(features: torch.Tensor, keep: float) -> set[int]:
+    """DivPrune by its definition, with lists: cosine distances; first the token farthest from its nearest neighbour,
+    then the token farthest from the chosen set (its nearest chosen token); round(keep·n) of them."""
+    x = [f / f.norm() for f in features.double()]
+    n = len(x)
+    dist = [[1 - float(a @ b) for b in x] for a in x]
+    nearest = [min(dist[i][j] for j in range(n) if j != i) for i in range(n)]
+    chosen = [max(range(n), key=lambda i: (nearest[i], -i))]
+    while len(chosen) < round(keep * n):
+        rest = [i for i in range(n) if i not in chosen]
+        chosen.append(max(rest, key=lambda i: (min(dist[c][i] for c in chosen), -i)))
+    return set(chosen)
+
+
+@pytest.mark.parametrize("keep", [0.098, 0.3])
+def test_divprune_keeps_the_papers_tokens_and_dropping_equals_masking(vlm, keep):
+    """Each image's most diverse projected tokens go in (the reference above); the output equals the unmodified model
+    with the other image tokens masked out of every layer (positions kept), at the prompt and while decoding."""
+    fast = graphprune.optimize(vlm.model, "divprune", keep=keep)
+    ids, images = vlm.prompt(4, 6), vlm.images(1)
+    with torch.no_grad():
+        features = vlm.model.model.get_image_features(**images, return_dict=True).pooler_output[0]
+        image = (ids == IMAGE).nonzero().flatten()
+        gone = set(image.tolist()) - {int(image[i]) for i in divprune_reference(features, keep)}
+        out = fast(input_ids=ids[None], **images, use_cache=True)
+        assert held(out.cache, 0) == set(range(len(ids))) - gone
+        assert out.cache.get_seq_length() == len(ids)  # decoding goes on at the full prompt's positions
+        assert (out.logits[0, -1] - masked(vlm.model, ids, images, {0: gone}).logits[0, -1]).abs().max() <= 1e-5
+        tokens = fast.generate(input_ids=ids[None], **images, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                               pad_token_id=0)[0, len(ids):]
+        seq = ids
+        for t in tokens:  # the oracle, token by token without a cache
+            assert int(masked(vlm.model, seq, images, {0: gone}).logits[0, -1].argmax()) == int(t)
+            seq = torch.cat([seq, t[None]])

@@ -270,6 +270,12 @@ class EvictingCache(Cache):
         call.images = None if call.media is None or input_ids is None else \
             torch.isin(input_ids, call.media.to(input_ids.device)).sum(-1)
 
+    def skip(self, n: int) -> None:
+        """The prompt had ``n`` more positions than its layers saw (image tokens left out before the language model):
+        the sequence's length counts them, so that decoding goes on at the positions the full prompt would have."""
+        for layer in self.layers:
+            layer.seen += n
+
     @property
     def nbytes(self) -> int:
         """Bytes held by the cached keys and values of every layer."""

@@ -33,6 +33,8 @@ class Composed(CachePolicy):
 
     def __post_init__(self):
         evicting = [p for p in self.parts if p.evicts is not When.NEVER]
+        if sum(p.reduces_images for p in self.parts) > 1:
+            raise RecipeError("compose at most one recipe that reduces image tokens before the language model")
         if len(evicting) > 1:
             raise RecipeError(f"{' and '.join(p.name for p in evicting)} both evict from the cache; compose one cache "
                               "policy with row-pruning ones (fastv, pyramiddrop, pyramidinfer, lazyllm)")
@@ -82,6 +84,15 @@ class Composed(CachePolicy):
 
     def new_state(self):
         return self.cache.new_state()
+
+    # -- before the language model: the one part that reduces images ---------------------------
+    def image_tokens(self, features):
+        reducers = [p for p in self.parts if p.reduces_images]
+        return reducers[0].image_tokens(features) if reducers else None
+
+    @property
+    def reduces_images(self) -> bool:
+        return any(p.reduces_images for p in self.parts)
 
     # -- the rows stage: every part's --------------------------------------------------------
     def rows(self, view):

@@ -139,9 +139,18 @@ def _evicting_class(base: type, setup: Decoder) -> type:
             else:
                 kwargs.pop("past_key_values", None)
                 kwargs[cache_key] = cache
+        skipped = 0
+        if setup.policy.reduces_images:  # fewer image tokens go in (the call's arguments by name)
+            from graphprune.kv.images import reduce_images
+
+            kwargs, args = {**bound, **kwargs}, ()
+            kwargs, skipped = reduce_images(self, setup.policy, setup.info.media[0], kwargs)
         if isinstance(cache, EvictingCache):
             cache.begin(kwargs.get("input_ids", bound.get("input_ids")))
-        return forward(self, *args, **kwargs)
+        out = forward(self, *args, **kwargs)
+        if skipped and isinstance(cache, EvictingCache):
+            cache.skip(skipped)
+        return out
 
     return type(f"{base.__name__}WithKVEviction", (base,), {
         "forward": evicting_forward, "__module__": __name__, "graphprune": setup,

@@ -172,6 +172,16 @@ class CachePolicy(Recipe):
         masks and the cache of later layers follow (:mod:`graphprune.kv.rows`)."""
         return None
 
+    def image_tokens(self, features: torch.Tensor) -> torch.Tensor | None:
+        """Before a vision-language model's language model: which of one image's projected tokens ``features``
+        (n, C) go in, as sorted indices (k,); None: all of them (:mod:`graphprune.kv.images`)."""
+        return None
+
+    @property
+    def reduces_images(self) -> bool:
+        """Whether the policy leaves image tokens out before the language model (it defines :meth:`image_tokens`)."""
+        return type(self).image_tokens is not CachePolicy.image_tokens
+
     def rows_before(self, view: "View") -> torch.Tensor | None:
         """Row pruning before this layer's attention (in every forward), scored with this layer's own queries and keys
         of all the rows that reached it: (B, N) bool over this layer's slots, the tokens that stop before this layer

@@ -1,0 +1,173 @@
+"""Visual-token reduction on a LLaVA-1.5-shaped vision-language model with random weights (no VLM weights install
+offline; fidelity rests on the tests' references).
+
+    python benchmarks/vlm.py speed --batch 1 4 --rounds 3      # docs/vlm/speed.json, then docs/vlm.md
+
+The model: CLIP ViT-L/14 at 336 pixels (576 image tokens from its second-to-last layer, as LLaVA-1.5 takes them), a
+two-layer MLP projector and a language model of Qwen2.5-0.5B's shape (24 layers, 14 query and 2 KV heads, width 896).
+The prompt: 35 text tokens, the image, 30 text tokens (LLaVA-1.5's template). Each recipe at its published setting is
+timed interleaved with the unmodified model, round by round in a rotating order: time to first token (the prompt pass,
+vision tower included), the language model's share of it, decode ms per step, KV memory after the prompt, and the
+FLOPs of the prompt pass counted by ``torch.utils.flop_counter`` (every matmul and attention call, the recipes'
+own scoring included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import graphprune  # noqa: E402
+from llm import _commit  # noqa: E402
+
+OUT = Path(__file__).parent.parent / "docs" / "vlm"
+IMAGE = 151655  # the placeholder id (Qwen2.5's <|image_pad|>)
+VARIANTS = {  # recipe: its published setting
+    "fastv": {"layer": 2, "ratio": 0.5},
+    "pyramiddrop": {"keep": 0.5},
+}
+
+
+def llava_shaped():
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
+
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14, projection_dim=768)
+    text = Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                       num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, tie_word_embeddings=True)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE, vision_feature_layer=-2,
+                         vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(config).eval()
+
+
+def inputs(batch: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.cat([torch.randint(0, 150000, (batch, 35), generator=g), torch.full((batch, 576), IMAGE),
+                     torch.randint(0, 150000, (batch, 30), generator=g)], 1)
+    return {"input_ids": ids, "pixel_values": torch.randn(batch, 3, 336, 336, generator=g)}
+
+
+def _vision_seconds(model, kw) -> float:
+    start = time.perf_counter()
+    model.model.get_image_features(pixel_values=kw["pixel_values"], vision_feature_layer=-2,
+                                   vision_feature_select_strategy="default")
+    return time.perf_counter() - start
+
+
+def _measure(model, kw, steps: int) -> dict:
+    start = time.perf_counter()
+    out = model(**kw, use_cache=True)
+    ttft = time.perf_counter() - start
+    cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = model(input_ids=token, cache=cache, use_cache=True)
+        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+    step = (time.perf_counter() - start) / steps
+    nbytes = cache.nbytes if hasattr(cache, "nbytes") else sum(
+        t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    return {"ttft": ttft, "step": step, "kv_bytes": nbytes}
+
+
+def _flops(model, kw) -> tuple[int, int]:
+    """FLOPs of the prompt pass: all, and the vision tower's and projector's."""
+    with FlopCounterMode(display=False) as all_flops:
+        model(**kw, use_cache=True)
+    with FlopCounterMode(display=False) as vision:
+        model.model.get_image_features(pixel_values=kw["pixel_values"], vision_feature_layer=-2,
+                                       vision_feature_select_strategy="default")
+    return all_flops.get_total_flops(), vision.get_total_flops()
+
+
+def run_speed(batches: list[int], rounds: int, steps: int, threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+    base = llava_shaped()
+    models = {"unmodified": base, **{f"{r} {o}": graphprune.optimize(base, r, **o) for r, o in VARIANTS.items()}}
+    began, rows = time.perf_counter(), []
+    with torch.inference_mode():
+        for batch in batches:
+            kw = inputs(batch)
+            flops = {name: _flops(m, kw) for name, m in models.items()}
+            vision = statistics.median(_vision_seconds(base, kw) for _ in range(2))
+            times: dict[str, list[dict]] = {name: [] for name in models}
+            for name, m in models.items():  # warm-up
+                _measure(m, kw, 2)
+            names = list(models)
+            for r in range(rounds):
+                for name in names[r % len(names):] + names[:r % len(names)]:
+                    times[name].append(_measure(m := models[name], kw, steps))
+                    print(f"batch {batch} round {r + 1}/{rounds} {name:40s} ttft {times[name][-1]['ttft']:.2f} s "
+                          f"step {1000 * times[name][-1]['step']:.0f} ms", flush=True)
+            med = {name: {k: statistics.median(t[k] for t in ts) for k in ts[0]} for name, ts in times.items()}
+            ref = med["unmodified"]
+            for name in models:
+                m, (total, vis) = med[name], flops[name]
+                rows.append({
+                    "batch": batch, "variant": name, "ttft_s": m["ttft"], "lm_prefill_s": m["ttft"] - vision,
+                    "decode_ms": 1000 * m["step"], "kv_bytes": m["kv_bytes"], "flops": total, "vision_flops": vis,
+                    "ttft_speedup": ref["ttft"] / m["ttft"],
+                    "lm_prefill_speedup": (ref["ttft"] - vision) / (m["ttft"] - vision),
+                    "flop_bound": flops["unmodified"][0] / total,
+                    "lm_flop_bound": (flops["unmodified"][0] - vis) / (total - vis),
+                    "decode_speedup": ref["step"] / m["step"], "kv_ratio": m["kv_bytes"] / ref["kv_bytes"]})
+            print(f"batch {batch}: vision tower {vision:.2f} s", flush=True)
+    OUT.mkdir(parents=True, exist_ok=True)
+    result = {"date": datetime.date.today().isoformat(), "commit": _commit(), "threads": torch.get_num_threads(),
+              "torch": torch.__version__, "rounds": rounds, "steps": steps,
+              "command": "python benchmarks/vlm.py " + " ".join(sys.argv[1:]),
+              "seconds": round(time.perf_counter() - began), "rows": rows}
+    (OUT / "speed.json").write_text(json.dumps(result, indent=1))
+    report()
+
+
+def report() -> None:
+    """docs/vlm.md's measured table from docs/vlm/speed.json (the prose around it is written by hand)."""
+    data = json.loads((OUT / "speed.json").read_text())
+    lines = [f"`{data['command']}` ({data['date']}, commit {data['commit']}, {data['threads']} threads, median of "
+             f"{data['rounds']} interleaved rounds, {data['steps']} decode steps each, "
+             f"{data['seconds'] / 60:.1f} min)", "",
+             "| batch | variant | TTFT s | speedup | FLOP bound | LM prefill speedup | LM FLOP bound | decode ms/step "
+             "| decode speedup | KV memory | vision FLOP share |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['batch']} | {r['variant']} | {r['ttft_s']:.2f} | {r['ttft_speedup']:.2f}× | "
+                     f"{r['flop_bound']:.2f}× | {r['lm_prefill_speedup']:.2f}× | {r['lm_flop_bound']:.2f}× | "
+                     f"{r['decode_ms']:.0f} | {r['decode_speedup']:.2f}× | {r['kv_ratio']:.3f} | "
+                     f"{r['vision_flops'] / r['flops']:.2f} |")
+    doc = Path(__file__).parent.parent / "docs" / "vlm.md"
+    text = doc.read_text()
+    start, end = "<!-- speed -->", "<!-- /speed -->"
+    head, rest = text.split(start)
+    doc.write_text(head + start + "\n" + "\n".join(lines) + "\n" + end + rest.split(end)[1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("speed", help="time to first token, decode step, KV memory and FLOPs, interleaved")
+    s.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    s.add_argument("--rounds", type=int, default=3)
+    s.add_argument("--steps", type=int, default=8, help="decode steps timed per round")
+    s.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    sub.add_parser("report", help="docs/vlm.md's table from docs/vlm/speed.json")
+    args = p.parse_args()
+    if args.cmd == "speed":
+        run_speed(args.batch, args.rounds, args.steps, args.threads)
+    else:
+        report()
+
+
+if __name__ == "__main__":
+    main()

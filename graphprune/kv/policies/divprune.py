@@ -1,0 +1,63 @@
+"""DivPrune: Diversity-based Visual Token Pruning for Large Multimodal Models (Alvar et al., CVPR 2025).
+
+As in the authors' code: before the language model, each image's projected tokens are reduced to round(keep·n) by
+greedy max–min diversity on cosine distance (1 − cosine similarity of the tokens): first the token farthest from its
+nearest neighbour, then each time the token whose distance to the chosen set (its nearest chosen token) is largest;
+ties go to the first. The kept tokens stay in their order. Differences: chosen tokens are never chosen again (the
+authors' loop relies on their self-distance being 0, which only duplicates break), distances are computed in float32
+(theirs in the model's float16), every image of every sequence is reduced (theirs: the first image of the first
+sequence), and kept tokens keep their positions (theirs are renumbered, the sequence being shorter)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from graphprune.errors import ScheduleError
+from graphprune.kv.policy import CachePolicy, When
+from graphprune.recipes.base import option, register
+
+
+def max_min_diverse(features: torch.Tensor, k: int) -> torch.Tensor:
+    """Greedy max–min diversity: sorted indices (k,) of ``features`` (n, C) under cosine distance."""
+    x = features.float()
+    x = x / x.norm(dim=-1, keepdim=True)
+    dist = 1 - x @ x.T
+    nearest = dist.topk(2, dim=0, largest=False).values[1]  # (the smallest is a token's distance to itself)
+    chosen = [int(nearest.argmax())]
+    gap = dist[chosen[0]].clone()  # each token's distance to the chosen set
+    gap[chosen[0]] = -torch.inf
+    for _ in range(1, k):
+        j = int(gap.argmax())
+        chosen.append(j)
+        gap = torch.minimum(gap, dist[j])
+        gap[j] = -torch.inf
+    return torch.tensor(sorted(chosen), device=features.device)
+
+
+@register
+@dataclass
+class DivPrune(CachePolicy):
+    name = "divprune"
+    summary = "before the language model, keep the most diverse share of each image's tokens (greedy max-min " \
+              "cosine distance)"
+    paper = "DivPrune: Diversity-based Visual Token Pruning for Large Multimodal Models (CVPR 2025)"
+    zero = {"keep": 1.0}
+    evicts = When.NEVER
+    needs_images = True
+    exportable = False
+    sizes_itself = "keeps a share of the image tokens (set keep)"
+
+    budget: float = option(1.0, "DivPrune reduces image tokens by keep and evicts nothing: leave budget at 1.0")
+    keep: float = option(0.098, "share of each image's tokens kept, round(keep·n) (0.098: 56 of LLaVA-1.5's 576)")
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 < self.keep <= 1:
+            raise ScheduleError(f"keep must lie in (0, 1], got {self.keep}")
+
+    def image_tokens(self, features):
+        n = features.shape[0]
+        k = max(round(self.keep * n), 1)
+        return None if k >= n else max_min_diverse(features, k)
