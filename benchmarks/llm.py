@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import functools
 import importlib
 import io
 import json
@@ -52,8 +53,10 @@ SAMPLE_ARTICLES = (0, 30, 60)  # first article of each text sample (the stream w
 MODEL_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF, float32)"
 
 
+@functools.cache
 def _commit() -> str | None:
-    """The repository's HEAD commit (short), with ``+dirty`` when graphprune/ has uncommitted changes."""
+    """The repository's HEAD commit (short), with ``+dirty`` when graphprune/ has uncommitted changes; read once, when
+    the run starts (the code it imported), not when it ends."""
     root = Path(__file__).parent.parent
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
@@ -716,6 +719,7 @@ def report() -> None:
 
 
 def main() -> None:
+    _commit()  # the code this run imports
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="task", required=True)
     p = sub.add_parser("ppl", help="continuation perplexity, full cache vs every recipe")

@@ -35,6 +35,7 @@ IMAGE = 151655  # the placeholder id (Qwen2.5's <|image_pad|>)
 VARIANTS = {  # recipe: its published setting
     "fastv": {"layer": 2, "ratio": 0.5},
     "pyramiddrop": {"keep": 0.5},
+    "divprune": {"keep": 0.098},
 }
 
 
@@ -154,6 +155,7 @@ def report() -> None:
 
 
 def main() -> None:
+    _commit()  # the code this run imports
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("speed", help="time to first token, decode step, KV memory and FLOPs, interleaved")
