@@ -587,8 +587,14 @@ def recipes(as_json: bool = typer.Option(False, "--json", help="machine-readable
     """List the recipes and their options."""
     from graphprune.recipes import RECIPES
 
+    def acts_on(cls) -> str:
+        if cls.kind != "cache":
+            return "encoder tokens"
+        return "VLM image tokens" if getattr(cls, "needs_images", False) else "decoder KV cache"
+
     if as_json:
-        print(json.dumps({n: {"kind": c.kind, "summary": c.summary, "paper": c.paper, "options": c.describe_options()}
+        print(json.dumps({n: {"kind": c.kind, "acts_on": acts_on(c), "summary": c.summary, "paper": c.paper,
+                              "zero": c.zero, "options": c.describe_options()}
                           for n, c in sorted(RECIPES.items())}, indent=2))
         return
     t = Table(title="graphprune recipes")
@@ -598,7 +604,7 @@ def recipes(as_json: bool = typer.Option(False, "--json", help="machine-readable
     t.add_column("options (default)")
     for name, cls in sorted(RECIPES.items()):
         opts = "\n".join(f"{o} ({d}): {h}" for o, d, h in cls.describe_options())
-        t.add_row(name, "decoder KV cache" if cls.kind == "cache" else "encoder tokens", f"{cls.summary}\n[dim]{cls.paper}[/]", opts)
+        t.add_row(name, acts_on(cls), f"{cls.summary}\n[dim]{cls.paper}[/]", opts)
     console.print(t)
 
 

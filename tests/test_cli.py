@@ -160,6 +160,8 @@ def test_console_script_lists_recipes():
     listing = json.loads(res.stdout)
     assert {"tome", "evit"} <= set(listing)
     assert any(opt[0] == "r" for opt in listing["tome"]["options"])
+    assert listing["fastv"]["zero"] == {"ratio": 0.0} and listing["fastv"]["acts_on"] == "VLM image tokens"
+    assert listing["snapkv"]["acts_on"] == "decoder KV cache" and listing["tome"]["zero"] == {"r": 0}
 
 
 def test_bench_sweeps_two_recipes(pickled, tmp_path):

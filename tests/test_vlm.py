@@ -206,6 +206,9 @@ def test_a_visual_recipe_composes_with_a_cache_policy(vlm):
         slots = before(input_ids=ids[None], **images, use_cache=True).cache.slots()
     n = vlm.tokens
     assert slots == [len(ids) - n + n // 2] * 2 + [len(ids) - n + round(n // 2 * 0.5)] * 2
+    three = graphprune.optimize(vlm.model, ["divprune", "fastv", "snapkv"], keep=0.5, ratio=0.5, budget=12, window=4)
+    with torch.no_grad():
+        assert three(input_ids=ids[None], **images, use_cache=True).cache.slots() == [12] * 4
     with pytest.raises(RecipeError, match="both evict"):
         graphprune.optimize(vlm.model, ["snapkv", "h2o"])
     with pytest.raises(RecipeError, match="option window belongs to none"):
