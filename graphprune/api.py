@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from graphprune.calls import CallMap, example_tuple
 from graphprune.capture import capture
 from graphprune.errors import GraphPruneError, UnsupportedArchitectureError, first_line
 from graphprune.exporters.eager import OptimizedModel
@@ -89,9 +90,7 @@ def optimize(model: torch.nn.Module, recipe: str | list | None = None, target: s
         check_writable(output)
     if example_inputs is None:
         example_inputs = default_example_inputs(model)
-    elif isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    example_inputs = tuple(example_inputs)
+    example_inputs = example_tuple(model, example_inputs)
 
     captured = capture(model, example_inputs)
     graph = analyze(captured)
@@ -117,7 +116,7 @@ def optimize(model: torch.nn.Module, recipe: str | list | None = None, target: s
         flops_after=flops_after, parity=parity,
         layout={"prefix_tokens": layout.prefix, "roles": layout.roles, "pooling": layout.pooling},
     )
-    result = OptimizedModel(graph.gm, report, inputs)
+    result = OptimizedModel(graph.gm, report, inputs, CallMap(model, inputs))
     if target in ("onnx", "trt"):
         runner, diff = export_onnx(result.gm, inputs, output)
         report.parity["onnx"] = diff

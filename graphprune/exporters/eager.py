@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from graphprune.calls import CallMap
 from graphprune.capture import export
 from graphprune.exporters.files import atomic_path
 from graphprune.report import Report
@@ -14,13 +15,16 @@ from graphprune.report import Report
 class OptimizedModel(torch.nn.Module):
     """The rewritten model. Call it like the original; ``.report`` says what was done."""
 
-    def __init__(self, gm: torch.fx.GraphModule, report: Report, example_inputs: tuple):
+    def __init__(self, gm: torch.fx.GraphModule, report: Report, example_inputs: tuple, calls: CallMap | None = None):
         super().__init__()
         self.gm = gm
         self.report = report
         self.example_inputs = example_inputs
+        self.calls = calls  # how the original's calls map to the graph's inputs (None: as captured)
 
     def forward(self, *args, **kwargs):
+        if self.calls is not None:
+            args, kwargs = self.calls(args, kwargs), {}
         return self.gm(*args, **kwargs)
 
     def export(self) -> torch.export.ExportedProgram:

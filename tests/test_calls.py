@@ -1,0 +1,68 @@
+"""The optimized model takes the calls the original takes: positional, keyword, ``**tokenizer(...)``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel, ViTConfig, ViTModel
+
+import graphprune
+from graphprune.errors import GraphPruneError
+
+
+@pytest.fixture(scope="module")
+def bert():
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=64)).eval()
+    ids = torch.randint(1, 100, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    return model, ids, mask
+
+
+def test_an_image_model_captured_positionally_takes_keywords():
+    torch.manual_seed(0)
+    vit = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                             image_size=32, patch_size=8), add_pooling_layer=False).eval()
+    x = torch.randn(2, 3, 32, 32)
+    fast = graphprune.optimize(vit, "tome", r=2, example_inputs=(x,))
+    out = fast(pixel_values=x)
+    assert type(out) is type(vit(x))  # the original's output type
+    assert torch.equal(out.last_hidden_state, fast(x).last_hidden_state)
+    zero = graphprune.optimize(vit, "tome", r=0, example_inputs=(x,))
+    assert (zero(pixel_values=x).last_hidden_state - vit(pixel_values=x).last_hidden_state).abs().max() < 1e-5
+
+
+def test_a_text_model_takes_a_tokenizers_output(bert):
+    """``fast(**tokenizer(texts))``: token_type_ids of zeros are what BERT assumes without them (checked once on the
+    original), so they are dropped; other values, missing inputs and flags that change the output are refused."""
+    model, ids, mask = bert
+    fast = graphprune.optimize(model, "tome", r=2, example_inputs=(ids, mask))
+    captured = fast(ids, mask).last_hidden_state
+    for call in (dict(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids)),
+                 dict(input_ids=ids, attention_mask=mask), dict(attention_mask=mask, input_ids=ids, return_dict=None)):
+        assert torch.equal(fast(**call).last_hidden_state, captured)
+    assert torch.equal(fast(ids, attention_mask=mask).last_hidden_state, captured)
+    with pytest.raises(GraphPruneError, match="captured without token_type_ids.*example_inputs that include it"):
+        fast(input_ids=ids, attention_mask=mask, token_type_ids=torch.ones_like(ids))
+    with pytest.raises(GraphPruneError, match="pass attention_mask"):
+        fast(input_ids=ids)
+    with pytest.raises(GraphPruneError, match="output_attentions=True would change that"):
+        fast(input_ids=ids, attention_mask=mask, output_attentions=True)
+    with pytest.raises(GraphPruneError, match="does not take this call"):
+        fast(ids, mask, input_ids=ids)
+
+
+def test_example_inputs_by_name_capture_token_type_ids(bert):
+    model, ids, mask = bert
+    segments = (torch.arange(12) > 5).long().expand(2, 12)
+    fast = graphprune.optimize(model, "tome", r=0, example_inputs=dict(input_ids=ids, token_type_ids=segments,
+                                                                       attention_mask=mask))
+    got = fast(input_ids=ids, attention_mask=mask, token_type_ids=segments).last_hidden_state
+    expected = model(input_ids=ids, attention_mask=mask, token_type_ids=segments).last_hidden_state
+    assert (got - expected).abs().max() < 1e-5
+    with pytest.raises(GraphPruneError, match="first parameters of the model's forward in order; add attention_mask"):
+        graphprune.optimize(model, "tome", r=2, example_inputs=dict(input_ids=ids, token_type_ids=segments))
+    with pytest.raises(GraphPruneError, match="does not take"):
+        graphprune.optimize(model, "tome", r=2, example_inputs=dict(input_ids=ids, pixel_values=ids))
