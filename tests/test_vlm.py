@@ -243,9 +243,31 @@ def test_divprune_keeps_the_papers_tokens_and_dropping_equals_masking(vlm, keep)
         assert held(out.cache, 0) == set(range(len(ids))) - gone
         assert out.cache.get_seq_length() == len(ids)  # decoding goes on at the full prompt's positions
         assert (out.logits[0, -1] - masked(vlm.model, ids, images, {0: gone}).logits[0, -1]).abs().max() <= 1e-5
-        tokens = fast.generate(input_ids=ids[None], **images, max_new_tokens=4, min_new_tokens=4, do_sample=False,
-                               pad_token_id=0)[0, len(ids):]
+        got = fast.generate(input_ids=ids[None], **images, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                            pad_token_id=0, output_logits=True, return_dict_in_generate=True)
         seq = ids
-        for t in tokens:  # the oracle, token by token without a cache
-            assert int(masked(vlm.model, seq, images, {0: gone}).logits[0, -1].argmax()) == int(t)
+        for t, logits in zip(got.sequences[0, len(ids):], got.logits):  # the oracle, step by step without a cache
+            assert (masked(vlm.model, seq, images, {0: gone}).logits[0, -1] - logits[0]).abs().max() <= 1e-5
             seq = torch.cat([seq, t[None]])
+
+
+def test_divprune_renumbered_equals_the_model_without_the_dropped_tokens(vlm):
+    """positions="renumber" (the authors' code): the same as the unmodified model given an attention mask that leaves
+    the dropped tokens out (generate then numbers the others contiguously), through greedy decoding, batched."""
+    fast = graphprune.optimize(vlm.model, "divprune", keep=0.3, positions="renumber")
+    prompts, images = [vlm.prompt(3, 7, seed=2), vlm.prompt(1, 2, seed=3)], vlm.images(2, seed=4)
+    ids, mask = batch(*prompts)
+    with torch.no_grad():
+        features = vlm.model.model.get_image_features(**images, return_dict=True).pooler_output
+        without = mask.clone()
+        for b in range(2):
+            image = (ids[b] == IMAGE).nonzero().flatten()
+            kept = {int(image[i]) for i in divprune_reference(features[b], 0.3)}
+            without[b, [int(i) for i in image if int(i) not in kept]] = 0
+        gen = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0, output_logits=True,
+                   return_dict_in_generate=True)
+        expected = vlm.model.generate(input_ids=ids, attention_mask=without, **images, **gen)
+        got = fast.generate(input_ids=ids, attention_mask=mask, **images, **gen)
+        assert torch.equal(got.sequences, expected.sequences)
+        for a, b in zip(got.logits, expected.logits):  # every step's logits
+            assert (a - b).abs().max() <= 1e-5

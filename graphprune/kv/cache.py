@@ -262,6 +262,8 @@ class EvictingCache(Cache):
         self.call = Call(media=torch.tensor(media) if media else None)
         super().__init__(layers=[EvictingLayer(policy, i, n_layers, inv_freq, self.call, static) for i in range(n_layers)])
         self.policy = policy
+        self.shift: torch.Tensor | None = None  # (B,) positions the prompt closed up over image tokens left out before
+        # the language model (a policy that renumbers): later calls' positions, counted over the whole prompt, move down
 
     def begin(self, input_ids: torch.Tensor | None) -> None:
         """A new forward starts: its token ids; no prompt rows chosen yet."""
@@ -269,6 +271,22 @@ class EvictingCache(Cache):
         call.input_ids, call.rows = input_ids, None
         call.images = None if call.media is None or input_ids is None else \
             torch.isin(input_ids, call.media.to(input_ids.device)).sum(-1)
+
+    # -- batch operations (beam search, contrastive search): the per-sequence shift follows ------------------------
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.shift is not None:
+            self.shift = self.shift[beam_idx.to(self.shift.device)]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.shift is not None:
+            self.shift = self.shift.repeat_interleave(repeats, 0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.shift is not None:
+            self.shift = self.shift[indices.to(self.shift.device)]
 
     def skip(self, n: int) -> None:
         """The prompt had ``n`` more positions than its layers saw (image tokens left out before the language model):

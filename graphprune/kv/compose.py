@@ -90,6 +90,9 @@ class Composed(CachePolicy):
         reducers = [p for p in self.parts if p.reduces_images]
         return reducers[0].image_tokens(features) if reducers else None
 
+    def renumbers(self):
+        return any(p.renumbers() for p in self.parts if p.reduces_images)
+
     @property
     def reduces_images(self) -> bool:
         return any(p.reduces_images for p in self.parts)

@@ -139,17 +139,23 @@ def _evicting_class(base: type, setup: Decoder) -> type:
             else:
                 kwargs.pop("past_key_values", None)
                 kwargs[cache_key] = cache
-        skipped = 0
+        skipped, lost = 0, None
         if setup.policy.reduces_images:  # fewer image tokens go in (the call's arguments by name)
             from graphprune.kv.images import reduce_images
 
             kwargs, args = {**bound, **kwargs}, ()
-            kwargs, skipped = reduce_images(self, setup.policy, setup.info.media[0], kwargs)
+            kwargs, skipped, lost = reduce_images(self, setup.policy, setup.info.media[0], kwargs)
+            shift = None if cache is None else cache.shift
+            if lost is None and shift is not None and kwargs.get("position_ids") is not None:
+                kwargs["position_ids"] = kwargs["position_ids"] - shift[:, None]  # (renumbered: counted without them)
         if isinstance(cache, EvictingCache):
             cache.begin(kwargs.get("input_ids", bound.get("input_ids")))
         out = forward(self, *args, **kwargs)
         if skipped and isinstance(cache, EvictingCache):
-            cache.skip(skipped)
+            if setup.policy.renumbers():
+                cache.shift = lost
+            else:
+                cache.skip(skipped)
         return out
 
     return type(f"{base.__name__}WithKVEviction", (base,), {

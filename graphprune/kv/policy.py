@@ -177,6 +177,11 @@ class CachePolicy(Recipe):
         (n, C) go in, as sorted indices (k,); None: all of them (:mod:`graphprune.kv.images`)."""
         return None
 
+    def renumbers(self) -> bool:
+        """Whether the tokens left by :meth:`image_tokens` close up their positions (the sequence is shorter) instead of
+        keeping them."""
+        return False
+
     @property
     def reduces_images(self) -> bool:
         """Whether the policy leaves image tokens out before the language model (it defines :meth:`image_tokens`)."""

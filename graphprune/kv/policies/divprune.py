@@ -6,7 +6,8 @@ nearest neighbour, then each time the token whose distance to the chosen set (it
 ties go to the first. The kept tokens stay in their order. Differences: chosen tokens are never chosen again (the
 authors' loop relies on their self-distance being 0, which only duplicates break), distances are computed in float32
 (theirs in the model's float16), every image of every sequence is reduced (theirs: the first image of the first
-sequence), and kept tokens keep their positions (theirs are renumbered, the sequence being shorter)."""
+sequence), and kept tokens keep their positions by default (theirs close up, the sequence being shorter:
+``positions="renumber"``)."""
 
 from __future__ import annotations
 
@@ -51,11 +52,18 @@ class DivPrune(CachePolicy):
 
     budget: float = option(1.0, "DivPrune reduces image tokens by keep and evicts nothing: leave budget at 1.0")
     keep: float = option(0.098, "share of each image's tokens kept, round(keep·n) (0.098: 56 of LLaVA-1.5's 576)")
+    positions: str = option("keep", "'keep': kept tokens keep their positions; 'renumber': they close up (the "
+                                    "authors' code, whose sequence is simply shorter)")
 
     def validate(self) -> None:
         super().validate()
         if not 0 < self.keep <= 1:
             raise ScheduleError(f"keep must lie in (0, 1], got {self.keep}")
+        if self.positions not in ("keep", "renumber"):
+            raise ScheduleError(f"positions must be 'keep' or 'renumber', got {self.positions!r}")
+
+    def renumbers(self) -> bool:
+        return self.positions == "renumber"
 
     def image_tokens(self, features):
         n = features.shape[0]
