@@ -243,6 +243,7 @@ def test_divprune_keeps_the_papers_tokens_and_dropping_equals_masking(vlm, keep)
         assert held(out.cache, 0) == set(range(len(ids))) - gone
         assert out.cache.get_seq_length() == len(ids)  # decoding goes on at the full prompt's positions
         assert (out.logits[0, -1] - masked(vlm.model, ids, images, {0: gone}).logits[0, -1]).abs().max() <= 1e-5
+        assert torch.equal(fast(ids[None], *images.values()).logits, out.logits)  # a positional call alike
         got = fast.generate(input_ids=ids[None], **images, max_new_tokens=4, min_new_tokens=4, do_sample=False,
                             pad_token_id=0, output_logits=True, return_dict_in_generate=True)
         seq = ids

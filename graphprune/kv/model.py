@@ -143,7 +143,7 @@ def _evicting_class(base: type, setup: Decoder) -> type:
         if setup.policy.reduces_images:  # fewer image tokens go in (the call's arguments by name)
             from graphprune.kv.images import reduce_images
 
-            kwargs, args = {**bound, **kwargs}, ()
+            kwargs, args = {**dict(zip(names[1:], args)), **kwargs}, ()
             kwargs, skipped, lost = reduce_images(self, setup.policy, setup.info.media[0], kwargs)
             shift = None if cache is None else cache.shift
             if lost is None and shift is not None and kwargs.get("position_ids") is not None:
