@@ -184,6 +184,17 @@ def test_visual_recipes_refuse_text_only_models():
         graphprune.optimize(text, "fastv")
 
 
+def test_options_that_do_not_fit_the_model_are_refused(vlm):
+    from graphprune.errors import ScheduleError
+
+    with pytest.raises(ScheduleError, match="below the model's 4 layers"):
+        graphprune.optimize(vlm.model, "fastv", layer=4)
+    with pytest.raises(ScheduleError, match="below the model's 4 layers"):
+        graphprune.optimize(vlm.model, ["pyramiddrop", "snapkv"], layers=[2, 5])
+    with pytest.raises(ScheduleError, match="positions must be"):
+        graphprune.optimize(vlm.model, "divprune", positions="shift")
+
+
 def test_a_visual_recipe_composes_with_a_cache_policy(vlm):
     """recipe=["fastv", "snapkv"]: FastV's rows and SnapKV's eviction; options go to the recipe that has them."""
     both = graphprune.optimize(vlm.model, ["fastv", "snapkv"], ratio=0.5, budget=12, window=4)

@@ -50,6 +50,10 @@ class Composed(CachePolicy):
         for p in self.parts:
             p.validate()
 
+    def fit(self, n_layers):
+        for p in self.parts:
+            p.fit(n_layers)
+
     def options(self) -> dict:
         return {p.name: p.options() for p in self.parts}
 

@@ -196,6 +196,7 @@ def optimize_decoder(model, policy):
     if policy.needs_images and not info.media:
         raise RecipeError(f"'{policy.name}' prunes the image tokens of a vision-language model ({', '.join(VLMS)}); "
                           f"{type(model).__name__} has none")
+    policy.fit(info.n_layers)
     return evicting_copy(model, policy, info)
 
 

@@ -114,6 +114,9 @@ class CachePolicy(Recipe):
     def describe_options(cls) -> list[tuple[str, str, str]]:
         return [o for o in super().describe_options() if o[0] != "restore_tokens"]
 
+    def fit(self, n_layers: int) -> None:
+        """Refuse options that do not fit a model of ``n_layers`` layers (raise :class:`ScheduleError`)."""
+
     def min_budget(self) -> int:
         return 1
 

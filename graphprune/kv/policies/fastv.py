@@ -39,6 +39,10 @@ class FastV(CachePolicy):
         if not 0 <= self.ratio <= 1:
             raise ScheduleError(f"ratio (R) must lie in [0, 1], got {self.ratio}")
 
+    def fit(self, n_layers):
+        if self.layer >= n_layers:
+            raise ScheduleError(f"layer (K) must be below the model's {n_layers} layers, got {self.layer}")
+
     def rows(self, view):
         if not view.prefill or view.layer != self.layer - 1 or self.ratio == 0:
             return None

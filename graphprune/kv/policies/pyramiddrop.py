@@ -43,6 +43,10 @@ class PyramidDrop(CachePolicy):
         if any(not isinstance(s, int) or s < 1 for s in self.layers) or self.layers != sorted(set(self.layers)):
             raise ScheduleError(f"layers must be increasing layer indices ≥ 1, got {self.layers}")
 
+    def fit(self, n_layers):
+        if any(s >= n_layers for s in self.layers):
+            raise ScheduleError(f"layers must lie below the model's {n_layers} layers, got {self.layers}")
+
     def boundaries(self, n_layers: int) -> list[int]:
         return self.layers or sorted({n_layers // 4, n_layers // 2, 3 * n_layers // 4} - {0})
 
