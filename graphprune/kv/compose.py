@@ -90,9 +90,13 @@ class Composed(CachePolicy):
         return self.cache.new_state()
 
     # -- before the language model: the one part that reduces images ---------------------------
-    def image_tokens(self, features):
+    def image_tokens(self, image):
         reducers = [p for p in self.parts if p.reduces_images]
-        return reducers[0].image_tokens(features) if reducers else None
+        return reducers[0].image_tokens(image) if reducers else None
+
+    def merge_image(self, image):
+        reducers = [p for p in self.parts if p.reduces_images]
+        return reducers[0].merge_image(image) if reducers else None
 
     def renumbers(self):
         return any(p.renumbers() for p in self.parts if p.reduces_images)

@@ -1,23 +1,59 @@
 """Image-token reduction before a vision-language model's language model.
 
-A policy picks which of each image's projected tokens go in (:meth:`CachePolicy.image_tokens`); the image
+A policy picks which of each image's projected tokens go in (:meth:`CachePolicy.image_tokens`), or gives each image
+new, fewer tokens (:meth:`CachePolicy.merge_image`, which come first in the image's place); the image
 placeholders in ``input_ids`` shrink with them, so the model's own merge of image features into the text embeddings
 still matches. Kept tokens keep their positions: for positions and for the cache's length the sequence is as long as
 before, as if the dropped tokens had been evicted before the first layer, so decoding goes on at the positions the
 unreduced sequence would have (``generate`` needs nothing else). A policy that renumbers (:meth:`CachePolicy.renumbers`,
 as DivPrune's code does) closes the kept tokens up instead; later calls' positions, which ``generate`` counts over the
-whole prompt, then move down by the tokens each sequence lost.
+whole prompt, then move down by the tokens each sequence lost (always so for merged tokens: they have no positions
+of their own).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 
 from graphprune.kv.policy import CachePolicy
 
 VISION_ARGUMENTS = ("pixel_values", "image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
+
+
+@dataclass
+class VisionTokens:
+    """What came before the projector, for a model that makes one image one grid of tokens (LLaVA-1.5).
+
+    ``hidden`` (1 + n, Cv): the vision tower's hidden states at the layer the model takes, class token first;
+    ``layers``: the vision tower's encoder layers (read them, never change them); ``projector``: the model's
+    multimodal projector (Cv -> C)."""
+
+    hidden: torch.Tensor
+    layers: torch.nn.ModuleList
+    projector: torch.nn.Module
+
+    def queries_keys(self, layer: int, hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The query and key projections (1 + n, Cv) of encoder layer ``layer`` applied to ``hidden`` (default: the
+        taken hidden states) after that layer's first norm: all heads side by side, unscaled."""
+        block = self.layers[layer]
+        x = block.layer_norm1(self.hidden if hidden is None else hidden)
+        return block.self_attn.q_proj(x), block.self_attn.k_proj(x)
+
+    def project(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens (k, Cv) of the vision tower through the projector: what the language model takes (k, C)."""
+        return self.projector(tokens)
+
+
+@dataclass
+class ImageView:
+    """One image before the language model: ``features`` (n, C), the projected tokens the language model would take,
+    and ``vision`` (None where an image is several tiles, LLaVA-NeXT)."""
+
+    features: torch.Tensor
+    vision: VisionTokens | None = None
 
 
 def reduce_images(model, policy: CachePolicy, image_token: int, kwargs: dict) -> tuple[dict, int, torch.Tensor | None]:
@@ -34,16 +70,26 @@ def reduce_images(model, policy: CachePolicy, image_token: int, kwargs: dict) ->
     where = image.nonzero()  # (image tokens, 2): their (sequence, index), in the order the features fill them
     if len(where) != sum(f.shape[0] for f in features):
         return kwargs, 0, None  # (the model's own check reports the mismatch)
+    hidden = _taken_hidden_states(model, encoded, kwargs, len(features))
+    tower = model.model.vision_tower
+    layers = getattr(getattr(tower, "vision_model", tower), "encoder", None)
+    layers = getattr(layers, "layers", None)
     keep, kept, start = torch.ones_like(image), [], 0
-    for f in features:
+    for i, f in enumerate(features):
         n = f.shape[0]
-        chosen = policy.image_tokens(f)
+        view = ImageView(f, None if hidden is None or layers is None else VisionTokens(
+            hidden[i], layers, model.model.multi_modal_projector))
+        merged = policy.merge_image(view)
+        if merged is not None:  # new tokens, in the first places of the image
+            chosen, f = torch.arange(merged.shape[0], device=f.device), merged.to(f.dtype)
+        else:
+            chosen = policy.image_tokens(view)
+            f = f if chosen is None else f[chosen]
         if chosen is not None:
             gone = torch.ones(n, dtype=torch.bool, device=f.device)
             gone[chosen] = False
             at = where[start:start + n][gone]
             keep[at[:, 0], at[:, 1]] = False
-            f = f[chosen]
         kept.append(f)
         start += n
     mask = kwargs.get("attention_mask")
@@ -69,3 +115,16 @@ def reduce_images(model, policy: CachePolicy, image_token: int, kwargs: dict) ->
                pixel_values=None)
     out.pop("cache_position", None)
     return out, ids.shape[1] - length, (~keep).sum(-1)
+
+
+def _taken_hidden_states(model, encoded, kwargs: dict, images: int) -> torch.Tensor | None:
+    """(images, 1 + n, Cv): the vision tower's hidden states the model projected, for one-grid images (LLaVA-1.5);
+    None otherwise."""
+    config = model.config
+    layer = kwargs.get("vision_feature_layer") or config.vision_feature_layer
+    strategy = kwargs.get("vision_feature_select_strategy") or config.vision_feature_select_strategy
+    states = getattr(encoded, "hidden_states", None)
+    if config.model_type != "llava" or not isinstance(layer, int) or strategy != "default" or states is None:
+        return None
+    hidden = states[layer]
+    return hidden if hidden is not None and hidden.shape[0] == images else None

@@ -36,6 +36,7 @@ from graphprune.errors import RecipeError, ScheduleError
 from graphprune.recipes.base import Recipe, option
 
 if TYPE_CHECKING:
+    from graphprune.kv.images import ImageView
     from graphprune.kv.view import View
 
 FULL = 2**62  # the capacity of a full cache
@@ -175,20 +176,26 @@ class CachePolicy(Recipe):
         masks and the cache of later layers follow (:mod:`graphprune.kv.rows`)."""
         return None
 
-    def image_tokens(self, features: torch.Tensor) -> torch.Tensor | None:
-        """Before a vision-language model's language model: which of one image's projected tokens ``features``
-        (n, C) go in, as sorted indices (k,); None: all of them (:mod:`graphprune.kv.images`)."""
+    def image_tokens(self, image: "ImageView") -> torch.Tensor | None:
+        """Before a vision-language model's language model: which of one image's projected tokens
+        ``image.features`` (n, C) go in, as sorted indices (k,); None: all of them (:mod:`graphprune.kv.images`)."""
+        return None
+
+    def merge_image(self, image: "ImageView") -> torch.Tensor | None:
+        """Before the language model: new tokens (k, C) that take one image's place (they close up: merged tokens have
+        no positions of their own); None: the image as :meth:`image_tokens` leaves it."""
         return None
 
     def renumbers(self) -> bool:
         """Whether the tokens left by :meth:`image_tokens` close up their positions (the sequence is shorter) instead of
-        keeping them."""
-        return False
+        keeping them (merged tokens always do)."""
+        return type(self).merge_image is not CachePolicy.merge_image
 
     @property
     def reduces_images(self) -> bool:
-        """Whether the policy leaves image tokens out before the language model (it defines :meth:`image_tokens`)."""
-        return type(self).image_tokens is not CachePolicy.image_tokens
+        """Whether the policy reduces image tokens before the language model (:meth:`image_tokens`, :meth:`merge_image`)."""
+        return type(self).image_tokens is not CachePolicy.image_tokens or \
+            type(self).merge_image is not CachePolicy.merge_image
 
     def rows_before(self, view: "View") -> torch.Tensor | None:
         """Row pruning before this layer's attention (in every forward), scored with this layer's own queries and keys

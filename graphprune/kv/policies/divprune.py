@@ -65,7 +65,7 @@ class DivPrune(CachePolicy):
     def renumbers(self) -> bool:
         return self.positions == "renumber"
 
-    def image_tokens(self, features):
-        n = features.shape[0]
+    def image_tokens(self, image):
+        n = image.features.shape[0]
         k = max(round(self.keep * n), 1)
-        return None if k >= n else max_min_diverse(features, k)
+        return None if k >= n else max_min_diverse(image.features, k)
