@@ -64,7 +64,8 @@ def one(images: dict, i: int) -> dict:
     return {k: v[i:i + 1] for k, v in images.items()}
 
 
-VISUAL = {"fastv": {"layer": 2, "ratio": 0.5}, "pyramiddrop": {"layers": [2], "keep": 0.5}, "divprune": {"keep": 0.3}}
+VISUAL = {"fastv": {"layer": 2, "ratio": 0.5}, "pyramiddrop": {"layers": [2], "keep": 0.5}, "divprune": {"keep": 0.3},
+          "prumerge": {"keep": 0.125, "plus": True}}
 
 
 @pytest.mark.parametrize("recipe", list(VISUAL))
@@ -158,6 +159,8 @@ def test_pyramiddrop_drops_the_papers_tokens_and_dropping_equals_masking(vlm, ke
 
 @pytest.mark.parametrize("recipe", list(VISUAL))
 def test_a_left_padded_batch_equals_each_sample_alone_and_generates(vlm, recipe):
+    if recipe == "prumerge" and vlm.tokens != 16:
+        pytest.skip("PruMerge is defined on one grid of patches per image (LLaVA-1.5)")
     fast = graphprune.optimize(vlm.model, recipe, **VISUAL[recipe])
     prompts, images = [vlm.prompt(3, 7, seed=2), vlm.prompt(1, 2, seed=3)], vlm.images(2, seed=4)
     ids, mask = batch(*prompts)
@@ -283,3 +286,64 @@ def test_divprune_renumbered_equals_the_model_without_the_dropped_tokens(vlm):
         assert torch.equal(got.sequences, expected.sequences)
         for a, b in zip(got.logits, expected.logits):  # every step's logits
             assert (a - b).abs().max() <= 1e-5
+
+
+def prumerge_reference(hidden: torch.Tensor, last, keep, plus: bool) -> torch.Tensor:
+    """PruMerge(+) on one image by the authors' definition, with numpy quartiles and loops: ``hidden`` (1 + n, C) the
+    taken hidden states, ``last`` the vision tower's last layer; the merged tokens before the projector."""
+    import numpy as np
+
+    x = last.layer_norm1(hidden).double()
+    q = x @ last.self_attn.q_proj.weight.double().T + last.self_attn.q_proj.bias.double()
+    k = x @ last.self_attn.k_proj.weight.double().T + last.self_attn.k_proj.bias.double()
+    att = torch.softmax(q[0] @ k.T / q.shape[-1] ** 0.5, -1)[1:]
+    n = len(att)
+    if keep == "adaptive":
+        q1, q3 = np.percentile(att.numpy(), 25), np.percentile(att.numpy(), 75)
+        count = int(sum(float(a) > q3 + 1.5 * (q3 - q1) for a in att))
+    else:
+        count = int(n * keep)
+    chosen = sorted(range(n), key=lambda i: -float(att[i]))[:count]
+    if plus and count:
+        step = int(int(1 / (count / n)) / 3)
+        chosen += [i for i in range(0, n - 1, step) if i not in chosen]
+    keys = [kk / kk.norm() for kk in k[1:]]
+    patches = hidden[1:].double()
+    out = []
+    for i in chosen:
+        near = sorted((j for j in range(n) if j != i), key=lambda j: -float(keys[i] @ keys[j]))[:32]
+        out.append(patches[i] + sum(patches[j] * att[j] for j in near))
+    out.append(sum(patches[j] * att[j] for j in range(n) if j not in chosen))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("keep, plus", [("adaptive", False), ("adaptive", True), (0.25, False)])
+def test_prumerge_merges_as_the_authors_code_and_equals_the_model_given_those_tokens(vlm, keep, plus):
+    """The image's tokens are PruMerge's (the reference above, through the projector) and the output equals the
+    unmodified model given them in the image's place (a shorter prompt), through greedy decoding."""
+    if vlm.tokens != 16:
+        with pytest.raises(RecipeError, match="one grid of patches per image"):
+            graphprune.optimize(vlm.model, "prumerge")(input_ids=vlm.prompt(2, 2)[None], **vlm.images(1))
+        return
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    fast = graphprune.optimize(vlm.model, "prumerge", keep=keep, plus=plus)
+    ids, images = vlm.prompt(4, 6), vlm.images(1, seed=3)
+    images["pixel_values"][0, :, :8, :8] *= 20  # two bright patches: the class token's attention has outliers
+    images["pixel_values"][0, :, 16:24, 8:16] *= 20
+    with torch.no_grad():
+        encoded = vlm.model.model.get_image_features(**images, return_dict=True)
+        hidden = encoded.hidden_states[vlm.model.config.vision_feature_layer][0]
+        last = vlm.model.model.vision_tower.encoder.layers[-1]
+        tokens = vlm.model.model.multi_modal_projector(prumerge_reference(hidden, last, keep, plus).float())
+        assert len(tokens) == {("adaptive", False): 3, ("adaptive", True): 9, (0.25, False): 5}[keep, plus]
+        image = (ids == IMAGE).nonzero().flatten()
+        short = torch.cat([ids[:int(image[0])], torch.full((len(tokens),), IMAGE), ids[int(image[-1]) + 1:]])
+        gen = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, output_logits=True,
+                   return_dict_in_generate=True)
+        expected = vlm.model.generate(input_ids=short[None], mm_encoder_outputs={
+            "image": BaseModelOutputWithPooling(pooler_output=[tokens])}, **gen)
+        got = fast.generate(input_ids=ids[None], **images, **gen)
+        assert torch.equal(got.sequences[0, len(ids):], expected.sequences[0, len(short):])
+        for a, b in zip(got.logits, expected.logits):
+            assert (a - b).abs().max() <= 1e-4
