@@ -36,6 +36,8 @@ VARIANTS = {  # recipe: its published setting
     "fastv": {"layer": 2, "ratio": 0.5},
     "pyramiddrop": {"keep": 0.5},
     "divprune": {"keep": 0.098},
+    "prumerge": {"keep": 0.125},  # the authors' fixed-ratio option (72 + 1 tokens): with random weights the adaptive
+    # count (IQR outliers of the class attention) says nothing about real images
 }
 
 
