@@ -266,6 +266,17 @@ def test_divprune_keeps_the_papers_tokens_and_dropping_equals_masking(vlm, keep)
             seq = torch.cat([seq, t[None]])
 
 
+def without_dropped(vlm, ids, mask, images, keep: float) -> torch.Tensor:
+    """The attention mask with the image tokens DivPrune drops (by the reference) set to 0."""
+    features = vlm.model.model.get_image_features(**images, return_dict=True).pooler_output
+    without = mask.clone()
+    for b in range(len(ids)):
+        image = (ids[b] == IMAGE).nonzero().flatten()
+        kept = {int(image[i]) for i in divprune_reference(features[b], keep)}
+        without[b, [int(i) for i in image if int(i) not in kept]] = 0
+    return without
+
+
 def test_divprune_renumbered_equals_the_model_without_the_dropped_tokens(vlm):
     """positions="renumber" (the authors' code): the same as the unmodified model given an attention mask that leaves
     the dropped tokens out (generate then numbers the others contiguously), through greedy decoding, batched."""
@@ -273,12 +284,7 @@ def test_divprune_renumbered_equals_the_model_without_the_dropped_tokens(vlm):
     prompts, images = [vlm.prompt(3, 7, seed=2), vlm.prompt(1, 2, seed=3)], vlm.images(2, seed=4)
     ids, mask = batch(*prompts)
     with torch.no_grad():
-        features = vlm.model.model.get_image_features(**images, return_dict=True).pooler_output
-        without = mask.clone()
-        for b in range(2):
-            image = (ids[b] == IMAGE).nonzero().flatten()
-            kept = {int(image[i]) for i in divprune_reference(features[b], 0.3)}
-            without[b, [int(i) for i in image if int(i) not in kept]] = 0
+        without = without_dropped(vlm, ids, mask, images, 0.3)
         gen = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0, output_logits=True,
                    return_dict_in_generate=True)
         expected = vlm.model.generate(input_ids=ids, attention_mask=without, **images, **gen)
@@ -347,3 +353,22 @@ def test_prumerge_merges_as_the_authors_code_and_equals_the_model_given_those_to
         assert torch.equal(got.sequences[0, len(ids):], expected.sequences[0, len(short):])
         for a, b in zip(got.logits, expected.logits):
             assert (a - b).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("positions", ["keep", "renumber"])
+def test_beam_search_keeps_each_beams_positions(vlm, positions):
+    """Beam search (each prompt expanded to its beams, the cache reordered between steps) over reduced images: the same
+    beams as the unmodified model without the dropped tokens (renumbered), or as each prompt alone (kept positions)."""
+    fast = graphprune.optimize(vlm.model, "divprune", keep=0.3, positions=positions)
+    prompts, images = [vlm.prompt(3, 7, seed=2), vlm.prompt(1, 2, seed=3)], vlm.images(2, seed=4)
+    ids, mask = batch(*prompts)
+    gen = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, num_beams=3)
+    with torch.no_grad():
+        got = fast.generate(input_ids=ids, attention_mask=mask, **images, **gen)
+        if positions == "renumber":
+            without = without_dropped(vlm, ids, mask, images, 0.3)
+            assert torch.equal(got, vlm.model.generate(input_ids=ids, attention_mask=without, **images, **gen))
+        else:  # each sequence alone, greedy beams alike
+            for b, p in enumerate(prompts):
+                alone = fast.generate(input_ids=p[None], **one(images, b), **gen)
+                assert torch.equal(got[b, ids.shape[1]:], alone[0, len(p):])
