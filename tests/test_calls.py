@@ -66,3 +66,15 @@ def test_example_inputs_by_name_capture_token_type_ids(bert):
         graphprune.optimize(model, "tome", r=2, example_inputs=dict(input_ids=ids, token_type_ids=segments))
     with pytest.raises(GraphPruneError, match="does not take"):
         graphprune.optimize(model, "tome", r=2, example_inputs=dict(input_ids=ids, pixel_values=ids))
+
+
+def test_torch_compile_traces_one_graph_and_matches():
+    """torch.compile(fast, fullgraph=True): no graph break on graphprune's ops, the same outputs, keyword calls too."""
+    torch.manual_seed(0)
+    vit = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                             image_size=32, patch_size=8), add_pooling_layer=False).eval()
+    x = torch.randn(2, 3, 32, 32)
+    fast = graphprune.optimize(vit, "tome", r=2, example_inputs=(x,))
+    compiled = torch.compile(fast, fullgraph=True)
+    assert (compiled(x).last_hidden_state - fast(x).last_hidden_state).abs().max() <= 1e-4
+    assert (compiled(pixel_values=x).last_hidden_state - fast(x).last_hidden_state).abs().max() <= 1e-4

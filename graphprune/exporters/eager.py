@@ -25,7 +25,8 @@ class OptimizedModel(torch.nn.Module):
     def forward(self, *args, **kwargs):
         if self.calls is not None:
             args, kwargs = self.calls(args, kwargs), {}
-        return self.gm(*args, **kwargs)
+        with torch.no_grad():  # inference only (the token ops have no gradients), so torch.compile traces no backward
+            return self.gm(*args, **kwargs)
 
     def export(self) -> torch.export.ExportedProgram:
         """The rewritten model as an ExportedProgram with a dynamic batch dimension."""
