@@ -21,12 +21,19 @@ def bert():
     return model, ids, mask
 
 
-def test_an_image_model_captured_positionally_takes_keywords():
+@pytest.fixture(scope="module")
+def vit():
+    """A tiny HF ViT, an image batch, and the model optimized with ToMe from positional example inputs."""
     torch.manual_seed(0)
     vit = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                              image_size=32, patch_size=8), add_pooling_layer=False).eval()
     x = torch.randn(2, 3, 32, 32)
     fast = graphprune.optimize(vit, "tome", r=2, example_inputs=(x,))
+    return vit, x, fast
+
+
+def test_an_image_model_captured_positionally_takes_keywords(vit):
+    vit, x, fast = vit
     out = fast(pixel_values=x)
     assert type(out) is type(vit(x))  # the original's output type
     assert torch.equal(out.last_hidden_state, fast(x).last_hidden_state)
@@ -68,13 +75,9 @@ def test_example_inputs_by_name_capture_token_type_ids(bert):
         graphprune.optimize(model, "tome", r=2, example_inputs=dict(input_ids=ids, pixel_values=ids))
 
 
-def test_torch_compile_traces_one_graph_and_matches():
+def test_torch_compile_traces_one_graph_and_matches(vit):
     """torch.compile(fast, fullgraph=True): no graph break on graphprune's ops, the same outputs, keyword calls too."""
-    torch.manual_seed(0)
-    vit = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                             image_size=32, patch_size=8), add_pooling_layer=False).eval()
-    x = torch.randn(2, 3, 32, 32)
-    fast = graphprune.optimize(vit, "tome", r=2, example_inputs=(x,))
+    _, x, fast = vit
     compiled = torch.compile(fast, fullgraph=True)
     assert (compiled(x).last_hidden_state - fast(x).last_hidden_state).abs().max() <= 1e-4
     assert (compiled(pixel_values=x).last_hidden_state - fast(x).last_hidden_state).abs().max() <= 1e-4

@@ -114,7 +114,8 @@ class EvictingLayer(CacheLayerMixin):
         call, st = self.call, self.storage
         rows, ids = call.rows, call.input_ids
         ids = rows.ids if rows is not None else None if ids is None else ids[:, -query.shape[2]:]
-        visual = None if call.media is None or ids is None else torch.isin(ids, call.media.to(ids.device))
+        visual = None if call.media is None or ids is None or not self.policy.needs_images else \
+            torch.isin(ids, call.media)
         return View(st, query, scaling, prefill=prefill, prompt_len=self.prompt_len, layer=self.layer_idx,
                     n_layers=self.n_layers, capacity=self.capacity, input_ids=ids, visual=visual, images=call.images,
                     inv_freq=self.inv_freq,
@@ -214,11 +215,7 @@ class EvictingLayer(CacheLayerMixin):
             st.keep(top(scores, valid, cap, protect))
         else:  # no fixed size: slots scored -inf go, the others stay (heads may keep different numbers: the rest is
             # padding)
-            st.forget(~(scores > float("-inf")))
-            k = max(int(st.valid.sum(-1).max()), 1)
-            if k < st.length:
-                s = ranked(scores, st.valid, protect)  # stable: among equal scores the earlier slot stays
-                st.keep(s.argsort(dim=-1, descending=True, stable=True)[..., :k].sort(dim=-1).values)
+            st.remove(~(scores > float("-inf")))
 
 
 def _grouped_attention(query, keys, values, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
@@ -269,8 +266,11 @@ class EvictingCache(Cache):
         """A new forward starts: its token ids; no prompt rows chosen yet."""
         call = self.call
         call.input_ids, call.rows = input_ids, None
-        call.images = None if call.media is None or input_ids is None else \
-            torch.isin(input_ids, call.media.to(input_ids.device)).sum(-1)
+        if call.media is not None and input_ids is not None and self.policy.needs_images:
+            call.media = call.media.to(input_ids.device)  # (once: the model's device)
+            call.images = torch.isin(input_ids, call.media).sum(-1)
+        else:
+            call.images = None
 
     # -- batch operations (beam search, contrastive search): the per-sequence shift follows ------------------------
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:

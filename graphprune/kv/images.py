@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from graphprune.kv.model import positions
 from graphprune.kv.policy import CachePolicy
 
 VISION_ARGUMENTS = ("pixel_values", "image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
@@ -95,7 +96,7 @@ def reduce_images(model, policy: CachePolicy, image_token: int, kwargs: dict) ->
     mask = kwargs.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else mask
     pos = kwargs.get("position_ids")
-    pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1) if pos is None else pos.expand_as(ids)
+    pos = positions(mask) if pos is None else pos.expand_as(ids)
     # each sequence's kept tokens in order, left-padded to the longest
     length = int(keep.sum(-1).max())
     index = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
@@ -104,7 +105,7 @@ def reduce_images(model, policy: CachePolicy, image_token: int, kwargs: dict) ->
     pad = model.config.get_text_config().pad_token_id
     new_mask = (mask.gather(1, order) * real).to(mask.dtype)
     if policy.renumbers():  # the kept tokens close up, as the shorter sequence numbers them
-        new_pos = (new_mask.long().cumsum(-1) - 1).masked_fill(new_mask == 0, 1)
+        new_pos = positions(new_mask)
     else:
         new_pos = pos.gather(1, order)
     out = dict(kwargs)

@@ -1,10 +1,29 @@
-"""What the policies that prune a vision-language model's image tokens inside its language model share."""
+"""What the policies that reduce a vision-language model's image tokens share: their base class, and the scorers of
+the ones that prune inside the language model."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from graphprune.kv.policy import CachePolicy, When
 from graphprune.kv.view import View
+from graphprune.recipes.base import option
+
+
+@dataclass
+class ImagePolicy(CachePolicy):
+    """A policy that reduces image tokens (before or inside the language model) by its own options and evicts nothing
+    from the cache; vision-language models only."""
+
+    evicts = When.NEVER
+    needs_images = True
+    exportable = False  # the number of image tokens kept depends on the call (or the data)
+    sizes_itself = "reduces image tokens by its own options"
+
+    budget: float = option(1.0, "image-token recipes reduce image tokens by their own options and evict nothing: leave "
+                                "budget at 1.0")
 
 
 def image_slots(view: View) -> torch.Tensor:
@@ -14,11 +33,9 @@ def image_slots(view: View) -> torch.Tensor:
     return image
 
 
-def least_attended_images(view: View, keep: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, N) bool: the image slots (``image``, default :func:`image_slots`) to drop, all but the ``keep`` (B,) that
-    the last token attends to most (its attention at this layer, mean over heads); among equal scores the earlier
-    slot stays."""
-    image = image_slots(view) if image is None else image
+def least_attended_images(view: View, image: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """(B, N) bool: the image slots ``image`` (:func:`image_slots`) to drop, all but the ``keep`` (B,) that the last
+    token attends to most (its attention at this layer, mean over heads); among equal scores the earlier slot stays."""
     score = view.attention_rows(1)[..., -1, :].mean(dim=(1, 2))  # (B, N)
     rank = score.masked_fill(~image, -torch.inf).argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
     return image & (rank >= keep[:, None])

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from graphprune.errors import ScheduleError
-from graphprune.kv.policy import CachePolicy, When
+from graphprune.kv.visual import ImagePolicy
 from graphprune.recipes.base import option, register
 
 
@@ -39,18 +39,14 @@ def max_min_diverse(features: torch.Tensor, k: int) -> torch.Tensor:
 
 @register
 @dataclass
-class DivPrune(CachePolicy):
+class DivPrune(ImagePolicy):
     name = "divprune"
     summary = "before the language model, keep the most diverse share of each image's tokens (greedy max-min " \
               "cosine distance)"
     paper = "DivPrune: Diversity-based Visual Token Pruning for Large Multimodal Models (CVPR 2025)"
     zero = {"keep": 1.0}
-    evicts = When.NEVER
-    needs_images = True
-    exportable = False
     sizes_itself = "keeps a share of the image tokens (set keep)"
 
-    budget: float = option(1.0, "DivPrune reduces image tokens by keep and evicts nothing: leave budget at 1.0")
     keep: float = option(0.098, "share of each image's tokens kept, round(keep·n) (0.098: 56 of LLaVA-1.5's 576)")
     positions: str = option("keep", "'keep': kept tokens keep their positions; 'renumber': they close up (the "
                                     "authors' code, whose sequence is simply shorter)")

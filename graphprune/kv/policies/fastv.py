@@ -10,25 +10,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from graphprune.errors import ScheduleError
-from graphprune.kv.policy import CachePolicy, When
-from graphprune.kv.visual import image_slots, least_attended_images
+from graphprune.kv.visual import ImagePolicy, image_slots, least_attended_images
 from graphprune.recipes.base import option, register
 
 
 @register
 @dataclass
-class FastV(CachePolicy):
+class FastV(ImagePolicy):
     name = "fastv"
     summary = "after layer K, drop the share R of the image tokens that the last token attends to least in layer K-1"
     paper = "An Image is Worth 1/2 Tokens After Layer 2: Plug-and-Play Inference Acceleration for Large " \
             "Vision-Language Models (FastV, ECCV 2024)"
     zero = {"ratio": 0.0}
-    evicts = When.NEVER
-    needs_images = True
-    exportable = False
     sizes_itself = "drops a share of the image tokens (set ratio)"
 
-    budget: float = option(1.0, "FastV drops image tokens by ratio and evicts nothing else: leave budget at 1.0")
     layer: int = option(2, "K: the layers from K on run without the dropped image tokens")
     ratio: float = option(0.5, "R: the share of the image tokens dropped")
 
@@ -47,4 +42,4 @@ class FastV(CachePolicy):
         if not view.prefill or view.layer != self.layer - 1 or self.ratio == 0:
             return None
         image = image_slots(view)
-        return least_attended_images(view, (image.sum(-1) * (1 - self.ratio)).round().long(), image)
+        return least_attended_images(view, image, (image.sum(-1) * (1 - self.ratio)).round().long())

@@ -19,7 +19,7 @@ from typing import Union
 import torch
 
 from graphprune.errors import RecipeError, ScheduleError
-from graphprune.kv.policy import CachePolicy, When
+from graphprune.kv.visual import ImagePolicy
 from graphprune.recipes.base import option, register
 
 NEIGHBOURS = 32  # the authors' k
@@ -39,18 +39,14 @@ def outliers(attention: torch.Tensor) -> int:
 
 @register
 @dataclass
-class PruMerge(CachePolicy):
+class PruMerge(ImagePolicy):
     name = "prumerge"
     summary = "before the language model, keep the patches the vision tower's class token attends to most (IQR " \
               "outliers) and merge the others into their nearest kept ones"
     paper = "LLaVA-PruMerge: Adaptive Token Reduction for Efficient Large Multimodal Models (2024)"
     zero = {"keep": 1.0}
-    evicts = When.NEVER
-    needs_images = True
-    exportable = False
     sizes_itself = "keeps a data-dependent number of image tokens (set keep)"
 
-    budget: float = option(1.0, "PruMerge reduces image tokens and evicts nothing: leave budget at 1.0")
     keep: Union[str, float] = option("adaptive", "'adaptive': the patches whose class attention is an IQR outlier; "
                                                  "a share in (0, 1]: that many of the top patches (1.0: no reduction)")
     plus: bool = option(False, "PruMerge+: add spatially uniform patches (every ⌊⌊1/r⌋/3⌋-th in raster order)")

@@ -12,26 +12,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from graphprune.errors import ScheduleError
-from graphprune.kv.policy import CachePolicy, When
-from graphprune.kv.visual import image_slots, least_attended_images
+from graphprune.kv.visual import ImagePolicy, image_slots, least_attended_images
 from graphprune.recipes.base import option, register
 
 
 @register
 @dataclass
-class PyramidDrop(CachePolicy):
+class PyramidDrop(ImagePolicy):
     name = "pyramiddrop"
     summary = "in stages: before each boundary layer keep the share λ of the image tokens that the last token " \
               "attends to most (that layer's own attention)"
     paper = "PyramidDrop: Accelerating Your Large Vision-Language Models via Pyramid Visual Redundancy Reduction " \
             "(CVPR 2025)"
     zero = {"keep": 1.0}
-    evicts = When.NEVER
-    needs_images = True
-    exportable = False
     sizes_itself = "keeps a share of the image tokens per stage (set keep)"
 
-    budget: float = option(1.0, "PyramidDrop drops image tokens by stage and evicts nothing else: leave budget at 1.0")
     layers: list = option([], "boundary layers: image tokens are dropped before each (default: 1/4, 1/2 and 3/4 of "
                               "the depth)")
     keep: float = option(0.5, "λ: the share of the image tokens each stage keeps (of the prompt's: int(n·λ^stage))")
@@ -55,4 +50,4 @@ class PyramidDrop(CachePolicy):
         if not view.prefill or self.keep == 1 or view.layer not in bounds:
             return None
         stage = bounds.index(view.layer) + 1
-        return least_attended_images(view, (view.images.double() * self.keep ** stage).long(), image_slots(view))
+        return least_attended_images(view, image_slots(view), (view.images.double() * self.keep ** stage).long())
