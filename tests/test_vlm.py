@@ -1,5 +1,6 @@
-"""Vision-language models: image-token pruning inside the language model (FastV, PyramidDrop) on tiny LLaVA and
-LLaVA-NeXT models (anyres tiles and newline rows)."""
+"""Vision-language models: image-token reduction before the language model (DivPrune, PruMerge) and inside it (FastV,
+PyramidDrop) on tiny LLaVA, LLaVA-NeXT (anyres tiles and newline rows), Qwen2-VL and Qwen2.5-VL models (multimodal
+RoPE: 3-D positions)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig,
-                          LlavaNextForConditionalGeneration)
+                          LlavaNextForConditionalGeneration, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                          Qwen2VLConfig, Qwen2VLForConditionalGeneration)
 
 import graphprune
 from graphprune.errors import RecipeError
@@ -22,12 +24,26 @@ class VLM:
     model: torch.nn.Module
     tokens: int  # image tokens per image
 
+    @property
+    def kind(self) -> str:
+        return self.model.config.model_type
+
     def images(self, n: int, seed: int = 1) -> dict:
         """Pixel inputs of ``n`` images (one per prompt)."""
         g = torch.Generator().manual_seed(seed)
-        if isinstance(self.model, LlavaNextForConditionalGeneration):  # 64×32 pixels: the base tile and two
+        if self.kind == "llava_next":  # 64×32 pixels: the base tile and two
             return {"pixel_values": torch.randn(n, 3, 3, 32, 32, generator=g), "image_sizes": torch.tensor([[64, 32]] * n)}
+        if self.kind in ("qwen2_vl", "qwen2_5_vl"):  # 8×8 patches of 2×2 pixels and 2 frames, merged 2×2: 16 tokens
+            return {"pixel_values": torch.randn(n * 64, 24, generator=g), "image_grid_thw": torch.tensor([[1, 8, 8]] * n)}
         return {"pixel_values": torch.randn(n, 3, 32, 32, generator=g)}
+
+    def one(self, images: dict, i: int) -> dict:
+        """The pixel inputs of image ``i`` alone."""
+        if "image_grid_thw" in images:  # (the patches of every image in one tensor)
+            per = len(images["pixel_values"]) // len(images["image_grid_thw"])
+            return {"pixel_values": images["pixel_values"][i * per:(i + 1) * per],
+                    "image_grid_thw": images["image_grid_thw"][i:i + 1]}
+        return {k: v[i:i + 1] for k, v in images.items()}
 
     def prompt(self, before: int, after: int, seed: int = 0) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed)
@@ -35,19 +51,47 @@ class VLM:
         return torch.cat([text[:before], torch.full((self.tokens,), IMAGE), text[before:]])
 
 
-@pytest.fixture(scope="module", params=["llava", "llava_next"])
-def vlm(request):
+def tiny_vlm(kind: str) -> VLM:
     torch.manual_seed(0)
+    text = dict(vocab_size=120, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, eos_token_id=1)
+    if kind in ("qwen2_vl", "qwen2_5_vl"):  # multimodal RoPE: 2 temporal, 3 height and 3 width frequencies
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+        ids = dict(image_token_id=IMAGE, video_token_id=IMAGE + 1, vision_start_token_id=IMAGE + 2,
+                   vision_end_token_id=IMAGE + 3)
+        vision = dict(depth=2, hidden_size=64, num_heads=2, patch_size=2, temporal_patch_size=2, spatial_merge_size=2)
+        if kind == "qwen2_vl":
+            model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config={**vision, "embed_dim": 32},
+                                                                  **ids))
+        else:  # windowed vision attention in its first block
+            vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=64, window_size=8, fullatt_block_indexes=[1])
+            model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids))
+        return VLM(model.eval(), 16)
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                               image_size=32, patch_size=8, projection_dim=32)
-    text = LlamaConfig(vocab_size=120, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                       num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, eos_token_id=1)
-    if request.param == "llava":  # 16 patches of 8 pixels
+    text = LlamaConfig(**text)
+    if kind == "llava":  # 16 patches of 8 pixels
         return VLM(LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text,
                                                              image_token_id=IMAGE)).eval(), 16)
     config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=IMAGE, vision_feature_layer=-1,
                              image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]])
     return VLM(LlavaNextForConditionalGeneration(config).eval(), 56)  # 16 base + 2×4×4 tiles + 8 newline rows
+
+
+@pytest.fixture(scope="module", params=["llava", "llava_next", "qwen2_vl"])
+def vlm(request):
+    return tiny_vlm(request.param)
+
+
+def inputs(ids: torch.Tensor, images: dict, mask: torch.Tensor | None = None) -> dict:
+    """The model's keyword arguments: ids (B, T), pixel inputs, the attention mask; for Qwen2-VL the token types its
+    processor gives (1: image)."""
+    out = {"input_ids": ids, **images}
+    if mask is not None:
+        out["attention_mask"] = mask
+    if "image_grid_thw" in images:
+        out["mm_token_type_ids"] = (ids == IMAGE).int()
+    return out
 
 
 def batch(*prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,19 +104,19 @@ def batch(*prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def one(images: dict, i: int) -> dict:
-    return {k: v[i:i + 1] for k, v in images.items()}
-
-
 VISUAL = {"fastv": {"layer": 2, "ratio": 0.5}, "pyramiddrop": {"layers": [2], "keep": 0.5}, "divprune": {"keep": 0.3},
           "prumerge": {"keep": 0.125, "plus": True}}
 
 
 @pytest.mark.parametrize("recipe", list(VISUAL))
 def test_zero_setting_reproduces_the_model(vlm, recipe):
+    if recipe == "prumerge" and vlm.kind != "llava":
+        with pytest.raises(RecipeError, match="one grid of patches per image and the vision tower's class token"):
+            graphprune.optimize(vlm.model, recipe)
+        return
     fast = graphprune.optimize(vlm.model, recipe, **RECIPES[recipe].zero)
     ids, mask = batch(vlm.prompt(3, 5), vlm.prompt(1, 2, seed=1))
-    kw = dict(input_ids=ids, attention_mask=mask, **vlm.images(2))
+    kw = inputs(ids, vlm.images(2), mask)
     with torch.no_grad():
         assert (fast(**kw).logits[:, -1] - vlm.model(**kw).logits[:, -1]).abs().max() <= 1e-5
         gen = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -104,7 +148,7 @@ def masked(model, ids, images: dict, gone: dict[int, set[int]], eager: bool = Fa
         hooks.append(layer.register_forward_pre_hook(
             lambda m, a, kw, mask=mask: (a, {**kw, "attention_mask": mask[None, None]}), with_kwargs=True))
     try:
-        return model(input_ids=ids[None], **images, output_attentions=eager)
+        return model(**inputs(ids[None], images), output_attentions=eager)
     finally:
         for h in hooks:
             h.remove()
@@ -124,7 +168,7 @@ def test_fastv_drops_the_papers_tokens_and_dropping_equals_masking(vlm, ratio, s
     fast = graphprune.optimize(vlm.model, "fastv", layer=k, ratio=ratio)
     ids, images = vlm.prompt(4, 6, seed), vlm.images(1, seed)
     with torch.no_grad():
-        out = fast(input_ids=ids[None], **images, use_cache=True)
+        out = fast(**inputs(ids[None], images), use_cache=True)
         att = attention_of_last_token(vlm.model, ids, images, k - 1, {})
         image = (ids == IMAGE).nonzero().flatten().tolist()
         expected = set(image) - set(sorted(image, key=lambda i: -float(att[i]))[:round(len(image) * (1 - ratio))])
@@ -145,7 +189,7 @@ def test_pyramiddrop_drops_the_papers_tokens_and_dropping_equals_masking(vlm, ke
     ids, images = vlm.prompt(4, 6, seed), vlm.images(1, seed)
     bounds = layers or [1, 2, 3]  # a quarter, half and three quarters of 4 layers
     with torch.no_grad():
-        out = fast(input_ids=ids[None], **images, use_cache=True)
+        out = fast(**inputs(ids[None], images), use_cache=True)
         image = set((ids == IMAGE).nonzero().flatten().tolist())
         gone: dict[int, set[int]] = {}
         for stage, s in enumerate(bounds, 1):
@@ -159,21 +203,21 @@ def test_pyramiddrop_drops_the_papers_tokens_and_dropping_equals_masking(vlm, ke
 
 @pytest.mark.parametrize("recipe", list(VISUAL))
 def test_a_left_padded_batch_equals_each_sample_alone_and_generates(vlm, recipe):
-    if recipe == "prumerge" and vlm.tokens != 16:
-        pytest.skip("PruMerge is defined on one grid of patches per image (LLaVA-1.5)")
+    if recipe == "prumerge" and vlm.kind != "llava":
+        pytest.skip("PruMerge is defined on one grid of patches per image (LLaVA-1.5): refused, tested above")
     fast = graphprune.optimize(vlm.model, recipe, **VISUAL[recipe])
     prompts, images = [vlm.prompt(3, 7, seed=2), vlm.prompt(1, 2, seed=3)], vlm.images(2, seed=4)
     ids, mask = batch(*prompts)
     gen = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
     with torch.no_grad():
-        together = fast.generate(input_ids=ids, attention_mask=mask, **images, **gen)[:, ids.shape[1]:]
-        first = fast(input_ids=ids, attention_mask=mask, **images).logits[:, -1]
+        together = fast.generate(**inputs(ids, images, mask), **gen)[:, ids.shape[1]:]
+        first = fast(**inputs(ids, images, mask)).logits[:, -1]
         for i, p in enumerate(prompts):
-            alone = fast(input_ids=p[None], **one(images, i), use_cache=True)
+            alone = fast(**inputs(p[None], vlm.one(images, i)), use_cache=True)
             assert (first[i] - alone.logits[0, -1]).abs().max() <= 1e-5
             assert alone.cache.slots()[3] < len(p)  # image tokens went
-            assert torch.equal(together[i], fast.generate(input_ids=p[None], **one(images, i), **gen)[0, len(p):])
-        sampled = fast.generate(input_ids=ids, attention_mask=mask, **images, max_new_tokens=5, do_sample=True,
+            assert torch.equal(together[i], fast.generate(**inputs(p[None], vlm.one(images, i)), **gen)[0, len(p):])
+        sampled = fast.generate(**inputs(ids, images, mask), max_new_tokens=5, do_sample=True,
                                 pad_token_id=0)
     assert sampled.shape == (2, ids.shape[1] + 5)
 
@@ -206,23 +250,23 @@ def test_a_visual_recipe_composes_with_a_cache_policy(vlm):
     fastv = graphprune.optimize(vlm.model, "fastv", ratio=0.5)
     ids, images = vlm.prompt(4, 6), vlm.images(1)
     with torch.no_grad():
-        out = both(input_ids=ids[None], **images, use_cache=True)
-        alone = fastv(input_ids=ids[None], **images, use_cache=True)
+        out = both(**inputs(ids[None], images), use_cache=True)
+        alone = fastv(**inputs(ids[None], images), use_cache=True)
         assert torch.equal(out.logits[0, -1], alone.logits[0, -1])  # (the prompt pass attends before evicting)
         assert out.cache.slots() == [12] * 4 and alone.cache.slots()[0] == len(ids)
         for layer in (0, 2):  # snapkv's choice among the tokens each layer holds
             assert held(out.cache, layer) <= held(alone.cache, layer)
-        tokens = both.generate(input_ids=ids[None], **images, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+        tokens = both.generate(**inputs(ids[None], images), max_new_tokens=4, min_new_tokens=4, do_sample=False,
                                pad_token_id=0)
     assert tokens.shape[1] == len(ids) + 4
     before = graphprune.optimize(vlm.model, ["divprune", "fastv"], keep=0.5, ratio=0.5)  # before and inside the LM
     with torch.no_grad():
-        slots = before(input_ids=ids[None], **images, use_cache=True).cache.slots()
+        slots = before(**inputs(ids[None], images), use_cache=True).cache.slots()
     n = vlm.tokens
     assert slots == [len(ids) - n + n // 2] * 2 + [len(ids) - n + round(n // 2 * 0.5)] * 2
     three = graphprune.optimize(vlm.model, ["divprune", "fastv", "snapkv"], keep=0.5, ratio=0.5, budget=12, window=4)
     with torch.no_grad():
-        assert three(input_ids=ids[None], **images, use_cache=True).cache.slots() == [12] * 4
+        assert three(**inputs(ids[None], images), use_cache=True).cache.slots() == [12] * 4
     with pytest.raises(RecipeError, match="both evict"):
         graphprune.optimize(vlm.model, ["snapkv", "h2o"])
     with pytest.raises(RecipeError, match="option window belongs to none"):
@@ -253,13 +297,15 @@ def test_divprune_keeps_the_papers_tokens_and_dropping_equals_masking(vlm, keep)
         features = vlm.model.model.get_image_features(**images, return_dict=True).pooler_output[0]
         image = (ids == IMAGE).nonzero().flatten()
         gone = set(image.tolist()) - {int(image[i]) for i in divprune_reference(features, keep)}
-        out = fast(input_ids=ids[None], **images, use_cache=True)
+        out = fast(**inputs(ids[None], images), use_cache=True)
         assert held(out.cache, 0) == set(range(len(ids))) - gone
         assert out.cache.get_seq_length() == len(ids)  # decoding goes on at the full prompt's positions
         assert (out.logits[0, -1] - masked(vlm.model, ids, images, {0: gone}).logits[0, -1]).abs().max() <= 1e-5
-        assert torch.equal(fast(ids[None], *images.values()).logits, out.logits)  # a positional call alike
-        got = fast.generate(input_ids=ids[None], **images, max_new_tokens=4, min_new_tokens=4, do_sample=False,
-                            pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        if vlm.kind.startswith("llava"):  # a positional call alike
+            assert torch.equal(fast(ids[None], *images.values()).logits, out.logits)
+        got = fast.generate(**inputs(ids[None], images), max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                            pad_token_id=0, output_logits=True, return_dict_in_generate=True,
+                            suppress_tokens=[IMAGE])  # (the oracle would read a generated placeholder as an image)
         seq = ids
         for t, logits in zip(got.sequences[0, len(ids):], got.logits):  # the oracle, step by step without a cache
             assert (masked(vlm.model, seq, images, {0: gone}).logits[0, -1] - logits[0]).abs().max() <= 1e-5
@@ -280,6 +326,10 @@ def without_dropped(vlm, ids, mask, images, keep: float) -> torch.Tensor:
 def test_divprune_renumbered_equals_the_model_without_the_dropped_tokens(vlm):
     """positions="renumber" (the authors' code): the same as the unmodified model given an attention mask that leaves
     the dropped tokens out (generate then numbers the others contiguously), through greedy decoding, batched."""
+    if vlm.kind.startswith("qwen"):
+        with pytest.raises(RecipeError, match="numbers image tokens in three dimensions"):
+            graphprune.optimize(vlm.model, "divprune", positions="renumber")
+        return
     fast = graphprune.optimize(vlm.model, "divprune", keep=0.3, positions="renumber")
     prompts, images = [vlm.prompt(3, 7, seed=2), vlm.prompt(1, 2, seed=3)], vlm.images(2, seed=4)
     ids, mask = batch(*prompts)
@@ -287,8 +337,8 @@ def test_divprune_renumbered_equals_the_model_without_the_dropped_tokens(vlm):
         without = without_dropped(vlm, ids, mask, images, 0.3)
         gen = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0, output_logits=True,
                    return_dict_in_generate=True)
-        expected = vlm.model.generate(input_ids=ids, attention_mask=without, **images, **gen)
-        got = fast.generate(input_ids=ids, attention_mask=mask, **images, **gen)
+        expected = vlm.model.generate(**inputs(ids, images, without), **gen)
+        got = fast.generate(**inputs(ids, images, mask), **gen)
         assert torch.equal(got.sequences, expected.sequences)
         for a, b in zip(got.logits, expected.logits):  # every step's logits
             assert (a - b).abs().max() <= 1e-5
@@ -327,10 +377,8 @@ def prumerge_reference(hidden: torch.Tensor, last, keep, plus: bool) -> torch.Te
 def test_prumerge_merges_as_the_authors_code_and_equals_the_model_given_those_tokens(vlm, keep, plus):
     """The image's tokens are PruMerge's (the reference above, through the projector) and the output equals the
     unmodified model given them in the image's place (a shorter prompt), through greedy decoding."""
-    if vlm.tokens != 16:
-        with pytest.raises(RecipeError, match="one grid of patches per image"):
-            graphprune.optimize(vlm.model, "prumerge")(input_ids=vlm.prompt(2, 2)[None], **vlm.images(1))
-        return
+    if vlm.kind != "llava":
+        pytest.skip("PruMerge is defined on one grid of patches per image (LLaVA-1.5): refused, tested above")
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     fast = graphprune.optimize(vlm.model, "prumerge", keep=keep, plus=plus)
@@ -349,7 +397,7 @@ def test_prumerge_merges_as_the_authors_code_and_equals_the_model_given_those_to
                    return_dict_in_generate=True)
         expected = vlm.model.generate(input_ids=short[None], mm_encoder_outputs={
             "image": BaseModelOutputWithPooling(pooler_output=[tokens])}, **gen)
-        got = fast.generate(input_ids=ids[None], **images, **gen)
+        got = fast.generate(**inputs(ids[None], images), **gen)
         assert torch.equal(got.sequences[0, len(ids):], expected.sequences[0, len(short):])
         for a, b in zip(got.logits, expected.logits):
             assert (a - b).abs().max() <= 1e-4
@@ -359,16 +407,46 @@ def test_prumerge_merges_as_the_authors_code_and_equals_the_model_given_those_to
 def test_beam_search_keeps_each_beams_positions(vlm, positions):
     """Beam search (each prompt expanded to its beams, the cache reordered between steps) over reduced images: the same
     beams as the unmodified model without the dropped tokens (renumbered), or as each prompt alone (kept positions)."""
+    if positions == "renumber" and vlm.kind.startswith("qwen"):
+        pytest.skip("Qwen2-VL keeps 3-D positions (refusing renumber is tested above)")
     fast = graphprune.optimize(vlm.model, "divprune", keep=0.3, positions=positions)
     prompts, images = [vlm.prompt(3, 7, seed=2), vlm.prompt(1, 2, seed=3)], vlm.images(2, seed=4)
     ids, mask = batch(*prompts)
     gen = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, num_beams=3)
     with torch.no_grad():
-        got = fast.generate(input_ids=ids, attention_mask=mask, **images, **gen)
+        got = fast.generate(**inputs(ids, images, mask), **gen)
         if positions == "renumber":
             without = without_dropped(vlm, ids, mask, images, 0.3)
-            assert torch.equal(got, vlm.model.generate(input_ids=ids, attention_mask=without, **images, **gen))
+            assert torch.equal(got, vlm.model.generate(**inputs(ids, images, without), **gen))
         else:  # each sequence alone, greedy beams alike
             for b, p in enumerate(prompts):
-                alone = fast.generate(input_ids=p[None], **one(images, b), **gen)
+                alone = fast.generate(**inputs(p[None], vlm.one(images, b)), **gen)
                 assert torch.equal(got[b, ids.shape[1]:], alone[0, len(p):])
+
+
+def test_qwen2_5_vl_is_reduced_as_qwen2_vl():
+    """Qwen2.5-VL (windowed attention in its vision tower, the same multimodal RoPE): the zero setting reproduces it,
+    FastV and DivPrune equal masking, and a left-padded batch equals each sample alone."""
+    vlm = tiny_vlm("qwen2_5_vl")
+    test_zero_setting_reproduces_the_model(vlm, "divprune")
+    test_fastv_drops_the_papers_tokens_and_dropping_equals_masking(vlm, 0.5, 0)
+    test_divprune_keeps_the_papers_tokens_and_dropping_equals_masking(vlm, 0.3)
+    test_a_left_padded_batch_equals_each_sample_alone_and_generates(vlm, "pyramiddrop")
+
+
+def test_qwen2_vl_decodes_outside_generate_at_generates_positions():
+    """Qwen2-VL's layers get text positions only inside generate; graphprune's copy builds all four rows itself, so a
+    plain forward loop over the cache it returns gives generate's tokens (image tokens left out, positions kept)."""
+    from graphprune.kv.model import returned_cache
+
+    vlm = tiny_vlm("qwen2_vl")
+    fast = graphprune.optimize(vlm.model, "divprune", keep=0.3)
+    ids, images = vlm.prompt(4, 6), vlm.images(1)
+    with torch.no_grad():
+        expected = fast.generate(**inputs(ids[None], images), max_new_tokens=5, do_sample=False, pad_token_id=0)
+        out = fast(**inputs(ids[None], images), use_cache=True)
+        tokens = [int(out.logits[0, -1].argmax())]
+        for _ in range(4):
+            out = fast(input_ids=torch.tensor([tokens[-1:]]), cache=returned_cache(out), use_cache=True)
+            tokens.append(int(out.logits[0, -1].argmax()))
+    assert expected[0, len(ids):].tolist() == tokens

@@ -103,7 +103,8 @@ class EvictingLayer(CacheLayerMixin):
     def _map(self, fn) -> None:
         self.storage.map(fn)
         if self.aux is not None:
-            self.aux = Aux(fn(self.aux.hidden), fn(self.aux.pos))
+            a = self.aux
+            self.aux = Aux(*(fn(t) for t in (a.hidden, a.pos, a.cos, a.sin)))
 
     # -- one attention call ----------------------------------------------------------------------
     @property

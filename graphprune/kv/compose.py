@@ -45,6 +45,7 @@ class Composed(CachePolicy):
         self.exportable = all(p.exportable for p in self.parts)
         self.revives = any(p.revives for p in self.parts)
         self.needs_images = any(p.needs_images for p in self.parts)
+        self.needs_class_token = any(p.needs_class_token for p in self.parts)
 
     def validate(self) -> None:
         for p in self.parts:

@@ -21,7 +21,8 @@ import torch
 from graphprune.kv.model import positions
 from graphprune.kv.policy import CachePolicy
 
-VISION_ARGUMENTS = ("pixel_values", "image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
+VISION_ARGUMENTS = ("pixel_values", "image_sizes", "image_grid_thw", "vision_feature_layer",
+                    "vision_feature_select_strategy")
 
 
 @dataclass
@@ -71,15 +72,11 @@ def reduce_images(model, policy: CachePolicy, image_token: int, kwargs: dict) ->
     where = image.nonzero()  # (image tokens, 2): their (sequence, index), in the order the features fill them
     if len(where) != sum(f.shape[0] for f in features):
         return kwargs, 0, None  # (the model's own check reports the mismatch)
-    hidden = _taken_hidden_states(model, encoded, kwargs, len(features))
-    tower = model.model.vision_tower
-    layers = getattr(getattr(tower, "vision_model", tower), "encoder", None)
-    layers = getattr(layers, "layers", None)
+    vision = _vision_tokens(model, encoded, kwargs, len(features))
     keep, kept, start = torch.ones_like(image), [], 0
     for i, f in enumerate(features):
         n = f.shape[0]
-        view = ImageView(f, None if hidden is None or layers is None else VisionTokens(
-            hidden[i], layers, model.model.multi_modal_projector))
+        view = ImageView(f, None if vision is None else vision[i])
         merged = policy.merge_image(view)
         if merged is not None:  # new tokens, in the first places of the image
             chosen, f = torch.arange(merged.shape[0], device=f.device), merged.to(f.dtype)
@@ -95,8 +92,8 @@ def reduce_images(model, policy: CachePolicy, image_token: int, kwargs: dict) ->
         start += n
     mask = kwargs.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else mask
-    pos = kwargs.get("position_ids")
-    pos = positions(mask) if pos is None else pos.expand_as(ids)
+    pos = kwargs.get("position_ids")  # (B, T), or rows of them (multimodal RoPE: graphprune.kv.mrope)
+    pos = positions(mask) if pos is None else pos.expand(*pos.shape[:-2], *ids.shape)
     # each sequence's kept tokens in order, left-padded to the longest
     length = int(keep.sum(-1).max())
     index = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
@@ -107,8 +104,12 @@ def reduce_images(model, policy: CachePolicy, image_token: int, kwargs: dict) ->
     if policy.renumbers():  # the kept tokens close up, as the shorter sequence numbers them
         new_pos = positions(new_mask)
     else:
-        new_pos = pos.gather(1, order)
+        new_pos = pos.gather(-1, order.expand(*pos.shape[:-2], *order.shape))
     out = dict(kwargs)
+    for name, value in kwargs.items():  # per-token arguments follow the tokens (Qwen2-VL's mm_token_type_ids)
+        if name not in ("input_ids", "attention_mask", "position_ids") and isinstance(value, torch.Tensor) \
+                and value.shape == ids.shape:
+            out[name] = value.gather(1, order)
     out.update(input_ids=ids.gather(1, order).masked_fill(~real, 0 if pad is None else pad),
                attention_mask=new_mask, position_ids=new_pos,
                mm_encoder_outputs={**(kwargs.get("mm_encoder_outputs") or {}),
@@ -118,14 +119,20 @@ def reduce_images(model, policy: CachePolicy, image_token: int, kwargs: dict) ->
     return out, ids.shape[1] - length, (~keep).sum(-1)
 
 
-def _taken_hidden_states(model, encoded, kwargs: dict, images: int) -> torch.Tensor | None:
-    """(images, 1 + n, Cv): the vision tower's hidden states the model projected, for one-grid images (LLaVA-1.5);
-    None otherwise."""
+def _vision_tokens(model, encoded, kwargs: dict, images: int) -> list[VisionTokens] | None:
+    """What came before the projector, per image, for one-grid images with a class token (LLaVA-1.5); None
+    otherwise."""
     config = model.config
+    if config.model_type != "llava":
+        return None
     layer = kwargs.get("vision_feature_layer") or config.vision_feature_layer
     strategy = kwargs.get("vision_feature_select_strategy") or config.vision_feature_select_strategy
     states = getattr(encoded, "hidden_states", None)
-    if config.model_type != "llava" or not isinstance(layer, int) or strategy != "default" or states is None:
+    if not isinstance(layer, int) or strategy != "default" or states is None:
         return None
     hidden = states[layer]
-    return hidden if hidden is not None and hidden.shape[0] == images else None
+    tower = model.model.vision_tower
+    layers = getattr(getattr(getattr(tower, "vision_model", tower), "encoder", None), "layers", None)
+    if hidden is None or hidden.shape[0] != images or layers is None:
+        return None
+    return [VisionTokens(h, layers, model.model.multi_modal_projector) for h in hidden]

@@ -20,7 +20,9 @@ from graphprune.errors import RecipeError, UnsupportedArchitectureError
 from graphprune.kv.policy import CachePolicy
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # rotate-half RoPE, cache.update + attention interface
-VLMS = ("llava", "llava_next")  # image placeholders in input_ids before a language model of one of FAMILIES
+VLMS = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")  # image placeholders in input_ids before a language model
+MROPE = {"qwen2_vl": "qwen2_vl_text", "qwen2_5_vl": "qwen2_5_vl_text"}  # VLMs whose language model (a Qwen2 with
+# multimodal RoPE) rotates by 3-D positions: see graphprune.kv.mrope
 
 
 @dataclass
@@ -34,6 +36,8 @@ class DecoderInfo:
     head_dim: int
     inv_freq: torch.Tensor | None
     media: tuple[int, ...] = ()  # a vision-language model's image and video placeholder ids (empty: text only)
+    mrope: bool = False  # positions are the four rows of multimodal RoPE (graphprune.kv.mrope)
+    class_token: bool = False  # each image is one grid of patches after the vision tower's class token (LLaVA-1.5)
 
 
 def is_decoder_lm(model) -> bool:
@@ -57,7 +61,8 @@ def analyze_decoder(model) -> DecoderInfo:
                       if i is not None)
         if not media:
             raise UnsupportedArchitectureError(f"this '{outer.model_type}' config names no image token id")
-    if family not in FAMILIES:
+    mrope = MROPE.get(outer.model_type) == family
+    if family not in FAMILIES and not mrope:
         raise UnsupportedArchitectureError(
             f"KV-cache recipes support the decoder families {', '.join(FAMILIES)}; this model is '{family}'")
     layers = getattr(model.get_decoder(), "layers", None)
@@ -78,7 +83,9 @@ def analyze_decoder(model) -> DecoderInfo:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return DecoderInfo(family, len(layers), config.num_attention_heads,
                        getattr(config, "num_key_value_heads", None) or config.num_attention_heads, head_dim,
-                       getattr(rope, "inv_freq", None), media)
+                       getattr(rope, "inv_freq", None), media, mrope,
+                       outer.model_type == "llava" and isinstance(getattr(outer, "vision_feature_layer", None), int)
+                       and getattr(outer, "vision_feature_select_strategy", None) == "default")
 
 
 @dataclass
@@ -140,6 +147,11 @@ def _evicting_class(base: type, setup: Decoder) -> type:
                 kwargs.pop("past_key_values", None)
                 kwargs[cache_key] = cache
         skipped, lost = 0, None
+        if setup.info.mrope:  # every layer gets the text positions too
+            from graphprune.kv.mrope import four_rows
+
+            kwargs, args = four_rows(self, {**dict(zip(names[1:], args)), **kwargs},
+                                     0 if cache is None else cache.get_seq_length()), ()
         if setup.policy.reduces_images:  # fewer image tokens go in (the call's arguments by name)
             from graphprune.kv.images import reduce_images
 
@@ -196,6 +208,13 @@ def optimize_decoder(model, policy):
     if policy.needs_images and not info.media:
         raise RecipeError(f"'{policy.name}' prunes the image tokens of a vision-language model ({', '.join(VLMS)}); "
                           f"{type(model).__name__} has none")
+    if policy.needs_class_token and not info.class_token:
+        raise RecipeError(f"'{policy.name}' needs one grid of patches per image and the vision tower's class token "
+                          f"(LLaVA-1.5, vision_feature_select_strategy='default'); {type(model).__name__} has not both")
+    if info.mrope and policy.renumbers():
+        raise RecipeError(f"positions='renumber' reproduces the renumbering of the authors' LLaVA code; "
+                          f"{type(model).__name__} numbers image tokens in three dimensions: keep their positions "
+                          "(positions='keep')")
     policy.fit(info.n_layers)
     return evicting_copy(model, policy, info)
 

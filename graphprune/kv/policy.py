@@ -91,6 +91,8 @@ class CachePolicy(Recipe):
     revives: ClassVar[bool] = False  # rows stopped by rows() keep their hidden states and may come back later
     sizes_itself: ClassVar[str | None] = None  # a policy sized by its own options says how (then budget stays 1.0)
     needs_images: ClassVar[bool] = False  # it prunes image tokens (``view.visual``): vision-language models only
+    needs_class_token: ClassVar[bool] = False  # it reads the vision tower's class token over one grid of patches per
+    # image (``ImageView.vision``): LLaVA-1.5 only
 
     budget: Union[int, float] = option(
         0.5, "cached tokens per layer: an int, or a fraction in (0, 1) of the prompt length (1.0: keep everything)")

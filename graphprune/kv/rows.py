@@ -5,7 +5,7 @@ layer's attention a policy that prunes rows (:meth:`CachePolicy.rows`) names the
 stop there; those rows leave the hidden states, and the tokens are deselected for the layers
 above in this forward (left out of their attention; a token that an earlier forward evicted
 from a lower layer's cache is not stopped: each layer evicts from its own cache). The hooks below carry the rows between
-layers: their positions (so rotary embeddings and the attention mask follow), which are real
+layers: their positions (so the attention mask follows) and rotary embeddings, which are real
 tokens (padding rows fill up a batch whose sequences keep different numbers) and which this
 forward brought in. The kept rows keep their original positions. Logits come out for the
 tokens that reached the top (the last token always does).
@@ -35,6 +35,8 @@ class Rows:
     new: torch.Tensor  # (B, R) bool: a token this forward brought in (not revived)
     n_new: int  # tokens this forward brought in
     ids: torch.Tensor  # (B, R) token id of each row (-1: unknown, a revived row or a call without ids)
+    cos: torch.Tensor  # (B, R, D) the rotary embedding of each row (any kind of RoPE: multimodal rotates by 3-D
+    sin: torch.Tensor  # positions, which ``pos`` does not hold)
     stopped: torch.Tensor | None = None  # (B, T) bool by position: tokens a layer stopped (None: none yet)
     drop: torch.Tensor | None = None  # (B, R) bool: rows the current layer stopped
     moved: bool = False  # the rows differ from the forward's input rows
@@ -61,14 +63,17 @@ class Rows:
 
 @dataclass
 class Aux:
-    """Hidden states of the rows a layer stopped, for revival: ``hidden`` (B, A, C), ``pos`` (B, A) (-1: padding)."""
+    """Hidden states of the rows a layer stopped, for revival: ``hidden`` (B, A, C), ``pos`` (B, A) (-1: padding),
+    and their rotary embeddings ``cos``, ``sin`` (B, A, D)."""
 
     hidden: torch.Tensor
     pos: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
 
     @property
     def nbytes(self) -> int:
-        return self.hidden.numel() * self.hidden.element_size()
+        return sum(t.numel() * t.element_size() for t in (self.hidden, self.cos, self.sin))
 
 
 def by_position(pos: torch.Tensor, flag: torch.Tensor, size: int) -> torch.Tensor:
@@ -91,15 +96,16 @@ def _gather(t: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     return t.gather(1, idx)
 
 
-def stash(layer, which: torch.Tensor, pos: torch.Tensor, hidden: torch.Tensor) -> None:
+def stash(layer, which: torch.Tensor, rows: Rows, hidden: torch.Tensor) -> None:
     """Append the hidden states of rows ``which`` (B, R) to ``layer``'s Aux store."""
     if not bool(which.any()):
         return
-    real, pos, hidden = compact(which, pos, hidden)
-    pos = pos.masked_fill(~real, -1)
+    real, *new = compact(which, rows.pos, hidden, rows.cos, rows.sin)
+    new[0] = new[0].masked_fill(~real, -1)
     if layer.aux is not None:
-        hidden, pos = torch.cat([layer.aux.hidden, hidden], 1), torch.cat([layer.aux.pos, pos], 1)
-    layer.aux = Aux(hidden, pos)
+        old = layer.aux
+        new = [torch.cat([a, b], 1) for a, b in zip((old.pos, old.hidden, old.cos, old.sin), new)]
+    layer.aux = Aux(hidden=new[1], pos=new[0], cos=new[2], sin=new[3])
 
 
 def revive(rows: Rows, layer, below, first, hidden: torch.Tensor) -> torch.Tensor:
@@ -127,11 +133,12 @@ def revive(rows: Rows, layer, below, first, hidden: torch.Tensor) -> torch.Tenso
     if bool((real & (found < 0)).any()):
         raise RuntimeError(f"graphprune: a selected token has neither keys and values nor an Aux entry at layer "
                            f"{layer.layer_idx}")
-    back = _gather(below.aux.hidden, found.clamp(min=0))
-    rows.real, rows.pos, rows.new, rows.ids, hidden = compact(
+    back = [_gather(t, found.clamp(min=0)) for t in (below.aux.hidden, below.aux.cos, below.aux.sin)]
+    rows.real, rows.pos, rows.new, rows.ids, hidden, rows.cos, rows.sin = compact(
         torch.cat([rows.real, real], 1), torch.cat([rows.pos, pos], 1),
         torch.cat([rows.new, torch.zeros_like(real)], 1), torch.cat([rows.ids, torch.full_like(pos, -1)], 1),
-        torch.cat([hidden, back.to(hidden.dtype)], 1))
+        torch.cat([hidden, back[0].to(hidden.dtype)], 1), torch.cat([rows.cos, back[1]], 1),
+        torch.cat([rows.sin, back[2]], 1))
     rows.moved = True
     return hidden
 
@@ -141,7 +148,7 @@ def install(model, revives: bool) -> None:
     from graphprune.kv.cache import cache_in, real_tokens
 
     decoder = model.get_decoder()
-    layers, rotary = decoder.layers, decoder.rotary_emb
+    layers = decoder.layers
     last = len(layers) - 1
 
     def before(module, args, kwargs):
@@ -157,7 +164,8 @@ def install(model, revives: bool) -> None:
                 else torch.ones(b, n, dtype=torch.bool, device=hidden.device)
             ids = cache.call.input_ids
             ids = torch.full_like(pos, -1) if ids is None else ids[:, -n:].to(pos.device).expand(b, n)
-            cache.call.rows = Rows(pos, real, torch.ones_like(real), n, ids)
+            cos, sin = (t.expand(b, n, t.shape[-1]) for t in kwargs["position_embeddings"])
+            cache.call.rows = Rows(pos, real, torch.ones_like(real), n, ids, cos, sin)
         rows = cache.call.rows
         if revives and idx > 0:
             hidden = revive(rows, cache.layers[idx], cache.layers[idx - 1], cache.layers[0], hidden)
@@ -165,7 +173,7 @@ def install(model, revives: bool) -> None:
             return None
         kwargs = dict(kwargs)  # the rows are no longer the model's: their own positions; the layer masks by position
         kwargs.pop("hidden_states", None)
-        kwargs["position_embeddings"] = rotary(hidden, rows.pos)
+        kwargs["position_embeddings"] = (rows.cos, rows.sin)
         kwargs["position_ids"] = rows.pos
         kwargs["attention_mask"] = None
         return (hidden, *args[1:]), kwargs
@@ -180,12 +188,13 @@ def install(model, revives: bool) -> None:
         drop, rows.drop = rows.drop, None
         keep = rows.real if drop is None else rows.real & ~drop
         if revives and drop is not None and idx < last:  # the Aux store of this layer keeps their hidden states
-            stash(cache.layers[idx], drop & rows.real, rows.pos, hidden)
+            stash(cache.layers[idx], drop & rows.real, rows, hidden)
         if idx == last:  # only this forward's tokens come out (revived ones were computed for their keys and values)
             keep = keep & rows.new
         if bool(keep.all()):
             return None
-        rows.real, rows.pos, rows.new, rows.ids, hidden = compact(keep, rows.pos, rows.new, rows.ids, hidden)
+        rows.real, rows.pos, rows.new, rows.ids, hidden, rows.cos, rows.sin = compact(
+            keep, rows.pos, rows.new, rows.ids, hidden, rows.cos, rows.sin)
         rows.moved = True
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 

@@ -46,6 +46,7 @@ class PruMerge(ImagePolicy):
     paper = "LLaVA-PruMerge: Adaptive Token Reduction for Efficient Large Multimodal Models (2024)"
     zero = {"keep": 1.0}
     sizes_itself = "keeps a data-dependent number of image tokens (set keep)"
+    needs_class_token = True
 
     keep: Union[str, float] = option("adaptive", "'adaptive': the patches whose class attention is an IQR outlier; "
                                                  "a share in (0, 1]: that many of the top patches (1.0: no reduction)")
@@ -62,7 +63,8 @@ class PruMerge(ImagePolicy):
             return None
         vision = image.vision
         if vision is None:
-            raise RecipeError("prumerge needs one grid of patches per image (LLaVA-1.5); this model tiles its images")
+            raise RecipeError("prumerge needs one grid of patches per image and the vision tower's class token "
+                              "(LLaVA-1.5); this model's images have not both")
         q, k = vision.queries_keys(-1)
         attention = class_attention(q, k)
         patches = vision.hidden[1:].float()
