@@ -1,6 +1,6 @@
 """Vision-language models: image-token reduction before the language model (DivPrune, PruMerge) and inside it (FastV,
-PyramidDrop) on tiny LLaVA, LLaVA-NeXT (anyres tiles and newline rows), Qwen2-VL and Qwen2.5-VL models (multimodal
-RoPE: 3-D positions)."""
+PyramidDrop) on tiny LLaVA, LLaVA-NeXT (anyres tiles and newline rows), Qwen2-VL and Qwen2.5-VL (multimodal RoPE: 3-D
+positions), Idefics3 and SmolVLM models."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig,
+from transformers import (CLIPVisionConfig, Idefics3Config, Idefics3ForConditionalGeneration, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig,
                           LlavaNextForConditionalGeneration, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
-                          Qwen2VLConfig, Qwen2VLForConditionalGeneration)
+                          Qwen2VLConfig, Qwen2VLForConditionalGeneration, SmolVLMConfig, SmolVLMForConditionalGeneration)
 
 import graphprune
 from graphprune.errors import RecipeError
@@ -33,6 +33,8 @@ class VLM:
         g = torch.Generator().manual_seed(seed)
         if self.kind == "llava_next":  # 64×32 pixels: the base tile and two
             return {"pixel_values": torch.randn(n, 3, 3, 32, 32, generator=g), "image_sizes": torch.tensor([[64, 32]] * n)}
+        if self.kind in ("idefics3", "smolvlm"):  # two sub-images of 8×8 patches, pixel-shuffled 2×2: 2 × 16 tokens
+            return {"pixel_values": torch.randn(n, 2, 3, 32, 32, generator=g)}
         if self.kind in ("qwen2_vl", "qwen2_5_vl"):  # 8×8 patches of 2×2 pixels and 2 frames, merged 2×2: 16 tokens
             return {"pixel_values": torch.randn(n * 64, 24, generator=g), "image_grid_thw": torch.tensor([[1, 8, 8]] * n)}
         return {"pixel_values": torch.randn(n, 3, 32, 32, generator=g)}
@@ -67,6 +69,13 @@ def tiny_vlm(kind: str) -> VLM:
             vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=64, window_size=8, fullatt_block_indexes=[1])
             model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids))
         return VLM(model.eval(), 16)
+    if kind in ("idefics3", "smolvlm"):
+        config = (Idefics3Config if kind == "idefics3" else SmolVLMConfig)(
+            text_config={**text, "model_type": "llama"}, image_token_id=IMAGE, scale_factor=2,
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                               image_size=32, patch_size=4))
+        model = (Idefics3ForConditionalGeneration if kind == "idefics3" else SmolVLMForConditionalGeneration)(config)
+        return VLM(model.eval(), 32)
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                               image_size=32, patch_size=8, projection_dim=32)
     text = LlamaConfig(**text)
@@ -139,7 +148,7 @@ def masked(model, ids, images: dict, gone: dict[int, set[int]], eager: bool = Fa
     n = ids.shape[-1]
     causal = torch.ones(n, n, dtype=torch.bool).tril()
     hooks = []
-    for i, layer in enumerate(model.model.language_model.layers):
+    for i, layer in enumerate(model.get_decoder().layers):
         out = set().union(*(g for l, g in gone.items() if l <= i))
         see = causal.clone()
         see[:, sorted(out)] = False
@@ -424,10 +433,12 @@ def test_beam_search_keeps_each_beams_positions(vlm, positions):
                 assert torch.equal(got[b, ids.shape[1]:], alone[0, len(p):])
 
 
-def test_qwen2_5_vl_is_reduced_as_qwen2_vl():
-    """Qwen2.5-VL (windowed attention in its vision tower, the same multimodal RoPE): the zero setting reproduces it,
-    FastV and DivPrune equal masking, and a left-padded batch equals each sample alone."""
-    vlm = tiny_vlm("qwen2_5_vl")
+@pytest.mark.parametrize("kind", ["qwen2_5_vl", "idefics3", "smolvlm"])
+def test_more_vlms_are_reduced_alike(kind):
+    """Qwen2.5-VL (windowed attention in its vision tower, Qwen2-VL's multimodal RoPE), Idefics3 and SmolVLM (sub-images,
+    pixel shuffle): the zero setting reproduces each, FastV and DivPrune equal masking, and a left-padded batch equals
+    each sample alone."""
+    vlm = tiny_vlm(kind)
     test_zero_setting_reproduces_the_model(vlm, "divprune")
     test_fastv_drops_the_papers_tokens_and_dropping_equals_masking(vlm, 0.5, 0)
     test_divprune_keeps_the_papers_tokens_and_dropping_equals_masking(vlm, 0.3)

@@ -20,7 +20,7 @@ from graphprune.errors import RecipeError, UnsupportedArchitectureError
 from graphprune.kv.policy import CachePolicy
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # rotate-half RoPE, cache.update + attention interface
-VLMS = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")  # image placeholders in input_ids before a language model
+VLMS = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm")  # image placeholders in input_ids before a language model
 MROPE = {"qwen2_vl": "qwen2_vl_text", "qwen2_5_vl": "qwen2_5_vl_text"}  # VLMs whose language model (a Qwen2 with
 # multimodal RoPE) rotates by 3-D positions: see graphprune.kv.mrope
 
