@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 import graphprune
 from graphprune.errors import RecipeError, ScheduleError, UnsupportedArchitectureError
@@ -24,8 +25,13 @@ def tiny(family: str = "llama", seed: int = 0, kv_heads: int = 2, layers: int = 
     common = dict(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
                   num_key_value_heads=kv_heads, max_position_embeddings=256, pad_token_id=0, eos_token_id=1)
     cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-           "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[family]
-    extra = {"head_dim": 16} if family == "qwen3" else {}
+           "qwen3": (Qwen3Config, Qwen3ForCausalLM), "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM),
+           "mistral": (MistralConfig, MistralForCausalLM)}[family]
+    extra = {"head_dim": 16} if family in ("qwen3", "gemma3") else {}
+    if family == "gemma3":  # sliding-window layers (8 tokens) around a global one, each kind with its own RoPE
+        extra.update(sliding_window=8, layer_types=(["sliding_attention", "full_attention"] * layers)[:layers])
+    if family == "mistral":  # one sliding window (8 tokens) for every layer
+        extra["sliding_window"] = 8
     return cls[1](cls[0](**common, **extra)).eval()
 
 
@@ -50,9 +56,11 @@ def greedy(model, ids, mask=None, n=8):
 
 # -- exactness at full budget ------------------------------------------------------------------
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma3", "mistral"])
 @pytest.mark.parametrize("recipe", [*CACHE_RECIPES, "kivi", "fastgen", "pyramidinfer", "lazyllm"])
 def test_full_budget_reproduces_logits_step_by_step(family, recipe):
+    """Every policy at full budget equals the model, prompt and decoding steps (sliding windows too: Gemma 3's local
+    layers, Mistral's window)."""
     model = tiny(family)
     fast = graphprune.optimize(model, recipe, **{**SMALL.get(recipe, {}), **RECIPES[recipe].zero})
     ids = prompts()

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from transformers import (CLIPVisionConfig, Idefics3Config, Idefics3ForConditionalGeneration, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig,
-                          LlavaNextForConditionalGeneration, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+from transformers import (CLIPVisionConfig, Gemma3Config, Gemma3ForConditionalGeneration, Idefics3Config, Idefics3ForConditionalGeneration, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig,
+                          LlavaNextForConditionalGeneration, PaliGemmaConfig, PaliGemmaForConditionalGeneration,
+                          Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
                           Qwen2VLConfig, Qwen2VLForConditionalGeneration, SmolVLMConfig, SmolVLMForConditionalGeneration)
 
 import graphprune
@@ -47,6 +48,16 @@ class VLM:
                     "image_grid_thw": images["image_grid_thw"][i:i + 1]}
         return {k: v[i:i + 1] for k, v in images.items()}
 
+    def inputs(self, ids: torch.Tensor, images: dict, mask: torch.Tensor | None = None) -> dict:
+        return inputs(ids, images, mask, kind=self.kind)
+
+    def held(self, cache, layer: int, b: int = 0) -> set[int]:
+        """The sequence indices of the tokens ``layer`` holds (PaliGemma's own forward numbers positions from 1,
+        generate and graphprune from 0: counted from the first token's)."""
+        st = cache.layers[layer].storage
+        first = int(cache.layers[0].storage.pos[b, 0].min()) if self.kind == "paligemma" else 0
+        return set((st.pos[b, 0][st.valid[b, 0]] - first).tolist())
+
     def prompt(self, before: int, after: int, seed: int = 0) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed)
         text = torch.randint(2, 99, (before + after,), generator=g)
@@ -69,6 +80,21 @@ def tiny_vlm(kind: str) -> VLM:
             vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=64, window_size=8, fullatt_block_indexes=[1])
             model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids))
         return VLM(model.eval(), 16)
+    if kind in ("paligemma", "gemma3"):  # a SigLIP tower: 8×8 patches of 4 pixels
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                      patch_size=4)
+        text.update(head_dim=16)
+        if kind == "paligemma":  # Gemma; the image and the prompt are one bidirectional prefix; 64 image tokens
+            config = PaliGemmaConfig(text_config={**text, "model_type": "gemma"}, image_token_id=IMAGE,
+                                     vision_config={**vision, "projection_dim": 64}, projection_dim=64)
+            return VLM(PaliGemmaForConditionalGeneration(config).eval(), 64)
+        # Gemma 3: sliding-window layers (6 tokens) between global ones, each image bidirectional; 16 pooled tokens
+        text.update(model_type="gemma3_text", sliding_window=6, layer_types=["sliding_attention", "full_attention"] * 2)
+        config = Gemma3Config(text_config=text, vision_config=vision, image_token_id=IMAGE, boi_token_id=IMAGE + 2,
+                              eoi_token_id=IMAGE + 3, mm_tokens_per_image=16)
+        model = Gemma3ForConditionalGeneration(config).eval()
+        torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.5)  # (zeros at init)
+        return VLM(model, 16)
     if kind in ("idefics3", "smolvlm"):
         config = (Idefics3Config if kind == "idefics3" else SmolVLMConfig)(
             text_config={**text, "model_type": "llama"}, image_token_id=IMAGE, scale_factor=2,
@@ -92,14 +118,19 @@ def vlm(request):
     return tiny_vlm(request.param)
 
 
-def inputs(ids: torch.Tensor, images: dict, mask: torch.Tensor | None = None) -> dict:
-    """The model's keyword arguments: ids (B, T), pixel inputs, the attention mask; for Qwen2-VL the token types its
-    processor gives (1: image)."""
+def inputs(ids: torch.Tensor, images: dict, mask: torch.Tensor | None = None, prompt: int | None = None,
+           kind: str = "llava") -> dict:
+    """The model's keyword arguments: ids (B, T), pixel inputs, the attention mask; the token types the processor
+    gives: Qwen2-VL's and Gemma 3's (1: image), PaliGemma's (0: the prompt, its bidirectional prefix; 1: tokens after
+    ``prompt``, generated)."""
     out = {"input_ids": ids, **images}
     if mask is not None:
         out["attention_mask"] = mask
     if "image_grid_thw" in images:
         out["mm_token_type_ids"] = (ids == IMAGE).int()
+    elif kind in ("gemma3", "paligemma"):
+        out["token_type_ids"] = (ids == IMAGE).long() if kind == "gemma3" else \
+            (torch.arange(ids.shape[-1]) >= (prompt or ids.shape[-1])).long().expand_as(ids)
     return out
 
 
@@ -125,39 +156,42 @@ def test_zero_setting_reproduces_the_model(vlm, recipe):
         return
     fast = graphprune.optimize(vlm.model, recipe, **RECIPES[recipe].zero)
     ids, mask = batch(vlm.prompt(3, 5), vlm.prompt(1, 2, seed=1))
-    kw = inputs(ids, vlm.images(2), mask)
+    kw = vlm.inputs(ids, vlm.images(2), mask)
     with torch.no_grad():
         assert (fast(**kw).logits[:, -1] - vlm.model(**kw).logits[:, -1]).abs().max() <= 1e-5
         gen = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
         assert torch.equal(fast.generate(**kw, **gen), vlm.model.generate(**kw, **gen))
 
 
-def held(cache, layer: int, b: int = 0) -> set[int]:
-    st = cache.layers[layer].storage
-    return set(st.pos[b, 0][st.valid[b, 0]].tolist())
-
-
-def masked(model, ids, images: dict, gone: dict[int, set[int]], eager: bool = False):
+def masked(model, ids, images: dict, gone: dict[int, set[int]], eager: bool = False, prompt: int | None = None):
     """The oracle: the unmodified model (or its copy with eager attention), one sequence, with the tokens ``gone[l]``
-    left out of the attention of every layer from l on; its output (``eager``: with the attention maps)."""
+    left out of the attention of every layer from l on (the model's own mask otherwise: causal, sliding windows,
+    bidirectional image blocks); its output (``eager``: with the attention maps). ``prompt``: the prompt's length
+    (tokens after it were generated: PaliGemma's suffix)."""
     import copy
 
     if eager:
         model = copy.deepcopy(model)
         model.set_attn_implementation("eager")
     n = ids.shape[-1]
-    causal = torch.ones(n, n, dtype=torch.bool).tril()
     hooks = []
+
+    def hide(module, args, kwargs, out):
+        mask = kwargs["attention_mask"]
+        if mask is None:  # (SDPA's own causal mask)
+            mask = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
+        drop = torch.zeros(n, n, dtype=torch.bool)
+        drop[:, sorted(out)] = True
+        drop &= ~torch.eye(n, dtype=torch.bool)  # (a dropped row still sees itself; its output is never used)
+        mask = mask & ~drop if mask.dtype == torch.bool else mask.masked_fill(drop, torch.finfo(mask.dtype).min)
+        return args, {**kwargs, "attention_mask": mask}
+
     for i, layer in enumerate(model.get_decoder().layers):
         out = set().union(*(g for l, g in gone.items() if l <= i))
-        see = causal.clone()
-        see[:, sorted(out)] = False
-        see |= torch.eye(n, dtype=torch.bool)  # (a dropped row still sees itself; its output is never used)
-        mask = torch.zeros(n, n).masked_fill(~see, torch.finfo(torch.float32).min) if eager else see
         hooks.append(layer.register_forward_pre_hook(
-            lambda m, a, kw, mask=mask: (a, {**kw, "attention_mask": mask[None, None]}), with_kwargs=True))
+            lambda m, a, kw, out=out: hide(m, a, kw, out), with_kwargs=True))
     try:
-        return model(**inputs(ids[None], images), output_attentions=eager)
+        return model(**inputs(ids[None], images, prompt=prompt, kind=model.config.model_type), output_attentions=eager)
     finally:
         for h in hooks:
             h.remove()
@@ -177,13 +211,13 @@ def test_fastv_drops_the_papers_tokens_and_dropping_equals_masking(vlm, ratio, s
     fast = graphprune.optimize(vlm.model, "fastv", layer=k, ratio=ratio)
     ids, images = vlm.prompt(4, 6, seed), vlm.images(1, seed)
     with torch.no_grad():
-        out = fast(**inputs(ids[None], images), use_cache=True)
+        out = fast(**vlm.inputs(ids[None], images), use_cache=True)
         att = attention_of_last_token(vlm.model, ids, images, k - 1, {})
         image = (ids == IMAGE).nonzero().flatten().tolist()
         expected = set(image) - set(sorted(image, key=lambda i: -float(att[i]))[:round(len(image) * (1 - ratio))])
-        gone = held(out.cache, 0) - held(out.cache, k)
+        gone = vlm.held(out.cache, 0) - vlm.held(out.cache, k)
         assert gone == expected
-        assert held(out.cache, k - 1) == set(range(len(ids))) and held(out.cache, 3) == held(out.cache, k)
+        assert vlm.held(out.cache, k - 1) == set(range(len(ids))) and vlm.held(out.cache, 3) == vlm.held(out.cache, k)
         oracle = masked(vlm.model, ids, images, {k: gone}).logits[0, -1]
         assert (out.logits[0, -1] - oracle).abs().max() <= 1e-5
 
@@ -198,14 +232,14 @@ def test_pyramiddrop_drops_the_papers_tokens_and_dropping_equals_masking(vlm, ke
     ids, images = vlm.prompt(4, 6, seed), vlm.images(1, seed)
     bounds = layers or [1, 2, 3]  # a quarter, half and three quarters of 4 layers
     with torch.no_grad():
-        out = fast(**inputs(ids[None], images), use_cache=True)
+        out = fast(**vlm.inputs(ids[None], images), use_cache=True)
         image = set((ids == IMAGE).nonzero().flatten().tolist())
         gone: dict[int, set[int]] = {}
         for stage, s in enumerate(bounds, 1):
             att = attention_of_last_token(vlm.model, ids, images, s, gone)
             left = sorted(image - set().union(*gone.values()), key=lambda i: -float(att[i]))
             gone[s] = set(left[int(len(image) * keep ** stage):])
-            assert held(out.cache, s - 1) - held(out.cache, s) == gone[s], f"stage {stage}"
+            assert vlm.held(out.cache, s - 1) - vlm.held(out.cache, s) == gone[s], f"stage {stage}"
         oracle = masked(vlm.model, ids, images, gone).logits[0, -1]
         assert (out.logits[0, -1] - oracle).abs().max() <= 1e-5
 
@@ -219,14 +253,14 @@ def test_a_left_padded_batch_equals_each_sample_alone_and_generates(vlm, recipe)
     ids, mask = batch(*prompts)
     gen = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
     with torch.no_grad():
-        together = fast.generate(**inputs(ids, images, mask), **gen)[:, ids.shape[1]:]
-        first = fast(**inputs(ids, images, mask)).logits[:, -1]
+        together = fast.generate(**vlm.inputs(ids, images, mask), **gen)[:, ids.shape[1]:]
+        first = fast(**vlm.inputs(ids, images, mask)).logits[:, -1]
         for i, p in enumerate(prompts):
-            alone = fast(**inputs(p[None], vlm.one(images, i)), use_cache=True)
+            alone = fast(**vlm.inputs(p[None], vlm.one(images, i)), use_cache=True)
             assert (first[i] - alone.logits[0, -1]).abs().max() <= 1e-5
             assert alone.cache.slots()[3] < len(p)  # image tokens went
-            assert torch.equal(together[i], fast.generate(**inputs(p[None], vlm.one(images, i)), **gen)[0, len(p):])
-        sampled = fast.generate(**inputs(ids, images, mask), max_new_tokens=5, do_sample=True,
+            assert torch.equal(together[i], fast.generate(**vlm.inputs(p[None], vlm.one(images, i)), **gen)[0, len(p):])
+        sampled = fast.generate(**vlm.inputs(ids, images, mask), max_new_tokens=5, do_sample=True,
                                 pad_token_id=0)
     assert sampled.shape == (2, ids.shape[1] + 5)
 
@@ -259,23 +293,23 @@ def test_a_visual_recipe_composes_with_a_cache_policy(vlm):
     fastv = graphprune.optimize(vlm.model, "fastv", ratio=0.5)
     ids, images = vlm.prompt(4, 6), vlm.images(1)
     with torch.no_grad():
-        out = both(**inputs(ids[None], images), use_cache=True)
-        alone = fastv(**inputs(ids[None], images), use_cache=True)
+        out = both(**vlm.inputs(ids[None], images), use_cache=True)
+        alone = fastv(**vlm.inputs(ids[None], images), use_cache=True)
         assert torch.equal(out.logits[0, -1], alone.logits[0, -1])  # (the prompt pass attends before evicting)
         assert out.cache.slots() == [12] * 4 and alone.cache.slots()[0] == len(ids)
         for layer in (0, 2):  # snapkv's choice among the tokens each layer holds
-            assert held(out.cache, layer) <= held(alone.cache, layer)
-        tokens = both.generate(**inputs(ids[None], images), max_new_tokens=4, min_new_tokens=4, do_sample=False,
+            assert vlm.held(out.cache, layer) <= vlm.held(alone.cache, layer)
+        tokens = both.generate(**vlm.inputs(ids[None], images), max_new_tokens=4, min_new_tokens=4, do_sample=False,
                                pad_token_id=0)
     assert tokens.shape[1] == len(ids) + 4
     before = graphprune.optimize(vlm.model, ["divprune", "fastv"], keep=0.5, ratio=0.5)  # before and inside the LM
     with torch.no_grad():
-        slots = before(**inputs(ids[None], images), use_cache=True).cache.slots()
+        slots = before(**vlm.inputs(ids[None], images), use_cache=True).cache.slots()
     n = vlm.tokens
     assert slots == [len(ids) - n + n // 2] * 2 + [len(ids) - n + round(n // 2 * 0.5)] * 2
     three = graphprune.optimize(vlm.model, ["divprune", "fastv", "snapkv"], keep=0.5, ratio=0.5, budget=12, window=4)
     with torch.no_grad():
-        assert three(**inputs(ids[None], images), use_cache=True).cache.slots() == [12] * 4
+        assert three(**vlm.inputs(ids[None], images), use_cache=True).cache.slots() == [12] * 4
     with pytest.raises(RecipeError, match="both evict"):
         graphprune.optimize(vlm.model, ["snapkv", "h2o"])
     with pytest.raises(RecipeError, match="option window belongs to none"):
@@ -306,18 +340,19 @@ def test_divprune_keeps_the_papers_tokens_and_dropping_equals_masking(vlm, keep)
         features = vlm.model.model.get_image_features(**images, return_dict=True).pooler_output[0]
         image = (ids == IMAGE).nonzero().flatten()
         gone = set(image.tolist()) - {int(image[i]) for i in divprune_reference(features, keep)}
-        out = fast(**inputs(ids[None], images), use_cache=True)
-        assert held(out.cache, 0) == set(range(len(ids))) - gone
+        out = fast(**vlm.inputs(ids[None], images), use_cache=True)
+        assert vlm.held(out.cache, 0) == set(range(len(ids))) - gone
         assert out.cache.get_seq_length() == len(ids)  # decoding goes on at the full prompt's positions
         assert (out.logits[0, -1] - masked(vlm.model, ids, images, {0: gone}).logits[0, -1]).abs().max() <= 1e-5
         if vlm.kind.startswith("llava"):  # a positional call alike
             assert torch.equal(fast(ids[None], *images.values()).logits, out.logits)
-        got = fast.generate(**inputs(ids[None], images), max_new_tokens=4, min_new_tokens=4, do_sample=False,
+        got = fast.generate(**vlm.inputs(ids[None], images), max_new_tokens=4, min_new_tokens=4, do_sample=False,
                             pad_token_id=0, output_logits=True, return_dict_in_generate=True,
                             suppress_tokens=[IMAGE])  # (the oracle would read a generated placeholder as an image)
         seq = ids
         for t, logits in zip(got.sequences[0, len(ids):], got.logits):  # the oracle, step by step without a cache
-            assert (masked(vlm.model, seq, images, {0: gone}).logits[0, -1] - logits[0]).abs().max() <= 1e-5
+            assert (masked(vlm.model, seq, images, {0: gone}, prompt=len(ids)).logits[0, -1] - logits[0]).abs().max() \
+                <= 1e-5
             seq = torch.cat([seq, t[None]])
 
 
@@ -346,8 +381,8 @@ def test_divprune_renumbered_equals_the_model_without_the_dropped_tokens(vlm):
         without = without_dropped(vlm, ids, mask, images, 0.3)
         gen = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0, output_logits=True,
                    return_dict_in_generate=True)
-        expected = vlm.model.generate(**inputs(ids, images, without), **gen)
-        got = fast.generate(**inputs(ids, images, mask), **gen)
+        expected = vlm.model.generate(**vlm.inputs(ids, images, without), **gen)
+        got = fast.generate(**vlm.inputs(ids, images, mask), **gen)
         assert torch.equal(got.sequences, expected.sequences)
         for a, b in zip(got.logits, expected.logits):  # every step's logits
             assert (a - b).abs().max() <= 1e-5
@@ -406,7 +441,7 @@ def test_prumerge_merges_as_the_authors_code_and_equals_the_model_given_those_to
                    return_dict_in_generate=True)
         expected = vlm.model.generate(input_ids=short[None], mm_encoder_outputs={
             "image": BaseModelOutputWithPooling(pooler_output=[tokens])}, **gen)
-        got = fast.generate(**inputs(ids[None], images), **gen)
+        got = fast.generate(**vlm.inputs(ids[None], images), **gen)
         assert torch.equal(got.sequences[0, len(ids):], expected.sequences[0, len(short):])
         for a, b in zip(got.logits, expected.logits):
             assert (a - b).abs().max() <= 1e-4
@@ -423,21 +458,22 @@ def test_beam_search_keeps_each_beams_positions(vlm, positions):
     ids, mask = batch(*prompts)
     gen = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, num_beams=3)
     with torch.no_grad():
-        got = fast.generate(**inputs(ids, images, mask), **gen)
+        got = fast.generate(**vlm.inputs(ids, images, mask), **gen)
         if positions == "renumber":
             without = without_dropped(vlm, ids, mask, images, 0.3)
-            assert torch.equal(got, vlm.model.generate(**inputs(ids, images, without), **gen))
+            assert torch.equal(got, vlm.model.generate(**vlm.inputs(ids, images, without), **gen))
         else:  # each sequence alone, greedy beams alike
             for b, p in enumerate(prompts):
-                alone = fast.generate(**inputs(p[None], vlm.one(images, b)), **gen)
+                alone = fast.generate(**vlm.inputs(p[None], vlm.one(images, b)), **gen)
                 assert torch.equal(got[b, ids.shape[1]:], alone[0, len(p):])
 
 
-@pytest.mark.parametrize("kind", ["qwen2_5_vl", "idefics3", "smolvlm"])
+@pytest.mark.parametrize("kind", ["qwen2_5_vl", "idefics3", "smolvlm", "paligemma", "gemma3"])
 def test_more_vlms_are_reduced_alike(kind):
     """Qwen2.5-VL (windowed attention in its vision tower, Qwen2-VL's multimodal RoPE), Idefics3 and SmolVLM (sub-images,
-    pixel shuffle): the zero setting reproduces each, FastV and DivPrune equal masking, and a left-padded batch equals
-    each sample alone."""
+    pixel shuffle), PaliGemma (a bidirectional prefix) and Gemma 3 (bidirectional images, sliding-window layers): the
+    zero setting reproduces each, FastV and DivPrune equal masking (the model's own mask, less the dropped tokens),
+    and a left-padded batch equals each sample alone."""
     vlm = tiny_vlm(kind)
     test_zero_setting_reproduces_the_model(vlm, "divprune")
     test_fastv_drops_the_papers_tokens_and_dropping_equals_masking(vlm, 0.5, 0)
@@ -454,8 +490,8 @@ def test_qwen2_vl_decodes_outside_generate_at_generates_positions():
     fast = graphprune.optimize(vlm.model, "divprune", keep=0.3)
     ids, images = vlm.prompt(4, 6), vlm.images(1)
     with torch.no_grad():
-        expected = fast.generate(**inputs(ids[None], images), max_new_tokens=5, do_sample=False, pad_token_id=0)
-        out = fast(**inputs(ids[None], images), use_cache=True)
+        expected = fast.generate(**vlm.inputs(ids[None], images), max_new_tokens=5, do_sample=False, pad_token_id=0)
+        out = fast(**vlm.inputs(ids[None], images), use_cache=True)
         tokens = [int(out.logits[0, -1].argmax())]
         for _ in range(4):
             out = fast(input_ids=torch.tensor([tokens[-1:]]), cache=returned_cache(out), use_cache=True)

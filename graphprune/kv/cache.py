@@ -35,6 +35,8 @@ class Call:
     rows: Rows | None = None
     media: torch.Tensor | None = None
     images: torch.Tensor | None = None  # (B,) image and video tokens this forward brought in (with media and ids)
+    blocks: torch.Tensor | None = None  # (B, L) this forward's tokens' attention blocks: tokens of one block >= 0 see
+    # each other both ways (a prefix or an image: PaliGemma, Gemma 3); -1: causal. None: all causal
 
 
 class EvictingLayer(CacheLayerMixin):
@@ -44,11 +46,12 @@ class EvictingLayer(CacheLayerMixin):
     is_sliding = False
 
     def __init__(self, policy: CachePolicy, layer_idx: int, n_layers: int, inv_freq: torch.Tensor | None = None,
-                 call: Call | None = None, static: int | None = None):
+                 call: Call | None = None, static: int | None = None, window: int | None = None):
         self.is_initialized = False  # (CacheLayerMixin.__init__ would assign keys and values: they are the storage's)
         self.policy, self.layer_idx, self.n_layers, self.inv_freq = policy, layer_idx, n_layers, inv_freq
         self.call = Call() if call is None else call
         self.static = static
+        self.window = window  # a sliding-window layer's window (tokens a query sees, itself included); None: all
         self.storage: Slots = storage_for(policy, static)
         self.seen = 0  # tokens written so far, padding included (what HF calls the sequence length)
         self.prompt_len: int | None = None
@@ -89,7 +92,8 @@ class EvictingLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        type(self).__init__(self, self.policy, self.layer_idx, self.n_layers, self.inv_freq, self.call, self.static)
+        type(self).__init__(self, self.policy, self.layer_idx, self.n_layers, self.inv_freq, self.call, self.static,
+                            self.window)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -104,7 +108,7 @@ class EvictingLayer(CacheLayerMixin):
         self.storage.map(fn)
         if self.aux is not None:
             a = self.aux
-            self.aux = Aux(*(fn(t) for t in (a.hidden, a.pos, a.cos, a.sin)))
+            self.aux = Aux(*(fn(t) for t in (a.hidden, a.pos, a.rope)))
 
     # -- one attention call ----------------------------------------------------------------------
     @property
@@ -113,14 +117,16 @@ class EvictingLayer(CacheLayerMixin):
 
     def view(self, query: torch.Tensor, scaling: float, prefill: bool, pos: torch.Tensor, real: torch.Tensor | None) -> View:
         call, st = self.call, self.storage
-        rows, ids = call.rows, call.input_ids
-        ids = rows.ids if rows is not None else None if ids is None else ids[:, -query.shape[2]:]
+        rows, ids, n = call.rows, call.input_ids, query.shape[2]
+        ids = rows.ids if rows is not None else None if ids is None else ids[:, -n:]
+        blocks = rows.block if rows is not None else None if call.blocks is None else call.blocks[:, -n:]
         visual = None if call.media is None or ids is None or not self.policy.needs_images else \
             torch.isin(ids, call.media)
         return View(st, query, scaling, prefill=prefill, prompt_len=self.prompt_len, layer=self.layer_idx,
                     n_layers=self.n_layers, capacity=self.capacity, input_ids=ids, visual=visual, images=call.images,
                     inv_freq=self.inv_freq,
-                    query_pos=pos, query_real=real, selected=None if rows is None else rows.visible(st.pos[:, 0]))
+                    query_pos=pos, query_real=real, selected=None if rows is None else rows.visible(st.pos[:, 0]),
+                    window=self.window, blocks=blocks)
 
     def attend(self, module, query, attention_mask, scaling, dropout, kwargs):
         st, rows, b, n_new = self.storage, self.call.rows, query.shape[0], query.shape[2]
@@ -135,8 +141,9 @@ class EvictingLayer(CacheLayerMixin):
         if early is not None:  # these rows stop before this layer: its attention and cache leave them out
             self.stop(early, view)
             view.selected = rows.visible(st.pos[:, 0])
-        if prefill and (rows is None or not rows.moved) and early is None:  # the prompt: the model's own causal +
-            # padding mask, fused
+        if prefill and (rows is None or not rows.moved) and early is None and self.window is None:  # the prompt:
+            # the model's own mask, fused (a sliding window counts positions here: tokens left out before the
+            # language model keep theirs)
             out, _ = sdpa_attention_forward(module, query, st.keys, st.values, attention_mask,
                                             dropout=dropout, scaling=scaling, **kwargs)
         else:
@@ -145,7 +152,7 @@ class EvictingLayer(CacheLayerMixin):
                 mask = view.visible()[:, :, 0].clone()
                 own = torch.arange(n_new, device=mask.device)
                 mask[:, :, own, view.slots - n_new + own] = True
-            elif n_new > 1:
+            elif n_new > 1 or self.window is not None:
                 mask = view.visible()[:, :, 0]
             elif not st.all_real():  # one new token sees every real slot
                 mask = st.valid[:, :, None, :]
@@ -233,13 +240,14 @@ def _grouped_attention(query, keys, values, mask: torch.Tensor | None, scaling: 
 
 
 def real_tokens(mask, b, n, device) -> torch.Tensor:
-    """(B, N) bool: the prompt positions that hold real tokens, read from the model's 4-D mask."""
+    """(B, N) bool: the prompt positions that hold real tokens, read from the model's 4-D mask (a real token sees
+    itself, padding sees nothing; in every kind of mask: causal, sliding window, bidirectional blocks)."""
     if mask is None:
         return torch.ones(b, n, dtype=torch.bool, device=device)
-    last = mask[:, 0, -1, -n:]  # the last query sees every real token of its sequence
-    if last.dtype != torch.bool:
-        last = last > torch.finfo(last.dtype).min / 2
-    return last.expand(b, n)
+    own = mask[:, 0, -n:, -n:].diagonal(dim1=-2, dim2=-1)
+    if own.dtype != torch.bool:
+        own = own > torch.finfo(own.dtype).min / 2
+    return own.expand(b, n)
 
 
 def _positions(kwargs, b, n, device) -> torch.Tensor:
@@ -255,18 +263,21 @@ def _positions(kwargs, b, n, device) -> torch.Tensor:
 class EvictingCache(Cache):
     """A KV cache whose layers evict by a cache policy (see :mod:`graphprune.kv.policy`)."""
 
-    def __init__(self, policy: CachePolicy, n_layers: int, inv_freq: torch.Tensor | None = None, static: int | None = None,
-                 media: tuple[int, ...] = ()):
+    def __init__(self, policy: CachePolicy, n_layers: int, inv_freq: tuple[torch.Tensor | None, ...] = (),
+                 static: int | None = None, media: tuple[int, ...] = (), windows: tuple[int | None, ...] = ()):
+        """``inv_freq``, ``windows``: each layer's RoPE frequencies and sliding window (default: none)."""
         self.call = Call(media=torch.tensor(media) if media else None)
-        super().__init__(layers=[EvictingLayer(policy, i, n_layers, inv_freq, self.call, static) for i in range(n_layers)])
+        inv_freq, windows = inv_freq or (None,) * n_layers, windows or (None,) * n_layers
+        super().__init__(layers=[EvictingLayer(policy, i, n_layers, inv_freq[i], self.call, static, windows[i])
+                                 for i in range(n_layers)])
         self.policy = policy
         self.shift: torch.Tensor | None = None  # (B,) positions the prompt closed up over image tokens left out before
         # the language model (a policy that renumbers): later calls' positions, counted over the whole prompt, move down
 
-    def begin(self, input_ids: torch.Tensor | None) -> None:
-        """A new forward starts: its token ids; no prompt rows chosen yet."""
+    def begin(self, input_ids: torch.Tensor | None, blocks: torch.Tensor | None = None) -> None:
+        """A new forward starts: its token ids and attention blocks (see :class:`Call`); no prompt rows chosen yet."""
         call = self.call
-        call.input_ids, call.rows = input_ids, None
+        call.input_ids, call.rows, call.blocks = input_ids, None, blocks
         if call.media is not None and input_ids is not None and self.policy.needs_images:
             call.media = call.media.to(input_ids.device)  # (once: the model's device)
             call.images = torch.isin(input_ids, call.media).sum(-1)

@@ -113,7 +113,8 @@ def reduce_images(model, policy: CachePolicy, image_token: int, kwargs: dict) ->
     out.update(input_ids=ids.gather(1, order).masked_fill(~real, 0 if pad is None else pad),
                attention_mask=new_mask, position_ids=new_pos,
                mm_encoder_outputs={**(kwargs.get("mm_encoder_outputs") or {}),
-                                   "image": dataclasses.replace(encoded, pooler_output=kept)},
+                                   "image": dataclasses.replace(encoded, pooler_output=kept if isinstance(
+                                       encoded.pooler_output, (list, tuple)) else torch.cat(kept))},
                pixel_values=None)
     out.pop("cache_position", None)
     return out, ids.shape[1] - length, (~keep).sum(-1)

@@ -19,8 +19,9 @@ import torch
 from graphprune.errors import RecipeError, UnsupportedArchitectureError
 from graphprune.kv.policy import CachePolicy
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # rotate-half RoPE, cache.update + attention interface
-VLMS = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm")  # image placeholders in input_ids before a language model
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text")  # rotate-half RoPE, cache.update +
+# attention interface
+VLMS = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "paligemma", "gemma3")  # image placeholders in input_ids before a language model
 MROPE = {"qwen2_vl": "qwen2_vl_text", "qwen2_5_vl": "qwen2_5_vl_text"}  # VLMs whose language model (a Qwen2 with
 # multimodal RoPE) rotates by 3-D positions: see graphprune.kv.mrope
 
@@ -34,10 +35,11 @@ class DecoderInfo:
     q_heads: int
     kv_heads: int
     head_dim: int
-    inv_freq: torch.Tensor | None
+    inv_freq: tuple[torch.Tensor | None, ...]  # each layer's RoPE frequencies (Gemma 3: local and global differ)
     media: tuple[int, ...] = ()  # a vision-language model's image and video placeholder ids (empty: text only)
     mrope: bool = False  # positions are the four rows of multimodal RoPE (graphprune.kv.mrope)
     class_token: bool = False  # each image is one grid of patches after the vision tower's class token (LLaVA-1.5)
+    windows: tuple[int | None, ...] = ()  # each layer's sliding window (None: full attention)
 
 
 def is_decoder_lm(model) -> bool:
@@ -68,11 +70,17 @@ def analyze_decoder(model) -> DecoderInfo:
     layers = getattr(model.get_decoder(), "layers", None)
     if layers is None:
         raise UnsupportedArchitectureError(f"cannot find the decoder layers of this '{family}' model")
-    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
-    if kinds != {"full_attention"}:
-        raise UnsupportedArchitectureError(
-            f"this model has {', '.join(sorted(kinds - {'full_attention'}))} layers; KV eviction supports full-attention "
-            "layers only (disable the sliding window in the config if the prompts fit in it)")
+    types = getattr(config, "layer_types", None) or [  # (Mistral: one sliding window for every layer, when set)
+        "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"] * len(layers)
+    other = set(types) - {"full_attention", "sliding_attention"}
+    if other:
+        raise UnsupportedArchitectureError(f"this model has {', '.join(sorted(other))} layers; KV eviction supports "
+                                           "full-attention and sliding-window layers")
+    both_ways = getattr(config, "use_bidirectional_attention", False) and outer.model_type != "paligemma"  # (PaliGemma
+    # sets it on its language model; its mask makes only the prefix bidirectional: attention_blocks)
+    if getattr(config, "attn_logit_softcapping", None) is not None or both_ways:
+        raise UnsupportedArchitectureError(f"this '{family}' model soft-caps its attention logits or attends both ways; "
+                                           "graphprune's fused attention does neither")
     sites = [getattr(layer, "self_attn", None) for layer in layers]
     for i, attn in enumerate(sites):
         if attn is None or not all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
@@ -80,12 +88,27 @@ def analyze_decoder(model) -> DecoderInfo:
         if getattr(attn, "layer_idx", i) != i:
             raise UnsupportedArchitectureError(f"layer {i}'s attention is numbered {attn.layer_idx}")
     rope = getattr(model.get_decoder(), "rotary_emb", None)
+    inv_freq = tuple(getattr(rope, "inv_freq", getattr(rope, f"{t}_inv_freq", None)) for t in types)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return DecoderInfo(family, len(layers), config.num_attention_heads,
                        getattr(config, "num_key_value_heads", None) or config.num_attention_heads, head_dim,
-                       getattr(rope, "inv_freq", None), media, mrope,
+                       inv_freq, media, mrope,
                        outer.model_type == "llava" and isinstance(getattr(outer, "vision_feature_layer", None), int)
-                       and getattr(outer, "vision_feature_select_strategy", None) == "default")
+                       and getattr(outer, "vision_feature_select_strategy", None) == "default",
+                       tuple(config.sliding_window if t == "sliding_attention" else None for t in types))
+
+
+def attention_blocks(model_type: str, token_type_ids: torch.Tensor) -> torch.Tensor | None:
+    """(B, L) the prompt's attention blocks as the model builds its mask from ``token_type_ids`` (tokens of one block
+    >= 0 see each other both ways, -1: causal): PaliGemma's prefix (type 0: image and prompt) is one block, each of
+    Gemma 3's images is one; None for other models."""
+    if model_type == "paligemma":
+        return torch.where(token_type_ids == 0, 0, -1)
+    if model_type == "gemma3":
+        from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
+
+        return get_block_sequence_ids_for_mask(token_type_ids)
+    return None
 
 
 @dataclass
@@ -117,7 +140,8 @@ class Decoder:
         """An empty :class:`~graphprune.kv.cache.EvictingCache`; ``static``: a fixed slot count (capacity + static)."""
         from graphprune.kv.cache import EvictingCache
 
-        return EvictingCache(self.policy, self.info.n_layers, self.info.inv_freq, static, self.info.media)
+        info = self.info
+        return EvictingCache(self.policy, info.n_layers, info.inv_freq, static, info.media, info.windows)
 
 
 def _evicting_class(base: type, setup: Decoder) -> type:
@@ -161,7 +185,9 @@ def _evicting_class(base: type, setup: Decoder) -> type:
             if lost is None and shift is not None and kwargs.get("position_ids") is not None:
                 kwargs["position_ids"] = kwargs["position_ids"] - shift[:, None]  # (renumbered: counted without them)
         if isinstance(cache, EvictingCache):
-            cache.begin(kwargs.get("input_ids", bound.get("input_ids")))
+            types = kwargs.get("token_type_ids", bound.get("token_type_ids"))
+            blocks = None if types is None or cache.get_seq_length() else attention_blocks(self.config.model_type, types)
+            cache.begin(kwargs.get("input_ids", bound.get("input_ids")), blocks)
         out = forward(self, *args, **kwargs)
         if skipped and isinstance(cache, EvictingCache):
             if setup.policy.renumbers():

@@ -20,6 +20,7 @@ PyramidInfer and LazyLLM run on this stage.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -35,8 +36,9 @@ class Rows:
     new: torch.Tensor  # (B, R) bool: a token this forward brought in (not revived)
     n_new: int  # tokens this forward brought in
     ids: torch.Tensor  # (B, R) token id of each row (-1: unknown, a revived row or a call without ids)
-    cos: torch.Tensor  # (B, R, D) the rotary embedding of each row (any kind of RoPE: multimodal rotates by 3-D
-    sin: torch.Tensor  # positions, which ``pos`` does not hold)
+    rope: torch.Tensor  # (B, R, K, 2, D) each row's rotary embedding (cos, sin) of each of the model's K kinds (Gemma 3:
+    # local and global layers); any kind of RoPE (multimodal rotates by 3-D positions, which ``pos`` does not hold)
+    block: torch.Tensor  # (B, R) each row's attention block (see Call.blocks; -1: causal)
     stopped: torch.Tensor | None = None  # (B, T) bool by position: tokens a layer stopped (None: none yet)
     drop: torch.Tensor | None = None  # (B, R) bool: rows the current layer stopped
     moved: bool = False  # the rows differ from the forward's input rows
@@ -64,16 +66,15 @@ class Rows:
 @dataclass
 class Aux:
     """Hidden states of the rows a layer stopped, for revival: ``hidden`` (B, A, C), ``pos`` (B, A) (-1: padding),
-    and their rotary embeddings ``cos``, ``sin`` (B, A, D)."""
+    and their rotary embeddings ``rope`` (B, A, K, 2, D)."""
 
     hidden: torch.Tensor
     pos: torch.Tensor
-    cos: torch.Tensor
-    sin: torch.Tensor
+    rope: torch.Tensor
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.hidden, self.cos, self.sin))
+        return sum(t.numel() * t.element_size() for t in (self.hidden, self.rope))
 
 
 def by_position(pos: torch.Tensor, flag: torch.Tensor, size: int) -> torch.Tensor:
@@ -100,12 +101,12 @@ def stash(layer, which: torch.Tensor, rows: Rows, hidden: torch.Tensor) -> None:
     """Append the hidden states of rows ``which`` (B, R) to ``layer``'s Aux store."""
     if not bool(which.any()):
         return
-    real, *new = compact(which, rows.pos, hidden, rows.cos, rows.sin)
-    new[0] = new[0].masked_fill(~real, -1)
+    real, pos, hidden, rope = compact(which, rows.pos, hidden, rows.rope)
+    pos = pos.masked_fill(~real, -1)
     if layer.aux is not None:
         old = layer.aux
-        new = [torch.cat([a, b], 1) for a, b in zip((old.pos, old.hidden, old.cos, old.sin), new)]
-    layer.aux = Aux(hidden=new[1], pos=new[0], cos=new[2], sin=new[3])
+        hidden, pos, rope = (torch.cat([a, b], 1) for a, b in zip((old.hidden, old.pos, old.rope), (hidden, pos, rope)))
+    layer.aux = Aux(hidden, pos, rope)
 
 
 def revive(rows: Rows, layer, below, first, hidden: torch.Tensor) -> torch.Tensor:
@@ -133,12 +134,12 @@ def revive(rows: Rows, layer, below, first, hidden: torch.Tensor) -> torch.Tenso
     if bool((real & (found < 0)).any()):
         raise RuntimeError(f"graphprune: a selected token has neither keys and values nor an Aux entry at layer "
                            f"{layer.layer_idx}")
-    back = [_gather(t, found.clamp(min=0)) for t in (below.aux.hidden, below.aux.cos, below.aux.sin)]
-    rows.real, rows.pos, rows.new, rows.ids, hidden, rows.cos, rows.sin = compact(
+    back, rope = (_gather(t, found.clamp(min=0)) for t in (below.aux.hidden, below.aux.rope))
+    rows.real, rows.pos, rows.new, rows.ids, rows.block, hidden, rows.rope = compact(
         torch.cat([rows.real, real], 1), torch.cat([rows.pos, pos], 1),
         torch.cat([rows.new, torch.zeros_like(real)], 1), torch.cat([rows.ids, torch.full_like(pos, -1)], 1),
-        torch.cat([hidden, back[0].to(hidden.dtype)], 1), torch.cat([rows.cos, back[1]], 1),
-        torch.cat([rows.sin, back[2]], 1))
+        torch.cat([rows.block, torch.full_like(pos, -1)], 1), torch.cat([hidden, back.to(hidden.dtype)], 1),
+        torch.cat([rows.rope, rope], 1))
     rows.moved = True
     return hidden
 
@@ -148,7 +149,20 @@ def install(model, revives: bool) -> None:
     from graphprune.kv.cache import cache_in, real_tokens
 
     decoder = model.get_decoder()
-    layers = decoder.layers
+    layers, rotary = decoder.layers, decoder.rotary_emb
+    # the model's kinds of rotary embedding: one, or one per layer type (Gemma 3 rotates local and global layers apart)
+    types = getattr(decoder.config, "layer_types", None)
+    kinds = sorted(set(types)) if types and "layer_type" in inspect.signature(rotary.forward).parameters else [None]
+    kind = [0 if kinds == [None] else kinds.index(t) for t in (types or [None] * len(layers))]
+
+    def embeddings(hidden, kwargs, b, n) -> torch.Tensor:
+        """(B, n, K, 2, D): the forward's tokens' rotary embeddings of every kind."""
+        if kinds == [None]:
+            pairs = [kwargs["position_embeddings"]]
+        else:
+            pairs = [rotary(hidden, kwargs["position_ids"], t) for t in kinds]
+        return torch.stack([torch.stack([t.expand(b, n, t.shape[-1]) for t in pair], 2) for pair in pairs], 2)
+
     last = len(layers) - 1
 
     def before(module, args, kwargs):
@@ -164,8 +178,9 @@ def install(model, revives: bool) -> None:
                 else torch.ones(b, n, dtype=torch.bool, device=hidden.device)
             ids = cache.call.input_ids
             ids = torch.full_like(pos, -1) if ids is None else ids[:, -n:].to(pos.device).expand(b, n)
-            cos, sin = (t.expand(b, n, t.shape[-1]) for t in kwargs["position_embeddings"])
-            cache.call.rows = Rows(pos, real, torch.ones_like(real), n, ids, cos, sin)
+            blocks = cache.call.blocks
+            blocks = torch.full_like(pos, -1) if blocks is None else blocks[:, -n:].to(pos.device).expand(b, n)
+            cache.call.rows = Rows(pos, real, torch.ones_like(real), n, ids, embeddings(hidden, kwargs, b, n), blocks)
         rows = cache.call.rows
         if revives and idx > 0:
             hidden = revive(rows, cache.layers[idx], cache.layers[idx - 1], cache.layers[0], hidden)
@@ -173,7 +188,8 @@ def install(model, revives: bool) -> None:
             return None
         kwargs = dict(kwargs)  # the rows are no longer the model's: their own positions; the layer masks by position
         kwargs.pop("hidden_states", None)
-        kwargs["position_embeddings"] = (rows.cos, rows.sin)
+        rope = rows.rope[:, :, kind[idx]]
+        kwargs["position_embeddings"] = (rope[:, :, 0], rope[:, :, 1])
         kwargs["position_ids"] = rows.pos
         kwargs["attention_mask"] = None
         return (hidden, *args[1:]), kwargs
@@ -193,8 +209,8 @@ def install(model, revives: bool) -> None:
             keep = keep & rows.new
         if bool(keep.all()):
             return None
-        rows.real, rows.pos, rows.new, rows.ids, hidden, rows.cos, rows.sin = compact(
-            keep, rows.pos, rows.new, rows.ids, hidden, rows.cos, rows.sin)
+        rows.real, rows.pos, rows.new, rows.ids, rows.block, hidden, rows.rope = compact(
+            keep, rows.pos, rows.new, rows.ids, rows.block, hidden, rows.rope)
         rows.moved = True
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 

@@ -29,18 +29,22 @@ class View:
     image or video tokens of a vision-language model (None: a text-only model), and ``images`` (B,) how many image and
     video tokens the forward brought in (before any was dropped); ``selected`` (B, N) (or None) the
     slots whose tokens no lower layer stopped in this forward (the prompt-rows stage): attention sees only those.
+    ``window``: a sliding-window layer's window (a query sees the tokens less than that far back; None: all);
+    ``blocks`` (B, L) the new tokens' attention blocks (tokens of one block >= 0 see each other both ways; None: all
+    causal).
     """
 
     def __init__(self, storage: Slots, queries: torch.Tensor, scaling: float, *, prefill: bool, prompt_len: int,
                  layer: int, n_layers: int, capacity: int | None, input_ids: torch.Tensor | None,
                  inv_freq: torch.Tensor | None, query_pos: torch.Tensor, query_real: torch.Tensor | None,
                  selected: torch.Tensor | None = None, visual: torch.Tensor | None = None,
-                 images: torch.Tensor | None = None):
+                 images: torch.Tensor | None = None, window: int | None = None, blocks: torch.Tensor | None = None):
         self._storage = storage
         self.queries, self.scaling, self.prefill, self.prompt_len = queries, scaling, prefill, prompt_len
         self.layer, self.n_layers, self.capacity = layer, n_layers, capacity
         self.input_ids, self.visual, self.images, self.inv_freq = input_ids, visual, images, inv_freq
         self.query_pos, self.selected, self._query_real = query_pos, selected, query_real
+        self.window, self.blocks = window, blocks
 
     @property
     def query_real(self) -> torch.Tensor:
@@ -98,9 +102,9 @@ class View:
 
     # -- attention, computed from q and k ------------------------------------------------------------
     def visible(self, start: int = 0, stop: int | None = None, q_len: int | None = None) -> torch.Tensor:
-        """(B, Hkv, 1, rows, N) bool: the real, selected slots each query row ``start:stop`` sees, causal by position.
-        ``q_len``: the rows are queries of the newest ``q_len`` tokens (default: this call's rows, padding rows see
-        nothing)."""
+        """(B, Hkv, 1, rows, N) bool: the real, selected slots each query row ``start:stop`` sees, causal by position
+        (within the layer's window; both ways within an attention block). ``q_len``: the rows are queries of the
+        newest ``q_len`` tokens (default: this call's rows, padding rows see nothing)."""
         q_len = self.n_new if q_len is None else q_len
         stop = q_len if stop is None else stop
         slot_pos, see = self.positions[:, :, None, :], self.valid[:, :, None, :]
@@ -109,7 +113,15 @@ class View:
             see = see & self.query_real[:, None, start:stop, None]
         else:  # the newest q_len tokens have consecutive positions
             row_pos = (self.newest() - q_len + 1 + torch.arange(start, stop, device=slot_pos.device))[..., None]
-        see = see & (slot_pos <= row_pos)
+        order = slot_pos <= row_pos
+        if self.blocks is not None and q_len == self.n_new:  # the new tokens are the last slots
+            slot_block = torch.full_like(self.valid[:, 0], -1)
+            slot_block[:, self.slots - self.n_new:] = self.blocks
+            row_block = self.blocks[:, None, start:stop, None]
+            order = order | ((row_block == slot_block[:, None, None, :]) & (row_block >= 0))
+        see = see & order
+        if self.window is not None:
+            see = see & (slot_pos > row_pos - self.window)
         if self.selected is not None:
             see = see & self.selected[:, None, None, :]
         return see[:, :, None]

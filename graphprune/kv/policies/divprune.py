@@ -22,8 +22,7 @@ from graphprune.recipes.base import option, register
 
 def max_min_diverse(features: torch.Tensor, k: int) -> torch.Tensor:
     """Greedy max–min diversity: sorted indices (k,) of ``features`` (n, C) under cosine distance."""
-    x = features.float()
-    x = x / x.norm(dim=-1, keepdim=True)
+    x = torch.nn.functional.normalize(features.float(), dim=-1)  # (a zero token: distance 1 to every token)
     dist = 1 - x @ x.T
     nearest = dist.topk(2, dim=0, largest=False).values[1]  # (the smallest is a token's distance to itself)
     chosen = [int(nearest.argmax())]
