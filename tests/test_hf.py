@@ -29,7 +29,9 @@ def test_zero_reduction_reproduces_original(key):
             assert max_abs_diff(fast(*x), expected) <= 1e-5, recipe
 
 
-CASES = [(key, r, o) for key in sorted(HF) for r, o, _ in RECIPES]
+CASES = [(key, r, o) if r == "tome" or key in ("bert", "deit_distilled", "siglip_vision", "vit_classifier") else
+         pytest.param(key, r, o, marks=pytest.mark.slow) for key in sorted(HF) for r, o, _ in RECIPES]  # (EViT on four
+# families by default, on the others in the slow run: .ci/run)
 # padding is the hardest case: every recipe on BERT (ATC and the k-th split, whose ops are exported on timm
 # families too, only in the slow run, for time)
 CASES += [("bert", r, o) for r, o, _ in MORE if r != "atc" and o.get("split") != "kth"]
