@@ -225,6 +225,8 @@ class BenchResult:
     fidelity: dict = field(default_factory=dict)
     peak_memory_mb: Optional[float] = None
     baseline_peak_memory_mb: Optional[float] = None
+    prefill_ms: Optional[float] = None  # decoders: the prompt pass (time to first token; vision tower included)
+    baseline_prefill_ms: Optional[float] = None
 
     @property
     def label(self) -> str:

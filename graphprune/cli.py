@@ -20,6 +20,9 @@ err_console = Console(stderr=True)
 console = Console()
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
 def _fail(message: str) -> None:
     err_console.print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(code=2)
@@ -123,8 +126,9 @@ def load_weights(model, name: str, weights: Path) -> None:
 
 
 def load_hf_decoder(path: Path):
-    """A Hugging Face causal LM from a local folder (config.json + safetensors) or a .gguf file."""
-    from transformers import AutoModelForCausalLM
+    """A Hugging Face causal LM (or vision-language model) from a local folder (config.json + safetensors) or a .gguf
+    file."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     if not path.exists():
         _fail(f"no such file: {path}")
@@ -133,10 +137,49 @@ def load_hf_decoder(path: Path):
             import torch
 
             return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
-        return AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True).eval()
+        vision = hasattr(AutoConfig.from_pretrained(str(path)), "vision_config")
+        auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+        return auto.from_pretrained(str(path), use_safetensors=True).eval()
     except Exception as err:  # noqa: BLE001
-        _fail(f"cannot load a causal LM from {path} (a folder with config.json and .safetensors weights, or a .gguf "
-              f"file): {first_line(err)}")
+        _fail(f"cannot load a causal LM or vision-language model from {path} (a folder with config.json and "
+              f".safetensors weights, or a .gguf file): {first_line(err)}")
+
+
+def is_vlm(net) -> bool:
+    return hasattr(getattr(net, "config", None), "vision_config")
+
+
+def image_prompts(model: str, data: Optional[Path], batch: int) -> tuple:
+    """A vision-language model's prompts, from its processor: ``batch`` images (the first of --data, a folder of
+    images; else random pixels) each with one question, left-padded. Returns (input_ids, attention_mask, the other
+    inputs)."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(model)
+    except Exception as err:  # noqa: BLE001
+        _fail(f"cannot load the processor of {model} (its images and prompts are built with it): {first_line(err)}")
+    if data is not None:
+        if not data.is_dir():
+            _fail(f"--data for a vision-language model is a folder of images; {data} is not a folder")
+        files = sorted(p for p in data.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if len(files) < batch:
+            _fail(f"{data} has {len(files)} images; --batch {batch} needs {batch}")
+        images = [Image.open(p).convert("RGB") for p in files[:batch]]
+    else:
+        g = np.random.default_rng(0)
+        images = [Image.fromarray((g.random((336, 336, 3)) * 255).astype("uint8")) for _ in range(batch)]
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image in detail."}]}]
+    try:
+        text = processor.apply_chat_template(chat, add_generation_prompt=True)
+    except Exception as err:  # noqa: BLE001
+        _fail(f"the processor of {model} has no usable chat template: {first_line(err)}")
+    processor.tokenizer.padding_side = "left"
+    out = dict(processor(images=images, text=[text] * batch, return_tensors="pt", padding=True))
+    ids, mask = out.pop("input_ids"), out.pop("attention_mask")
+    return ids, mask, out
 
 
 def load_tokenizer(spec: str):
@@ -353,7 +396,9 @@ def export_decoder(net, model: str, recipe: str, options: dict, target: str, out
 
     if target == "trt":
         _fail("decoder LLMs export to ONNX (--target onnx); build the TensorRT engine from decode.onnx")
-    ids, _ = text_batches(model, None, net.config.vocab_size, batch, prompt_len, 1)
+    if target == "onnx" and is_vlm(net):
+        _fail("vision-language models do not export to ONNX yet; --target eager writes the recipe as a schedule")
+    ids, _ = text_batches(model, None, net.config.get_text_config().vocab_size, batch, prompt_len, 1)
     with console.status(f"optimizing {model} with {recipe}…"):
         result = graphprune.optimize(net, recipe, target=target, output=output if target == "onnx" else None,
                                      example_inputs=ids, max_new_tokens=new_tokens, **options)
@@ -380,7 +425,7 @@ def load_data(path: Path, net, input_size: Optional[str]):
     if path.is_dir():
         from PIL import Image
 
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp"))
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             _fail(f"{path} holds no images (.png, .jpg, .jpeg, .bmp, .webp)")
         c, h, w = example_inputs(net, 1, input_size)[0].shape[1:]
@@ -441,7 +486,7 @@ def bench(
     rounds: Annotated[int, typer.Option("--rounds", min=1, help="interleaved timing rounds (after warm-up)")] = 10,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="warm-up rounds")] = 2,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="torch / ORT threads (default: torch's)")] = None,
-    data: Annotated[Optional[Path], typer.Option("--data", help="fidelity inputs: a folder of images or a tensor file (default: random inputs)")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="fidelity inputs: a folder of images or a tensor file; decoder LLMs: a text file; vision-language models: a folder of images (default: random inputs)")] = None,
     labels: Annotated[Optional[Path], typer.Option("--labels", help="labels of --data (.npy or integers): adds accuracy")] = None,
     table_out: Annotated[Optional[Path], typer.Option("--table", help="write the table as Markdown")] = None,
     plot_out: Annotated[Optional[Path], typer.Option("--plot", help="write a PNG of speedup against fidelity")] = None,
@@ -489,10 +534,18 @@ def bench(
 
             if target != "eager":
                 _fail("decoder LLMs are benchmarked in eager mode (their ONNX export is checked token for token by export)")
-            ids, targets = text_batches(model, data, net.config.vocab_size, batch, prompt_len, new_tokens)
-            console.print(f"benchmarking {model}: {len(variants)} variant(s) against the full cache, batch {batch}, "
-                          f"{prompt_len}-token prompts, {new_tokens} decode steps")
-            results = kb.bench_decoder(net, variants, ids, targets=targets, new_tokens=new_tokens, rounds=rounds, warmup=warmup)
+            if is_vlm(net):  # one image and a question per prompt, through the model's processor
+                ids, mask, extra = image_prompts(model, data, batch)
+                targets = None
+                console.print(f"benchmarking {model}: {len(variants)} variant(s) against the unmodified model, batch "
+                              f"{batch}, one image and {ids.shape[1]} tokens per prompt, {new_tokens} decode steps")
+            else:
+                (ids, targets), mask, extra = text_batches(model, data, net.config.get_text_config().vocab_size, batch,
+                                                           prompt_len, new_tokens), None, None
+                console.print(f"benchmarking {model}: {len(variants)} variant(s) against the full cache, batch {batch}, "
+                              f"{prompt_len}-token prompts, {new_tokens} decode steps")
+            results = kb.bench_decoder(net, variants, ids, mask, targets=targets, new_tokens=new_tokens, rounds=rounds,
+                                       warmup=warmup, inputs=extra)
             return _write_bench(results, model, target, batch, rounds, data, json_out, table_out, plot_out,
                                 kb.table, kb.markdown, metric="top1_agreement")
         net, timed, fid_data = model_and_batches(model, weights, trust_pickle, batch, input_size, data, net=net)

@@ -4,6 +4,7 @@ positions), Idefics3 and SmolVLM models."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import pytest
@@ -497,3 +498,54 @@ def test_qwen2_vl_decodes_outside_generate_at_generates_positions():
             out = fast(input_ids=torch.tensor([tokens[-1:]]), cache=returned_cache(out), use_cache=True)
             tokens.append(int(out.logits[0, -1].argmax()))
     assert expected[0, len(ids):].tolist() == tokens
+
+
+def saved_llava(folder):
+    """A tiny LLaVA folder as the Hub has them: config, safetensors weights, and a processor (a word-level tokenizer
+    with an <image> token, a 32-pixel CLIP image processor, a chat template)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    tiny_vlm("llava").model.save_pretrained(folder)
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{f"w{i}": i for i in range(3, IMAGE)}, "<image>": IMAGE}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                        extra_special_tokens={"image_token": "<image>"})
+    template = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> {% else %}"
+                "w7 w8 w9 {% endif %}{% endfor %}{% endfor %}w10")
+    LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                   tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
+                   num_additional_image_tokens=1, chat_template=template).save_pretrained(folder)
+    return folder
+
+
+def test_cli_exports_and_benches_a_vlm_folder(tmp_path):
+    """graphprune-cli on a VLM folder: export writes the recipe as a schedule (ONNX is refused with the reason), bench
+    builds image prompts with the model's processor (random pixels, or a folder of images) and reports time to first
+    token, decode speed, cache memory and fidelity."""
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from graphprune.cli import app
+
+    folder, runner = saved_llava(tmp_path / "llava"), CliRunner()
+    res = runner.invoke(app, ["export", str(folder), "--recipe", "fastv", "-O", "ratio=0.75", "-o", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    fast = graphprune.optimize(tiny_vlm("llava").model, schedule=tmp_path / "out" / "schedule.json")
+    assert fast.report.recipe == "fastv" and fast.report.options["ratio"] == 0.75
+    res = runner.invoke(app, ["export", str(folder), "--recipe", "fastv", "--target", "onnx", "-o", str(tmp_path / "x")])
+    assert res.exit_code != 0 and "do not export to ONNX yet" in res.output
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(2):
+        Image.new("RGB", (40 + 8 * i, 32), (60 * i, 90, 200)).save(images / f"{i}.png")
+    for data in ([], ["--data", str(images)]):
+        res = runner.invoke(app, ["bench", str(folder), "--recipe", "divprune", "--sweep", "keep=1.0,0.25", "--batch",
+                                  "2", "--rounds", "1", "--warmup", "0", "--new-tokens", "4", "--json",
+                                  str(tmp_path / "b.json"), *data])
+        assert res.exit_code == 0, res.output
+        rows = json.loads((tmp_path / "b.json").read_text())["results"]
+        assert [r["options"]["keep"] for r in rows] == [1.0, 0.25]
+        assert rows[0]["fidelity"]["top1_agreement"] == 1.0 and rows[0]["fidelity"]["cache_ratio"] == 1.0
+        assert rows[1]["fidelity"]["cache_ratio"] < 0.6 and rows[1]["prefill_ms"] > 0 and rows[1]["baseline_prefill_ms"] > 0
