@@ -16,6 +16,7 @@ from graphprune.exporters.onnx import export_onnx
 from graphprune.exporters.trt import write_trt_build
 from graphprune.kv import input_ids, is_decoder_lm, optimize_decoder
 from graphprune.kv.compose import compose
+from graphprune.kv.policy import When
 from graphprune.passes import remove_markers
 from graphprune.patterns import analyze
 from graphprune.recipes import get_recipe
@@ -52,6 +53,15 @@ def _optimize_decoder(model, policy, target: str, output, example_inputs, max_ne
     fast = optimize_decoder(model, policy)
     if target == "eager":
         return fast
+    if fast.graphprune.info.media:  # a vision-language model: its image side
+        from graphprune.exporters.vision_onnx import export_image_reducer
+
+        if not policy.reduces_images or policy.prunes_rows or policy.evicts is not When.NEVER:
+            raise GraphPruneError("of a vision-language model, only the image side exports to ONNX yet (the vision "
+                                  "tower, projector and a fixed-share before-LLM recipe such as divprune); use "
+                                  f"target='eager' for '{policy.name}'")
+        pixels = example_inputs.get("pixel_values") if isinstance(example_inputs, dict) else example_inputs
+        return export_image_reducer(fast, output, pixels)
     prompt_len = 128 if example_inputs is None else input_ids(example_inputs).shape[-1]
     return export_decoder_onnx(fast, output, prompt_len=prompt_len, max_new_tokens=max_new_tokens)
 

@@ -396,17 +396,20 @@ def export_decoder(net, model: str, recipe: str, options: dict, target: str, out
 
     if target == "trt":
         _fail("decoder LLMs export to ONNX (--target onnx); build the TensorRT engine from decode.onnx")
-    if target == "onnx" and is_vlm(net):
-        _fail("vision-language models do not export to ONNX yet; --target eager writes the recipe as a schedule")
     ids, _ = text_batches(model, None, net.config.get_text_config().vocab_size, batch, prompt_len, 1)
     with console.status(f"optimizing {model} with {recipe}…"):
         result = graphprune.optimize(net, recipe, target=target, output=output if target == "onnx" else None,
-                                     example_inputs=ids, max_new_tokens=new_tokens, **options)
+                                     example_inputs=None if is_vlm(net) else ids, max_new_tokens=new_tokens, **options)
     report = result.report.to_dict()
     if target == "onnx":
         report["artifact"] = str(output)
         report["onnx"] = result.meta
-        console.print(f"wrote {output / 'prefill.onnx'}, {output / 'decode.onnx'} (checked against eager generation)")
+        if is_vlm(net):
+            console.print(f"wrote {output / 'vision.onnx'}: pixels to the image tokens the recipe keeps (checked in ONNX "
+                          "Runtime; the language model runs eager)")
+        else:
+            console.print(f"wrote {output / 'prefill.onnx'}, {output / 'decode.onnx'} (checked against eager "
+                          "generation)")
     else:
         path = Schedule(recipe, options, {"model": model}).save(output / "schedule.json")
         report["artifact"] = str(path)

@@ -183,6 +183,12 @@ class CachePolicy(Recipe):
         ``image.features`` (n, C) go in, as sorted indices (k,); None: all of them (:mod:`graphprune.kv.images`)."""
         return None
 
+    def fixed_image_tokens(self, features: torch.Tensor) -> torch.Tensor | None:
+        """:meth:`image_tokens` for a batch of images of one size ``features`` (N, n, C), keeping the same number of
+        tokens of each (a static shape: what exports to ONNX with the vision tower): sorted indices (N, k); None: the
+        policy's count depends on the data (it does not export)."""
+        return None
+
     def merge_image(self, image: "ImageView") -> torch.Tensor | None:
         """Before the language model: new tokens (k, C) that take one image's place (they close up: merged tokens have
         no positions of their own); None: the image as :meth:`image_tokens` leaves it."""

@@ -21,19 +21,23 @@ from graphprune.recipes.base import option, register
 
 
 def max_min_diverse(features: torch.Tensor, k: int) -> torch.Tensor:
-    """Greedy max–min diversity: sorted indices (k,) of ``features`` (n, C) under cosine distance."""
+    """Greedy max–min diversity under cosine distance: sorted indices (..., k) of ``features`` (..., n, C), each set of
+    n tokens on its own; tensor operations only (the same ``k`` steps export to ONNX)."""
     x = torch.nn.functional.normalize(features.float(), dim=-1)  # (a zero token: distance 1 to every token)
-    dist = 1 - x @ x.T
-    nearest = dist.topk(2, dim=0, largest=False).values[1]  # (the smallest is a token's distance to itself)
-    chosen = [int(nearest.argmax())]
-    gap = dist[chosen[0]].clone()  # each token's distance to the chosen set
-    gap[chosen[0]] = -torch.inf
+    dist = 1 - x @ x.transpose(-1, -2)
+    n = dist.shape[-1]
+
+    def row(j):  # each set's distances to its token j
+        return dist.gather(-2, j[..., None, None].expand(*j.shape, 1, n)).squeeze(-2)
+
+    nearest = dist.topk(2, dim=-1, largest=False).values[..., 1]  # (the smallest is a token's distance to itself)
+    j = nearest.argmax(-1)  # first the token farthest from its nearest neighbour
+    chosen, gap = [j], row(j).scatter(-1, j[..., None], -torch.inf)  # gap: each token's distance to the chosen set
     for _ in range(1, k):
-        j = int(gap.argmax())
+        j = gap.argmax(-1)
         chosen.append(j)
-        gap = torch.minimum(gap, dist[j])
-        gap[j] = -torch.inf
-    return torch.tensor(sorted(chosen), device=features.device)
+        gap = torch.minimum(gap, row(j)).scatter(-1, j[..., None], -torch.inf)
+    return torch.stack(chosen, -1).sort(-1).values
 
 
 @register
@@ -61,6 +65,9 @@ class DivPrune(ImagePolicy):
         return self.positions == "renumber"
 
     def image_tokens(self, image):
-        n = image.features.shape[0]
-        k = max(round(self.keep * n), 1)
-        return None if k >= n else max_min_diverse(image.features, k)
+        return None if self.keep == 1.0 else self.fixed_image_tokens(image.features[None])[0]
+
+    def fixed_image_tokens(self, features):
+        n = features.shape[-2]
+        k = min(max(round(self.keep * n), 1), n)
+        return max_min_diverse(features, k)
