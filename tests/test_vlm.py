@@ -5,6 +5,7 @@ positions), Idefics3 and SmolVLM models."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 import pytest
@@ -146,7 +147,7 @@ def batch(*prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 VISUAL = {"fastv": {"layer": 2, "ratio": 0.5}, "pyramiddrop": {"layers": [2], "keep": 0.5}, "divprune": {"keep": 0.3},
-          "prumerge": {"keep": 0.125, "plus": True}}
+          "prumerge": {"keep": 0.125, "plus": True}, "pact": {"layer": 2, "keep": 0.5, "cutoff": 0.3}}
 
 
 @pytest.mark.parametrize("recipe", list(VISUAL))
@@ -155,7 +156,8 @@ def test_zero_setting_reproduces_the_model(vlm, recipe):
         with pytest.raises(RecipeError, match="one grid of patches per image and the vision tower's class token"):
             graphprune.optimize(vlm.model, recipe)
         return
-    fast = graphprune.optimize(vlm.model, recipe, **RECIPES[recipe].zero)
+    layer = {"layer": 2} if recipe == "pact" else {}  # (its published layer 4 is past the tiny models' depth)
+    fast = graphprune.optimize(vlm.model, recipe, **layer, **RECIPES[recipe].zero)
     ids, mask = batch(vlm.prompt(3, 5), vlm.prompt(1, 2, seed=1))
     kw = vlm.inputs(ids, vlm.images(2), mask)
     with torch.no_grad():
@@ -313,6 +315,8 @@ def test_a_visual_recipe_composes_with_a_cache_policy(vlm):
         assert three(**vlm.inputs(ids[None], images), use_cache=True).cache.slots() == [12] * 4
     with pytest.raises(RecipeError, match="both evict"):
         graphprune.optimize(vlm.model, ["snapkv", "h2o"])
+    with pytest.raises(RecipeError, match="does not compose"):
+        graphprune.optimize(vlm.model, ["pact", "snapkv"], layer=2)
     with pytest.raises(RecipeError, match="option window belongs to none"):
         graphprune.optimize(vlm.model, ["fastv", "h2o"], window=3)
 
@@ -593,3 +597,119 @@ def test_the_image_side_exports_to_onnx_with_a_fixed_share(kind, tmp_path):
             "image": BaseModelOutputWithPooling(pooler_output=[tokens[0]])})
         fast = graphprune.optimize(vlm.model, "divprune", keep=0.3)
         assert (fast(**vlm.inputs(ids[None], vlm.one(images, 0))).logits[0, -1] - given.logits[0, -1]).abs().max() <= 1e-4
+
+
+def pact_reference(model, ids, images: dict, kind: str, layer: int, keep: float, cutoff: float, retrieve: float):
+    """PACT by its definition, with loops, on the unmodified model: the hidden states entering ``layer``, EUTI, DBDPC
+    as a walk in decreasing density (a token is a centre when farther than d_c from every centre so far), nearest-
+    centre assignment and retrieval. Returns {centre row: member rows}, and the layer's input (1, T, C)."""
+    seen = {}
+    block = model.get_decoder().layers[layer]
+    hook = block.register_forward_pre_hook(lambda m, a, kw: seen.update(h=a[0] if a else kw["hidden_states"],
+                                                                       pe=kw["position_embeddings"]), with_kwargs=True)
+    try:
+        model(**inputs(ids[None], images, kind=kind))
+    finally:
+        hook.remove()
+    h, (cos, sin) = seen["h"][0].double(), (t[0].double() for t in seen["pe"])
+    attn, n = block.self_attn, len(ids)
+    x = block.input_layernorm(seen["h"])[0].double()
+    d = attn.head_dim
+    q = (x @ attn.q_proj.weight.double().T + (0 if attn.q_proj.bias is None else attn.q_proj.bias.double())).view(n, -1, d)
+    k = (x @ attn.k_proj.weight.double().T + (0 if attn.k_proj.bias is None else attn.k_proj.bias.double())).view(n, -1, d)
+    visual = [i for i in range(n) if int(ids[i]) == IMAGE]
+    scope = list(range(visual[-1] + 1))
+    heads, group = q.shape[1], q.shape[1] // k.shape[1]
+    score = {}
+    for j in visual:
+        total = 0.0
+        for hq in range(heads):
+            mean = sum(q[i, hq] for i in scope) / len(scope)
+            logits = [float(mean @ k[t, hq // group]) / d ** 0.5 for t in scope]
+            top = max(logits)
+            total += math.exp(logits[j] - top) / sum(math.exp(v - top) for v in logits)
+        score[j] = total / heads * float(h[j].norm())
+    kept = sorted(sorted(visual, key=lambda j: -score[j])[:int(len(visual) * keep)])
+    pruned = [j for j in visual if j not in kept]
+    half = d // 2
+    rot = k * cos[:, None] + torch.cat([-k[..., half:], k[..., :half]], -1) * sin[:, None]
+    feat = {j: rot[j].flatten() / rot[j].flatten().norm() for j in visual}
+
+    def dist(a, b):
+        return max(1 - float(feat[a] @ feat[b]), 0.0)
+
+    density = {i: sum(math.exp(-(dist(i, j) / 2) ** 2) for j in kept) for i in kept}
+    centres = []
+    for i in sorted(kept, key=lambda i: -density[i]):
+        if all(dist(i, c) > cutoff for c in centres):
+            centres.append(i)
+    members = {c: [c] for c in centres}
+    for i in kept:
+        if i not in centres:
+            members[min(centres, key=lambda c: dist(i, c))].append(i)
+    for i in pruned:
+        c = min(centres, key=lambda c: dist(i, c))
+        if dist(i, c) <= retrieve * cutoff:
+            members[c].append(i)
+    return members, seen["h"]
+
+
+def pact_oracle(model, ids, images, kind, layer, members, h):
+    """The unmodified model with PACT's merge done by hand: at ``layer`` each centre's row takes its members' mean,
+    the other image tokens leave the attention of every layer from there on, and each centre's key adds log(size) to
+    every attention logit there (through decoding: ``ids`` may be longer than the prompt)."""
+    n = len(ids)
+    gone = [i for i in range(h.shape[1]) if int(ids[i]) == IMAGE and i not in members]
+    bias = torch.zeros(n, n)
+    bias[:, gone] = -torch.inf
+    bias[gone, gone] = 0  # (a dropped row still sees itself; its output is never used)
+    for c, m in members.items():
+        bias[:, c] = math.log(len(m))
+    hooks = []
+
+    def merge(module, args, kwargs):
+        hidden = (args[0] if args else kwargs["hidden_states"]).clone()
+        for c, m in members.items():
+            hidden[0, c] = h[0, m].mean(0)
+        return (hidden, *args[1:]) if args else args, ({**kwargs, "hidden_states": hidden} if not args else kwargs)
+
+    def add_bias(module, args, kwargs):
+        mask = kwargs["attention_mask"]
+        mask = torch.ones(n, n, dtype=torch.bool).tril()[None, None] if mask is None else mask
+        mask = torch.zeros(mask.shape).masked_fill(~mask, -torch.inf) if mask.dtype == torch.bool else mask
+        return args, {**kwargs, "attention_mask": mask + bias}
+
+    layers = model.get_decoder().layers
+    hooks.append(layers[layer].register_forward_pre_hook(merge, with_kwargs=True))
+    for block in layers[layer:]:
+        hooks.append(block.register_forward_pre_hook(add_bias, with_kwargs=True))
+    try:
+        return model(**inputs(ids[None], images, kind=kind)).logits[0, -1]
+    finally:
+        for hk in hooks:
+            hk.remove()
+
+
+@pytest.mark.parametrize("keep, cutoff", [(0.5, 0.3), (0.8, 0.4)])
+def test_pact_merges_as_the_paper_and_equals_the_model_given_its_merge(vlm, keep, cutoff):
+    """PACT's centres and members are the reference's (EUTI, DBDPC, retrieval within α·d_c), and the output equals the
+    unmodified model given that merge by hand (the centres' mean hidden states, the other image tokens out of later
+    layers' attention, log(size) on the centres' keys), at the prompt and at every greedy decoding step."""
+    layer, retrieve = 2, 1.5
+    fast = graphprune.optimize(vlm.model, "pact", layer=layer, keep=keep, cutoff=cutoff, retrieve=retrieve)
+    ids, images = vlm.prompt(4, 6), vlm.images(1)
+    with torch.no_grad():
+        members, h = pact_reference(vlm.model, ids, images, vlm.kind, layer, keep, cutoff, retrieve)
+        out = fast(**vlm.inputs(ids[None], images), use_cache=True)
+        text = int((ids != IMAGE).sum())
+        assert vlm.held(out.cache, layer) == vlm.held(out.cache, 0) - {int(i) for i in (ids == IMAGE).nonzero()
+                                                                         if int(i) not in members}
+        assert out.cache.slots() == [len(ids)] * layer + [text + len(members)] * (4 - layer)
+        assert 1 < len(members) < vlm.tokens and max(len(m) for m in members.values()) > 1
+        assert (out.logits[0, -1] - pact_oracle(vlm.model, ids, images, vlm.kind, layer, members, h)).abs().max() <= 1e-4
+        got = fast.generate(**vlm.inputs(ids[None], images), max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                            pad_token_id=0, output_logits=True, return_dict_in_generate=True, suppress_tokens=[IMAGE])
+        seq = ids
+        for t, logits in zip(got.sequences[0, len(ids):], got.logits):
+            assert (pact_oracle(vlm.model, seq, images, vlm.kind, layer, members, h) - logits[0]).abs().max() <= 1e-4
+            seq = torch.cat([seq, t[None]])

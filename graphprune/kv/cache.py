@@ -126,7 +126,7 @@ class EvictingLayer(CacheLayerMixin):
                     n_layers=self.n_layers, capacity=self.capacity, input_ids=ids, visual=visual, images=call.images,
                     inv_freq=self.inv_freq,
                     query_pos=pos, query_real=real, selected=None if rows is None else rows.visible(st.pos[:, 0]),
-                    window=self.window, blocks=blocks)
+                    window=self.window, blocks=blocks, query_log_size=None if rows is None else rows.log_size)
 
     def attend(self, module, query, attention_mask, scaling, dropout, kwargs):
         st, rows, b, n_new = self.storage, self.call.rows, query.shape[0], query.shape[2]
@@ -141,9 +141,11 @@ class EvictingLayer(CacheLayerMixin):
         if early is not None:  # these rows stop before this layer: its attention and cache leave them out
             self.stop(early, view)
             view.selected = rows.visible(st.pos[:, 0])
-        if prefill and (rows is None or not rows.moved) and early is None and self.window is None:  # the prompt:
-            # the model's own mask, fused (a sliding window counts positions here: tokens left out before the
-            # language model keep theirs)
+        bias = self.policy.attention_bias(view)
+        own_mask = rows is None or not rows.moved
+        if prefill and own_mask and early is None and self.window is None and bias is None:  # the prompt: the model's
+            # own mask, fused (a sliding window counts positions here: tokens left out before the language model keep
+            # theirs)
             out, _ = sdpa_attention_forward(module, query, st.keys, st.values, attention_mask,
                                             dropout=dropout, scaling=scaling, **kwargs)
         else:
@@ -156,6 +158,10 @@ class EvictingLayer(CacheLayerMixin):
                 mask = view.visible()[:, :, 0]
             elif not st.all_real():  # one new token sees every real slot
                 mask = st.valid[:, :, None, :]
+            if bias is not None:  # proportional attention: each slot's logits move by its bias
+                bias = bias[:, :, None, :].to(query.dtype)
+                mask = bias.expand(b, -1, n_new, -1) if mask is None else \
+                    torch.where(mask, bias, torch.finfo(query.dtype).min)
             keys, override = view.keys, self.policy.attention_keys(view)
             if override is None:
                 out = _grouped_attention(query, keys, view.values, mask, scaling)

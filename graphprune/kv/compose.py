@@ -38,6 +38,9 @@ class Composed(CachePolicy):
         if len(evicting) > 1:
             raise RecipeError(f"{' and '.join(p.name for p in evicting)} both evict from the cache; compose one cache "
                               "policy with row-pruning ones (fastv, pyramiddrop, pyramidinfer, lazyllm)")
+        if any(p.merges_rows for p in self.parts):
+            raise RecipeError("a policy that merges rows (pact) keeps their sizes as its cache state: it does not "
+                              "compose with other policies yet")
         self.cache = evicting[0] if evicting else self.parts[0]
         self.name = "+".join(p.name for p in self.parts)
         # what the cache and the rows stage are built from

@@ -215,7 +215,7 @@ def evicting_copy(model, policy: CachePolicy, info: DecoderInfo):
     for layer in new.get_decoder().layers:
         layer.self_attn.register_forward_pre_hook(hand_layer, with_kwargs=True)
     if policy.prunes_rows:
-        install_rows(new, policy.revives)
+        install_rows(new, policy.revives, policy)
     return new
 
 

@@ -37,6 +37,7 @@ from graphprune.recipes.base import Recipe, option
 
 if TYPE_CHECKING:
     from graphprune.kv.images import ImageView
+    from graphprune.kv.rows import LayerRows
     from graphprune.kv.view import View
 
 FULL = 2**62  # the capacity of a full cache
@@ -67,6 +68,18 @@ class KeyOverride:
 
     slots: torch.Tensor
     keys: torch.Tensor
+
+
+@dataclass(frozen=True)
+class MergedRows:
+    """What a policy makes of the rows entering a layer (:meth:`CachePolicy.merge_rows`): their new hidden states
+    ``hidden`` (B, R, C), which go on ``keep`` (B, R) bool (the others stop here, as :meth:`CachePolicy.rows` stops
+    them), and the log of how many tokens each stands for ``log_size`` (B, R) (0: itself), which its key adds to every
+    later attention logit (proportional attention)."""
+
+    hidden: torch.Tensor
+    keep: torch.Tensor
+    log_size: torch.Tensor
 
 
 def slot_field(help: str = ""):  # noqa: A002
@@ -178,6 +191,17 @@ class CachePolicy(Recipe):
         masks and the cache of later layers follow (:mod:`graphprune.kv.rows`)."""
         return None
 
+    def merge_rows(self, rows: "LayerRows") -> MergedRows | None:
+        """Before a decoder layer (in every forward, on the prompt-rows stage): rows that merge into others, and the
+        merged rows' new hidden states; None: the rows go on as they are."""
+        return None
+
+    def attention_bias(self, view: "View") -> torch.Tensor | None:
+        """An additive bias (B, Hkv, N) on every attention logit of each cached slot, in this layer's attention
+        (called once per attention call, before it); None: none. The log sizes of merged rows
+        (``view.query_log_size``) are what proportional attention adds."""
+        return None
+
     def image_tokens(self, image: "ImageView") -> torch.Tensor | None:
         """Before a vision-language model's language model: which of one image's projected tokens
         ``image.features`` (n, C) go in, as sorted indices (k,); None: all of them (:mod:`graphprune.kv.images`)."""
@@ -213,8 +237,15 @@ class CachePolicy(Recipe):
 
     @property
     def prunes_rows(self) -> bool:
-        """Whether the policy prunes prompt rows at layer boundaries (it defines :meth:`rows` or :meth:`rows_before`)."""
-        return type(self).rows is not CachePolicy.rows or type(self).rows_before is not CachePolicy.rows_before
+        """Whether the policy prunes prompt rows at layer boundaries (it defines :meth:`rows`, :meth:`rows_before` or
+        :meth:`merge_rows`)."""
+        return type(self).rows is not CachePolicy.rows or type(self).rows_before is not CachePolicy.rows_before or \
+            type(self).merge_rows is not CachePolicy.merge_rows
+
+    @property
+    def merges_rows(self) -> bool:
+        """Whether the policy merges prompt rows (:meth:`merge_rows`)."""
+        return type(self).merge_rows is not CachePolicy.merge_rows
 
     def new_state(self):
         return None if self.State is None else self.State()

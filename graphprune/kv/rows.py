@@ -39,6 +39,7 @@ class Rows:
     rope: torch.Tensor  # (B, R, K, 2, D) each row's rotary embedding (cos, sin) of each of the model's K kinds (Gemma 3:
     # local and global layers); any kind of RoPE (multimodal rotates by 3-D positions, which ``pos`` does not hold)
     block: torch.Tensor  # (B, R) each row's attention block (see Call.blocks; -1: causal)
+    log_size: torch.Tensor  # (B, R) log of how many tokens each row stands for (0: itself; merged rows more)
     stopped: torch.Tensor | None = None  # (B, T) bool by position: tokens a layer stopped (None: none yet)
     drop: torch.Tensor | None = None  # (B, R) bool: rows the current layer stopped
     moved: bool = False  # the rows differ from the forward's input rows
@@ -135,17 +136,51 @@ def revive(rows: Rows, layer, below, first, hidden: torch.Tensor) -> torch.Tenso
         raise RuntimeError(f"graphprune: a selected token has neither keys and values nor an Aux entry at layer "
                            f"{layer.layer_idx}")
     back, rope = (_gather(t, found.clamp(min=0)) for t in (below.aux.hidden, below.aux.rope))
-    rows.real, rows.pos, rows.new, rows.ids, rows.block, hidden, rows.rope = compact(
+    rows.real, rows.pos, rows.new, rows.ids, rows.block, rows.log_size, hidden, rows.rope = compact(
         torch.cat([rows.real, real], 1), torch.cat([rows.pos, pos], 1),
         torch.cat([rows.new, torch.zeros_like(real)], 1), torch.cat([rows.ids, torch.full_like(pos, -1)], 1),
-        torch.cat([rows.block, torch.full_like(pos, -1)], 1), torch.cat([hidden, back.to(hidden.dtype)], 1),
-        torch.cat([rows.rope, rope], 1))
+        torch.cat([rows.block, torch.full_like(pos, -1)], 1), torch.cat([rows.log_size, real.new_zeros(real.shape,
+                                                                                                      dtype=torch.float)], 1),
+        torch.cat([hidden, back.to(hidden.dtype)], 1), torch.cat([rows.rope, rope], 1))
     rows.moved = True
     return hidden
 
 
-def install(model, revives: bool) -> None:
-    """Hooks on the decoder layers of ``model`` (graphprune's own copy) that carry the rows between layers."""
+class LayerRows:
+    """The rows entering decoder layer ``layer`` (of ``n_layers``) in this forward, for a policy that merges them
+    (:meth:`CachePolicy.merge_rows`): ``hidden`` (B, R, C), ``pos``, ``real`` (B, R), ``visual`` (B, R) bool (image
+    and video tokens; None: a text-only model), ``prefill`` (the prompt pass); :meth:`queries_keys` and :meth:`rotate`
+    apply this layer's own projections and rotary embedding (read only)."""
+
+    def __init__(self, layer: int, n_layers: int, prefill: bool, hidden: torch.Tensor, rows: Rows,
+                 media: torch.Tensor | None, module, cos: torch.Tensor, sin: torch.Tensor):
+        self.layer, self.n_layers, self.prefill, self.hidden = layer, n_layers, prefill, hidden
+        self.pos, self.real = rows.pos, rows.real
+        self.visual = None if media is None else torch.isin(rows.ids, media)
+        self._module, self._cos, self._sin = module, cos, sin
+
+    def queries_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's queries (B, Hq, R, D) and keys (B, Hkv, R, D) of the rows, before the rotary embedding: its
+        projections of its input norm of ``hidden`` (and its q/k norms, where the model has them)."""
+        attn = self._module.self_attn
+        x = self._module.input_layernorm(self.hidden)
+        b, r = x.shape[:2]
+        q = attn.q_proj(x).view(b, r, -1, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(b, r, -1, attn.head_dim).transpose(1, 2)
+        if hasattr(attn, "q_norm"):
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        return q, k
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """Queries or keys (B, H, R, D) rotated as this layer rotates them."""
+        cos, sin = self._cos[:, None].to(x.dtype), self._sin[:, None].to(x.dtype)
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+
+
+def install(model, revives: bool, policy) -> None:
+    """Hooks on the decoder layers of ``model`` (graphprune's own copy) that carry the rows between layers; ``policy``
+    merges rows (:meth:`CachePolicy.merge_rows`) where it defines that."""
     from graphprune.kv.cache import cache_in, real_tokens
 
     decoder = model.get_decoder()
@@ -164,6 +199,7 @@ def install(model, revives: bool) -> None:
         return torch.stack([torch.stack([t.expand(b, n, t.shape[-1]) for t in pair], 2) for pair in pairs], 2)
 
     last = len(layers) - 1
+    merges = policy.merges_rows
 
     def before(module, args, kwargs):
         cache = cache_in(kwargs)
@@ -180,10 +216,22 @@ def install(model, revives: bool) -> None:
             ids = torch.full_like(pos, -1) if ids is None else ids[:, -n:].to(pos.device).expand(b, n)
             blocks = cache.call.blocks
             blocks = torch.full_like(pos, -1) if blocks is None else blocks[:, -n:].to(pos.device).expand(b, n)
-            cache.call.rows = Rows(pos, real, torch.ones_like(real), n, ids, embeddings(hidden, kwargs, b, n), blocks)
+            cache.call.rows = Rows(pos, real, torch.ones_like(real), n, ids, embeddings(hidden, kwargs, b, n), blocks,
+                                   torch.zeros(b, n, device=hidden.device))
         rows = cache.call.rows
         if revives and idx > 0:
             hidden = revive(rows, cache.layers[idx], cache.layers[idx - 1], cache.layers[0], hidden)
+        if merges:
+            rope = rows.rope[:, :, kind[idx]]
+            merged = policy.merge_rows(LayerRows(idx, len(layers), cache.layers[idx].prompt_len is None, hidden, rows,
+                                                 cache.call.media, module, rope[:, :, 0], rope[:, :, 1]))
+            if merged is not None:  # the merged rows go on with their new hidden states, the others stop here
+                rows.deselect(rows.pos, rows.real & ~merged.keep)
+                rows.log_size = merged.log_size.float()
+                rows.real, rows.pos, rows.new, rows.ids, rows.block, rows.log_size, hidden, rows.rope = compact(
+                    rows.real & merged.keep, rows.pos, rows.new, rows.ids, rows.block, rows.log_size,
+                    merged.hidden.to(hidden.dtype), rows.rope)
+                rows.moved = True
         if not rows.moved:
             return None
         kwargs = dict(kwargs)  # the rows are no longer the model's: their own positions; the layer masks by position
@@ -209,8 +257,8 @@ def install(model, revives: bool) -> None:
             keep = keep & rows.new
         if bool(keep.all()):
             return None
-        rows.real, rows.pos, rows.new, rows.ids, rows.block, hidden, rows.rope = compact(
-            keep, rows.pos, rows.new, rows.ids, rows.block, hidden, rows.rope)
+        rows.real, rows.pos, rows.new, rows.ids, rows.block, rows.log_size, hidden, rows.rope = compact(
+            keep, rows.pos, rows.new, rows.ids, rows.block, rows.log_size, hidden, rows.rope)
         rows.moved = True
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 

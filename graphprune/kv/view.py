@@ -31,20 +31,21 @@ class View:
     slots whose tokens no lower layer stopped in this forward (the prompt-rows stage): attention sees only those.
     ``window``: a sliding-window layer's window (a query sees the tokens less than that far back; None: all);
     ``blocks`` (B, L) the new tokens' attention blocks (tokens of one block >= 0 see each other both ways; None: all
-    causal).
+    causal); ``query_log_size`` (B, L) the log of how many tokens each new row stands for (merged rows; None: one).
     """
 
     def __init__(self, storage: Slots, queries: torch.Tensor, scaling: float, *, prefill: bool, prompt_len: int,
                  layer: int, n_layers: int, capacity: int | None, input_ids: torch.Tensor | None,
                  inv_freq: torch.Tensor | None, query_pos: torch.Tensor, query_real: torch.Tensor | None,
                  selected: torch.Tensor | None = None, visual: torch.Tensor | None = None,
-                 images: torch.Tensor | None = None, window: int | None = None, blocks: torch.Tensor | None = None):
+                 images: torch.Tensor | None = None, window: int | None = None, blocks: torch.Tensor | None = None,
+                 query_log_size: torch.Tensor | None = None):
         self._storage = storage
         self.queries, self.scaling, self.prefill, self.prompt_len = queries, scaling, prefill, prompt_len
         self.layer, self.n_layers, self.capacity = layer, n_layers, capacity
         self.input_ids, self.visual, self.images, self.inv_freq = input_ids, visual, images, inv_freq
         self.query_pos, self.selected, self._query_real = query_pos, selected, query_real
-        self.window, self.blocks = window, blocks
+        self.window, self.blocks, self.query_log_size = window, blocks, query_log_size
 
     @property
     def query_real(self) -> torch.Tensor:
