@@ -38,6 +38,7 @@ VARIANTS = {  # recipe: its published setting
     "divprune": {"keep": 0.098},
     "prumerge": {"keep": 0.125},  # the authors' fixed-ratio option (72 + 1 tokens): with random weights the adaptive
     # count (IQR outliers of the class attention) says nothing about real images
+    "pact": {"layer": 4, "keep": 0.55, "cutoff": 0.21},  # LLaVA-OneVision's (random keys barely cluster: mostly EUTI)
 }
 
 

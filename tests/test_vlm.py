@@ -20,6 +20,7 @@ from graphprune.errors import RecipeError
 from graphprune.recipes import RECIPES
 
 IMAGE = 100  # the image placeholder id
+VIDEO = 101  # the video placeholder id (Qwen2-VL)
 
 
 @dataclass
@@ -128,8 +129,8 @@ def inputs(ids: torch.Tensor, images: dict, mask: torch.Tensor | None = None, pr
     out = {"input_ids": ids, **images}
     if mask is not None:
         out["attention_mask"] = mask
-    if "image_grid_thw" in images:
-        out["mm_token_type_ids"] = (ids == IMAGE).int()
+    if "image_grid_thw" in images or "video_grid_thw" in images:
+        out["mm_token_type_ids"] = (ids == IMAGE).int() + 2 * (ids == VIDEO).int()
     elif kind in ("gemma3", "paligemma"):
         out["token_type_ids"] = (ids == IMAGE).long() if kind == "gemma3" else \
             (torch.arange(ids.shape[-1]) >= (prompt or ids.shape[-1])).long().expand_as(ids)
@@ -713,3 +714,124 @@ def test_pact_merges_as_the_paper_and_equals_the_model_given_its_merge(vlm, keep
         for t, logits in zip(got.sequences[0, len(ids):], got.logits):
             assert (pact_oracle(vlm.model, seq, images, vlm.kind, layer, members, h) - logits[0]).abs().max() <= 1e-4
             seq = torch.cat([seq, t[None]])
+
+
+def ttm_reference(features: torch.Tensor, frames: int, merge: float) -> list[int]:
+    """DyCoke's temporal token merging by its code, with loops: in frame pairs the second keeps its tokens least similar
+    to the first's at the same place, then in each window of four frames but the last the third is compared with the
+    first instead; an odd last frame is left out. The kept tokens' indices."""
+    n = len(features) // frames
+    f = features.view(frames, n, -1).double()
+    keep = int((1 - merge) * n)
+
+    def least(a, b):
+        sims = [float(f[a][t] @ f[b][t] / (f[a][t].norm() * f[b][t].norm())) for t in range(n)]
+        return sorted(range(n), key=lambda t: sims[t])[:keep]
+
+    out = {}
+    for i in range(0, frames - 1, 2):
+        out[i], out[i + 1] = list(range(n)), least(i, i + 1)
+    for i in range(0, frames - 4, 4):
+        out[i + 2] = least(i, i + 2)
+    return sorted(t + i * n for i in out for t in out[i])
+
+
+@pytest.mark.parametrize("frames", [8, 7, 4])
+def test_dycoke_temporal_merging_keeps_the_codes_tokens(frames):
+    from graphprune.kv.policies.dycoke import temporal_merge
+
+    features = torch.randn(frames * 16, 32, generator=torch.Generator().manual_seed(frames))
+    for merge in (0.7, 0.5):
+        assert temporal_merge(features, frames, merge).tolist() == ttm_reference(features, frames, merge)
+
+
+def video_prompt(frames: int = 8):
+    """A Qwen2-VL video of ``frames`` temporal patches of 8×8 patches (16 tokens each, merged 2×2) between text."""
+    g = torch.Generator().manual_seed(3)
+    video = {"pixel_values_videos": torch.randn(frames * 64, 24, generator=g),
+             "video_grid_thw": torch.tensor([[frames, 8, 8]])}
+    text = torch.randint(2, 99, (9,), generator=g)
+    return torch.cat([text[:4], torch.full((frames * 16,), VIDEO), text[4:]]), video
+
+
+def masked_rows(model, ids, media: dict, gone: set[int], layer: int, late: dict[int, set[int]]):
+    """The unmodified model (eager attention), one sequence: the tokens ``gone`` out of every layer's attention, and
+    from ``layer`` on each row r also without the tokens ``late[r]`` (a decoding step's own choice)."""
+    import copy
+
+    model = copy.deepcopy(model)
+    model.set_attn_implementation("eager")
+    n, hooks = len(ids), []
+    for i, block in enumerate(model.get_decoder().layers):
+        see = torch.ones(n, n, dtype=torch.bool).tril()
+        see[:, sorted(gone)] = False
+        if i >= layer:
+            for r, cols in late.items():
+                see[r, sorted(cols)] = False
+        see |= torch.eye(n, dtype=torch.bool)
+        mask = torch.zeros(n, n).masked_fill(~see, torch.finfo(torch.float32).min)[None, None]
+        hooks.append(block.register_forward_pre_hook(
+            lambda m, a, kw, mask=mask: (a, {**kw, "attention_mask": mask}), with_kwargs=True))
+    try:
+        return model(**inputs(ids[None], media), output_attentions=True)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_dycoke_prunes_a_video_as_its_code_and_equals_the_model_so_masked():
+    """On a Qwen2-VL video: the tokens temporal merging leaves out are the code's (the reference above), and every
+    decoding step attends from layer L on to the top int(n·(1−P)) video tokens by the new token's attention in layer
+    L−1 (unless that attention is as similar as 0.9 to the last step's): each step's logits equal the unmodified
+    model with exactly those tokens masked, row by row."""
+    vlm = tiny_vlm("qwen2_vl")
+    layer, prune, merge = 2, 0.5, 0.5
+    fast = graphprune.optimize(vlm.model, "dycoke", layer=layer, prune=prune, merge=merge)
+    ids, video = video_prompt()
+    where = (ids == VIDEO).nonzero().flatten()
+    with torch.no_grad():
+        features = vlm.model.model.get_video_features(**video, return_dict=True).pooler_output[0]
+        kept = {int(where[i]) for i in ttm_reference(features, 8, merge)}
+        gone = {int(i) for i in where} - kept
+        out = fast(**inputs(ids[None], video), use_cache=True)
+        assert vlm.held(out.cache, 0) == set(range(len(ids))) - gone
+        assert (out.logits[0, -1] - masked_rows(vlm.model, ids, video, gone, layer, {}).logits[0, -1]).abs().max() \
+            <= 1e-5
+        got = fast.generate(**inputs(ids[None], video), max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                            pad_token_id=0, output_logits=True, return_dict_in_generate=True,
+                            suppress_tokens=[IMAGE, VIDEO])
+        seq, late, previous, pruned = ids, {}, None, 0
+        for step, (t, logits) in enumerate(zip(got.sequences[0, len(ids):], got.logits)):
+            if step:  # a decoding step: its own choice of video tokens from layer L on
+                att = masked_rows(vlm.model, seq, video, gone, layer, late).attentions[layer - 1][0, :, -1].mean(0)
+                now = att[sorted(kept)]
+                similar = previous is not None and float(torch.nn.functional.cosine_similarity(now, previous, 0)) >= 0.9
+                previous = now
+                if not similar:
+                    ranked = sorted(kept, key=lambda j: -float(att[j]))
+                    late[len(seq) - 1] = set(ranked[int(len(kept) * (1 - prune)):])
+                    pruned += 1
+            expected = masked_rows(vlm.model, seq, video, gone, layer, late).logits[0, -1]
+            assert (expected - logits[0]).abs().max() <= 1e-5, f"step {step}"
+            seq = torch.cat([seq, t[None]])
+    assert pruned >= 1
+
+
+def test_dycoke_batches_videos_as_each_alone():
+    """Two videos with prompts of different lengths, left padded: each sequence's greedy tokens equal its own run alone
+    (the frames come from generate's positions, the gate and the kept sets per sequence); the zero setting reproduces
+    the model."""
+    vlm = tiny_vlm("qwen2_vl")
+    fast = graphprune.optimize(vlm.model, "dycoke", layer=2, prune=0.5, merge=0.5)
+    (a, va), (b, vb) = video_prompt(8), video_prompt(4)
+    b = torch.cat([torch.tensor([7, 9, 11]), b])
+    ids, mask = batch(a, b)
+    both = {"pixel_values_videos": torch.cat([va["pixel_values_videos"], vb["pixel_values_videos"]]),
+            "video_grid_thw": torch.cat([va["video_grid_thw"], vb["video_grid_thw"]])}
+    gen = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        together = fast.generate(**inputs(ids, both, mask), **gen)[:, ids.shape[1]:]
+        for i, (p, v) in enumerate([(a, va), (b, vb)]):
+            assert torch.equal(together[i], fast.generate(**inputs(p[None], v), **gen)[0, len(p):])
+        zero = graphprune.optimize(vlm.model, "dycoke", layer=2, **RECIPES["dycoke"].zero)
+        assert torch.equal(zero.generate(**inputs(ids, both, mask), **gen), vlm.model.generate(**inputs(ids, both, mask), **gen))

@@ -120,13 +120,15 @@ class EvictingLayer(CacheLayerMixin):
         rows, ids, n = call.rows, call.input_ids, query.shape[2]
         ids = rows.ids if rows is not None else None if ids is None else ids[:, -n:]
         blocks = rows.block if rows is not None else None if call.blocks is None else call.blocks[:, -n:]
-        visual = None if call.media is None or ids is None or not self.policy.needs_images else \
-            torch.isin(ids, call.media)
+        visual = video = None
+        if call.media is not None and ids is not None and self.policy.needs_images:
+            visual, video = torch.isin(ids, call.media), torch.isin(ids, call.media[1:])
         return View(st, query, scaling, prefill=prefill, prompt_len=self.prompt_len, layer=self.layer_idx,
                     n_layers=self.n_layers, capacity=self.capacity, input_ids=ids, visual=visual, images=call.images,
                     inv_freq=self.inv_freq,
                     query_pos=pos, query_real=real, selected=None if rows is None else rows.visible(st.pos[:, 0]),
-                    window=self.window, blocks=blocks, query_log_size=None if rows is None else rows.log_size)
+                    window=self.window, blocks=blocks, query_log_size=None if rows is None else rows.log_size,
+                    video=video)
 
     def attend(self, module, query, attention_mask, scaling, dropout, kwargs):
         st, rows, b, n_new = self.storage, self.call.rows, query.shape[0], query.shape[2]

@@ -33,8 +33,9 @@ class Composed(CachePolicy):
 
     def __post_init__(self):
         evicting = [p for p in self.parts if p.evicts is not When.NEVER]
-        if sum(p.reduces_images for p in self.parts) > 1:
-            raise RecipeError("compose at most one recipe that reduces image tokens before the language model")
+        if sum(p.reduces_images for p in self.parts) > 1 or sum(p.reduces_videos for p in self.parts) > 1:
+            raise RecipeError("compose at most one recipe that reduces image (or video) tokens before the language "
+                              "model")
         if len(evicting) > 1:
             raise RecipeError(f"{' and '.join(p.name for p in evicting)} both evict from the cache; compose one cache "
                               "policy with row-pruning ones (fastv, pyramiddrop, pyramidinfer, lazyllm)")
@@ -101,6 +102,14 @@ class Composed(CachePolicy):
     def merge_image(self, image):
         reducers = [p for p in self.parts if p.reduces_images]
         return reducers[0].merge_image(image) if reducers else None
+
+    def video_tokens(self, video):
+        reducers = [p for p in self.parts if p.reduces_videos]
+        return reducers[0].video_tokens(video) if reducers else None
+
+    @property
+    def reduces_videos(self) -> bool:
+        return any(p.reduces_videos for p in self.parts)
 
     def renumbers(self):
         return any(p.renumbers() for p in self.parts if p.reduces_images)

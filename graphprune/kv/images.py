@@ -58,38 +58,53 @@ class ImageView:
     vision: VisionTokens | None = None
 
 
-def reduce_images(model, policy: CachePolicy, image_token: int, kwargs: dict) -> tuple[dict, int, torch.Tensor | None]:
-    """The forward's keyword arguments with the image tokens ``policy`` leaves out gone; how many slots the padded
-    batch lost (0: nothing to do, no images in this call); and how many tokens each sequence lost (B,)."""
-    ids, encoded = kwargs.get("input_ids"), (kwargs.get("mm_encoder_outputs") or {}).get("image")
-    if ids is None or (encoded is None and kwargs.get("pixel_values") is None):
+@dataclass
+class VideoView:
+    """One video before the language model: ``features`` (n, C), the projected tokens the language model would take,
+    frame by frame (``frames`` of n // frames tokens each, in the same spatial order)."""
+
+    features: torch.Tensor
+    frames: int
+
+
+def reduce_images(model, policy: CachePolicy, media: tuple[int, ...], kwargs: dict) -> tuple[dict, int, torch.Tensor | None]:
+    """The forward's keyword arguments with the image (and video) tokens ``policy`` leaves out gone (``media``: the
+    image and video placeholder ids); how many slots the padded batch lost (0: nothing to do, no images in this call);
+    and how many tokens each sequence lost (B,)."""
+    ids = kwargs.get("input_ids")
+    if ids is None:
         return kwargs, 0, None
-    if encoded is None:
-        vision = {k: kwargs[k] for k in VISION_ARGUMENTS if kwargs.get(k) is not None}
-        encoded = model.model.get_image_features(**vision, return_dict=True)
-    features = list(encoded.pooler_output)
-    image = ids == image_token
-    where = image.nonzero()  # (image tokens, 2): their (sequence, index), in the order the features fill them
-    if len(where) != sum(f.shape[0] for f in features):
-        return kwargs, 0, None  # (the model's own check reports the mismatch)
-    vision = _vision_tokens(model, encoded, kwargs, len(features))
-    keep, kept, start = torch.ones_like(image), [], 0
-    for i, f in enumerate(features):
-        n = f.shape[0]
-        view = ImageView(f, None if vision is None else vision[i])
-        merged = policy.merge_image(view)
-        if merged is not None:  # new tokens, in the first places of the image
-            chosen, f = torch.arange(merged.shape[0], device=f.device), merged.to(f.dtype)
-        else:
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    outputs = {}
+    encoded = _encoded(model, kwargs, "image")
+    if encoded is not None and policy.reduces_images:
+        vision = _vision_tokens(model, encoded, kwargs, len(encoded.pooler_output))
+
+        def image(i, f, at):
+            view = ImageView(f, None if vision is None else vision[i])
+            merged = policy.merge_image(view)
+            if merged is not None:  # new tokens, in the first places of the image
+                return torch.arange(merged.shape[0], device=f.device), merged.to(f.dtype)
             chosen = policy.image_tokens(view)
-            f = f if chosen is None else f[chosen]
-        if chosen is not None:
-            gone = torch.ones(n, dtype=torch.bool, device=f.device)
-            gone[chosen] = False
-            at = where[start:start + n][gone]
-            keep[at[:, 0], at[:, 1]] = False
-        kept.append(f)
-        start += n
+            return chosen, f if chosen is None else f[chosen]
+
+        outputs["image"] = _reduce_each(ids == media[0], encoded, image, keep)
+    encoded = _encoded(model, kwargs, "video") if len(media) > 1 and policy.reduces_videos else None
+    if encoded is not None:
+        grids, pos = kwargs.get("video_grid_thw"), kwargs.get("position_ids")
+
+        def video(i, f, at):
+            if grids is not None:
+                frames = int(grids[i][0])
+            else:  # (generate encodes videos itself and passes no grid: the frames are the video's distinct times)
+                frames = len(torch.unique(pos[1, at[:, 0], at[:, 1]]))
+            chosen = policy.video_tokens(VideoView(f, frames))
+            return chosen, f if chosen is None else f[chosen]
+
+        outputs["video"] = _reduce_each(ids == media[1], encoded, video, keep)
+    outputs = {k: v for k, v in outputs.items() if v is not None}
+    if not outputs:
+        return kwargs, 0, None
     mask = kwargs.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else mask
     pos = kwargs.get("position_ids")  # (B, T), or rows of them (multimodal RoPE: graphprune.kv.mrope)
@@ -112,12 +127,51 @@ def reduce_images(model, policy: CachePolicy, image_token: int, kwargs: dict) ->
             out[name] = value.gather(1, order)
     out.update(input_ids=ids.gather(1, order).masked_fill(~real, 0 if pad is None else pad),
                attention_mask=new_mask, position_ids=new_pos,
-               mm_encoder_outputs={**(kwargs.get("mm_encoder_outputs") or {}),
-                                   "image": dataclasses.replace(encoded, pooler_output=kept if isinstance(
-                                       encoded.pooler_output, (list, tuple)) else torch.cat(kept))},
-               pixel_values=None)
+               mm_encoder_outputs={**(kwargs.get("mm_encoder_outputs") or {}), **outputs})
+    for kind in outputs:
+        out[PIXELS[kind]] = None
     out.pop("cache_position", None)
     return out, ids.shape[1] - length, (~keep).sum(-1)
+
+
+PIXELS = {"image": "pixel_values", "video": "pixel_values_videos"}
+
+
+def _encoded(model, kwargs: dict, kind: str):
+    """The model's encoder output for this call's images or videos (``kind``), computed here unless given; None:
+    none in this call."""
+    encoded = (kwargs.get("mm_encoder_outputs") or {}).get(kind)
+    if encoded is not None or kwargs.get(PIXELS[kind]) is None:
+        return encoded
+    if kind == "video":
+        return model.model.get_video_features(pixel_values_videos=kwargs["pixel_values_videos"],
+                                              video_grid_thw=kwargs.get("video_grid_thw"), return_dict=True)
+    vision = {k: kwargs[k] for k in VISION_ARGUMENTS if kwargs.get(k) is not None}
+    return model.model.get_image_features(**vision, return_dict=True)
+
+
+def _reduce_each(placeholders: torch.Tensor, encoded, reduce, keep: torch.Tensor):
+    """Reduce each entry of ``encoded``'s features by ``reduce(i, features, placeholders) -> (kept indices or None, new
+    features)`` (``placeholders``: where its tokens are, (n, 2) (sequence, index)),
+    marking the placeholders (B, T) of the tokens left out in ``keep``; returns the encoder output with the new
+    features (None: the placeholders do not match the features: the model's own check reports that)."""
+    features = list(encoded.pooler_output)
+    where = placeholders.nonzero()  # (tokens, 2): their (sequence, index), in the order the features fill them
+    if len(where) != sum(f.shape[0] for f in features):
+        return None
+    kept, start = [], 0
+    for i, f in enumerate(features):
+        n = f.shape[0]
+        at = where[start:start + n]
+        chosen, f = reduce(i, f, at)
+        if chosen is not None:
+            gone = torch.ones(n, dtype=torch.bool, device=f.device)
+            gone[chosen] = False
+            keep[at[gone][:, 0], at[gone][:, 1]] = False
+        kept.append(f)
+        start += n
+    return dataclasses.replace(encoded, pooler_output=kept if isinstance(encoded.pooler_output, (list, tuple))
+                               else torch.cat(kept))
 
 
 def _vision_tokens(model, encoded, kwargs: dict, images: int) -> list[VisionTokens] | None:

@@ -176,11 +176,12 @@ def _evicting_class(base: type, setup: Decoder) -> type:
 
             kwargs, args = four_rows(self, {**dict(zip(names[1:], args)), **kwargs},
                                      0 if cache is None else cache.get_seq_length()), ()
-        if setup.policy.reduces_images:  # fewer image tokens go in (the call's arguments by name)
+        if setup.policy.reduces_images or setup.policy.reduces_videos:  # fewer image tokens go in (the call's
+            # arguments by name)
             from graphprune.kv.images import reduce_images
 
             kwargs, args = {**dict(zip(names[1:], args)), **kwargs}, ()
-            kwargs, skipped, lost = reduce_images(self, setup.policy, setup.info.media[0], kwargs)
+            kwargs, skipped, lost = reduce_images(self, setup.policy, setup.info.media, kwargs)
             shift = None if cache is None else cache.shift
             if lost is None and shift is not None and kwargs.get("position_ids") is not None:
                 kwargs["position_ids"] = kwargs["position_ids"] - shift[:, None]  # (renumbered: counted without them)

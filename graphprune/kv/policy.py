@@ -36,7 +36,7 @@ from graphprune.errors import RecipeError, ScheduleError
 from graphprune.recipes.base import Recipe, option
 
 if TYPE_CHECKING:
-    from graphprune.kv.images import ImageView
+    from graphprune.kv.images import ImageView, VideoView
     from graphprune.kv.rows import LayerRows
     from graphprune.kv.view import View
 
@@ -213,6 +213,11 @@ class CachePolicy(Recipe):
         policy's count depends on the data (it does not export)."""
         return None
 
+    def video_tokens(self, video: "VideoView") -> torch.Tensor | None:
+        """Before a vision-language model's language model: which of one video's projected tokens ``video.features``
+        (n, C; ``video.frames`` frames of equal size) go in, as sorted indices (k,); None: all of them."""
+        return None
+
     def merge_image(self, image: "ImageView") -> torch.Tensor | None:
         """Before the language model: new tokens (k, C) that take one image's place (they close up: merged tokens have
         no positions of their own); None: the image as :meth:`image_tokens` leaves it."""
@@ -228,6 +233,11 @@ class CachePolicy(Recipe):
         """Whether the policy reduces image tokens before the language model (:meth:`image_tokens`, :meth:`merge_image`)."""
         return type(self).image_tokens is not CachePolicy.image_tokens or \
             type(self).merge_image is not CachePolicy.merge_image
+
+    @property
+    def reduces_videos(self) -> bool:
+        """Whether the policy reduces video tokens before the language model (:meth:`video_tokens`)."""
+        return type(self).video_tokens is not CachePolicy.video_tokens
 
     def rows_before(self, view: "View") -> torch.Tensor | None:
         """Row pruning before this layer's attention (in every forward), scored with this layer's own queries and keys

@@ -26,7 +26,8 @@ class View:
     decides), ``input_ids`` (B, L) of the new tokens when the model was called with them (-1: a revived row),
     ``inv_freq`` (RoPE), and ``state``: the policy's running state, which :meth:`CachePolicy.update` may change.
     ``query_pos`` (B, L) and ``query_real`` (B, L) describe the new query rows; ``visual`` (B, L) which of them are
-    image or video tokens of a vision-language model (None: a text-only model), and ``images`` (B,) how many image and
+    image or video tokens of a vision-language model (None: a text-only model; ``video``: which are video tokens), and
+    ``images`` (B,) how many image and
     video tokens the forward brought in (before any was dropped); ``selected`` (B, N) (or None) the
     slots whose tokens no lower layer stopped in this forward (the prompt-rows stage): attention sees only those.
     ``window``: a sliding-window layer's window (a query sees the tokens less than that far back; None: all);
@@ -39,13 +40,13 @@ class View:
                  inv_freq: torch.Tensor | None, query_pos: torch.Tensor, query_real: torch.Tensor | None,
                  selected: torch.Tensor | None = None, visual: torch.Tensor | None = None,
                  images: torch.Tensor | None = None, window: int | None = None, blocks: torch.Tensor | None = None,
-                 query_log_size: torch.Tensor | None = None):
+                 query_log_size: torch.Tensor | None = None, video: torch.Tensor | None = None):
         self._storage = storage
         self.queries, self.scaling, self.prefill, self.prompt_len = queries, scaling, prefill, prompt_len
         self.layer, self.n_layers, self.capacity = layer, n_layers, capacity
         self.input_ids, self.visual, self.images, self.inv_freq = input_ids, visual, images, inv_freq
         self.query_pos, self.selected, self._query_real = query_pos, selected, query_real
-        self.window, self.blocks, self.query_log_size = window, blocks, query_log_size
+        self.window, self.blocks, self.query_log_size, self.video = window, blocks, query_log_size, video
 
     @property
     def query_real(self) -> torch.Tensor:
