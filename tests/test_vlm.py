@@ -835,3 +835,61 @@ def test_dycoke_batches_videos_as_each_alone():
             assert torch.equal(together[i], fast.generate(**inputs(p[None], v), **gen)[0, len(p):])
         zero = graphprune.optimize(vlm.model, "dycoke", layer=2, **RECIPES["dycoke"].zero)
         assert torch.equal(zero.generate(**inputs(ids, both, mask), **gen), vlm.model.generate(**inputs(ids, both, mask), **gen))
+
+
+def renumbered(model, ids, images: dict, gone: dict[int, set[int]], kind: str):
+    """The unmodified model without the tokens ``gone[s]`` from layer s on, each layer numbering the tokens it has left
+    0, 1, … in order (PyramidDrop's code): their attention masked out, the others' rotary positions renumbered."""
+    n, decoder, hooks = len(ids), model.get_decoder(), []
+    for i, block in enumerate(decoder.layers):
+        out = set().union(*(g for s, g in gone.items() if s <= i))
+        left = torch.tensor([j not in out for j in range(n)])
+        pos = (left.long().cumsum(0) - 1).clamp(min=0)
+        see = torch.ones(n, n, dtype=torch.bool).tril() & left[None, :]
+        see |= torch.eye(n, dtype=torch.bool)
+
+        def hook(m, a, kw, pos=pos, see=see):
+            h = a[0] if a else kw["hidden_states"]
+            return a, {**kw, "attention_mask": see[None, None], "position_embeddings": decoder.rotary_emb(h, pos[None])}
+        hooks.append(block.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        return model(**inputs(ids[None], images, kind=kind)).logits[0, -1]
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_pyramiddrop_renumbered_equals_the_model_without_the_dropped_tokens_stage_by_stage(vlm):
+    """positions="renumber" (the authors' code): each stage numbers its tokens afresh and decoding steps move down by
+    the tokens dropped up to each stage; the output equals the unmodified model without the dropped tokens, renumbered
+    layer by layer, at the prompt and every greedy decoding step. (The kept set at one boundary is the one tested
+    above with kept positions: the ranking runs before the renumbering.) Batches equal each sample alone over two
+    stages; models whose layers rotate in 3-D or by several frequencies are refused."""
+    if vlm.kind.startswith("qwen"):
+        with pytest.raises(RecipeError, match="numbers image tokens in three dimensions"):
+            graphprune.optimize(vlm.model, "pyramiddrop", positions="renumber")
+        return
+    fast = graphprune.optimize(vlm.model, "pyramiddrop", keep=0.5, layers=[2], positions="renumber")
+    keep = graphprune.optimize(vlm.model, "pyramiddrop", keep=0.5, layers=[2])
+    ids, images = vlm.prompt(4, 6), vlm.images(1)
+    with torch.no_grad():
+        held = keep(**vlm.inputs(ids[None], images), use_cache=True).cache
+        gone = {2: vlm.held(held, 1) - vlm.held(held, 2)}
+        out = fast(**vlm.inputs(ids[None], images), use_cache=True)
+        assert out.cache.slots() == [len(ids)] * 2 + [len(ids) - len(gone[2])] * 2
+        assert (out.logits[0, -1] - renumbered(vlm.model, ids, images, gone, vlm.kind)).abs().max() <= 1e-5
+        got = fast.generate(**vlm.inputs(ids[None], images), max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                            pad_token_id=0, output_logits=True, return_dict_in_generate=True, suppress_tokens=[IMAGE])
+        seq = ids
+        for t, logits in zip(got.sequences[0, len(ids):], got.logits):
+            assert (renumbered(vlm.model, seq, images, gone, vlm.kind) - logits[0]).abs().max() <= 1e-5
+            seq = torch.cat([seq, t[None]])
+        two = graphprune.optimize(vlm.model, "pyramiddrop", keep=0.5, layers=[1, 3], positions="renumber")
+        prompts, pixels = [vlm.prompt(3, 7, seed=2), vlm.prompt(1, 2, seed=3)], vlm.images(2, seed=4)
+        ids, mask = batch(*prompts)
+        gen = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+        together = two.generate(**vlm.inputs(ids, pixels, mask), **gen)[:, ids.shape[1]:]
+        for i, p in enumerate(prompts):
+            assert torch.equal(together[i], two.generate(**vlm.inputs(p[None], vlm.one(pixels, i)), **gen)[0, len(p):])
+    with pytest.raises(RecipeError, match="rotate by different frequencies"):
+        graphprune.optimize(tiny_vlm("gemma3").model, "pyramiddrop", positions="renumber")

@@ -21,6 +21,7 @@ from graphprune.kv.policy import FULL, CachePolicy, When
 from graphprune.kv.rows import Aux, Rows
 from graphprune.kv.storage import Slots, Static, ranked, storage_for, top
 from graphprune.kv.view import View
+from graphprune.ops.rope import rotate
 
 ATTENTION = "graphprune_kv"
 
@@ -143,6 +144,9 @@ class EvictingLayer(CacheLayerMixin):
         if early is not None:  # these rows stop before this layer: its attention and cache leave them out
             self.stop(early, view)
             view.selected = rows.visible(st.pos[:, 0])
+        moved = None if rows is None else self.policy.renumber(view)
+        if moved is not None:  # the rows take new positions from this layer on
+            query, view = self.renumber(query, view, moved, scaling, real)
         bias = self.policy.attention_bias(view)
         own_mask = rows is None or not rows.moved
         if prefill and own_mask and early is None and self.window is None and bias is None:  # the prompt: the model's
@@ -181,6 +185,30 @@ class EvictingLayer(CacheLayerMixin):
             st.remove(early[:, None].expand_as(st.valid))
         self.evict(view)
         return out, None
+
+    def renumber(self, query: torch.Tensor, view: View, new: torch.Tensor, scaling: float,
+                 real: torch.Tensor | None) -> tuple[torch.Tensor, View]:
+        """This call's rows move to positions ``new`` (B, L): its queries and the new slots' keys turn by the
+        difference, the slots and the rows (for the layers above) take the new positions, and the rows' rotary
+        embeddings turn alike. Returns the turned queries and the view of the renumbered slots."""
+        rows, st, n = self.call.rows, self.storage, view.n_new
+        delta = new - rows.pos
+        keep = view.selected
+        st.writable()
+        turned = rotate(st.keys[:, :, -n:], delta[:, None].expand(-1, st.keys.shape[1], -1), self.inv_freq)
+        st.keys[:, :, -n:] = turned
+        old = st.pos
+        st.pos = torch.cat([old[:, :, :-n], new[:, None].expand(-1, old.shape[1], -1).to(old.dtype)], 2)
+        query = rotate(query, delta[:, None].expand(-1, query.shape[1], -1), self.inv_freq)
+        ang = delta.float()[..., None] * self.inv_freq.to(delta.device, torch.float32)
+        c, s = torch.cat([ang.cos()] * 2, -1)[:, :, None], torch.cat([ang.sin()] * 2, -1)[:, :, None]
+        cos, sin = rows.rope[:, :, :, 0].float(), rows.rope[:, :, :, 1].float()
+        rows.rope = torch.stack([cos * c - sin * s, sin * c + cos * s], 3).to(rows.rope.dtype)
+        rows.pos, rows.stopped = new, None  # (the tokens stopped so far are no longer among these positions)
+        rows.moved = True  # (the layers above take the rows' own positions and rotary embeddings)
+        view = self.view(query, scaling, view.prefill, new, real)
+        view.selected = keep
+        return query, view
 
     def stop(self, stop: torch.Tensor, view: View) -> None:
         """The rows stage: the tokens of this layer's slots where ``stop`` (B, N) holds go no further in this forward."""

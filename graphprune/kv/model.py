@@ -242,6 +242,11 @@ def optimize_decoder(model, policy):
         raise RecipeError(f"positions='renumber' reproduces the renumbering of the authors' LLaVA code; "
                           f"{type(model).__name__} numbers image tokens in three dimensions: keep their positions "
                           "(positions='keep')")
+    turns = type(policy).renumber is not CachePolicy.renumber and policy.renumbers()
+    if turns and (None in info.inv_freq or any(f is not info.inv_freq[0] for f in info.inv_freq)):
+        raise RecipeError(f"'{policy.name}' renumbers rows inside the language model by turning their rotary "
+                          "embeddings; this model's layers rotate by different frequencies (or none graphprune can "
+                          "read): keep the positions (positions='keep')")
     policy.fit(info.n_layers)
     return evicting_copy(model, policy, info)
 

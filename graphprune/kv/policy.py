@@ -196,6 +196,12 @@ class CachePolicy(Recipe):
         merged rows' new hidden states; None: the rows go on as they are."""
         return None
 
+    def renumber(self, view: "View") -> torch.Tensor | None:
+        """New positions (B, L) for this call's rows from this layer on (after :meth:`rows_before`; the stopped rows'
+        are ignored): this layer's queries and keys, and the rows' rotary embeddings for the layers above, turn to
+        them (RoPE: a rotation by the difference); None: the rows keep theirs. (PyramidDrop's code renumbers.)"""
+        return None
+
     def attention_bias(self, view: "View") -> torch.Tensor | None:
         """An additive bias (B, Hkv, N) on every attention logit of each cached slot, in this layer's attention
         (called once per attention call, before it); None: none. The log sizes of merged rows
