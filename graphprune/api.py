@@ -73,7 +73,7 @@ def optimize(model: torch.nn.Module, recipe: str | list | None = None, target: s
     Returns an :class:`OptimizedModel` (``target="eager"``) or an :class:`OnnxModel`
     (``target="onnx"``, written to ``output``; ``target="trt"``: the same, plus the TensorRT engine build files
     beside it, and the engine itself where ``tensorrt`` imports, see :mod:`graphprune.exporters.trt`). Both are callable with the original inputs
-    and carry ``.report``. Decoder LLMs (Llama, Qwen2/3, Mistral) take a KV-cache recipe and
+    and carry ``.report``. Decoder LLMs (Llama, Qwen2/3, Mistral, Gemma 3, Phi-3) take a KV-cache recipe and
     ``budget=`` (vision-language models also a visual recipe, ``recipe="fastv"``, or both at once,
     ``recipe=["fastv", "snapkv"]``: each option goes to the recipe that has it); they come back as a model with the standard forward and ``generate``
     (``target="eager"``), or as prefill/decode ONNX graphs in the folder ``output``

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+                          MistralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                          Qwen3ForCausalLM)
 
 import graphprune
 from graphprune.errors import RecipeError, ScheduleError, UnsupportedArchitectureError
@@ -26,7 +27,7 @@ def tiny(family: str = "llama", seed: int = 0, kv_heads: int = 2, layers: int = 
                   num_key_value_heads=kv_heads, max_position_embeddings=256, pad_token_id=0, eos_token_id=1)
     cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
            "qwen3": (Qwen3Config, Qwen3ForCausalLM), "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM),
-           "mistral": (MistralConfig, MistralForCausalLM)}[family]
+           "mistral": (MistralConfig, MistralForCausalLM), "phi3": (Phi3Config, Phi3ForCausalLM)}[family]
     extra = {"head_dim": 16} if family in ("qwen3", "gemma3") else {}
     if family == "gemma3":  # sliding-window layers (8 tokens) around a global one, each kind with its own RoPE
         extra.update(sliding_window=8, layer_types=(["sliding_attention", "full_attention"] * layers)[:layers])
@@ -56,11 +57,11 @@ def greedy(model, ids, mask=None, n=8):
 
 # -- exactness at full budget ------------------------------------------------------------------
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma3", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma3", "mistral", "phi3"])
 @pytest.mark.parametrize("recipe", [*CACHE_RECIPES, "kivi", "fastgen", "pyramidinfer", "lazyllm"])
 def test_full_budget_reproduces_logits_step_by_step(family, recipe):
     """Every policy at full budget equals the model, prompt and decoding steps (sliding windows too: Gemma 3's local
-    layers, Mistral's window)."""
+    layers, Mistral's window; Phi-3's fused q/k/v projection)."""
     model = tiny(family)
     fast = graphprune.optimize(model, recipe, **{**SMALL.get(recipe, {}), **RECIPES[recipe].zero})
     ids = prompts()
@@ -614,6 +615,11 @@ def test_errors_are_clear():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50)).eval()
     with pytest.raises(UnsupportedArchitectureError, match="llama, mistral, qwen2, qwen3"):
         graphprune.optimize(gpt2, "h2o", budget=8)
+    partial = Phi3ForCausalLM(Phi3Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, partial_rotary_factor=0.75, pad_token_id=0,
+                                         eos_token_id=1, bos_token_id=1))
+    with pytest.raises(UnsupportedArchitectureError, match="rotates only part of each head"):
+        graphprune.optimize(partial, "h2o", budget=8)
     fast = graphprune.optimize(tiny(), "h2o", budget=8)
     from transformers import DynamicCache
     full = tiny()(prompts(), use_cache=True).cache

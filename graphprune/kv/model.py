@@ -19,7 +19,7 @@ import torch
 from graphprune.errors import RecipeError, UnsupportedArchitectureError
 from graphprune.kv.policy import CachePolicy
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text")  # rotate-half RoPE, cache.update +
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text", "phi3")  # rotate-half RoPE, cache.update +
 # attention interface
 VLMS = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "paligemma", "gemma3")  # image placeholders in input_ids before a language model
 MROPE = {"qwen2_vl": "qwen2_vl_text", "qwen2_5_vl": "qwen2_5_vl_text"}  # VLMs whose language model (a Qwen2 with
@@ -76,6 +76,10 @@ def analyze_decoder(model) -> DecoderInfo:
     if other:
         raise UnsupportedArchitectureError(f"this model has {', '.join(sorted(other))} layers; KV eviction supports "
                                            "full-attention and sliding-window layers")
+    if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
+        raise UnsupportedArchitectureError(f"this '{family}' model rotates only part of each head "
+                                           f"(partial_rotary_factor={config.partial_rotary_factor}); graphprune turns "
+                                           "whole heads (re-rotation, renumbering): not supported yet")
     both_ways = getattr(config, "use_bidirectional_attention", False) and outer.model_type != "paligemma"  # (PaliGemma
     # sets it on its language model; its mask makes only the prefix bidirectional: attention_blocks)
     if getattr(config, "attn_logit_softcapping", None) is not None or both_ways:
@@ -83,7 +87,9 @@ def analyze_decoder(model) -> DecoderInfo:
                                            "graphprune's fused attention does neither")
     sites = [getattr(layer, "self_attn", None) for layer in layers]
     for i, attn in enumerate(sites):
-        if attn is None or not all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
+        projections = ("q_proj", "k_proj", "v_proj") if not hasattr(attn, "qkv_proj") else ("qkv_proj",)  # (Phi-3:
+        # one fused projection)
+        if attn is None or not all(hasattr(attn, p) for p in (*projections, "o_proj")):
             raise UnsupportedArchitectureError(f"layer {i} has no q/k/v/o attention site")
         if getattr(attn, "layer_idx", i) != i:
             raise UnsupportedArchitectureError(f"layer {i}'s attention is numbered {attn.layer_idx}")
