@@ -241,6 +241,12 @@ class EvictingLayer(CacheLayerMixin):
         if ranks and due and (cap is None or st.length > cap):
             self.choose(policy.score(view), view)
         st.settle(cap)
+        if self.window is not None and type(st) is Slots and not policy.revives:  # a sliding layer holds no token
+            # that no later query can see (as the model's own cache: its window less one); a ring's capacity and a
+            # static cache bound it already, and a policy that revives rows reads what the layers hold
+            expired = st.valid & (st.pos <= view.newest() - self.window + 1)
+            if bool(expired.any()):
+                st.remove(expired)
 
     def choose(self, scores: torch.Tensor, view: View) -> None:
         """Evict by the scores: keep the policy's sinks and recent tokens, then the best scores (per KV head)."""
