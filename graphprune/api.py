@@ -53,13 +53,16 @@ def _optimize_decoder(model, policy, target: str, output, example_inputs, max_ne
     fast = optimize_decoder(model, policy)
     if target == "eager":
         return fast
-    if fast.graphprune.info.media:  # a vision-language model: its image side
-        from graphprune.exporters.vision_onnx import export_image_reducer
+    if fast.graphprune.info.media:  # a vision-language model: its image side, and its language model with a cache
+        # policy of a fixed budget
+        from graphprune.exporters.vision_onnx import export_image_reducer, export_vlm_onnx
 
-        if not policy.reduces_images or policy.prunes_rows or policy.evicts is not When.NEVER:
-            raise GraphPruneError("of a vision-language model, only the image side exports to ONNX yet (the vision "
-                                  "tower, projector and a fixed-share before-LLM recipe such as divprune); use "
-                                  f"target='eager' for '{policy.name}'")
+        if policy.prunes_rows:
+            raise GraphPruneError(f"'{policy.name}' stops rows inside the language model: not exported to ONNX yet "
+                                  "(a fixed-share before-LLM recipe such as divprune exports, with a fixed-budget cache "
+                                  "policy or alone); use target='eager'")
+        if policy.evicts is not When.NEVER:
+            return export_vlm_onnx(fast, output, max_new_tokens)
         pixels = example_inputs.get("pixel_values") if isinstance(example_inputs, dict) else example_inputs
         return export_image_reducer(fast, output, pixels)
     prompt_len = 128 if example_inputs is None else input_ids(example_inputs).shape[-1]

@@ -896,3 +896,30 @@ def test_pyramiddrop_renumbered_equals_the_model_without_the_dropped_tokens_stag
             assert torch.equal(together[i], two.generate(**vlm.inputs(p[None], vlm.one(pixels, i)), **gen)[0, len(p):])
     with pytest.raises(RecipeError, match="rotate by different frequencies"):
         graphprune.optimize(tiny_vlm("gemma3").model, "pyramiddrop", positions="renumber")
+
+
+@pytest.mark.parametrize("recipe, options", [(["divprune", "snapkv"], {"keep": 0.5, "budget": 12, "window": 4}),
+                                             pytest.param("h2o", {"budget": 12}, marks=pytest.mark.slow)])
+def test_a_vlm_with_a_fixed_budget_exports_whole_to_onnx(recipe, options, tmp_path):
+    """LLaVA with a fixed-share image recipe (or none) and a fixed-budget cache policy: vision, prefill and decode
+    graphs; ONNX Runtime's greedy generation from the full prompt and its pixels equals the eager copy's, token for
+    token, on another left-padded batch and other images than the export's. What cannot export is refused with the
+    reason."""
+    from graphprune.errors import GraphPruneError
+
+    vlm = tiny_vlm("llava")
+    runner = graphprune.optimize(vlm.model, recipe, target="onnx", output=tmp_path / "vlm", **options)
+    assert {"vision.onnx", "prefill.onnx", "decode.onnx", "decoder.json"} <= {p.name for p in (tmp_path / "vlm").iterdir()}
+    fast = graphprune.optimize(vlm.model, recipe, **options)
+    prompts, images = [vlm.prompt(4, 6, seed=5), vlm.prompt(2, 8, seed=6)], vlm.images(2, seed=8)
+    ids, mask = batch(*prompts)
+    with torch.no_grad():
+        expected = fast.generate(input_ids=ids, attention_mask=mask, **images, max_new_tokens=6, min_new_tokens=6,
+                                 do_sample=False, pad_token_id=0)[:, ids.shape[1]:]
+    assert torch.equal(runner.generate(ids, images["pixel_values"], mask, 6), expected)
+    with pytest.raises(GraphPruneError, match="stops rows inside the language model"):
+        graphprune.optimize(vlm.model, ["fastv", "h2o"], budget=12, target="onnx", output=tmp_path / "x")
+    with pytest.raises(GraphPruneError, match="fixed budget"):
+        graphprune.optimize(vlm.model, "h2o", budget=0.5, target="onnx", output=tmp_path / "x")
+    with pytest.raises(GraphPruneError, match="for LLaVA so far"):
+        graphprune.optimize(tiny_vlm("qwen2_vl").model, "h2o", budget=12, target="onnx", output=tmp_path / "x")

@@ -84,10 +84,14 @@ class OnnxDecoder:
             raise GraphPruneError(f"this {self.meta['recipe']} export has room for {self.meta['max_new_tokens']} new "
                                   "tokens; export again with a larger max_new_tokens")
         logits, *state = self.prefill.run(None, {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()})
-        pos = attention_mask.sum(-1, keepdim=True).numpy().astype(np.int64)
+        return self._decode(logits, state, attention_mask.sum(-1, keepdim=True).numpy().astype(np.int64), max_new_tokens)
+
+    def _decode(self, logits, state, pos, max_new_tokens: int) -> torch.Tensor:
+        """Greedy decoding steps after the prompt pass (its last ``logits`` and the cache ``state``); ``pos`` (B, 1):
+        the first new token's position."""
         names = self.meta["state_names"]
         eos, pad = self.meta.get("eos_token_ids") or [], self.meta.get("pad_token_id") or 0
-        done = np.zeros((input_ids.shape[0], 1), dtype=bool)
+        done = np.zeros((pos.shape[0], 1), dtype=bool)
         tokens = []
         for step in range(max_new_tokens):
             nxt = logits.argmax(-1)[:, None].astype(np.int64)

@@ -1,10 +1,15 @@
-"""A vision-language model's image side to ONNX: pixels → vision tower → projector → the image tokens a fixed-count
-before-LLM recipe keeps (DivPrune), run by ONNX Runtime.
+"""A vision-language model to ONNX, run by ONNX Runtime.
 
-The graph takes ``pixel_values`` (images, 3, H, W; the batch of images is dynamic) and gives ``image_tokens``
-(images, k, C): what goes into the language model in place of each image's k placeholders, and ``kept``
-(images, k): which of the image's n tokens they are (their positions in the full prompt, for a runtime that keeps
-positions). Checked against the eager model in ONNX Runtime before anything is written.
+The image side (:func:`export_image_reducer`): pixels → vision tower → projector → the image tokens a fixed-count
+before-LLM recipe keeps (DivPrune). The graph takes ``pixel_values`` (images, 3, H, W; the batch of images is dynamic)
+and gives ``image_tokens`` (images, k, C): what goes into the language model in place of each image's k placeholders,
+and ``kept`` (images, k): which of the image's n tokens they are (their positions in the full prompt, for a runtime
+that keeps positions).
+
+With a fixed-budget cache policy too (:func:`export_vlm_onnx`, e.g. ``["divprune", "snapkv"]``) the language model
+follows: a prefill graph that takes the shortened prompt, its kept positions and the image tokens, and the decoder's
+static-shape decode step; :class:`OnnxVLM` runs the three. Each is checked against the eager model in ONNX Runtime
+before anything is written.
 """
 
 from __future__ import annotations
@@ -16,10 +21,11 @@ import numpy as np
 import torch
 
 from graphprune.errors import ExportError, GraphPruneError
-from graphprune.exporters.decoder_onnx import _export
+from graphprune.exporters.decoder_onnx import DecodeStep, OnnxDecoder, _export
 from graphprune.exporters.files import publish, staging_dir
 from graphprune.exporters.onnx import _session
-from graphprune.kv.policy import CachePolicy
+from graphprune.kv.model import cache_argument, positions
+from graphprune.kv.policy import CachePolicy, When
 
 FIXED_GRID = ("llava", "paligemma", "gemma3")  # models whose every image is one fixed-size set of tokens
 TOLERANCE = 1e-4
@@ -34,7 +40,10 @@ class ImageReducer(torch.nn.Module):
 
     def forward(self, pixel_values):
         features = image_features(self.vlm, pixel_values)
-        kept = self.policy.fixed_image_tokens(features)
+        if self.policy.reduces_images:
+            kept = self.policy.fixed_image_tokens(features)
+        else:  # (a cache policy alone: every image token goes in)
+            kept = torch.arange(features.shape[1], device=features.device).expand(features.shape[0], -1)
         return features.gather(1, kept[..., None].expand(*kept.shape, features.shape[-1])), kept
 
 
@@ -101,5 +110,136 @@ def export_image_reducer(vlm, output, pixel_values: torch.Tensor | None = None) 
                               "max difference, or another kept set); nothing was written")
         publish(sorted(tmp.iterdir()), output)
     runner = OnnxImageReducer(output)
+    runner.report = vlm.report
+    return runner
+
+
+class VisionPrefill(torch.nn.Module):
+    """The language model's prompt pass from the shortened prompt: the image tokens fill its placeholders."""
+
+    def __init__(self, lm, extra: int, image_token: int):
+        super().__init__()
+        self.lm, self.extra, self.image_token = lm, extra, image_token
+
+    def forward(self, input_ids, attention_mask, position_ids, image_tokens):
+        embeds = self.lm.get_input_embeddings()(input_ids)
+        embeds = embeds.masked_scatter((input_ids == self.image_token)[..., None], image_tokens.to(embeds.dtype))
+        cache = self.lm.graphprune.new_cache(static=self.extra)
+        out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                      logits_to_keep=1, **{cache_argument(self.lm): cache})
+        return (out.logits[:, -1], *cache.flat())
+
+
+def shorten(input_ids: torch.Tensor, attention_mask: torch.Tensor, kept: torch.Tensor, image_token: int):
+    """The prompt without the image tokens left out: each image's placeholders (in order, one image after another) keep
+    the ``kept`` (images, k) of theirs; returns the shortened ids, mask and the kept tokens' positions (left padded)."""
+    where = (input_ids == image_token).nonzero()
+    per = len(where) // kept.shape[0]
+    keep = torch.ones_like(input_ids, dtype=torch.bool)
+    for i in range(kept.shape[0]):
+        mine = where[i * per:(i + 1) * per]
+        gone = torch.ones(per, dtype=torch.bool)
+        gone[kept[i]] = False
+        keep[mine[gone][:, 0], mine[gone][:, 1]] = False
+    length = int(keep.sum(-1).max())
+    index = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+    order = torch.where(keep, index, -1).argsort(dim=-1, stable=True)[:, -length:]
+    real = keep.gather(1, order)
+    mask = attention_mask.gather(1, order) * real
+    return input_ids.gather(1, order).masked_fill(~real, 0), mask, positions(attention_mask).gather(1, order)
+
+
+class OnnxVLM(OnnxDecoder):
+    """A vision-language model exported by :func:`export_vlm_onnx`: greedy generation in ONNX Runtime."""
+
+    def __init__(self, folder, threads: int | None = None):
+        super().__init__(folder, threads)
+        self.vision = OnnxImageReducer(folder, threads)
+
+    def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 max_new_tokens: int = 16) -> torch.Tensor:
+        """Greedy generation from the full prompt (every image's placeholders) and its images (one after another in
+        the order of the placeholders); returns the new tokens (B, max_new_tokens)."""
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        tokens, kept = self.vision(pixel_values)
+        ids, mask, pos = shorten(input_ids, attention_mask, kept, self.meta["image_token_id"])
+        if ids.shape[1] != self.meta["prompt_len"]:
+            raise GraphPruneError(f"this export takes prompts of {self.meta['prompt_len']} tokens once its images are "
+                                  f"reduced (it was exported at that length); this one has {ids.shape[1]}")
+        logits, *state = self.prefill.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy(),
+                                                 "position_ids": pos.numpy(),
+                                                 "image_tokens": tokens.reshape(-1, tokens.shape[-1]).numpy()})
+        return self._decode(logits, state, attention_mask.sum(-1, keepdim=True).numpy().astype(np.int64),
+                            max_new_tokens)
+
+
+def export_vlm_onnx(vlm, output, max_new_tokens: int = 32, check_tokens: int = 8) -> OnnxVLM:
+    """Export graphprune's copy of a LLaVA model whose policy pairs a fixed-share image recipe (or none) with a
+    fixed-budget cache policy: vision.onnx, prefill.onnx, decode.onnx and decoder.json in ``output``. Checked before
+    anything is written: greedy generation in ONNX Runtime equals the eager copy's, token for token, on a left-padded
+    batch of two prompts with their images."""
+    policy, config = vlm.graphprune.policy, vlm.config
+    cache = getattr(policy, "cache", policy)
+    if config.model_type != "llava":
+        raise GraphPruneError(f"a vision-language model's language model exports to ONNX for LLaVA so far, not "
+                              f"'{config.model_type}' (its image side exports alone: divprune with target='onnx')")
+    if policy.prunes_rows or not cache.exportable:
+        raise GraphPruneError(f"'{policy.name}' has no static-shape prompt pass or decode step to export (rows that "
+                              "stop inside the language model, or a cache that changes size); use target='eager'")
+    if isinstance(cache.budget, float):
+        raise GraphPruneError("ONNX export needs a fixed budget: give budget as an int (cached tokens per layer)")
+    if policy.reduces_images and (type(policy).fixed_image_tokens is CachePolicy.fixed_image_tokens or policy.renumbers()):
+        raise GraphPruneError(f"'{policy.name}' keeps a data-dependent number of image tokens (or renumbers them): it "
+                              "does not export to ONNX")
+    extra = 0 if cache.evicts is When.STEP else max_new_tokens
+    pixels = example_pixels(vlm)
+    reducer = ImageReducer(vlm, policy).eval()
+    with torch.no_grad():
+        n = image_features(vlm, pixels[:1]).shape[1]
+        g = torch.Generator().manual_seed(0)
+        text = torch.randint(3, config.image_token_id, (2, 10), generator=g)
+        full = torch.cat([text[:, :4], torch.full((2, n), config.image_token_id), text[:, 4:]], 1)
+        mask = torch.ones_like(full)
+        mask[1, :2] = 0  # (left padding in the example batch)
+        tokens, kept = reducer(pixels)
+        ids, short_mask, pos = shorten(full, mask, kept, config.image_token_id)
+        prefill = VisionPrefill(vlm, extra, config.image_token_id).eval()
+        logits, *state = prefill(ids, short_mask, pos, tokens.reshape(-1, tokens.shape[-1]))
+    names = vlm.graphprune.new_cache().state_names()
+    per = len(names) // vlm.graphprune.info.n_layers
+    capacities = [state[i * per].shape[2] - extra for i in range(vlm.graphprune.info.n_layers)]
+    decode = DecodeStep(vlm, capacities, extra).eval()
+    b = torch.export.Dim("batch", min=1, max=1024)
+    output = Path(output)
+    with staging_dir(output) as tmp:
+        past, present = [f"past.{n}" for n in names], [f"present.{n}" for n in names]
+        _export(reducer, (pixels,), ["pixel_values"], ["image_tokens", "kept"], tmp / "vision.onnx",
+                {"pixel_values": {0: torch.export.Dim("images", min=1, max=1024)}})
+        _export(prefill, (ids, short_mask, pos, tokens.reshape(-1, tokens.shape[-1])),
+                ["input_ids", "attention_mask", "position_ids", "image_tokens"], ["logits", *present],
+                tmp / "prefill.onnx", {"input_ids": {0: b}, "attention_mask": {0: b}, "position_ids": {0: b},
+                                       "image_tokens": {0: torch.export.Dim("tokens", min=1, max=2**20)}})
+        step_in = (ids[:, -1:], mask.sum(-1, keepdim=True), *state)
+        _export(decode, step_in, ["input_ids", "position_ids", *past], ["logits", *present], tmp / "decode.onnx",
+                {"input_ids": {0: b}, "position_ids": {0: b}, "state": tuple({0: b} for _ in state)})
+        eos, pad = vlm.generation_config.eos_token_id, vlm.generation_config.pad_token_id
+        meta = {"recipe": policy.name, "options": policy.options(), "prompt_len": int(ids.shape[1]),
+                "eos_token_ids": [eos] if isinstance(eos, int) else list(eos or []), "pad_token_id": pad or 0,
+                "max_new_tokens": max_new_tokens, "extra_slots": extra, "capacities": capacities, "state_names": names,
+                "model_type": config.model_type, "image_token_id": config.image_token_id,
+                "tokens_per_image": int(tokens.shape[1]), "pixel_shape": list(pixels.shape[1:])}
+        (tmp / "decoder.json").write_text(json.dumps(meta, indent=2))
+        (tmp / "vision.json").write_text(json.dumps(meta, indent=2))
+        runner = OnnxVLM(tmp)
+        with torch.no_grad():
+            expected = vlm.generate(input_ids=full, attention_mask=mask, pixel_values=pixels,
+                                    max_new_tokens=check_tokens, do_sample=False,
+                                    pad_token_id=meta["pad_token_id"])[:, full.shape[1]:]
+        got = runner.generate(full, pixels, mask, check_tokens)[:, :expected.shape[1]]
+        if not torch.equal(got, expected):
+            raise ExportError(f"ONNX Runtime generation differs from eager generation ({got.tolist()} vs "
+                              f"{expected.tolist()}); nothing was written")
+        publish(sorted(tmp.iterdir()), output)
+    runner = OnnxVLM(output)
     runner.report = vlm.report
     return runner

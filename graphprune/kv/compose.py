@@ -99,6 +99,10 @@ class Composed(CachePolicy):
         reducers = [p for p in self.parts if p.reduces_images]
         return reducers[0].image_tokens(image) if reducers else None
 
+    def fixed_image_tokens(self, features):
+        reducers = [p for p in self.parts if p.reduces_images]
+        return reducers[0].fixed_image_tokens(features) if reducers else None
+
     def merge_image(self, image):
         reducers = [p for p in self.parts if p.reduces_images]
         return reducers[0].merge_image(image) if reducers else None
