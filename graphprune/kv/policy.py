@@ -192,7 +192,7 @@ class CachePolicy(Recipe):
         return None
 
     def merge_rows(self, rows: "LayerRows") -> MergedRows | None:
-        """Before a decoder layer (in every forward, on the prompt-rows stage): rows that merge into others, and the
+        """Before a decoder layer, in the prompt pass (on the prompt-rows stage): rows that merge into others, and the
         merged rows' new hidden states; None: the rows go on as they are."""
         return None
 

@@ -147,14 +147,14 @@ def revive(rows: Rows, layer, below, first, hidden: torch.Tensor) -> torch.Tenso
 
 
 class LayerRows:
-    """The rows entering decoder layer ``layer`` (of ``n_layers``) in this forward, for a policy that merges them
+    """The prompt's rows entering decoder layer ``layer`` (of ``n_layers``), for a policy that merges them
     (:meth:`CachePolicy.merge_rows`): ``hidden`` (B, R, C), ``pos``, ``real`` (B, R), ``visual`` (B, R) bool (image
-    and video tokens; None: a text-only model), ``prefill`` (the prompt pass); :meth:`queries_keys` and :meth:`rotate`
-    apply this layer's own projections and rotary embedding (read only)."""
+    and video tokens; None: a text-only model); :meth:`queries_keys` and :meth:`rotate` apply this layer's own
+    projections and rotary embedding (read only)."""
 
-    def __init__(self, layer: int, n_layers: int, prefill: bool, hidden: torch.Tensor, rows: Rows,
-                 media: torch.Tensor | None, module, cos: torch.Tensor, sin: torch.Tensor):
-        self.layer, self.n_layers, self.prefill, self.hidden = layer, n_layers, prefill, hidden
+    def __init__(self, layer: int, n_layers: int, hidden: torch.Tensor, rows: Rows, media: torch.Tensor | None, module,
+                 cos: torch.Tensor, sin: torch.Tensor):
+        self.layer, self.n_layers, self.hidden = layer, n_layers, hidden
         self.pos, self.real = rows.pos, rows.real
         self.visual = None if media is None else torch.isin(rows.ids, media)
         self._module, self._cos, self._sin = module, cos, sin
@@ -221,10 +221,10 @@ def install(model, revives: bool, policy) -> None:
         rows = cache.call.rows
         if revives and idx > 0:
             hidden = revive(rows, cache.layers[idx], cache.layers[idx - 1], cache.layers[0], hidden)
-        if merges:
+        if merges and cache.layers[idx].prompt_len is None:  # (rows merge in the prompt pass)
             rope = rows.rope[:, :, kind[idx]]
-            merged = policy.merge_rows(LayerRows(idx, len(layers), cache.layers[idx].prompt_len is None, hidden, rows,
-                                                 cache.call.media, module, rope[:, :, 0], rope[:, :, 1]))
+            merged = policy.merge_rows(LayerRows(idx, len(layers), hidden, rows, cache.call.media, module,
+                                                 rope[:, :, 0], rope[:, :, 1]))
             if merged is not None:  # the merged rows go on with their new hidden states, the others stop here
                 rows.deselect(rows.pos, rows.real & ~merged.keep)
                 rows.log_size = merged.log_size.float()

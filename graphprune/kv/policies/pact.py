@@ -109,7 +109,7 @@ class PACT(ImagePolicy):
             raise ScheduleError(f"layer must lie below the model's {n_layers} layers, got {self.layer}")
 
     def merge_rows(self, rows):
-        if not rows.prefill or rows.layer != self.layer or rows.visual is None or not bool(rows.visual.any()) or \
+        if rows.layer != self.layer or rows.visual is None or not bool(rows.visual.any()) or \
                 (self.keep == 1 and self.cutoff == 0 and self.retrieve == 0):
             return None
         q, k = rows.queries_keys()
