@@ -646,7 +646,11 @@ def recipes(as_json: bool = typer.Option(False, "--json", help="machine-readable
     def acts_on(cls) -> str:
         if cls.kind != "cache":
             return "encoder tokens"
-        return "VLM image tokens" if getattr(cls, "needs_images", False) else "decoder KV cache"
+        if not getattr(cls, "needs_images", False):
+            return "decoder KV cache"
+        from graphprune.kv.policy import CachePolicy
+
+        return "VLM video tokens" if cls.video_tokens is not CachePolicy.video_tokens else "VLM image tokens"
 
     if as_json:
         print(json.dumps({n: {"kind": c.kind, "acts_on": acts_on(c), "summary": c.summary, "paper": c.paper,
