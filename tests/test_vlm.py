@@ -544,7 +544,7 @@ def test_cli_exports_and_benches_a_vlm_folder(tmp_path):
     fast = graphprune.optimize(tiny_vlm("llava").model, schedule=tmp_path / "out" / "schedule.json")
     assert fast.report.recipe == "fastv" and fast.report.options["ratio"] == 0.75
     res = runner.invoke(app, ["export", str(folder), "--recipe", "fastv", "--target", "onnx", "-o", str(tmp_path / "x")])
-    assert res.exit_code != 0 and "only the image side exports to ONNX" in res.output
+    assert res.exit_code != 0 and "stops rows inside the language model" in res.output
     res = runner.invoke(app, ["export", str(folder), "--recipe", "divprune", "--target", "onnx", "-o", str(tmp_path / "v")])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "v" / "vision.json").read_text())["tokens_per_image"] == round(0.098 * 16)
@@ -582,7 +582,7 @@ def test_the_image_side_exports_to_onnx_with_a_fixed_share(kind, tmp_path):
         for i in range(3):
             assert set(kept[i].tolist()) == divprune_reference(features[i], 0.3)
             assert (tokens[i] - features[i][kept[i]]).abs().max() <= 1e-4
-    with pytest.raises(GraphPruneError, match="only the image side exports"):
+    with pytest.raises(GraphPruneError, match="stops rows inside the language model"):
         graphprune.optimize(vlm.model, "fastv", target="onnx", output=tmp_path / "x")
     if kind == "llava":
         with pytest.raises(GraphPruneError, match="data-dependent number of image tokens"):
