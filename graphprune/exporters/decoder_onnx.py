@@ -63,6 +63,14 @@ def _export(module, args, names_in, names_out, path: Path, dynamic) -> None:
         raise ExportError(f"ONNX export of the decoder's {path.stem} graph failed: {first_line(err)}") from err
 
 
+def publish_checked(got: torch.Tensor, expected: torch.Tensor, staged: Path, output: Path) -> None:
+    """Publish the staged files when ONNX Runtime's greedy tokens ``got`` equal eager generation's ``expected``."""
+    if not torch.equal(got, expected):
+        raise ExportError(f"ONNX Runtime generation differs from eager generation ({got.tolist()} vs "
+                          f"{expected.tolist()}); nothing was written")
+    publish(sorted(staged.iterdir()), output)
+
+
 class OnnxDecoder:
     """A decoder exported by :func:`export_decoder_onnx`: greedy generation in ONNX Runtime."""
 
@@ -151,10 +159,7 @@ def export_decoder_onnx(lm, output, prompt_len: int = 64, max_new_tokens: int = 
             expected = lm.generate(ids, attention_mask=mask, max_new_tokens=check_tokens, do_sample=False,
                                    pad_token_id=meta["pad_token_id"])[:, prompt_len:]
         got = runner.generate(ids, mask, check_tokens)[:, :expected.shape[1]]  # generate() stops when all are done
-        if not torch.equal(got, expected):
-            raise ExportError(f"ONNX Runtime generation differs from eager generation ({got.tolist()} vs "
-                              f"{expected.tolist()}); nothing was written")
-        publish(sorted(tmp.iterdir()), output)
+        publish_checked(got, expected, tmp, output)
     runner = OnnxDecoder(output)
     runner.report = lm.report
     return runner

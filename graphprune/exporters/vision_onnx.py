@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from graphprune.errors import ExportError, GraphPruneError
-from graphprune.exporters.decoder_onnx import DecodeStep, OnnxDecoder, _export
+from graphprune.exporters.decoder_onnx import DecodeStep, OnnxDecoder, _export, publish_checked
 from graphprune.exporters.files import publish, staging_dir
 from graphprune.exporters.onnx import _session
 from graphprune.kv.model import cache_argument, positions
@@ -235,11 +235,7 @@ def export_vlm_onnx(vlm, output, max_new_tokens: int = 32, check_tokens: int = 8
             expected = vlm.generate(input_ids=full, attention_mask=mask, pixel_values=pixels,
                                     max_new_tokens=check_tokens, do_sample=False,
                                     pad_token_id=meta["pad_token_id"])[:, full.shape[1]:]
-        got = runner.generate(full, pixels, mask, check_tokens)[:, :expected.shape[1]]
-        if not torch.equal(got, expected):
-            raise ExportError(f"ONNX Runtime generation differs from eager generation ({got.tolist()} vs "
-                              f"{expected.tolist()}); nothing was written")
-        publish(sorted(tmp.iterdir()), output)
+        publish_checked(runner.generate(full, pixels, mask, check_tokens)[:, :expected.shape[1]], expected, tmp, output)
     runner = OnnxVLM(output)
     runner.report = vlm.report
     return runner
