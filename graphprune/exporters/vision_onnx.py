@@ -24,6 +24,7 @@ from graphprune.errors import ExportError, GraphPruneError
 from graphprune.exporters.decoder_onnx import DecodeStep, OnnxDecoder, _export, publish_checked
 from graphprune.exporters.files import publish, staging_dir
 from graphprune.exporters.onnx import _session
+from graphprune.kv.images import kept_order
 from graphprune.kv.model import cache_argument, positions
 from graphprune.kv.policy import CachePolicy, When
 
@@ -141,10 +142,7 @@ def shorten(input_ids: torch.Tensor, attention_mask: torch.Tensor, kept: torch.T
         gone = torch.ones(per, dtype=torch.bool)
         gone[kept[i]] = False
         keep[mine[gone][:, 0], mine[gone][:, 1]] = False
-    length = int(keep.sum(-1).max())
-    index = torch.arange(input_ids.shape[1]).expand_as(input_ids)
-    order = torch.where(keep, index, -1).argsort(dim=-1, stable=True)[:, -length:]
-    real = keep.gather(1, order)
+    order, real = kept_order(keep)
     mask = attention_mask.gather(1, order) * real
     return input_ids.gather(1, order).masked_fill(~real, 0), mask, positions(attention_mask).gather(1, order)
 

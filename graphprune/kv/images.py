@@ -20,6 +20,7 @@ import torch
 
 from graphprune.kv.model import positions
 from graphprune.kv.policy import CachePolicy
+from graphprune.kv.rows import compact
 
 VISION_ARGUMENTS = ("pixel_values", "image_sizes", "image_grid_thw", "vision_feature_layer",
                     "vision_feature_select_strategy")
@@ -109,11 +110,7 @@ def reduce_images(model, policy: CachePolicy, media: tuple[int, ...], kwargs: di
     mask = torch.ones_like(ids) if mask is None else mask
     pos = kwargs.get("position_ids")  # (B, T), or rows of them (multimodal RoPE: graphprune.kv.mrope)
     pos = positions(mask) if pos is None else pos.expand(*pos.shape[:-2], *ids.shape)
-    # each sequence's kept tokens in order, left-padded to the longest
-    length = int(keep.sum(-1).max())
-    index = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-    order = torch.where(keep, index, -1).argsort(dim=-1, stable=True)[:, -length:]
-    real = keep.gather(1, order)
+    order, real = kept_order(keep)
     pad = model.config.get_text_config().pad_token_id
     new_mask = (mask.gather(1, order) * real).to(mask.dtype)
     if policy.renumbers():  # the kept tokens close up, as the shorter sequence numbers them
@@ -131,7 +128,14 @@ def reduce_images(model, policy: CachePolicy, media: tuple[int, ...], kwargs: di
     for kind in outputs:
         out[PIXELS[kind]] = None
     out.pop("cache_position", None)
-    return out, ids.shape[1] - length, (~keep).sum(-1)
+    return out, ids.shape[1] - order.shape[1], (~keep).sum(-1)
+
+
+def kept_order(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sequence's kept tokens ``keep`` (B, T) in order, left-padded to the longest: their indices (B, T') and
+    which of those are kept tokens (B, T') (the rest: padding)."""
+    real, order = compact(keep, torch.arange(keep.shape[1], device=keep.device).expand_as(keep))
+    return order, real
 
 
 PIXELS = {"image": "pixel_values", "video": "pixel_values_videos"}

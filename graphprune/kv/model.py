@@ -21,7 +21,8 @@ from graphprune.kv.policy import CachePolicy
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text", "phi3")  # rotate-half RoPE, cache.update +
 # attention interface
-VLMS = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "paligemma", "gemma3")  # image placeholders in input_ids before a language model
+VLMS = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "paligemma", "gemma3")  # image
+# placeholders in input_ids before a language model
 MROPE = {"qwen2_vl": "qwen2_vl_text", "qwen2_5_vl": "qwen2_5_vl_text"}  # VLMs whose language model (a Qwen2 with
 # multimodal RoPE) rotates by 3-D positions: see graphprune.kv.mrope
 
@@ -177,16 +178,16 @@ def _evicting_class(base: type, setup: Decoder) -> type:
                 kwargs.pop("past_key_values", None)
                 kwargs[cache_key] = cache
         skipped, lost = 0, None
+        reduces = setup.policy.reduces_images or setup.policy.reduces_videos  # fewer image tokens go in
+        if setup.info.mrope or reduces:  # (the call's arguments by name)
+            kwargs, args = {**dict(zip(names[1:], args)), **kwargs}, ()
         if setup.info.mrope:  # every layer gets the text positions too
             from graphprune.kv.mrope import four_rows
 
-            kwargs, args = four_rows(self, {**dict(zip(names[1:], args)), **kwargs},
-                                     0 if cache is None else cache.get_seq_length()), ()
-        if setup.policy.reduces_images or setup.policy.reduces_videos:  # fewer image tokens go in (the call's
-            # arguments by name)
+            kwargs = four_rows(self, kwargs, 0 if cache is None else cache.get_seq_length())
+        if reduces:
             from graphprune.kv.images import reduce_images
 
-            kwargs, args = {**dict(zip(names[1:], args)), **kwargs}, ()
             kwargs, skipped, lost = reduce_images(self, setup.policy, setup.info.media, kwargs)
             shift = None if cache is None else cache.shift
             if lost is None and shift is not None and kwargs.get("position_ids") is not None:

@@ -26,6 +26,8 @@ from functools import cached_property
 
 import torch
 
+from graphprune.ops.rope import apply as apply_rope
+
 
 @dataclass
 class Rows:
@@ -43,6 +45,17 @@ class Rows:
     stopped: torch.Tensor | None = None  # (B, T) bool by position: tokens a layer stopped (None: none yet)
     drop: torch.Tensor | None = None  # (B, R) bool: rows the current layer stopped
     moved: bool = False  # the rows differ from the forward's input rows
+
+    PER_ROW = ("pos", "new", "ids", "block", "log_size", "rope")  # the per-row fields besides ``real``
+
+    def keep(self, keep: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """Only the rows ``keep`` (B, R) go on, by position (:func:`compact`): every per-row field and ``hidden``
+        (B, R, C) follow; returns the hidden rows."""
+        self.real, *fields, hidden = compact(keep, *(getattr(self, f) for f in self.PER_ROW), hidden)
+        for name, t in zip(self.PER_ROW, fields):
+            setattr(self, name, t)
+        self.moved = True
+        return hidden
 
     @cached_property
     def span(self) -> int:
@@ -136,14 +149,11 @@ def revive(rows: Rows, layer, below, first, hidden: torch.Tensor) -> torch.Tenso
         raise RuntimeError(f"graphprune: a selected token has neither keys and values nor an Aux entry at layer "
                            f"{layer.layer_idx}")
     back, rope = (_gather(t, found.clamp(min=0)) for t in (below.aux.hidden, below.aux.rope))
-    rows.real, rows.pos, rows.new, rows.ids, rows.block, rows.log_size, hidden, rows.rope = compact(
-        torch.cat([rows.real, real], 1), torch.cat([rows.pos, pos], 1),
-        torch.cat([rows.new, torch.zeros_like(real)], 1), torch.cat([rows.ids, torch.full_like(pos, -1)], 1),
-        torch.cat([rows.block, torch.full_like(pos, -1)], 1), torch.cat([rows.log_size, real.new_zeros(real.shape,
-                                                                                                      dtype=torch.float)], 1),
-        torch.cat([hidden, back.to(hidden.dtype)], 1), torch.cat([rows.rope, rope], 1))
-    rows.moved = True
-    return hidden
+    revived = {"pos": pos, "new": torch.zeros_like(real), "ids": torch.full_like(pos, -1),
+               "block": torch.full_like(pos, -1), "log_size": torch.zeros(real.shape, device=pos.device), "rope": rope}
+    for name in Rows.PER_ROW:  # the revived rows after this forward's, then all in order of position
+        setattr(rows, name, torch.cat([getattr(rows, name), revived[name].to(getattr(rows, name).dtype)], 1))
+    return rows.keep(torch.cat([rows.real, real], 1), torch.cat([hidden, back.to(hidden.dtype)], 1))
 
 
 class LayerRows:
@@ -173,9 +183,7 @@ class LayerRows:
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """Queries or keys (B, H, R, D) rotated as this layer rotates them."""
-        cos, sin = self._cos[:, None].to(x.dtype), self._sin[:, None].to(x.dtype)
-        half = x.shape[-1] // 2
-        return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+        return apply_rope(x, self._cos[:, None].to(x.dtype), self._sin[:, None].to(x.dtype))
 
 
 def install(model, revives: bool, policy) -> None:
@@ -228,10 +236,7 @@ def install(model, revives: bool, policy) -> None:
             if merged is not None:  # the merged rows go on with their new hidden states, the others stop here
                 rows.deselect(rows.pos, rows.real & ~merged.keep)
                 rows.log_size = merged.log_size.float()
-                rows.real, rows.pos, rows.new, rows.ids, rows.block, rows.log_size, hidden, rows.rope = compact(
-                    rows.real & merged.keep, rows.pos, rows.new, rows.ids, rows.block, rows.log_size,
-                    merged.hidden.to(hidden.dtype), rows.rope)
-                rows.moved = True
+                hidden = rows.keep(rows.real & merged.keep, merged.hidden.to(hidden.dtype))
         if not rows.moved:
             return None
         kwargs = dict(kwargs)  # the rows are no longer the model's: their own positions; the layer masks by position
@@ -257,9 +262,7 @@ def install(model, revives: bool, policy) -> None:
             keep = keep & rows.new
         if bool(keep.all()):
             return None
-        rows.real, rows.pos, rows.new, rows.ids, rows.block, rows.log_size, hidden, rows.rope = compact(
-            keep, rows.pos, rows.new, rows.ids, rows.block, rows.log_size, hidden, rows.rope)
-        rows.moved = True
+        hidden = rows.keep(keep, hidden)
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
     for layer in layers:
