@@ -404,9 +404,14 @@ def export_decoder(net, model: str, recipe: str, options: dict, target: str, out
     if target == "onnx":
         report["artifact"] = str(output)
         report["onnx"] = result.meta
-        if is_vlm(net):
+        from graphprune.exporters.vision_onnx import OnnxImageReducer
+
+        if isinstance(result, OnnxImageReducer):
             console.print(f"wrote {output / 'vision.onnx'}: pixels to the image tokens the recipe keeps (checked in ONNX "
                           "Runtime; the language model runs eager)")
+        elif is_vlm(net):  # (the whole model)
+            console.print(f"wrote {output / 'vision.onnx'}, {output / 'prefill.onnx'}, {output / 'decode.onnx'} "
+                          "(checked against eager generation)")
         else:
             console.print(f"wrote {output / 'prefill.onnx'}, {output / 'decode.onnx'} (checked against eager "
                           "generation)")

@@ -923,3 +923,18 @@ def test_a_vlm_with_a_fixed_budget_exports_whole_to_onnx(recipe, options, tmp_pa
         graphprune.optimize(vlm.model, "h2o", budget=0.5, target="onnx", output=tmp_path / "x")
     with pytest.raises(GraphPruneError, match="for LLaVA so far"):
         graphprune.optimize(tiny_vlm("qwen2_vl").model, "h2o", budget=12, target="onnx", output=tmp_path / "x")
+
+
+@pytest.mark.slow
+def test_cli_exports_a_whole_vlm_with_a_cache_policy(tmp_path):
+    """graphprune-cli export VLM_FOLDER --recipe h2o --target onnx: the image side and the language model's graphs."""
+    from typer.testing import CliRunner
+
+    from graphprune.cli import app
+
+    folder = saved_llava(tmp_path / "llava")
+    res = CliRunner().invoke(app, ["export", str(folder), "--recipe", "h2o", "-O", "budget=12", "--target", "onnx",
+                                   "-o", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    assert {"vision.onnx", "prefill.onnx", "decode.onnx"} <= {p.name for p in (tmp_path / "out").iterdir()}
+    assert "prefill.onnx" in res.output and json.loads((tmp_path / "out" / "report.json").read_text())["recipe"] == "h2o"
