@@ -321,3 +321,45 @@ class LazyLLM:
             out.append(int(logits[-1].argmax()))
             logits.append(self.forward([out[-1]], len(prompt) + len(out) - 1))
         return out, logits
+
+
+def rocketkv_plan(budget: int, prompt: int, new_tokens: int, head_dim: int) -> tuple[int, int, int, int]:
+    """RocketKV's split of a token budget (NVlabs/RocketKV, infllm_utils.compress and rocket.py): prompt tokens kept by
+    stage 1, stage 2's top-k, page size, channels."""
+    import math
+
+    total = prompt + new_tokens
+    ratio = max(1.0, total / budget)
+    alpha = min(0.2 + 0.06 * math.log2(ratio), 0.8)
+    capacity = max(math.floor(total / ratio**alpha), min(2 * new_tokens, total))
+    ratio2 = max(1.0, capacity / budget)
+    page = math.ceil(math.sqrt(ratio2))
+    if page > ratio2:
+        page = 1
+    channels = min(max(math.floor(head_dim * page / ratio2), 1), head_dim)
+    return capacity - new_tokens, budget // 2, page, channels
+
+
+def rocketkv_step(queries: list[list[float]], keys: list[list[float]], k: int, page: int, channels: int) -> set[int]:
+    """RocketKV's stage 2 for one KV head: the slots (cache order) that a decoding step's query heads ``queries`` (g
+    lists of D) attend to, by the approximate scores over the page bounds of ``keys`` (N lists of D). Ties go to the
+    earlier slot."""
+    import math
+
+    g, d, n = len(queries), len(queries[0]), len(keys)
+    sign = [1.0 if sum(q[i] for q in queries) > 0 else -1.0 for i in range(d)]
+    importance = [sum(abs(q[i]) for q in queries) / g for i in range(d)]
+    chosen = sorted(range(d), key=lambda i: (-importance[i], i))[:channels]
+    bounds = []
+    for start in range(0, n, page):
+        members = keys[start:start + page]
+        bounds.append([max(m[i] for m in members) if sign[i] > 0 else min(m[i] for m in members) for i in range(d)])
+    probs = [0.0] * n
+    for q in queries:
+        tau = math.sqrt(d * sum(abs(q[i]) for i in chosen) / sum(abs(x) for x in q))
+        scores = [sum(q[i] * bounds[j // page][i] for i in chosen) / tau for j in range(n)]
+        top_score = max(scores)
+        e = [math.exp(s - top_score) for s in scores]
+        for j in range(n):
+            probs[j] += e[j] / sum(e) / g
+    return set(sorted(range(n), key=lambda j: (-probs[j], j))[:min(k, n)])

@@ -168,9 +168,12 @@ class EvictingLayer(CacheLayerMixin):
                 bias = bias[:, :, None, :].to(query.dtype)
                 mask = bias.expand(b, -1, n_new, -1) if mask is None else \
                     torch.where(mask, bias, torch.finfo(query.dtype).min)
-            keys, override = view.keys, self.policy.attention_keys(view)
+            keys, values, override = view.keys, view.values, self.policy.attention_keys(view)
+            chosen = None if prefill else self.policy.attention_slots(view)
+            if chosen is not None:  # sparse attention: the chosen slots alone (the cache keeps every one)
+                keys, values, mask = _chosen(keys, values, mask, chosen)
             if override is None:
-                out = _grouped_attention(query, keys, view.values, mask, scaling)
+                out = _grouped_attention(query, keys, values, mask, scaling)
             else:  # swap the policy's keys in for the attention call only (a few slots, in place)
                 st.writable()
                 keys = view.keys
@@ -178,7 +181,7 @@ class EvictingLayer(CacheLayerMixin):
                 cached = keys.gather(2, idx)
                 keys.scatter_(2, idx, override.keys)
                 try:
-                    out = _grouped_attention(query, keys, view.values, mask, scaling)
+                    out = _grouped_attention(query, keys, values, mask, scaling)
                 finally:
                     keys.scatter_(2, idx, cached)
         if early is not None:
@@ -279,6 +282,22 @@ def _grouped_attention(query, keys, values, mask: torch.Tensor | None, scaling: 
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=None if mask is None else mask.repeat(1, 1, g, 1),
                                          scale=scaling)
     return out.reshape(b, hq, n_new, -1).transpose(1, 2).contiguous()
+
+
+def _chosen(keys, values, mask: torch.Tensor | None, chosen: torch.Tensor):
+    """The keys, values and mask of the ``chosen`` (B, Hkv, N) slots alone, in slot order: as many slots as the row
+    that chose most, the others' extra ones masked."""
+    k = int(chosen.sum(-1).amax())
+    idx = chosen.to(torch.uint8).sort(dim=-1, descending=True, stable=True).indices[..., :k]
+    picked = chosen.gather(-1, idx)[:, :, None, :]
+    keys = keys.gather(2, idx[..., None].expand(-1, -1, -1, keys.shape[-1]))
+    values = values.gather(2, idx[..., None].expand(-1, -1, -1, values.shape[-1]))
+    if mask is None:
+        return keys, values, picked
+    mask = mask.expand(*idx.shape[:2], *mask.shape[2:]).gather(-1, idx[:, :, None, :].expand(-1, -1, mask.shape[2], -1))
+    if mask.dtype == torch.bool:
+        return keys, values, mask & picked
+    return keys, values, torch.where(picked, mask, torch.finfo(mask.dtype).min)
 
 
 def real_tokens(mask, b, n, device) -> torch.Tensor:

@@ -91,6 +91,9 @@ class Composed(CachePolicy):
     def attention_keys(self, view):
         return self.cache.attention_keys(view)
 
+    def attention_slots(self, view):
+        return self.cache.attention_slots(view)
+
     def new_state(self):
         return self.cache.new_state()
 

@@ -185,6 +185,11 @@ class CachePolicy(Recipe):
         sink keys); None: the cached keys."""
         return None
 
+    def attention_slots(self, view: "View") -> torch.Tensor | None:
+        """While decoding, the slots this step's attention reads, (B, Hkv, N) bool (exact attention over those alone:
+        sparse attention; the cache keeps every slot); None: all of them."""
+        return None
+
     def rows(self, view: "View") -> torch.Tensor | None:
         """Row pruning at a layer boundary (in every forward): (B, N) bool over this layer's slots, the tokens that
         stop here and are left out of the layers above in this forward; None: all go on. Hidden states, positions,
