@@ -363,3 +363,40 @@ def rocketkv_step(queries: list[list[float]], keys: list[list[float]], k: int, p
         for j in range(n):
             probs[j] += e[j] / sum(e) / g
     return set(sorted(range(n), key=lambda j: (-probs[j], j))[:min(k, n)])
+
+
+def gear(x: torch.Tensor, keys: bool, bits: int, group: int, share: float, iterations: int,
+         start: torch.Tensor) -> torch.Tensor:
+    """GEAR on one chunk of one sequence, ``x`` (H, n, D) keys or values: per row (keys: a channel over the tokens;
+    values: a token over every head's entries) the ⌊share·len/2⌋ largest and smallest entries are kept exactly and
+    replaced by the row's mean, the row is quantised in groups of ``group`` (min-max), the outliers go back; then per
+    head the error's projection on the span of E (EᵀE)^(iterations−1) ``start`` is added. Returns what attention reads."""
+    h, n, d = x.shape
+    x = x.double()
+    if keys:
+        rows = [x[i, :, c].tolist() for i in range(h) for c in range(d)]
+    else:
+        rows = [x[:, t, :].reshape(-1).tolist() for t in range(n)]
+    out = []
+    for row in rows:
+        k = int(share * len(row) / 2)
+        order = sorted(range(len(row)), key=lambda j: row[j])
+        kept = set(order[:k]) | set(order[len(row) - k:]) if k else set()
+        mean = sum(row) / len(row)
+        filled = [mean if j in kept else v for j, v in enumerate(row)]
+        g = group if len(row) % group == 0 else len(row)
+        quant = [v for s in range(0, len(row), g) for v in minmax_quant(filled[s:s + g], bits)]
+        out.append([row[j] if j in kept else quant[j] for j in range(len(row))])
+    if keys:
+        y = torch.tensor(out, dtype=torch.double).reshape(h, d, n).transpose(1, 2)
+    else:
+        y = torch.tensor(out, dtype=torch.double).reshape(n, h, d).transpose(0, 1)
+    result = y.clone()
+    for i in range(h):
+        e = x[i] - y[i]
+        p = start.double()
+        for _ in range(iterations - 1):
+            p = e.T @ (e @ p)
+        q = torch.linalg.svd(e @ p, full_matrices=False).U  # an orthonormal basis of the same span
+        result[i] += q @ q.T @ e
+    return result

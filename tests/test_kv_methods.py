@@ -1,4 +1,4 @@
-"""Cache methods beyond eviction at a fixed budget: RocketKV's two stages (sparse attention while decoding)."""
+"""Cache methods beyond eviction at a fixed budget: RocketKV (sparse attention while decoding), GEAR (compressed chunks)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from graphprune.kv import EvictingLayer
 from graphprune.kv.policies.rocketkv import plan
 from graphprune.recipes import get_recipe
 from tests import reference_kv as ref
-from tests.test_kv import greedy, kept, left_padded, prompts, tiny
+from tests.test_kv import greedy, kept, left_padded, prompts, run_layer, tiny
 
 
 # -- RocketKV ----------------------------------------------------------------------------------------
@@ -101,3 +101,66 @@ def test_rocketkv_batch_with_left_padding_equals_each_prompt_alone(family):
         cache = fast(ids, attention_mask=mask, use_cache=True).cache
     real = cache.layers[0].storage.valid[:, 0].sum(-1).tolist()
     assert real == [plan(12, 24, 8, 16).keep, plan(12, 17, 8, 16).keep] == [16, 12]
+
+
+# -- GEAR --------------------------------------------------------------------------------------------
+
+def _gear_layer(rec, prompt: int, total: int, heads=2, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    keys, values = torch.randn(1, heads, total, d, generator=g), torch.randn(1, heads, total, d, generator=g)
+    keys[0, 0, 3, 1] = 9.0  # an outlier
+    return run_layer(rec, keys, values, torch.zeros(1, heads, total, d), prompt).storage, keys, values
+
+
+@pytest.mark.parametrize("bits,share", [(2, 0.25), (4, 0.25), (2, 0.0)])
+def test_gear_stores_the_papers_decomposition_chunk_by_chunk(bits, share):
+    """The prompt is compressed once at prompt_rank (a whole number of buffers), then every full buffer as its own
+    chunk at rank; each chunk equals a by-hand GEAR (outliers kept exactly, KIVI groups, power-iteration low rank)."""
+    prompt, total, group, buffer = 13, 30, 4, 4
+    rec = get_recipe("gear", bits=bits, group=group, buffer=buffer, outliers=share, rank=1, prompt_rank=3,
+                     iterations=3, seed=5)
+    st, keys, values = _gear_layer(rec, prompt, total)
+    assert st.nk == st.nv == 28 and len(st.kq) == 1 + 4 and st.length == total  # 12 from the prompt, then 4 × 4
+    k, v = st.kv()
+    spans = [(0, 12, 3)] + [(s, s + 4, 1) for s in range(12, 28, 4)]
+    for lo, hi, rank in spans:
+        start = torch.rand(8, rank, generator=torch.Generator().manual_seed(5))
+        for x, got, is_key in ((keys, k, True), (values, v, False)):
+            expected = ref.gear(x[0, :, lo:hi], is_key, bits, group, share, 3, start)
+            torch.testing.assert_close(got[0, :, lo:hi].double(), expected, atol=2e-4, rtol=0)
+    torch.testing.assert_close(k[0, :, 28:], keys[0, :, 28:])  # the buffer: full precision
+    if share:  # the outlier comes back exactly, before the low-rank part is added (which is small there)
+        assert abs(float(k[0, 0, 3, 1]) - 9.0) < 0.05
+
+
+def test_gear_counts_its_memory_and_improves_on_plain_quantisation():
+    rec = get_recipe("gear", bits=2, group=4, buffer=8, outliers=0.1, rank=2, prompt_rank=2)
+    st, keys, values = _gear_layer(rec, 64, 64, d=16)
+    k, _ = st.kv()
+    plain = get_recipe("gear", bits=2, group=4, buffer=8, outliers=0.0, rank=0, prompt_rank=0)
+    pk, _ = _gear_layer(plain, 64, 64, d=16)[0].kv()
+    assert (k - keys).norm() < 0.8 * (pk - keys).norm()
+    # held: 2-bit codes, a scale and minimum per group, outliers (value + int16 index), Q and P factors, all fp32
+    n, d, h = 64, 16, 2
+    codes = 2 * n * d * h * 2 // 8
+    groups = 4 * (n * d * h // 4) * 2 * 2
+    outl = (int(0.1 * n / 2) * 2 * d * h + int(0.1 * d * h / 2) * 2 * n) * (4 + 2)
+    factors = 2 * h * (n + d) * 2 * 4
+    assert st.nbytes == codes + groups + outl + factors
+
+
+def test_gear_zero_and_batches():
+    """A buffer that never fills is the unmodified model; a left-padded batch compresses each sequence alone where
+    the padding fills whole groups (padding takes no part in the statistics)."""
+    model, ids = tiny(), prompts(2, 40)
+    assert torch.equal(greedy(graphprune.optimize(model, "gear", buffer=2**30), ids, n=6), greedy(model, ids, n=6))
+    fast = graphprune.optimize(model, "gear", group=4, buffer=8, bits=4, outliers=0.25)
+    ids = prompts(2, 24, seed=3)
+    mask = torch.ones_like(ids)
+    ids[1, :8], mask[1, :8] = 0, 0
+    with torch.no_grad():
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        both = fast(ids, attention_mask=mask, position_ids=pos, use_cache=True).cache.layers[1].storage.kv()
+        alone = fast(ids[1:, 8:], use_cache=True).cache.layers[1].storage.kv()
+    for got, expected in zip(both, alone):
+        torch.testing.assert_close(got[1, :, 8:], expected[0], atol=1e-5, rtol=0)

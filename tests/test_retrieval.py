@@ -26,12 +26,12 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 
 pytestmark = pytest.mark.slow
 
-BUDGETS = (0.25, 0.5, 0.75, 0.9, 0.95, 0.98)
+BUDGETS = (0.25, 0.5, 0.75, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
 EVICTING = ("streaming_llm", "h2o", "tova", "scissorhands", "snapkv", "pyramidkv")
 OTHERS = {  # settings from stronger to milder reduction; the first that keeps every needle is checked
     "kivi": [{"bits": 4}],
-    "fastgen": [{"recovery": r} for r in (0.95, 0.98, 0.995)],
-    "pyramidinfer": [{"decay": d} for d in (0.9, 0.95, 0.99)],
+    "fastgen": [{"recovery": r} for r in (0.95, 0.98, 0.995, 0.999)],
+    "pyramidinfer": [{"decay": d} for d in (0.9, 0.95, 0.99, 0.999)],
 }  # (not lazyllm: it deselects tokens anew in every forward, so a token its caches hold at the end may still have
 # been left out of the forward that wrote an answer token; tests/test_kv.py checks it against a by-hand LazyLLM)
 SEEDS = (0, 1)

@@ -10,11 +10,11 @@ Importing graphprune does not need transformers; the cache classes load it when 
 from graphprune.kv.model import (
     Decoder, DecoderInfo, KVReport, analyze_decoder, evicting_copy, input_ids, is_decoder_lm, optimize_decoder, positions,
 )
-from graphprune.kv.policy import CachePolicy, KeyOverride, Quantization, When, group_mean, slot_field
+from graphprune.kv.policy import CachePolicy, Chunk, Codec, KeyOverride, When, group_mean, slot_field
 from graphprune.kv.view import View
 from graphprune.kv import policies  # noqa: F401,E402  (registers the built-in policies)
 
-__all__ = ["CachePolicy", "Decoder", "DecoderInfo", "EvictingCache", "EvictingLayer", "KVReport", "KeyOverride", "Quantization", "View",
+__all__ = ["CachePolicy", "Decoder", "DecoderInfo", "EvictingCache", "EvictingLayer", "KVReport", "Chunk", "Codec", "KeyOverride", "View",
            "When", "analyze_decoder", "evicting_copy", "group_mean", "input_ids", "is_decoder_lm", "optimize_decoder",
            "positions", "slot_field"]
 

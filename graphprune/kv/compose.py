@@ -85,8 +85,8 @@ class Composed(CachePolicy):
     def score(self, view):
         return self.cache.score(view)
 
-    def quantization(self):
-        return self.cache.quantization()
+    def codec(self):
+        return self.cache.codec()
 
     def attention_keys(self, view):
         return self.cache.attention_keys(view)

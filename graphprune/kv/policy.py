@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Union
+from typing import TYPE_CHECKING, Callable, ClassVar, Union
 
 import torch
 
@@ -52,13 +52,36 @@ class When(enum.Enum):
 
 
 @dataclass(frozen=True)
-class Quantization:
-    """Storage in quantised codes (KIVI): keys per channel in groups of ``group`` tokens, values per token in groups
-    of ``group`` channels, the newest ``residual`` tokens in full precision."""
+class Chunk:
+    """A compressed run of cached keys or values: the tensors held (each with the batch first) and the function that
+    rebuilds the (B, Hkv, n, D) entries from them."""
 
-    bits: int
-    group: int
-    residual: int
+    parts: tuple
+    rebuild: Callable[..., torch.Tensor]
+
+    def decode(self) -> torch.Tensor:
+        return self.rebuild(*self.parts)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.parts)
+
+    def map(self, fn) -> "Chunk":
+        return Chunk(tuple(fn(t) for t in self.parts), self.rebuild)
+
+
+class Codec:
+    """How a policy stores its cache compressed (KIVI, GEAR): the oldest full-precision tokens go, a run at a time, into
+    :class:`Chunk` s that are never compressed again; attention reads them rebuilt."""
+
+    def due(self, held: int, keys: bool) -> int:
+        """How many of the ``held`` full-precision keys (or values), oldest first, to compress now (0: none)."""
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor, valid: torch.Tensor, keys: bool, prompt: bool) -> Chunk:
+        """Compress ``x`` (B, Hkv, n, D), keys or values; ``valid`` (B, Hkv, n) the real tokens (padding takes no part
+        in the statistics); ``prompt``: this run comes from the prompt pass."""
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
@@ -176,8 +199,8 @@ class CachePolicy(Recipe):
         raise NotImplementedError(f"{type(self).__name__} must define score(view)")
 
     # -- optional stages ----------------------------------------------------------------------
-    def quantization(self) -> Quantization | None:
-        """Store the cache quantised (KIVI) instead of in full precision."""
+    def codec(self) -> Codec | None:
+        """Store the cache compressed (quantised: KIVI, GEAR) instead of in full precision; None: full precision."""
         return None
 
     def attention_keys(self, view: "View") -> KeyOverride | None:

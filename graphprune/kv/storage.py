@@ -19,8 +19,7 @@ import math
 
 import torch
 
-from graphprune.kv.policy import CachePolicy, Quantization, When, is_slot_field
-from graphprune.ops.quant import dequantize, quantize
+from graphprune.kv.policy import CachePolicy, Chunk, Codec, When, is_slot_field
 
 
 DEFERRED = 64  # decoding steps whose slot descriptions may wait for one concatenation
@@ -315,19 +314,20 @@ class Static(Slots):
         self.keys, self.values, self.valid, self.pos = keys, values, valid, pos
 
 
-class Quantized(Slots):
-    """KIVI: keys quantised per channel in groups of ``group`` tokens, values per token (groups of ``group``
-    channels); the newest tokens stay in full precision. ``keys`` / ``values`` hold those residual tokens, the
-    quantised parts live in ``kq`` / ``vq`` (chunks of codes, scale and minimum, oldest first)."""
+class Compressed(Slots):
+    """Storage in compressed chunks (the policy's :class:`~graphprune.kv.policy.Codec`: KIVI, GEAR). ``keys`` /
+    ``values`` hold the newest tokens in full precision; the older ones live in ``kq`` / ``vq``, chunks oldest first,
+    compressed when the codec says so and never again."""
 
-    _grow = Slots._concatenate  # the full-precision part is a small residual, sliced off as it is quantised
+    _grow = Slots._concatenate  # the full-precision part is small, sliced off as it is compressed
 
-    def __init__(self, state=None, spec: Quantization | None = None):
+    def __init__(self, state=None, codec: Codec | None = None):
         super().__init__(state)
-        self.spec = spec
-        self.kq: list[tuple] = []
-        self.vq: list[tuple] = []
-        self.nk = self.nv = 0  # tokens in the quantised parts
+        self.codec = codec
+        self.kq: list[Chunk] = []
+        self.vq: list[Chunk] = []
+        self.nk = self.nv = 0  # tokens in the compressed parts
+        self.prompted = False  # the prompt's tokens were offered to the codec
 
     @property
     def length(self) -> int:
@@ -335,56 +335,46 @@ class Quantized(Slots):
 
     @property
     def nbytes(self) -> int:
-        held = [t for chunk in self.kq + self.vq for t in chunk] + [t for t in (self.keys, self.values) if t is not None]
-        return sum(t.numel() * t.element_size() for t in held)
+        held = [t for t in (self.keys, self.values) if t is not None]
+        return sum(c.nbytes for c in self.kq + self.vq) + sum(t.numel() * t.element_size() for t in held)
 
     def kv(self):
-        bits = self.spec.bits
-        keys = [dequantize(c, s, m, bits).flatten(2, 3) for c, s, m in self.kq]  # (B, H, n/G, G, D) chunks
-        values = [dequantize(c, s, m, bits).flatten(-2) for c, s, m in self.vq]  # (B, H, n, D/g, g) chunks
+        keys = [c.decode().to(self.keys.dtype) for c in self.kq]
+        values = [c.decode().to(self.values.dtype) for c in self.vq]
         return torch.cat([*keys, self.keys], dim=-2), torch.cat([*values, self.values], dim=-2)
 
     def settle(self, capacity):
-        """Keys go into the quantised part a whole residual block at a time, values all but the newest residual."""
-        r = self.spec.residual
-        n = self.keys.shape[-2] - self.keys.shape[-2] % r
-        if n:
-            self._quantize_keys(n)
-        if self.values.shape[-2] > r:
-            self._quantize_values(self.values.shape[-2] - r)
-
-    def _quantize_keys(self, n: int) -> None:
-        g, bits = self.spec.group, self.spec.bits
-        x = self.keys[..., :n, :]
-        b, h, _, d = x.shape
-        valid = self.valid[..., self.nk:self.nk + n].reshape(b, h, n // g, g, 1)
-        self.kq.append(quantize(x.reshape(b, h, n // g, g, d), bits, axis=3, valid=valid))
-        self.keys, self.nk = self.keys[..., n:, :], self.nk + n
-
-    def _quantize_values(self, n: int) -> None:
-        x = self.values[..., :n, :]
-        b, h, _, d = x.shape
-        g = self.spec.group if d % self.spec.group == 0 else d
-        self.vq.append(quantize(x.reshape(b, h, n, d // g, g), self.spec.bits, axis=-1))
-        self.values, self.nv = self.values[..., n:, :], self.nv + n
+        prompt, self.prompted = not self.prompted, True
+        for keys in (True, False):
+            held = self.keys if keys else self.values
+            n = self.codec.due(held.shape[-2], keys)
+            if n:
+                start = self.nk if keys else self.nv
+                chunk = self.codec.encode(held[..., :n, :], self.valid[..., start:start + n], keys, prompt)
+                if keys:
+                    self.kq.append(chunk)
+                    self.keys, self.nk = self.keys[..., n:, :], self.nk + n
+                else:
+                    self.vq.append(chunk)
+                    self.values, self.nv = self.values[..., n:, :], self.nv + n
 
     def keep(self, idx):
-        raise NotImplementedError("quantised storage never evicts")
+        raise NotImplementedError("compressed storage never evicts")
 
     def map(self, fn):
         super().map(fn)
-        self.kq = [tuple(fn(t) for t in chunk) for chunk in self.kq]
-        self.vq = [tuple(fn(t) for t in chunk) for chunk in self.vq]
+        self.kq = [c.map(fn) for c in self.kq]
+        self.vq = [c.map(fn) for c in self.vq]
 
 
 def storage_for(policy: CachePolicy, static: int | None = None) -> Slots:
-    """The storage a policy's layer uses: static slots for export (``static`` extra slots), quantised codes when the
-    policy quantises, a ring when it evicts at every step, plain slots otherwise."""
+    """The storage a policy's layer uses: static slots for export (``static`` extra slots), compressed chunks when the
+    policy compresses, a ring when it evicts at every step, plain slots otherwise."""
     state = policy.new_state()
     if static is not None:
         return Static(state, static)
-    spec = policy.quantization()
-    if spec is not None:
-        return Quantized(state, spec)
+    codec = policy.codec()
+    if codec is not None:
+        return Compressed(state, codec)
     in_place = policy.evicts is When.STEP and not policy.slot_order and not policy.prunes_rows
     return Ring(state) if in_place else Slots(state)

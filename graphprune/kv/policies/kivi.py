@@ -3,11 +3,42 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 from graphprune.errors import ScheduleError
-from graphprune.kv.policy import CachePolicy, Quantization, When
-from graphprune.ops.quant import BITS
+from graphprune.kv.policy import CachePolicy, Chunk, Codec, When
+from graphprune.ops.quant import BITS, dequantize, quantize
 from graphprune.recipes.base import option, register
+
+
+def _keys(packed, scale, lo, bits):  # (B, H, n/G, G, D) codes → (B, H, n, D)
+    return dequantize(packed, scale, lo, bits).flatten(2, 3)
+
+
+def _values(packed, scale, lo, bits):  # (B, H, n, D/g, g) codes → (B, H, n, D)
+    return dequantize(packed, scale, lo, bits).flatten(-2)
+
+
+@dataclass(frozen=True)
+class KiviCodec(Codec):
+    """Keys per channel in groups of ``group`` tokens, a whole ``residual`` block at a time; values per token in groups
+    of ``group`` channels (all channels where that does not divide the head), all but the newest ``residual``."""
+
+    bits: int
+    group: int
+    residual: int
+
+    def due(self, held, keys):
+        return held - held % self.residual if keys else max(held - self.residual, 0)
+
+    def encode(self, x, valid, keys, prompt):
+        b, h, n, d = x.shape
+        if keys:
+            g = self.group
+            codes = quantize(x.reshape(b, h, n // g, g, d), self.bits, axis=3, valid=valid.reshape(b, h, n // g, g, 1))
+            return Chunk(codes, partial(_keys, bits=self.bits))
+        g = self.group if d % self.group == 0 else d
+        return Chunk(quantize(x.reshape(b, h, n, d // g, g), self.bits, axis=-1), partial(_values, bits=self.bits))
 
 
 @register
@@ -33,5 +64,5 @@ class KIVI(CachePolicy):
         if self.group < 1 or self.residual < self.group or self.residual % self.group:
             raise ScheduleError(f"residual ({self.residual}) must be a positive multiple of group ({self.group})")
 
-    def quantization(self):
-        return Quantization(self.bits, self.group, self.residual)
+    def codec(self):
+        return KiviCodec(self.bits, self.group, self.residual)
