@@ -164,3 +164,99 @@ def test_gear_zero_and_batches():
         alone = fast(ids[1:, 8:], use_cache=True).cache.layers[1].storage.kv()
     for got, expected in zip(both, alone):
         torch.testing.assert_close(got[1, :, 8:], expected[0], atol=1e-5, rtol=0)
+
+
+# -- Palu --------------------------------------------------------------------------------------------
+
+def _sylvester(n: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / n**0.5
+
+
+def _palu_reference(x, weight, bias, group_rows: int, rank: int, bits: int):
+    """Palu from the projection's input ``x`` (B, n, C): per group of rows, plain SVD W = U Σ Vᵀ, latent h = x A with
+    A = V Σ^½ (rotated by a Hadamard matrix M when quantised: h M, then per token asymmetric with an integer zero point,
+    back), output h B + b with B = Σ^½ Uᵀ. Returns (B, n, rows)."""
+    outs = []
+    for g in range(weight.shape[0] // group_rows):
+        w = weight[g * group_rows:(g + 1) * group_rows].double()
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        a, b = vh[:rank].T * s[:rank].sqrt(), s[:rank].sqrt()[:, None] * u[:, :rank].T
+        h = x.double() @ a
+        if bits < 16:
+            m = _sylvester(rank)
+            h = h @ m
+            levels = 2**bits - 1
+            for i in range(h.shape[0]):
+                for t in range(h.shape[1]):
+                    row = h[i, t]
+                    scale = max(float(row.max() - row.min()), 1e-5) / levels
+                    zero = min(max(round(-float(row.min()) / scale), 0), levels)
+                    h[i, t] = torch.tensor([(min(max(round(float(v) / scale) + zero, 0), levels) - zero) * scale
+                                            for v in row], dtype=torch.double)
+            h = h @ m.T
+        out = h @ b
+        if bias is not None:
+            out = out + bias[g * group_rows:(g + 1) * group_rows].double()
+        outs.append(out)
+    return torch.cat(outs, -1)
+
+
+@pytest.mark.parametrize("family,bits,group", [("llama", 16, 2), ("qwen2", 16, 1), ("qwen2", 3, 2), ("llama", 4, 4)])
+def test_palu_caches_the_latent_and_attention_reads_its_reconstruction(family, bits, group):
+    """The keys and values attention reads are Palu's low-rank reconstruction from each layer's input (RoPE on the
+    rebuilt keys; Qwen2's bias on the reconstruction side), quantised where asked; memory holds the latents."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    model = tiny(family, kv_heads=4)
+    fast = graphprune.optimize(model, "palu", ratio=0.5, align=8, bits=bits, group=group)
+    ids = prompts(2, 16)
+    inputs = {}
+    attn = model.model.layers[1].self_attn
+    hook = attn.k_proj.register_forward_hook(lambda m, a, out: inputs.setdefault("x", a[0]))
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        hook.remove()
+    with torch.no_grad():
+        cache = fast(ids, use_cache=True).cache
+        keys, values = cache.layers[1].storage.kv()
+        rows = group * 16
+        rank = rows // 2  # ratio 0.5, a multiple of align
+        k = _palu_reference(inputs["x"], attn.k_proj.weight, attn.k_proj.bias, rows, rank, bits)
+        v = _palu_reference(inputs["x"], attn.v_proj.weight, attn.v_proj.bias, rows, rank, bits)
+        k, v = (t.reshape(2, 16, 4, 16).transpose(1, 2) for t in (k, v))
+        cos, sin = model.model.rotary_emb(k.float(), torch.arange(16)[None].expand(2, -1))
+        k, _ = apply_rotary_pos_emb(k.float(), k.float(), cos, sin)
+    torch.testing.assert_close(keys.double(), k.double(), atol=1e-4, rtol=0)
+    torch.testing.assert_close(values.double(), v.double(), atol=1e-4, rtol=0)
+    latents = 2 * 2 * 16 * (4 // group) * rank  # K and V: batch · tokens · groups · rank
+    held = cache.layers[1].storage.nbytes
+    assert held == (latents * 4 if bits == 16 else latents * bits // 8 + 2 * 2 * 16 * (4 // group) * (4 + 1))
+
+
+def test_palu_at_full_rank_and_batches():
+    """Full rank through the codec reproduces the model; every token compresses alone, so a left-padded batch equals
+    each prompt alone; models whose keys are normalised after the projection are refused."""
+    model = tiny(kv_heads=4)
+    ids = prompts(2, 30)
+    full = graphprune.optimize(model, "palu", ratio=0.999, align=1)
+    with torch.no_grad():
+        expected = model(ids).logits
+        out = full(ids, use_cache=True)
+        nxt = expected[:, -1:].argmax(-1)
+        torch.testing.assert_close(full(nxt, cache=out.cache, use_cache=True).logits[:, -1],
+                                   model(torch.cat([ids, nxt], 1)).logits[:, -1], atol=1e-5, rtol=0)
+    assert out.cache.layers[0].storage.nk == 31  # (every token went through the latent, the next one too)
+    fast = graphprune.optimize(model, "palu", ratio=0.5, align=8, bits=4)
+    ids, mask, alone = left_padded()
+    batch = greedy(fast, ids, mask, n=8)
+    for i, x in enumerate(alone):
+        assert torch.equal(greedy(fast, x, n=8)[0], batch[i])
+    with pytest.raises(graphprune.errors.RecipeError, match="k_norm"):
+        graphprune.optimize(tiny("qwen3"), "palu")
+    with pytest.raises(graphprune.errors.RecipeError, match="does not divide"):
+        graphprune.optimize(tiny(kv_heads=4), "palu", group=3)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from graphprune.kv.policy import FULL, CachePolicy, When
+from graphprune.kv.policy import FULL, CachePolicy, Codec, When
 from graphprune.kv.rows import Aux, Rows
 from graphprune.kv.storage import Slots, Static, ranked, storage_for, top
 from graphprune.kv.view import View
@@ -47,13 +47,15 @@ class EvictingLayer(CacheLayerMixin):
     is_sliding = False
 
     def __init__(self, policy: CachePolicy, layer_idx: int, n_layers: int, inv_freq: torch.Tensor | None = None,
-                 call: Call | None = None, static: int | None = None, window: int | None = None):
+                 call: Call | None = None, static: int | None = None, window: int | None = None,
+                 codec: Codec | None = None):
         self.is_initialized = False  # (CacheLayerMixin.__init__ would assign keys and values: they are the storage's)
         self.policy, self.layer_idx, self.n_layers, self.inv_freq = policy, layer_idx, n_layers, inv_freq
         self.call = Call() if call is None else call
         self.static = static
         self.window = window  # a sliding-window layer's window (tokens a query sees, itself included); None: all
-        self.storage: Slots = storage_for(policy, static)
+        self.codec = policy.codec() if codec is None else codec  # (the layer's own, made from the model's weights)
+        self.storage: Slots = storage_for(policy, static, self.codec)
         self.seen = 0  # tokens written so far, padding included (what HF calls the sequence length)
         self.prompt_len: int | None = None
         self.capacity: int | None = None
@@ -94,7 +96,7 @@ class EvictingLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         type(self).__init__(self, self.policy, self.layer_idx, self.n_layers, self.inv_freq, self.call, self.static,
-                            self.window)
+                            self.window, self.codec)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -325,12 +327,15 @@ class EvictingCache(Cache):
     """A KV cache whose layers evict by a cache policy (see :mod:`graphprune.kv.policy`)."""
 
     def __init__(self, policy: CachePolicy, n_layers: int, inv_freq: tuple[torch.Tensor | None, ...] = (),
-                 static: int | None = None, media: tuple[int, ...] = (), windows: tuple[int | None, ...] = ()):
-        """``inv_freq``, ``windows``: each layer's RoPE frequencies and sliding window (default: none)."""
+                 static: int | None = None, media: tuple[int, ...] = (), windows: tuple[int | None, ...] = (),
+                 codecs: tuple[Codec | None, ...] = ()):
+        """``inv_freq``, ``windows``, ``codecs``: each layer's RoPE frequencies, sliding window and codec (default:
+        none; the policy's codec)."""
         self.call = Call(media=torch.tensor(media) if media else None)
         inv_freq, windows = inv_freq or (None,) * n_layers, windows or (None,) * n_layers
-        super().__init__(layers=[EvictingLayer(policy, i, n_layers, inv_freq[i], self.call, static, windows[i])
-                                 for i in range(n_layers)])
+        codecs = codecs or (None,) * n_layers
+        super().__init__(layers=[EvictingLayer(policy, i, n_layers, inv_freq[i], self.call, static, windows[i],
+                                               codecs[i]) for i in range(n_layers)])
         self.policy = policy
         self.shift: torch.Tensor | None = None  # (B,) positions the prompt closed up over image tokens left out before
         # the language model (a policy that renumbers): later calls' positions, counted over the whole prompt, move down

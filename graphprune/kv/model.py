@@ -142,13 +142,14 @@ class Decoder:
     policy: CachePolicy
     info: DecoderInfo
     report: KVReport
+    codecs: tuple = ()  # each layer's codec (the policy's, made from the model's weights), or none
 
     def new_cache(self, static: int | None = None):
         """An empty :class:`~graphprune.kv.cache.EvictingCache`; ``static``: a fixed slot count (capacity + static)."""
         from graphprune.kv.cache import EvictingCache
 
         info = self.info
-        return EvictingCache(self.policy, info.n_layers, info.inv_freq, static, info.media, info.windows)
+        return EvictingCache(self.policy, info.n_layers, info.inv_freq, static, info.media, info.windows, self.codecs)
 
 
 def _evicting_class(base: type, setup: Decoder) -> type:
@@ -218,7 +219,8 @@ def evicting_copy(model, policy: CachePolicy, info: DecoderInfo):
     shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     new = copy.deepcopy(model, shared)
     report = KVReport(policy.name, policy.options(), info.family, info.n_layers, info.q_heads, info.kv_heads, info.head_dim)
-    new.__class__ = _evicting_class(type(model), Decoder(policy, info, report))
+    codecs = policy.layer_codecs(new, info)
+    new.__class__ = _evicting_class(type(model), Decoder(policy, info, report, tuple(codecs)))
     new.config.get_text_config()._attn_implementation = ATTENTION  # (a vision tower keeps its own)
     for layer in new.get_decoder().layers:
         layer.self_attn.register_forward_pre_hook(hand_layer, with_kwargs=True)

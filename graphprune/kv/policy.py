@@ -37,6 +37,7 @@ from graphprune.recipes.base import Recipe, option
 
 if TYPE_CHECKING:
     from graphprune.kv.images import ImageView, VideoView
+    from graphprune.kv.model import DecoderInfo
     from graphprune.kv.rows import LayerRows
     from graphprune.kv.view import View
 
@@ -54,13 +55,13 @@ class When(enum.Enum):
 @dataclass(frozen=True)
 class Chunk:
     """A compressed run of cached keys or values: the tensors held (each with the batch first) and the function that
-    rebuilds the (B, Hkv, n, D) entries from them."""
+    rebuilds the (B, Hkv, n, D) entries from them and the run's positions (B, Hkv, n)."""
 
     parts: tuple
     rebuild: Callable[..., torch.Tensor]
 
-    def decode(self) -> torch.Tensor:
-        return self.rebuild(*self.parts)
+    def decode(self, pos: torch.Tensor) -> torch.Tensor:
+        return self.rebuild(*self.parts, pos=pos)
 
     @property
     def nbytes(self) -> int:
@@ -71,16 +72,20 @@ class Chunk:
 
 
 class Codec:
-    """How a policy stores its cache compressed (KIVI, GEAR): the oldest full-precision tokens go, a run at a time, into
-    :class:`Chunk` s that are never compressed again; attention reads them rebuilt."""
+    """How a policy stores a layer's cache compressed (KIVI, GEAR, Palu): the oldest full-precision tokens go, a run at
+    a time, into :class:`Chunk` s that are never compressed again; attention reads them rebuilt."""
+
+    joins: ClassVar[bool] = False  # each new chunk is appended to the last one (every part along its dim 2, the
+    # tokens), for codecs that compress every token as it comes (one chunk instead of one per step)
 
     def due(self, held: int, keys: bool) -> int:
         """How many of the ``held`` full-precision keys (or values), oldest first, to compress now (0: none)."""
         raise NotImplementedError
 
-    def encode(self, x: torch.Tensor, valid: torch.Tensor, keys: bool, prompt: bool) -> Chunk:
-        """Compress ``x`` (B, Hkv, n, D), keys or values; ``valid`` (B, Hkv, n) the real tokens (padding takes no part
-        in the statistics); ``prompt``: this run comes from the prompt pass."""
+    def encode(self, x: torch.Tensor, valid: torch.Tensor, pos: torch.Tensor, keys: bool, prompt: bool) -> Chunk:
+        """Compress ``x`` (B, Hkv, n, D), keys (rotated by RoPE with positions ``pos`` (B, Hkv, n)) or values;
+        ``valid`` (B, Hkv, n) the real tokens (padding takes no part in the statistics); ``prompt``: this run comes
+        from the prompt pass."""
         raise NotImplementedError
 
 
@@ -202,6 +207,12 @@ class CachePolicy(Recipe):
     def codec(self) -> Codec | None:
         """Store the cache compressed (quantised: KIVI, GEAR) instead of in full precision; None: full precision."""
         return None
+
+    def layer_codecs(self, model, info: "DecoderInfo") -> tuple[Codec | None, ...]:
+        """Each layer's codec, made once from the model (its weights: Palu's projections); ``model`` is graphprune's
+        copy of the decoder before its attention is taken over (read it, run it; its weights are the user's). Default:
+        :meth:`codec` for every layer."""
+        return (self.codec(),) * info.n_layers
 
     def attention_keys(self, view: "View") -> KeyOverride | None:
         """While decoding, keys that attention uses instead of the cached ones for a few slots (StreamingLLM turns its

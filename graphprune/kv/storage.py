@@ -339,9 +339,16 @@ class Compressed(Slots):
         return sum(c.nbytes for c in self.kq + self.vq) + sum(t.numel() * t.element_size() for t in held)
 
     def kv(self):
-        keys = [c.decode().to(self.keys.dtype) for c in self.kq]
-        values = [c.decode().to(self.values.dtype) for c in self.vq]
-        return torch.cat([*keys, self.keys], dim=-2), torch.cat([*values, self.values], dim=-2)
+        return torch.cat([*self._decoded(self.kq), self.keys], dim=-2), \
+            torch.cat([*self._decoded(self.vq), self.values], dim=-2)
+
+    def _decoded(self, chunks: list[Chunk]) -> list[torch.Tensor]:
+        out, start, pos = [], 0, self.pos
+        for c in chunks:
+            x = c.decode(pos[..., start:])  # (each chunk takes the positions it needs from its start)
+            out.append(x.to(self.keys.dtype))
+            start += x.shape[-2]
+        return out
 
     def settle(self, capacity):
         prompt, self.prompted = not self.prompted, True
@@ -350,12 +357,16 @@ class Compressed(Slots):
             n = self.codec.due(held.shape[-2], keys)
             if n:
                 start = self.nk if keys else self.nv
-                chunk = self.codec.encode(held[..., :n, :], self.valid[..., start:start + n], keys, prompt)
+                chunk = self.codec.encode(held[..., :n, :], self.valid[..., start:start + n],
+                                          self.pos[..., start:start + n], keys, prompt)
+                chunks = self.kq if keys else self.vq
+                if self.codec.joins and chunks:
+                    last = chunks.pop()
+                    chunk = Chunk(tuple(torch.cat([a, b], 2) for a, b in zip(last.parts, chunk.parts)), chunk.rebuild)
+                chunks.append(chunk)
                 if keys:
-                    self.kq.append(chunk)
                     self.keys, self.nk = self.keys[..., n:, :], self.nk + n
                 else:
-                    self.vq.append(chunk)
                     self.values, self.nv = self.values[..., n:, :], self.nv + n
 
     def keep(self, idx):
@@ -367,13 +378,12 @@ class Compressed(Slots):
         self.vq = [c.map(fn) for c in self.vq]
 
 
-def storage_for(policy: CachePolicy, static: int | None = None) -> Slots:
+def storage_for(policy: CachePolicy, static: int | None = None, codec: Codec | None = None) -> Slots:
     """The storage a policy's layer uses: static slots for export (``static`` extra slots), compressed chunks when the
-    policy compresses, a ring when it evicts at every step, plain slots otherwise."""
+    layer has a ``codec``, a ring when the policy evicts at every step, plain slots otherwise."""
     state = policy.new_state()
     if static is not None:
         return Static(state, static)
-    codec = policy.codec()
     if codec is not None:
         return Compressed(state, codec)
     in_place = policy.evicts is When.STEP and not policy.slot_order and not policy.prunes_rows

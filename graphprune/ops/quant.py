@@ -33,7 +33,11 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, bits
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """(..., D) codes < 2^bits → (..., D·bits/8) bytes."""
+    """(..., D) codes < 2^bits → (..., D·bits/8) bytes (D a multiple of 8 where 8 is not a multiple of bits)."""
+    if 8 % bits:  # eight codes fill `bits` bytes exactly
+        c = codes.reshape(*codes.shape[:-1], codes.shape[-1] // 8, 8).long()
+        word = sum(c[..., i] << (i * bits) for i in range(8))
+        return torch.stack([(word >> (8 * j)) & 255 for j in range(bits)], -1).flatten(-2).to(torch.uint8)
     per = 8 // bits
     c = codes.reshape(*codes.shape[:-1], codes.shape[-1] // per, per)
     out = torch.zeros(c.shape[:-1], dtype=torch.uint8, device=codes.device)
@@ -43,6 +47,11 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    per, mask = 8 // bits, 2**bits - 1
+    mask = 2**bits - 1
+    if 8 % bits:
+        b = packed.reshape(*packed.shape[:-1], packed.shape[-1] // bits, bits).long()
+        word = sum(b[..., j] << (8 * j) for j in range(bits))
+        return torch.stack([(word >> (i * bits)) & mask for i in range(8)], -1).flatten(-2).to(torch.uint8)
+    per = 8 // bits
     parts = [(packed >> (i * bits)) & mask for i in range(per)]
     return torch.stack(parts, dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * per)

@@ -64,7 +64,7 @@ def low_rank(err: torch.Tensor, rank: int, iterations: int, start: torch.Tensor)
     return q, p
 
 
-def _rebuild(packed, scale, lo, idx, exact, q, p, *, bits: int, keys: bool, heads: int):
+def _rebuild(packed, scale, lo, idx, exact, q, p, *, bits: int, keys: bool, heads: int, pos=None):
     """(B, H, n, D) from a GEAR chunk: the dequantised rows, the outliers put back, plus the low-rank part."""
     rows = dequantize(packed, scale.float(), lo.float(), bits).flatten(-2)  # (B, H, D, n) keys, (B, n, H·D) values
     rows = rows.scatter(-1, idx.long(), exact.float())
@@ -87,7 +87,7 @@ class GearCodec(Codec):
     def due(self, held, keys):
         return held - held % self.buffer
 
-    def encode(self, x, valid, keys, prompt):
+    def encode(self, x, valid, pos, keys, prompt):
         b, h, n, d = x.shape
         xf = x.float()
         if keys:  # rows: each channel over the run's tokens, quantised in groups of `group` tokens

@@ -11,11 +11,11 @@ from graphprune.ops.quant import BITS, dequantize, quantize
 from graphprune.recipes.base import option, register
 
 
-def _keys(packed, scale, lo, bits):  # (B, H, n/G, G, D) codes → (B, H, n, D)
+def _keys(packed, scale, lo, *, bits, pos):  # (B, H, n/G, G, D) codes → (B, H, n, D)
     return dequantize(packed, scale, lo, bits).flatten(2, 3)
 
 
-def _values(packed, scale, lo, bits):  # (B, H, n, D/g, g) codes → (B, H, n, D)
+def _values(packed, scale, lo, *, bits, pos):  # (B, H, n, D/g, g) codes → (B, H, n, D)
     return dequantize(packed, scale, lo, bits).flatten(-2)
 
 
@@ -31,7 +31,7 @@ class KiviCodec(Codec):
     def due(self, held, keys):
         return held - held % self.residual if keys else max(held - self.residual, 0)
 
-    def encode(self, x, valid, keys, prompt):
+    def encode(self, x, valid, pos, keys, prompt):
         b, h, n, d = x.shape
         if keys:
             g = self.group

@@ -1,0 +1,180 @@
+"""Palu: KV-Cache Compression with Low-Rank Projection (Chang et al., ICLR 2025).
+
+The key and value projections of every layer are decomposed, per group of ``group`` KV heads, by a truncated SVD,
+W ≈ B A with A = Σ^½ Vᵀ and B = U Σ^½ (rank r = ``ratio`` of the group's dimensions, rounded to a multiple of
+``align``): the cache holds the latent h = A x of each token (r numbers per group instead of the group's keys or
+values), and attention reads B h (+ the bias), keys turned by RoPE after they are rebuilt. The latent follows from the
+projection's output k = W x + b as h = Σ^-½ Uᵀ (k − b), which is how the cache computes it (pre-RoPE keys: it turns
+them back first). Palu's low-rank-aware quantisation (``bits`` < 16): the latent is rotated by an orthonormal Hadamard
+matrix (folded into A and B) and quantised per token over each group's latent, asymmetric with an integer zero point,
+as the authors' quantiser (shadowpa0327/Palu at bb22666, ``quant_utils``).
+
+What is implemented is the authors' calibration-free configuration (``--decompose_method svd --search_method
+uniform``: plain SVD, the same rank for every group). Their headline results whiten the SVD with the Gram matrix of
+calibration activations and allocate ranks by Fisher information: not here yet (see docs/llm.md). Their accuracy path
+compresses every key and value before its own attention, the prompt's included; here the prompt pass attends to its
+exact keys and values (as KIVI and GEAR), and each token's own attention sees itself exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from graphprune.errors import RecipeError, ScheduleError
+from graphprune.kv.policy import CachePolicy, Chunk, Codec, When
+from graphprune.ops.hadamard import hadamard
+from graphprune.ops.quant import pack, unpack
+from graphprune.ops.rope import rotate
+from graphprune.recipes.base import option, register
+
+
+@dataclass(frozen=True)
+class Projection:
+    """One layer's keys or values in Palu's form, per group of heads: latent = (x − bias) · encode, x ≈ latent ·
+    decode + bias; ``encode`` (G, s·D, r), ``decode`` (G, r, s·D), ``bias`` (G, s·D) or None."""
+
+    encode: torch.Tensor
+    decode: torch.Tensor
+    bias: torch.Tensor | None
+
+
+def projection(weight: torch.Tensor, bias: torch.Tensor | None, groups: int, rank: int, rotate_latent: bool) -> Projection:
+    """Palu's decomposition of one projection ``weight`` (G·s·D, C) by plain SVD, per group of rows."""
+    w = weight.detach().double().reshape(groups, -1, weight.shape[-1])
+    u, sigma, _ = torch.linalg.svd(w, full_matrices=False)
+    u, root = u[..., :rank], sigma[..., :rank].sqrt().clamp_min(1e-30)
+    encode, decode = u / root[:, None, :], (u * root[:, None, :]).transpose(1, 2)
+    if rotate_latent:
+        m = hadamard(rank)
+        encode, decode = encode @ m, m.T @ decode
+    return Projection(encode.float(), decode.float(), None if bias is None else bias.detach().float().reshape(groups, -1))
+
+
+def quantize_latent(h: torch.Tensor, bits: int):
+    """Palu's per-token asymmetric quantiser over the last dimension: codes (packed), scale, integer zero point."""
+    levels = 2**bits - 1
+    scale = (h.amax(-1, keepdim=True) - h.amin(-1, keepdim=True)).clamp_min(1e-5) / levels
+    zero = (-h.amin(-1, keepdim=True) / scale).round().clamp(0, levels)
+    codes = ((h / scale).round() + zero).clamp(0, levels).to(torch.uint8)
+    return pack(codes, bits), scale, zero.to(torch.uint8)
+
+
+def _rebuild(*parts, pos, proj: Projection, bits: int, heads: int, inv_freq: torch.Tensor | None, dtype):
+    if bits < 16:
+        packed, scale, zero = parts
+        h = (unpack(packed, bits).float() - zero.float()) * scale.float()
+    else:
+        h = parts[0].float()
+    x = torch.einsum("bgnr,grk->bgnk", h, proj.decode.to(h.device))
+    if proj.bias is not None:
+        x = x + proj.bias.to(x.device)[None, :, None, :]
+    b, g, n, _ = x.shape
+    x = x.reshape(b, g, n, heads // g, -1).permute(0, 1, 3, 2, 4).reshape(b, heads, n, -1)
+    if inv_freq is not None:  # keys: RoPE at their own positions
+        x = rotate(x, pos[..., :n], inv_freq)
+    return x.to(dtype)
+
+
+@dataclass(frozen=True)
+class PaluCodec(Codec):
+    keys: Projection
+    values: Projection
+    inv_freq: torch.Tensor
+    bits: int
+
+    joins = True  # every token is compressed as it comes: one growing chunk
+
+    def due(self, held, keys):
+        return held
+
+    def encode(self, x, valid, pos, keys, prompt):
+        proj = self.keys if keys else self.values
+        if keys:  # back to the projection's output
+            x = rotate(x, -pos, self.inv_freq)
+        b, heads, n, d = x.shape
+        g = proj.encode.shape[0]
+        xg = x.float().reshape(b, g, heads // g, n, d).permute(0, 1, 3, 2, 4).reshape(b, g, n, -1)
+        if proj.bias is not None:
+            xg = xg - proj.bias.to(xg.device)[None, :, None, :]
+        h = torch.einsum("bgnk,gkr->bgnr", xg, proj.encode.to(xg.device))
+        parts = quantize_latent(h, self.bits) if self.bits < 16 else (h.to(x.dtype),)
+        rebuild = partial(_rebuild, proj=proj, bits=self.bits, heads=heads, inv_freq=self.inv_freq if keys else None,
+                          dtype=x.dtype)
+        return Chunk(tuple(parts), rebuild)
+
+
+def _projections(attn, q_heads: int, kv_heads: int, head_dim: int):
+    """The key and value projections' weights and biases of one attention module (fused q/k/v sliced: Phi-3)."""
+    if hasattr(attn, "qkv_proj"):
+        w, bias = attn.qkv_proj.weight, attn.qkv_proj.bias
+        q, kv = q_heads * head_dim, kv_heads * head_dim
+        pick = (lambda t, lo, hi: None if t is None else t[lo:hi])
+        return (w[q:q + kv], pick(bias, q, q + kv)), (w[q + kv:q + 2 * kv], pick(bias, q + kv, q + 2 * kv))
+    return (attn.k_proj.weight, attn.k_proj.bias), (attn.v_proj.weight, attn.v_proj.bias)
+
+
+@register
+@dataclass
+class Palu(CachePolicy):
+    name = "palu"
+    summary = "cache a low-rank latent of each group of heads' keys and values (SVD of the k/v projections), " \
+              "optionally quantised after a Hadamard rotation; rebuild them for attention"
+    paper = "Palu: KV-Cache Compression with Low-Rank Projection (ICLR 2025)"
+    zero = {"ratio": 1.0}
+    evicts = When.NEVER
+    exportable = False  # the latent chunks grow as tokens come
+    sizes_itself = "projects every token to its latent and keeps every token"
+
+    budget: float = option(1.0, "Palu keeps every token: the budget stays 1.0 (the full cache)")
+    ratio: float = option(0.5, "share of each group's key and value dimensions the latent keeps (1.0: the model)")
+    group: int = option(4, "KV heads per decomposition group (1: per head, M-LRD; all of them: joint, J-LRD)")
+    align: int = option(32, "ranks are rounded to a multiple of this (as the authors' rank allocation)")
+    bits: int = option(16, "quantise the latent to 2, 3 or 4 bits (per token, after a Hadamard rotation); 16: not")
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 < self.ratio <= 1:
+            raise ScheduleError(f"ratio must lie in (0, 1], got {self.ratio}")
+        if self.bits not in (2, 3, 4, 8, 16):
+            raise ScheduleError(f"bits must be 2, 3, 4, 8 or 16 (no quantisation), got {self.bits}")
+        if self.group < 1 or self.align < 1:
+            raise ScheduleError("group and align must be ≥ 1")
+
+    def rank(self, dims: int) -> int:
+        """The latent size of a group of ``dims`` key (or value) dimensions."""
+        return min(dims, max(1, round(self.ratio * dims / self.align)) * self.align)
+
+    def layer_codecs(self, model, info):
+        if self.ratio == 1.0 and self.bits == 16:
+            return (None,) * info.n_layers  # the full cache
+        if info.mrope or None in info.inv_freq:
+            raise RecipeError("palu rebuilds keys and turns them by RoPE; this model's positions are not one row of "
+                              "rotary positions graphprune can read (multimodal RoPE): use another cache recipe")
+        group = min(self.group, info.kv_heads)
+        if info.kv_heads % group:
+            raise RecipeError(f"group={self.group} does not divide the {info.kv_heads} KV heads: give a divisor")
+        dims = group * info.head_dim
+        rank = self.rank(dims)
+        if self.bits < 16:
+            try:
+                hadamard(rank)
+            except ValueError:
+                raise RecipeError(f"palu: a latent of {rank} dimensions has no Hadamard rotation here; choose another "
+                                  "ratio or align (ranks that are multiples of 32 up to 512, but 416, have one)") from None
+            if rank % 8:
+                raise RecipeError(f"palu: quantised latents are packed 8 codes at a time: rank {rank} (ratio × {dims}, "
+                                  f"rounded to a multiple of align) must be a multiple of 8")
+        codecs = []
+        for i, layer in enumerate(model.get_decoder().layers):
+            attn = layer.self_attn
+            if hasattr(attn, "k_norm"):
+                raise RecipeError(f"palu decomposes the key projection, but {info.family} normalises keys after it "
+                                  "(k_norm): the keys are not a linear map of the input; use another cache recipe")
+            (wk, bk), (wv, bv) = _projections(attn, info.q_heads, info.kv_heads, info.head_dim)
+            groups = info.kv_heads // group
+            codecs.append(PaluCodec(projection(wk, bk, groups, rank, self.bits < 16),
+                                    projection(wv, bv, groups, rank, self.bits < 16), info.inv_freq[i], self.bits))
+        return tuple(codecs)
