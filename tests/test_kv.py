@@ -391,7 +391,7 @@ def test_kivi_stores_the_papers_quantised_cache(bits, prompt, total):
     assert layer.nbytes < full and layer.length == total
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_quantisation_packs_and_bounds_the_error(bits):
     codes = torch.randint(0, 2**bits, (3, 5, 16), dtype=torch.uint8)
     assert torch.equal(unpack(pack(codes, bits), bits), codes) and pack(codes, bits).shape[-1] == 16 * bits // 8

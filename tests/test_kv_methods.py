@@ -260,3 +260,12 @@ def test_palu_at_full_rank_and_batches():
         graphprune.optimize(tiny("qwen3"), "palu")
     with pytest.raises(graphprune.errors.RecipeError, match="does not divide"):
         graphprune.optimize(tiny(kv_heads=4), "palu", group=3)
+
+
+@pytest.mark.parametrize("n", [1, 8, 12, 20, 28, 36, 96, 160, 224, 352, 480])
+def test_hadamard_matrices_are_orthonormal_with_equal_magnitudes(n):
+    from graphprune.ops.hadamard import hadamard
+
+    h = hadamard(n)
+    torch.testing.assert_close(h @ h.T, torch.eye(n, dtype=torch.float64), atol=1e-10, rtol=0)
+    torch.testing.assert_close(h.abs(), torch.full((n, n), n**-0.5, dtype=torch.float64))
