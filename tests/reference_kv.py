@@ -400,3 +400,76 @@ def gear(x: torch.Tensor, keys: bool, bits: int, group: int, share: float, itera
         q = torch.linalg.svd(e @ p, full_matrices=False).U  # an orthonormal basis of the same span
         result[i] += q @ q.T @ e
     return result
+
+
+def zero_point_quant(x: list[float], bits: int) -> list[float]:
+    """Asymmetric quantisation with an integer zero point (Q-Hitter's and Palu's code), dequantised."""
+    levels = 2**bits - 1
+    scale = max(max(x) - min(x), 1e-5) / levels
+    zero = min(max(round(-min(x) / scale), 0), levels)
+    return [(min(max(round(v / scale) + zero, 0), levels) - zero) * scale for v in x]
+
+
+def qhitter(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, prompt: int, bits: int, heavy: float,
+            attention_only: float, recent: float, alpha: float) -> list[set[int]]:
+    """Q-Hitter on one sequence (scaling 1): ``keys``/``values`` (Hkv, T, D), ``queries`` (Hq, T, D). Past tokens are
+    read quantised, the current call's exactly; accumulated attention summed over a KV head's query heads;
+    friendliness 1 − (ẽ_K + ẽ_V)/2 normalised over the heads and tokens that entered together; kept per head: the
+    best by attention alone, then by α·normalised attention + (1 − α)·friendliness, plus the newest."""
+    import math
+
+    hkv, t, _ = keys.shape
+    g = queries.shape[0] // hkv
+    deq = {(h, j): (torch.tensor(zero_point_quant(keys[h, j].tolist(), bits), dtype=torch.double),
+                    torch.tensor(zero_point_quant(values[h, j].tolist(), bits), dtype=torch.double))
+           for h in range(hkv) for j in range(t)}
+    err = {k: (float((deq[k][0] - keys[k].double()).norm()), float((deq[k][1] - values[k].double()).norm()))
+           for k in deq}
+    n_att, n_hh, n_rec = int(attention_only * prompt), int((heavy - attention_only) * prompt), int(recent * prompt)
+    kept = [list(range(prompt)) for _ in range(hkv)]
+    acc = [dict() for _ in range(hkv)]
+    friendly = [dict() for _ in range(hkv)]
+
+    def enter(new: list[int]):
+        for which in (0, 1):
+            vals = [err[(h, j)][which] for h in range(hkv) for j in new]
+            lo, hi = min(vals), max(vals)
+            for h in range(hkv):
+                for j in new:
+                    e = (err[(h, j)][which] - lo) / (hi - lo) if hi > lo else 0.0
+                    friendly[h][j] = friendly[h].get(j, 1.0) - e / 2
+
+    def attend(q: int, new: set[int]):
+        for h in range(hkv):
+            seen = [j for j in kept[h] if j <= q]
+            ks = torch.stack([keys[h, j].double() if j in new else deq[(h, j)][0] for j in seen])
+            for qh in range(h * g, h * g + g):
+                p = torch.softmax(ks @ queries[qh, q].double(), 0)
+                for j, v in zip(seen, p.tolist()):
+                    acc[h][j] = acc[h].get(j, 0.0) + v
+
+    def evict():
+        cap = n_att + n_hh + n_rec
+        everything = [acc[h][j] for h in range(hkv) for j in kept[h]]
+        lo, hi = min(everything), max(everything)
+        for h in range(hkv):
+            if len(kept[h]) <= cap:
+                continue
+            newest = kept[h][-n_rec:] if n_rec else []
+            cands = [j for j in kept[h] if j not in newest]
+            first = sorted(cands, key=lambda j: -acc[h][j])[:n_att]
+            combined = {j: alpha * (acc[h][j] - lo) / (hi - lo) + (1 - alpha) * friendly[h][j] for j in cands}
+            rest = sorted([j for j in cands if j not in first], key=lambda j: -combined[j])[:n_hh]
+            kept[h] = sorted(set(first) | set(rest) | set(newest))
+
+    for q in range(prompt):
+        attend(q, set(range(prompt)))
+    enter(list(range(prompt)))
+    evict()
+    for step in range(prompt, t):
+        for h in range(hkv):
+            kept[h].append(step)
+        attend(step, {step})
+        enter([step])
+        evict()
+    return [set(k) for k in kept]

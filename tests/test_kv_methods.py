@@ -269,3 +269,33 @@ def test_hadamard_matrices_are_orthonormal_with_equal_magnitudes(n):
     h = hadamard(n)
     torch.testing.assert_close(h @ h.T, torch.eye(n, dtype=torch.float64), atol=1e-10, rtol=0)
     torch.testing.assert_close(h.abs(), torch.full((n, n), n**-0.5, dtype=torch.float64))
+
+
+# -- Q-Hitter ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("alpha,bits", [(0.5, 4), (0.0, 2), (1.0, 4)])
+def test_qhitter_keeps_the_authors_set_and_stores_codes(alpha, bits):
+    """Kept sets at every step of a long decode equal a by-hand Q-Hitter (quantised past, exact current call, the
+    authors' split of the prompt's shares); the cache holds packed codes and their scales."""
+    g = torch.Generator().manual_seed(int(alpha * 10) + bits)
+    prompt, total = 40, 70
+    keys, values = torch.randn(1, 2, total, 8, generator=g), torch.randn(1, 2, total, 8, generator=g)
+    queries = 2 * torch.randn(1, 4, total, 8, generator=g)
+    options = dict(heavy=0.3, attention_only=0.1, recent=0.1, alpha=alpha, bits=bits)
+    rec = get_recipe("qhitter", **options)
+    layer = run_layer(rec, keys, values, queries, prompt)
+    assert kept(layer) == ref.qhitter(keys[0], values[0], queries[0], prompt, **options)
+    st = layer.storage
+    assert st.length == 4 + 7 + 4  # (0.3 − 0.1)·40 is 7.999… in floating point: 7, as the authors' code
+    assert st.nbytes == 2 * 15 * (2 * 8 * bits // 8 + 4 * 4)
+
+
+def test_qhitter_zero_and_batches():
+    model, ids = tiny(), prompts(2, 40)
+    assert torch.equal(greedy(graphprune.optimize(model, "qhitter", heavy=1.0, bits=16), ids, n=6),
+                       greedy(model, ids, n=6))
+    fast = graphprune.optimize(model, "qhitter", heavy=0.5, recent=0.2)
+    ids = prompts(3, 30, seed=4)
+    out = greedy(fast, ids, n=8)
+    for i in range(3):
+        assert torch.equal(greedy(fast, ids[i:i + 1], n=8)[0], out[i])

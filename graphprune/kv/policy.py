@@ -208,6 +208,12 @@ class CachePolicy(Recipe):
         """Store the cache compressed (quantised: KIVI, GEAR) instead of in full precision; None: full precision."""
         return None
 
+    def token_bits(self) -> int | None:
+        """Store every token's keys and values quantised to this many bits (per token and KV head, asymmetric with an
+        integer zero point), the slots still evictable (Q-Hitter); None: as the codec says. A policy's own scores see
+        the newest tokens' exact keys and values in the call that brings them."""
+        return None
+
     def layer_codecs(self, model, info: "DecoderInfo") -> tuple[Codec | None, ...]:
         """Each layer's codec, made once from the model (its weights: Palu's projections); ``model`` is graphprune's
         copy of the decoder before its attention is taken over (read it, run it; its weights are the user's). Default:

@@ -20,6 +20,7 @@ import math
 import torch
 
 from graphprune.kv.policy import CachePolicy, Chunk, Codec, When, is_slot_field
+from graphprune.ops.quant import dequantize_zero_point, quantize_zero_point
 
 
 DEFERRED = 64  # decoding steps whose slot descriptions may wait for one concatenation
@@ -378,6 +379,70 @@ class Compressed(Slots):
         self.vq = [c.map(fn) for c in self.vq]
 
 
+class TokenCodes(Slots):
+    """Every token's keys and values quantised per token and KV head (``bits``, integer zero point): ``codes`` (keys
+    and values packed side by side) and ``stats`` (scale and zero of each) are per-slot tensors, so slots are evicted as
+    plain ones. ``keys`` / ``values`` hold the tokens written in the current call, in full precision, until the slots
+    are next rearranged or settled."""
+
+    _grow = Slots._concatenate
+
+    def __init__(self, state=None, bits: int = 4):
+        super().__init__(state)
+        self.bits = bits
+        self.codes: torch.Tensor | None = None  # (B, Hkv, N, 2·D·bits/8)
+        self.stats: torch.Tensor | None = None  # (B, Hkv, N, 4): key scale, key zero, value scale, value zero
+
+    @property
+    def length(self) -> int:
+        coded = 0 if self.codes is None else self.codes.shape[2]
+        return coded + (0 if self.keys is None else self.keys.shape[2])
+
+    def write(self, keys, values):
+        if self.keys is None:
+            self.keys, self.values = keys, values
+        else:
+            self.keys, self.values = torch.cat([self.keys, keys], 2), torch.cat([self.values, values], 2)
+
+    def _flush(self) -> None:
+        if self.keys is None or self.keys.shape[2] == 0:
+            return
+        kc, ks, kz = quantize_zero_point(self.keys.float(), self.bits)
+        vc, vs, vz = quantize_zero_point(self.values.float(), self.bits)
+        codes, stats = torch.cat([kc, vc], -1), torch.cat([ks, kz.float(), vs, vz.float()], -1).to(self.keys.dtype)
+        self.codes = codes if self.codes is None else torch.cat([self.codes, codes], 2)
+        self.stats = stats if self.stats is None else torch.cat([self.stats, stats], 2)
+        self.keys, self.values = self.keys[:, :, :0], self.values[:, :, :0]
+
+    def kv(self):
+        if self.codes is None:
+            return self.keys, self.values
+        half = self.codes.shape[-1] // 2
+        s = self.stats
+        keys = dequantize_zero_point(self.codes[..., :half], s[..., 0:1], s[..., 1:2], self.bits).to(self.keys.dtype)
+        values = dequantize_zero_point(self.codes[..., half:], s[..., 2:3], s[..., 3:4], self.bits).to(self.keys.dtype)
+        return torch.cat([keys, self.keys], 2), torch.cat([values, self.values], 2)
+
+    def settle(self, capacity):
+        self._flush()
+
+    def _slots(self, fn) -> None:
+        self._flush()
+        for name, t in self.slot_fields():
+            setattr(self.state, name, fn(t))
+        self.codes, self.stats = fn(self.codes), fn(self.stats)
+        self.valid, self.pos = fn(self.valid), fn(self.pos)
+        self.padded = None
+
+    def writable(self) -> None:
+        pass  # (nothing is written in place)
+
+    @property
+    def nbytes(self) -> int:
+        held = [t for t in (self.codes, self.stats, self.keys, self.values) if t is not None]
+        return sum(t.numel() * t.element_size() for t in held)
+
+
 def storage_for(policy: CachePolicy, static: int | None = None, codec: Codec | None = None) -> Slots:
     """The storage a policy's layer uses: static slots for export (``static`` extra slots), compressed chunks when the
     layer has a ``codec``, a ring when the policy evicts at every step, plain slots otherwise."""
@@ -386,5 +451,7 @@ def storage_for(policy: CachePolicy, static: int | None = None, codec: Codec | N
         return Static(state, static)
     if codec is not None:
         return Compressed(state, codec)
+    if policy.token_bits() is not None:
+        return TokenCodes(state, policy.token_bits())
     in_place = policy.evicts is When.STEP and not policy.slot_order and not policy.prunes_rows
     return Ring(state) if in_place else Slots(state)

@@ -28,6 +28,21 @@ def quantize(x: torch.Tensor, bits: int, axis: int, valid: torch.Tensor | None =
     return pack(codes, bits), scale, lo
 
 
+def quantize_zero_point(x: torch.Tensor, bits: int):
+    """Asymmetric quantisation over the last dimension with an integer zero point (as Palu's and Q-Hitter's code):
+    scale = max(max − min, 1e-5) / (2^bits − 1), zero = clamp(round(−min / scale)), codes = clamp(round(x / scale) +
+    zero). Returns (packed codes uint8, scale, zero (uint8)), the last two with a last dimension of 1."""
+    levels = 2**bits - 1
+    scale = (x.amax(-1, keepdim=True) - x.amin(-1, keepdim=True)).clamp_min(1e-5) / levels
+    zero = (-x.amin(-1, keepdim=True) / scale).round().clamp(0, levels)
+    codes = ((x / scale).round() + zero).clamp(0, levels).to(torch.uint8)
+    return pack(codes, bits), scale, zero.to(torch.uint8)
+
+
+def dequantize_zero_point(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    return (unpack(packed, bits).float() - zero.float()) * scale.float()
+
+
 def dequantize(packed: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, bits: int) -> torch.Tensor:
     return unpack(packed, bits).to(scale.dtype) * scale + lo
 

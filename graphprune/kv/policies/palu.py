@@ -26,7 +26,7 @@ import torch
 from graphprune.errors import RecipeError, ScheduleError
 from graphprune.kv.policy import CachePolicy, Chunk, Codec, When
 from graphprune.ops.hadamard import hadamard
-from graphprune.ops.quant import pack, unpack
+from graphprune.ops.quant import dequantize_zero_point, quantize_zero_point
 from graphprune.ops.rope import rotate
 from graphprune.recipes.base import option, register
 
@@ -53,19 +53,9 @@ def projection(weight: torch.Tensor, bias: torch.Tensor | None, groups: int, ran
     return Projection(encode.float(), decode.float(), None if bias is None else bias.detach().float().reshape(groups, -1))
 
 
-def quantize_latent(h: torch.Tensor, bits: int):
-    """Palu's per-token asymmetric quantiser over the last dimension: codes (packed), scale, integer zero point."""
-    levels = 2**bits - 1
-    scale = (h.amax(-1, keepdim=True) - h.amin(-1, keepdim=True)).clamp_min(1e-5) / levels
-    zero = (-h.amin(-1, keepdim=True) / scale).round().clamp(0, levels)
-    codes = ((h / scale).round() + zero).clamp(0, levels).to(torch.uint8)
-    return pack(codes, bits), scale, zero.to(torch.uint8)
-
-
 def _rebuild(*parts, pos, proj: Projection, bits: int, heads: int, inv_freq: torch.Tensor | None, dtype):
     if bits < 16:
-        packed, scale, zero = parts
-        h = (unpack(packed, bits).float() - zero.float()) * scale.float()
+        h = dequantize_zero_point(*parts, bits)
     else:
         h = parts[0].float()
     x = torch.einsum("bgnr,grk->bgnk", h, proj.decode.to(h.device))
@@ -100,7 +90,7 @@ class PaluCodec(Codec):
         if proj.bias is not None:
             xg = xg - proj.bias.to(xg.device)[None, :, None, :]
         h = torch.einsum("bgnk,gkr->bgnr", xg, proj.encode.to(xg.device))
-        parts = quantize_latent(h, self.bits) if self.bits < 16 else (h.to(x.dtype),)
+        parts = quantize_zero_point(h, self.bits) if self.bits < 16 else (h.to(x.dtype),)
         rebuild = partial(_rebuild, proj=proj, bits=self.bits, heads=heads, inv_freq=self.inv_freq if keys else None,
                           dtype=x.dtype)
         return Chunk(tuple(parts), rebuild)
