@@ -75,8 +75,10 @@ class Codec:
     """How a policy stores a layer's cache compressed (KIVI, GEAR, Palu): the oldest full-precision tokens go, a run at
     a time, into :class:`Chunk` s that are never compressed again; attention reads them rebuilt."""
 
-    joins: ClassVar[bool] = False  # each new chunk is appended to the last one (every part along its dim 2, the
-    # tokens), for codecs that compress every token as it comes (one chunk instead of one per step)
+    def join(self, last: Chunk, new: Chunk) -> Chunk | None:
+        """One chunk for ``last`` followed by ``new`` (codecs that compress every token as it comes: one chunk instead
+        of one per step); None: they stay two."""
+        return None
 
     def due(self, held: int, keys: bool) -> int:
         """How many of the ``held`` full-precision keys (or values), oldest first, to compress now (0: none)."""

@@ -361,10 +361,11 @@ class Compressed(Slots):
                 chunk = self.codec.encode(held[..., :n, :], self.valid[..., start:start + n],
                                           self.pos[..., start:start + n], keys, prompt)
                 chunks = self.kq if keys else self.vq
-                if self.codec.joins and chunks:
-                    last = chunks.pop()
-                    chunk = Chunk(tuple(torch.cat([a, b], 2) for a, b in zip(last.parts, chunk.parts)), chunk.rebuild)
-                chunks.append(chunk)
+                joined = self.codec.join(chunks[-1], chunk) if chunks else None
+                if joined is not None:
+                    chunks[-1] = joined
+                else:
+                    chunks.append(chunk)
                 if keys:
                     self.keys, self.nk = self.keys[..., n:, :], self.nk + n
                 else:

@@ -75,7 +75,8 @@ class PaluCodec(Codec):
     inv_freq: torch.Tensor
     bits: int
 
-    joins = True  # every token is compressed as it comes: one growing chunk
+    def join(self, last, new):  # every token is compressed as it comes: one growing chunk
+        return Chunk(tuple(torch.cat([a, b], 2) for a, b in zip(last.parts, new.parts)), new.rebuild)
 
     def due(self, held, keys):
         return held
