@@ -18,7 +18,8 @@ from tests import reference_kv as ref
 CACHE_RECIPES = ["streaming_llm", "h2o", "tova", "snapkv", "pyramidkv", "scissorhands"]
 SMALL = {"streaming_llm": {"sinks": 2}, "snapkv": {"window": 4}, "pyramidkv": {"window": 4},
          "scissorhands": {"history": 6, "recent": 2},
-         "fastgen": {"recovery": 0.8, "special_ids": [5], "punct_ids": [9, 11, 13]}}
+         "fastgen": {"recovery": 0.8, "special_ids": [5], "punct_ids": [9, 11, 13]},
+         "kvquant": {"calibration": [[(7 * i + 3) % 99 + 2 for i in range(32)]]}}
 
 
 def tiny(family: str = "llama", seed: int = 0, kv_heads: int = 2, layers: int = 3):
@@ -58,7 +59,7 @@ def greedy(model, ids, mask=None, n=8):
 # -- exactness at full budget ------------------------------------------------------------------
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma3", "mistral", "phi3"])
-@pytest.mark.parametrize("recipe", [*CACHE_RECIPES, "kivi", "fastgen", "pyramidinfer", "lazyllm", "rocketkv", "gear", "palu", "qhitter"])
+@pytest.mark.parametrize("recipe", [*CACHE_RECIPES, "kivi", "fastgen", "pyramidinfer", "lazyllm", "rocketkv", "gear", "palu", "qhitter", "kvquant"])
 def test_full_budget_reproduces_logits_step_by_step(family, recipe):
     """Every policy at full budget equals the model, prompt and decoding steps (sliding windows too: Gemma 3's local
     layers, Mistral's window; Phi-3's fused q/k/v projection)."""
@@ -483,7 +484,7 @@ VIEWS = {"view", "_unsafe_view", "slice", "narrow", "unsqueeze", "squeeze", "exp
          "transpose", "t", "reshape", "as_strided", "detach", "split", "unbind", "_local_scalar_dense"}
 
 
-@pytest.mark.parametrize("recipe", [*CACHE_RECIPES, "kivi", "fastgen", "pyramidinfer", "lazyllm", "rocketkv", "gear", "palu", "qhitter"])
+@pytest.mark.parametrize("recipe", [*CACHE_RECIPES, "kivi", "fastgen", "pyramidinfer", "lazyllm", "rocketkv", "gear", "palu", "qhitter", "kvquant"])
 def test_a_cache_filled_under_inference_mode_goes_on_outside_it(recipe):
     """A prompt run under ``torch.inference_mode`` and decoding steps under ``no_grad`` (or the other way round), the
     cache read in between: the same logits as in one mode."""

@@ -299,3 +299,105 @@ def test_qhitter_zero_and_batches():
     out = greedy(fast, ids, n=8)
     for i in range(3):
         assert torch.equal(greedy(fast, ids[i:i + 1], n=8)[0], out[i])
+
+
+# -- KVQuant -----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def kvquant_setup():
+    model = tiny(kv_heads=2)
+    calibration = prompts(3, 48, seed=9)
+    fast = graphprune.optimize(model, "kvquant", bits=3, outliers=0.05, calibration=calibration)
+    return model, calibration, fast
+
+
+def _projection_outputs(model, ids, layer: int):
+    """The key and value projections' outputs (B, T, H) of ``layer`` on ``ids``, with the loss's gradients."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    grabbed = {}
+    attn = twin.model.layers[layer].self_attn
+    for name in ("k_proj", "v_proj"):
+        getattr(attn, name).register_forward_hook(lambda m, a, out, name=name: grabbed.__setitem__(name, out) or
+                                                  out.retain_grad())
+    twin(ids, labels=ids, use_cache=False).loss.backward()
+    return [(grabbed[n].detach(), grabbed[n].grad) for n in ("k_proj", "v_proj")]
+
+
+def test_kvquant_calibrates_on_fisher_weighted_percentiles(kvquant_setup):
+    """The key bounds are each channel's 0.5·outliers and 1 − 0.5·outliers percentiles of the calibration keys (before
+    RoPE); the Fisher weights are the squared loss gradients of the projections' outputs; the codebooks are fixed
+    points of weighted k-means over the normalised non-outliers."""
+    from graphprune.kv.policies.kvquant import calibrate
+
+    model, calibration, fast = kvquant_setup
+    info = fast.graphprune.info
+    acts, grads = calibrate(model, calibration, info, True)
+    for row in range(3):
+        (k, gk), (v, gv) = _projection_outputs(model, calibration[row:row + 1], 1)
+        torch.testing.assert_close(acts[1][0][row], k[0])
+        torch.testing.assert_close(grads[1][0][row], gk[0] ** 2, atol=1e-12, rtol=1e-4)
+        torch.testing.assert_close(grads[1][1][row], gv[0] ** 2, atol=1e-12, rtol=1e-4)
+    fitted = fast.graphprune.codecs[1].fitted
+    keys = acts[1][0].reshape(-1, 32)
+    hi, lo = torch.quantile(keys, 0.975, 0), torch.quantile(keys, 0.025, 0)
+    torch.testing.assert_close(fitted.key_centre, (hi + lo) / 2)
+    torch.testing.assert_close(fitted.key_range, (hi - lo) / 2)
+    norm = (keys - fitted.key_centre) / fitted.key_range
+    inner = norm.abs() <= 1
+    x, w = norm[inner].double(), grads[1][0].reshape(-1, 32)[inner].double()
+    levels = fitted.key_levels.double()
+    cluster = (x[:, None] - levels[None]).abs().argmin(1)
+    for j in range(8):  # each level is the Fisher-weighted mean of the points nearest to it
+        if bool((cluster == j).any()):
+            mean = (w[cluster == j] * x[cluster == j]).sum() / w[cluster == j].sum()
+            assert abs(float(mean - levels[j])) < 1e-4
+
+
+def test_kvquant_stores_the_papers_dense_and_sparse_codes(kvquant_setup):
+    """What attention reads: keys (before RoPE) at their channel's nearest level unless outside the calibrated bounds
+    (kept exactly), turned by RoPE; values per token over all heads, outliers (the token's own quantiles) exact, the
+    rest at the nearest level of the token's inner range."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    model, _, fast = kvquant_setup
+    ids = prompts(2, 20, seed=5)
+    (k, _), (v, _) = _projection_outputs(model, ids, 1)
+    with torch.no_grad():
+        keys, values = fast(ids, use_cache=True).cache.layers[1].storage.kv()
+    fit = fast.graphprune.codecs[1].fitted
+    norm = (k - fit.key_centre) / fit.key_range
+    near = fit.key_levels[(norm[..., None] - fit.key_levels).abs().argmin(-1)] * fit.key_range + fit.key_centre
+    expected_k = torch.where(norm.abs() > 1, k, near).reshape(2, 20, 2, 16).transpose(1, 2)
+    cos, sin = model.model.rotary_emb(expected_k, torch.arange(20)[None].expand(2, -1))
+    expected_k, _ = apply_rotary_pos_emb(expected_k, expected_k, cos, sin)
+    torch.testing.assert_close(keys, expected_k, atol=1e-5, rtol=0)
+    hi, lo = torch.quantile(v, 0.975, -1, keepdim=True), torch.quantile(v, 0.025, -1, keepdim=True)
+    out = (v >= hi) | (v <= lo)
+    top = v.masked_fill(out, -float("inf")).amax(-1, keepdim=True)
+    bottom = v.masked_fill(out, float("inf")).amin(-1, keepdim=True)
+    centre, half = (top + bottom) / 2, (top - bottom) / 2
+    nv = (v - centre) / half
+    near = fit.value_levels[(nv[..., None] - fit.value_levels).abs().argmin(-1)] * half + centre
+    expected_v = torch.where(out, v, near).reshape(2, 20, 2, 16).transpose(1, 2)
+    torch.testing.assert_close(values, expected_v, atol=1e-5, rtol=0)
+
+
+def test_kvquant_zero_batches_and_refusals(kvquant_setup):
+    model, calibration, fast = kvquant_setup
+    ids = prompts(2, 30)
+    assert torch.equal(greedy(graphprune.optimize(model, "kvquant", bits=16), ids, n=6), greedy(model, ids, n=6))
+    ids, mask, alone = left_padded()
+    batch = greedy(fast, ids, mask, n=8)
+    for i, x in enumerate(alone):
+        assert torch.equal(greedy(fast, x, n=8)[0], batch[i])
+    with pytest.raises(graphprune.errors.RecipeError, match="calibration"):
+        graphprune.optimize(model, "kvquant")
+    with pytest.raises(graphprune.errors.RecipeError, match="k_norm"):
+        graphprune.optimize(tiny("qwen3"), "kvquant", calibration=calibration)
+    assert fast.report.options["calibration"] == "(3, 48) token ids"
+    phi3 = tiny("phi3")  # fused q/k/v: the key and value columns are calibrated
+    fused = graphprune.optimize(phi3, "kvquant", bits=4, calibration=calibration)
+    assert fused.graphprune.codecs[0].fitted.key_centre.shape == (2 * 16,)
+    assert greedy(fused, ids[:1], n=4).shape == (1, 4)

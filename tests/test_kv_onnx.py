@@ -49,6 +49,8 @@ def test_onnx_export_refuses_what_it_cannot_do(tmp_path):
         graphprune.optimize(model, "palu", target="onnx", output=tmp_path / "x")
     with pytest.raises(GraphPruneError, match="no static-shape decode step"):
         graphprune.optimize(model, "qhitter", target="onnx", output=tmp_path / "x")
+    with pytest.raises(GraphPruneError, match="no static-shape decode step"):
+        graphprune.optimize(model, "kvquant", bits=16, target="onnx", output=tmp_path / "x")
     with pytest.raises(GraphPruneError, match="needs output"):
         graphprune.optimize(model, "h2o", target="onnx", budget=8)
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
