@@ -20,12 +20,14 @@ from graphprune.exporters.onnx import OnnxModel
 from graphprune.recipes import RECIPES, list_recipes, register
 from graphprune.schedule.files import Schedule, load_schedule
 from graphprune.schedule.tune import tune
+from graphprune.prompt import compress_prompt
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ExportError", "GraphPruneError", "OnnxModel", "OptimizedModel", "RECIPES", "RecipeError", "Schedule", "ScheduleError",
-    "UnsupportedArchitectureError", "UntrustedFileError", "list_recipes", "load", "load_schedule", "optimize", "register",
+    "UnsupportedArchitectureError", "UntrustedFileError", "compress_prompt", "list_recipes", "load", "load_schedule",
+    "optimize", "register",
     "tune",
     "__version__",
 ]

@@ -92,6 +92,11 @@ def optimize(model: torch.nn.Module, recipe: str | list | None = None, target: s
     else:
         recipe, options = resolve(recipe, schedule, options)
         rec = get_recipe(recipe, **options)
+    if getattr(rec, "kind", None) == "prompt":  # compresses the prompts of generate (graphprune.prompt)
+        if target != "eager":
+            raise GraphPruneError(f"'{rec.name}' compresses prompts before the model: target='eager' only (export the "
+                                  "model itself separately)")
+        return rec.wrap(model)
     if is_decoder_lm(model) or getattr(rec, "kind", None) == "cache":
         return _optimize_decoder(model, rec, target, output, example_inputs, max_new_tokens)
     if target in ("onnx", "trt"):

@@ -649,6 +649,8 @@ def recipes(as_json: bool = typer.Option(False, "--json", help="machine-readable
     from graphprune.recipes import RECIPES
 
     def acts_on(cls) -> str:
+        if cls.kind == "prompt":
+            return "the prompt (text)"
         if cls.kind != "cache":
             return "encoder tokens"
         if not getattr(cls, "needs_images", False):
