@@ -13,6 +13,7 @@ from graphprune.exporters.eager import OptimizedModel
 from graphprune.exporters.files import check_writable
 from graphprune.exporters.decoder_onnx import export_decoder_onnx
 from graphprune.exporters.onnx import export_onnx
+from graphprune.exporters.openvino import export_openvino
 from graphprune.exporters.trt import write_trt_build
 from graphprune.kv import input_ids, is_decoder_lm, optimize_decoder
 from graphprune.kv.compose import compose
@@ -23,7 +24,7 @@ from graphprune.recipes import get_recipe
 from graphprune.report import Report, count_flops
 from graphprune.schedule.files import resolve
 
-TARGETS = ("eager", "onnx", "trt")
+TARGETS = ("eager", "onnx", "trt", "openvino")
 
 
 def default_example_inputs(model: torch.nn.Module) -> tuple:
@@ -75,7 +76,9 @@ def optimize(model: torch.nn.Module, recipe: str | list | None = None, target: s
 
     Returns an :class:`OptimizedModel` (``target="eager"``) or an :class:`OnnxModel`
     (``target="onnx"``, written to ``output``; ``target="trt"``: the same, plus the TensorRT engine build files
-    beside it, and the engine itself where ``tensorrt`` imports, see :mod:`graphprune.exporters.trt`). Both are callable with the original inputs
+    beside it, and the engine itself where ``tensorrt`` imports, see :mod:`graphprune.exporters.trt`; ``target="openvino"``:
+    the OpenVINO IR ``model.xml`` / ``.bin`` converted from it, checked on the CPU, see
+    :mod:`graphprune.exporters.openvino`). Both are callable with the original inputs
     and carry ``.report``. Decoder LLMs (Llama, Qwen2/3, Mistral, Gemma 3, Phi-3) take a KV-cache recipe and
     ``budget=`` (vision-language models also a visual recipe, ``recipe="fastv"``, or both at once,
     ``recipe=["fastv", "snapkv"]``: each option goes to the recipe that has it); they come back as a model with the standard forward and ``generate``
@@ -99,7 +102,7 @@ def optimize(model: torch.nn.Module, recipe: str | list | None = None, target: s
         return rec.wrap(model)
     if is_decoder_lm(model) or getattr(rec, "kind", None) == "cache":
         return _optimize_decoder(model, rec, target, output, example_inputs, max_new_tokens)
-    if target in ("onnx", "trt"):
+    if target in ("onnx", "trt", "openvino"):
         if output is None:
             raise GraphPruneError(f"target='{target}' needs output='path/to/model.onnx' (or a folder)")
         output = Path(output)
@@ -135,10 +138,21 @@ def optimize(model: torch.nn.Module, recipe: str | list | None = None, target: s
         layout={"prefix_tokens": layout.prefix, "roles": layout.roles, "pooling": layout.pooling},
     )
     result = OptimizedModel(graph.gm, report, inputs, CallMap(model, inputs))
-    if target in ("onnx", "trt"):
+    if target in ("onnx", "trt", "openvino"):
         runner, diff = export_onnx(result.gm, inputs, output)
         report.parity["onnx"] = diff
         report.artifact = str(output)
+        if target == "openvino":  # the IR converted from the checked ONNX model, checked again
+            try:
+                with torch.no_grad():
+                    expected = result.gm(*inputs)
+                runner, diff = export_openvino(output, expected, inputs)
+            except Exception:
+                for written in (output, output.with_name(output.name + ".data")):
+                    written.unlink(missing_ok=True)  # (nothing half-written stays behind)
+                raise
+            report.parity["openvino"] = diff
+            report.artifact = str(runner.path)
         if target == "trt":  # the checked ONNX model plus its engine build (run here only where TensorRT imports)
             names = [i.name for i in runner.session.get_inputs()]
             shapes = [tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)]

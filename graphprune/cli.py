@@ -316,9 +316,10 @@ def export(
     model: ModelArg,
     output: Annotated[Path, typer.Option("-o", "--output", help="output folder")],
     recipe: Annotated[Optional[str], typer.Option("--recipe", help="recipe name (see 'graphprune-cli recipes')")] = None,
-    target: Annotated[str, typer.Option("--target", help="eager (writes model.pt2), onnx (writes model.onnx) or trt "
+    target: Annotated[str, typer.Option("--target", help="eager (writes model.pt2), onnx (writes model.onnx), trt "
                                         "(model.onnx plus the TensorRT engine build: build_engine.sh/.py, and "
-                                        "model.plan where TensorRT is installed)")] = "eager",
+                                        "model.plan where TensorRT is installed) or openvino (model.onnx plus the "
+                                        "OpenVINO IR model.xml/.bin, checked on the CPU)")] = "eager",
     r: ROpt = None, inflection: InflectionOpt = None, prop_attn: PropAttnOpt = None, keep: KeepOpt = None,
     locations: LocationsOpt = None, restore_tokens: RestoreOpt = None, option: OptionOpt = [],  # noqa: B006
     schedule: ScheduleOpt = None, weights: WeightsOpt = None, trust_pickle: TrustOpt = False,
@@ -355,8 +356,8 @@ def _export(model, output, recipe, target, r, inflection, prop_attn, keep, locat
     try:
         import graphprune
 
-        if target not in ("eager", "onnx", "trt"):
-            _fail(f"unknown target '{target}'; choose eager, onnx or trt")
+        if target not in ("eager", "onnx", "trt", "openvino"):
+            _fail(f"unknown target '{target}'; choose eager, onnx, trt or openvino")
         recipe, options = resolve_recipe(recipe, schedule, recipe_options(r, inflection, prop_attn, keep, locations, restore_tokens, option))
         from graphprune.exporters.files import ensure_dir, write_text
 
@@ -370,7 +371,7 @@ def _export(model, output, recipe, target, r, inflection, prop_attn, keep, locat
             return export_decoder(net, model, recipe, options, target, output, batch, prompt_len, new_tokens)
         example = example_inputs(net, batch, input_size)
         with console.status(f"optimizing {model} with {recipe}…"):
-            if target in ("onnx", "trt"):
+            if target in ("onnx", "trt", "openvino"):
                 result = graphprune.optimize(net, recipe, target=target, example_inputs=example, output=output / "model.onnx", **options)
             else:
                 result = graphprune.optimize(net, recipe, target=target, example_inputs=example, **options)
@@ -394,8 +395,9 @@ def export_decoder(net, model: str, recipe: str, options: dict, target: str, out
     from graphprune.exporters.files import write_text
     from graphprune.schedule.files import Schedule
 
-    if target == "trt":
-        _fail("decoder LLMs export to ONNX (--target onnx); build the TensorRT engine from decode.onnx")
+    if target in ("trt", "openvino"):
+        _fail(f"decoder LLMs export to ONNX (--target onnx); {target} for decoders is not built yet: convert "
+              "prefill.onnx and decode.onnx with its own tools")
     ids, _ = text_batches(model, None, net.config.get_text_config().vocab_size, batch, prompt_len, 1)
     with console.status(f"optimizing {model} with {recipe}…"):
         result = graphprune.optimize(net, recipe, target=target, output=output if target == "onnx" else None,

@@ -258,3 +258,30 @@ def test_failed_onnx_validation_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(ExportError, match="nothing was written"):
         graphprune.optimize(family("vit"), "tome", target="onnx", output=tmp_path / "m.onnx", example_inputs=(images(2),))
     assert os.listdir(tmp_path) == []
+
+
+def test_openvino_target_writes_the_checked_ir(tmp_path, monkeypatch):
+    """target="openvino": the IR converted from the checked ONNX model, compiled for the CPU and within 1e-4 of eager
+    (other batch sizes too); a failed conversion leaves nothing behind."""
+    pytest.importorskip("openvino")
+    from graphprune.errors import ExportError
+
+    model, x = family("vit"), images(2)
+    out = tmp_path / "ov"
+    fast = graphprune.optimize(model, "tome", r=4, target="openvino", output=out, example_inputs=(x,))
+    assert sorted(p.name for p in out.iterdir()) == ["model.bin", "model.onnx", "model.onnx.data", "model.xml"]
+    assert fast.report.parity["openvino"] <= 1e-4 and fast.report.artifact == str(out / "model.xml")
+    eager = graphprune.optimize(model, "tome", r=4, example_inputs=(x,))
+    more = images(3)
+    with torch.no_grad():
+        expected = eager(more)
+    assert (fast(more) - expected).abs().max() <= 1e-4
+    import openvino
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("unsupported operation")
+
+    monkeypatch.setattr(openvino, "convert_model", broken)
+    with pytest.raises(ExportError, match="OpenVINO could not convert"):
+        graphprune.optimize(model, "tome", r=4, target="openvino", output=tmp_path / "bad", example_inputs=(x,))
+    assert not any((tmp_path / "bad").iterdir())

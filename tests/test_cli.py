@@ -243,3 +243,13 @@ def test_tune_bad_input_is_one_clear_error(args, message, tmp_path):
     assert res.exit_code == 2, res.output
     assert message in " ".join(res.output.split())
     assert not (tmp_path / "new").exists()  # nothing left behind, not even the folder
+
+
+def test_export_openvino_writes_the_ir(tmp_path):
+    pytest.importorskip("openvino")
+    out = tmp_path / "ov"
+    res = _run("export", "test_vit", "--recipe", "tome", "--r", "2", "--target", "openvino", "-o", out)
+    assert res.exit_code == 0, res.output
+    assert {"model.onnx", "model.xml", "model.bin", "report.json"} <= {p.name for p in out.iterdir()}
+    report = json.loads((out / "report.json").read_text())
+    assert report["artifact"] == str(out / "model.xml") and report["parity"]["openvino"] <= 1e-4
