@@ -5,7 +5,7 @@
     results = sweep(model, [("tome", {"r": r}) for r in (4, 8, 12)], inputs=(x,))
 
 Speed: the unmodified model and every optimized variant run on the same runtime (eager, or
-ONNX Runtime for ``target="onnx"``), interleaved round by round in a rotating order after
+ONNX Runtime for ``target="onnx"``, OpenVINO on the CPU for ``target="openvino"``), interleaved round by round in a rotating order after
 warm-up; a variant's speedup is the ratio of medians against the baseline of the same
 rounds. Fidelity: the variant's outputs against the unmodified eager model's on the same
 data (``data``: batches of inputs; default: the timing batch): the cosine similarity of
@@ -35,7 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from graphprune.capture import eval_mode, first_two
 from graphprune.errors import GraphPruneError
 
-TARGETS = ("eager", "onnx")
+TARGETS = ("eager", "onnx", "openvino")
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,11 +306,13 @@ def _sweep(model, variants, inputs, target, data, labels, output_fn, logits, rou
         build = bar.add_task("optimizing", total=len(variants)) if bar is not None else None
         runners, reports = {}, []
         baseline = model
-        if target == "onnx":  # the unmodified model on the same runtime: exported through graphprune at zero reduction
-            baseline = graphprune.optimize(model, "tome", target="onnx", output=tmp / "baseline.onnx", example_inputs=example, r=0)
+        if target != "eager":  # the unmodified model on the same runtime: exported through graphprune at zero reduction
+            baseline = graphprune.optimize(model, "tome", target=target, output=tmp / "baseline" / "model.onnx",
+                                           example_inputs=example, r=0)
         for i, (recipe, options) in enumerate(variants):
-            if target == "onnx":
-                runner = graphprune.optimize(model, recipe, target="onnx", output=tmp / f"variant{i}.onnx", example_inputs=example, **options)
+            if target != "eager":
+                runner = graphprune.optimize(model, recipe, target=target, output=tmp / f"variant{i}" / "model.onnx",
+                                             example_inputs=example, **options)
             else:
                 runner = graphprune.optimize(model, recipe, example_inputs=example, **options)
             runners[i] = runner

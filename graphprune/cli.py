@@ -491,7 +491,7 @@ def bench(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="write the results as JSON")] = None,
     recipe: Annotated[list[str], typer.Option("--recipe", help="recipe name; repeat it with one --sweep each to compare recipes")] = [],  # noqa: B006
     sweep: Annotated[list[str], typer.Option("--sweep", help="sweep a recipe option: r=0:20:2, keep=1.0:0.4:0.1 or r=4,8,13 (one per --recipe)")] = [],  # noqa: B006
-    target: Annotated[str, typer.Option("--target", help="eager or onnx (ONNX Runtime)")] = "eager",
+    target: Annotated[str, typer.Option("--target", help="eager, onnx (ONNX Runtime) or openvino (OpenVINO, CPU)")] = "eager",
     batch: Annotated[int, typer.Option("--batch", min=1, help="batch size of the timed inputs")] = 8,
     rounds: Annotated[int, typer.Option("--rounds", min=1, help="interleaved timing rounds (after warm-up)")] = 10,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="warm-up rounds")] = 2,

@@ -95,8 +95,17 @@ def test_bench_onnx_target_compares_runtimes_alike(tmp_path):
     model = family("vit")
     r = gb.bench(model, "tome", images(2), r=6, target="onnx", rounds=1, warmup=0, progress=False, workdir=tmp_path)
     assert r.target == "onnx" and r.options == {"r": 6} and r.peak_memory_mb is None
-    assert (tmp_path / "baseline.onnx").is_file() and (tmp_path / "variant0.onnx").is_file()
+    assert (tmp_path / "baseline" / "model.onnx").is_file() and (tmp_path / "variant0" / "model.onnx").is_file()
     assert 0.9 < r.fidelity["cosine"] < 1.0
+
+
+def test_bench_openvino_target(tmp_path):
+    pytest.importorskip("openvino")
+    model = family("vit")
+    r = gb.bench(model, "tome", images(2), r=6, target="openvino", rounds=1, warmup=0, progress=False,
+                 workdir=tmp_path)
+    assert r.target == "openvino" and (tmp_path / "variant0" / "model.xml").is_file()
+    assert (tmp_path / "baseline" / "model.xml").is_file() and 0.9 < r.fidelity["cosine"] < 1.0
 
 
 def test_bench_refuses_bad_requests_before_work():
