@@ -13,6 +13,7 @@ from graphprune.exporters.eager import OptimizedModel
 from graphprune.exporters.files import check_writable
 from graphprune.exporters.decoder_onnx import export_decoder_onnx
 from graphprune.exporters.onnx import export_onnx
+from graphprune.exporters import triton
 from graphprune.exporters.openvino import export_openvino
 from graphprune.exporters.trt import write_trt_build
 from graphprune.kv import input_ids, is_decoder_lm, optimize_decoder
@@ -24,7 +25,7 @@ from graphprune.recipes import get_recipe
 from graphprune.report import Report, count_flops
 from graphprune.schedule.files import resolve
 
-TARGETS = ("eager", "onnx", "trt", "openvino")
+TARGETS = ("eager", "onnx", "trt", "openvino", "triton")
 
 
 def default_example_inputs(model: torch.nn.Module) -> tuple:
@@ -78,7 +79,8 @@ def optimize(model: torch.nn.Module, recipe: str | list | None = None, target: s
     (``target="onnx"``, written to ``output``; ``target="trt"``: the same, plus the TensorRT engine build files
     beside it, and the engine itself where ``tensorrt`` imports, see :mod:`graphprune.exporters.trt`; ``target="openvino"``:
     the OpenVINO IR ``model.xml`` / ``.bin`` converted from it, checked on the CPU, see
-    :mod:`graphprune.exporters.openvino`). Both are callable with the original inputs
+    :mod:`graphprune.exporters.openvino`; ``target="triton"``, ``output="repo/NAME"``: a Triton model repository entry,
+    see :mod:`graphprune.exporters.triton`). Both are callable with the original inputs
     and carry ``.report``. Decoder LLMs (Llama, Qwen2/3, Mistral, Gemma 3, Phi-3) take a KV-cache recipe and
     ``budget=`` (vision-language models also a visual recipe, ``recipe="fastv"``, or both at once,
     ``recipe=["fastv", "snapkv"]``: each option goes to the recipe that has it); they come back as a model with the standard forward and ``generate``
@@ -102,11 +104,14 @@ def optimize(model: torch.nn.Module, recipe: str | list | None = None, target: s
         return rec.wrap(model)
     if is_decoder_lm(model) or getattr(rec, "kind", None) == "cache":
         return _optimize_decoder(model, rec, target, output, example_inputs, max_new_tokens)
-    if target in ("onnx", "trt", "openvino"):
+    if target in ("onnx", "trt", "openvino", "triton"):
         if output is None:
-            raise GraphPruneError(f"target='{target}' needs output='path/to/model.onnx' (or a folder)")
+            raise GraphPruneError(f"target='{target}' needs output='path/to/model.onnx' (or a folder; triton: "
+                                  "'repo/NAME')")
         output = Path(output)
-        if output.suffix != ".onnx":
+        if target == "triton":
+            output, model_dir = triton.model_folder(output)
+        elif output.suffix != ".onnx":
             output = output / "model.onnx"
         check_writable(output)
     if example_inputs is None:
@@ -138,10 +143,18 @@ def optimize(model: torch.nn.Module, recipe: str | list | None = None, target: s
         layout={"prefix_tokens": layout.prefix, "roles": layout.roles, "pooling": layout.pooling},
     )
     result = OptimizedModel(graph.gm, report, inputs, CallMap(model, inputs))
-    if target in ("onnx", "trt", "openvino"):
+    if target in ("onnx", "trt", "openvino", "triton"):
         runner, diff = export_onnx(result.gm, inputs, output)
         report.parity["onnx"] = diff
         report.artifact = str(output)
+        if target == "triton":  # the model repository entry: config.pbtxt beside the version folder
+            try:
+                triton.write_config(runner, model_dir)
+            except Exception:
+                for written in (output, output.with_name(output.name + ".data")):
+                    written.unlink(missing_ok=True)
+                raise
+            report.artifact = str(model_dir)
         if target == "openvino":  # the IR converted from the checked ONNX model, checked again
             try:
                 with torch.no_grad():

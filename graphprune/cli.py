@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -356,8 +357,8 @@ def _export(model, output, recipe, target, r, inflection, prop_attn, keep, locat
     try:
         import graphprune
 
-        if target not in ("eager", "onnx", "trt", "openvino"):
-            _fail(f"unknown target '{target}'; choose eager, onnx, trt or openvino")
+        if target not in ("eager", "onnx", "trt", "openvino", "triton"):
+            _fail(f"unknown target '{target}'; choose eager, onnx, trt, openvino or triton")
         recipe, options = resolve_recipe(recipe, schedule, recipe_options(r, inflection, prop_attn, keep, locations, restore_tokens, option))
         from graphprune.exporters.files import ensure_dir, write_text
 
@@ -373,6 +374,9 @@ def _export(model, output, recipe, target, r, inflection, prop_attn, keep, locat
         with console.status(f"optimizing {model} with {recipe}…"):
             if target in ("onnx", "trt", "openvino"):
                 result = graphprune.optimize(net, recipe, target=target, example_inputs=example, output=output / "model.onnx", **options)
+            elif target == "triton":  # the repository OUTPUT, the model's folder named after the model
+                name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(str(model)).stem) or "model"
+                result = graphprune.optimize(net, recipe, target=target, example_inputs=example, output=output / name, **options)
             else:
                 result = graphprune.optimize(net, recipe, target=target, example_inputs=example, **options)
                 result.report.artifact = str(result.save(output / "model.pt2"))
@@ -395,7 +399,7 @@ def export_decoder(net, model: str, recipe: str, options: dict, target: str, out
     from graphprune.exporters.files import write_text
     from graphprune.schedule.files import Schedule
 
-    if target in ("trt", "openvino"):
+    if target in ("trt", "openvino", "triton"):
         _fail(f"decoder LLMs export to ONNX (--target onnx); {target} for decoders is not built yet: convert "
               "prefill.onnx and decode.onnx with its own tools")
     ids, _ = text_batches(model, None, net.config.get_text_config().vocab_size, batch, prompt_len, 1)

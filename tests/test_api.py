@@ -285,3 +285,28 @@ def test_openvino_target_writes_the_checked_ir(tmp_path, monkeypatch):
     with pytest.raises(ExportError, match="OpenVINO could not convert"):
         graphprune.optimize(model, "tome", r=4, target="openvino", output=tmp_path / "bad", example_inputs=(x,))
     assert not any((tmp_path / "bad").iterdir())
+
+
+def test_triton_target_writes_a_model_repository_entry(tmp_path):
+    """target="triton", output="repo/NAME": NAME/1/model.onnx (checked) and NAME/config.pbtxt, which Triton's own
+    schema parses and whose inputs and outputs are the ONNX model's (batch axis left out)."""
+    text_format = pytest.importorskip("google.protobuf.text_format")
+    model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
+    from graphprune.errors import ExportError
+
+    fast = graphprune.optimize(family("vit"), "tome", r=4, target="triton", output=tmp_path / "repo" / "vit",
+                               example_inputs=(images(2),))
+    folder = tmp_path / "repo" / "vit"
+    assert fast.report.artifact == str(folder)
+    assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) == \
+        ["1/model.onnx", "1/model.onnx.data", "config.pbtxt"]
+    cfg = text_format.Parse((folder / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert cfg.name == "vit" and cfg.platform == "onnxruntime_onnx" and cfg.max_batch_size == 32
+    assert cfg.dynamic_batching.max_queue_delay_microseconds > 0 and cfg.instance_group[0].kind == \
+        model_config_pb2.ModelInstanceGroup.KIND_CPU
+    for entries, args in ((cfg.input, fast.session.get_inputs()), (cfg.output, fast.session.get_outputs())):
+        assert [(e.name, list(e.dims), model_config_pb2.DataType.Name(e.data_type)) for e in entries] == \
+            [(a.name, [d if isinstance(d, int) else -1 for d in a.shape[1:]], "TYPE_FP32") for a in args]
+    with pytest.raises(ExportError, match="repo/NAME"):
+        graphprune.optimize(family("vit"), "tome", r=4, target="triton", output=tmp_path / "x.onnx",
+                            example_inputs=(images(2),))

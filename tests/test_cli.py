@@ -253,3 +253,11 @@ def test_export_openvino_writes_the_ir(tmp_path):
     assert {"model.onnx", "model.xml", "model.bin", "report.json"} <= {p.name for p in out.iterdir()}
     report = json.loads((out / "report.json").read_text())
     assert report["artifact"] == str(out / "model.xml") and report["parity"]["openvino"] <= 1e-4
+
+
+def test_export_triton_writes_a_repository_named_after_the_model(tmp_path):
+    pytest.importorskip("tritonclient.grpc.model_config_pb2")
+    res = _run("export", "test_vit", "--recipe", "tome", "--r", "2", "--target", "triton", "-o", tmp_path / "repo")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "repo" / "test_vit" / "config.pbtxt").is_file()
+    assert (tmp_path / "repo" / "test_vit" / "1" / "model.onnx").is_file()
