@@ -21,13 +21,14 @@ from graphprune.recipes import RECIPES, list_recipes, register
 from graphprune.schedule.files import Schedule, load_schedule
 from graphprune.schedule.tune import tune
 from graphprune.prompt import compress_prompt
+from graphprune.serving import serve
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ExportError", "GraphPruneError", "OnnxModel", "OptimizedModel", "RECIPES", "RecipeError", "Schedule", "ScheduleError",
     "UnsupportedArchitectureError", "UntrustedFileError", "compress_prompt", "list_recipes", "load", "load_schedule",
-    "optimize", "register",
+    "optimize", "register", "serve",
     "tune",
     "__version__",
 ]

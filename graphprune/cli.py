@@ -650,6 +650,40 @@ def tune(
 
 
 @app.command()
+def serve(
+    path: Annotated[Path, typer.Argument(help="an exported model: ONNX or OpenVINO file or folder, or a Triton "
+                                              "repository entry")],
+    replicas: Annotated[int, typer.Option("--replicas", min=1, help="replicas (Ray Serve)")] = 1,
+    port: Annotated[int, typer.Option("--port", help="HTTP port")] = 8000,
+    host: Annotated[str, typer.Option("--host", help="HTTP host")] = "127.0.0.1",
+    max_batch_size: Annotated[int, typer.Option("--max-batch-size", min=1, help="dynamic batching: most samples "
+                                                "per batch")] = 8,
+    cpus: Annotated[float, typer.Option("--cpus", help="CPUs per replica")] = 1.0,
+):
+    """Serve PATH over HTTP on Ray Serve until interrupted: POST one sample as JSON ({"inputs": [...]}) or a .npy
+    body to http://HOST:PORT/; the answer is {"outputs": [...]}, a bad request gets {"error": ...} and status 400."""
+    import time
+
+    import graphprune
+    from graphprune import serving
+
+    try:
+        serving.model_file(path)
+        graphprune.serve(path, replicas=replicas, max_batch_size=max_batch_size, num_cpus=cpus, port=port, host=host)
+    except GraphPruneError as err:
+        _fail(str(err))
+    console.print(f"serving {path} at http://{host}:{port}/ ({replicas} replica(s), batches of up to "
+                  f"{max_batch_size}); Ctrl-C stops it")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serving.shutdown()
+
+
+@app.command()
 def recipes(as_json: bool = typer.Option(False, "--json", help="machine-readable output")):
     """List the recipes and their options."""
     from graphprune.recipes import RECIPES
