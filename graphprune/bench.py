@@ -227,6 +227,7 @@ class BenchResult:
     baseline_peak_memory_mb: Optional[float] = None
     prefill_ms: Optional[float] = None  # decoders: the prompt pass (time to first token; vision tower included)
     baseline_prefill_ms: Optional[float] = None
+    compiled: bool = False  # both sides ran through torch.compile
 
     @property
     def label(self) -> str:
@@ -270,13 +271,16 @@ def sweep(
     threads: Optional[int] = None,
     progress: bool = True,
     workdir=None,
+    compile: bool = False,  # noqa: A002
 ) -> list[BenchResult]:
     """Benchmark several (recipe, options) variants against one baseline, all interleaved.
 
     ``inputs``: the timing batch (a tensor or a tuple of model arguments). ``data``: batches
     (tuples of arguments) for fidelity, default ``[inputs]``; ``labels``: their labels, concatenated.
     ``output_fn`` maps a model output to the tensor compared (default :func:`primary_output`);
-    ``logits`` says whether that tensor is class logits (default: guessed from the model).
+    ``logits`` says whether that tensor is class logits (default: guessed from the model). ``compile``: the
+    unmodified model and every variant run through ``torch.compile`` (eager target; compiled in the warm-up rounds,
+    at least one).
     """
     import graphprune
 
@@ -284,6 +288,8 @@ def sweep(
         raise GraphPruneError(f"unknown bench target '{target}'; choose one of {', '.join(TARGETS)}")
     if not variants:
         raise GraphPruneError("nothing to benchmark: give at least one (recipe, options) variant")
+    if compile and target != "eager":
+        raise GraphPruneError(f"compile applies to target='eager' (torch.compile), not '{target}'")
     for recipe, options in variants:
         graphprune.recipes.get_recipe(recipe, **options)  # unknown recipe / bad options: fail before any work
     inputs = as_args(inputs)
@@ -293,10 +299,12 @@ def sweep(
     if threads is not None:
         torch.set_num_threads(threads)
     with eval_mode(model):  # the user's model is switched to eval for the run, its flags restored after
-        return _sweep(model, variants, inputs, target, data, labels, output_fn, logits, rounds, warmup, memory, progress, workdir)
+        return _sweep(model, variants, inputs, target, data, labels, output_fn, logits, rounds,
+                      max(warmup, 1) if compile else warmup, memory, progress, workdir, compile)
 
 
-def _sweep(model, variants, inputs, target, data, labels, output_fn, logits, rounds, warmup, memory, progress, workdir):
+def _sweep(model, variants, inputs, target, data, labels, output_fn, logits, rounds, warmup, memory, progress, workdir,
+           compile=False):  # noqa: A002
     import graphprune
 
     example = first_two(inputs)
@@ -319,6 +327,8 @@ def _sweep(model, variants, inputs, target, data, labels, output_fn, logits, rou
             reports.append(runner.report)
             if bar is not None:
                 bar.advance(build)
+        if compile:  # compiled reduced against compiled unmodified (compilation happens in the warm-up rounds)
+            baseline, runners = torch.compile(model), {i: torch.compile(r) for i, r in runners.items()}
         fns = {"baseline": baseline, **runners}
         times = interleaved(fns, inputs, rounds=rounds, warmup=warmup, progress=bar)
 
@@ -336,6 +346,7 @@ def _sweep(model, variants, inputs, target, data, labels, output_fn, logits, rou
             speedup=base_s / t, throughput=batch / t, baseline_throughput=batch / base_s, flop_ratio=report.flop_ratio,
             tokens_per_block=list(report.tokens_per_block), fidelity=fid,
             peak_memory_mb=None if mem is None else mem / 2**20, baseline_peak_memory_mb=None if base_mem is None else base_mem / 2**20,
+            compiled=compile,
         ))
     return results
 

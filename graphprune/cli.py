@@ -508,6 +508,8 @@ def bench(
     locations: LocationsOpt = None, restore_tokens: RestoreOpt = None, option: OptionOpt = [],  # noqa: B006
     schedule: ScheduleOpt = None, weights: WeightsOpt = None, trust_pickle: TrustOpt = False, input_size: InputSizeOpt = None,
     prompt_len: PromptLenOpt = 512, new_tokens: NewTokensOpt = 32,
+    compile_: Annotated[bool, typer.Option("--compile", help="run both the unmodified model and the variants through "
+                                                             "torch.compile (eager target)")] = False,
 ):
     """Speed and fidelity of MODEL optimized with a recipe against the unmodified model (interleaved runs).
 
@@ -548,6 +550,8 @@ def bench(
 
             if target != "eager":
                 _fail("decoder LLMs are benchmarked in eager mode (their ONNX export is checked token for token by export)")
+            if compile_:
+                _fail("--compile is for encoders; decoder LLMs are benchmarked with their evicting caches in eager mode")
             if is_vlm(net):  # one image and a question per prompt, through the model's processor
                 ids, mask, extra = image_prompts(model, data, batch)
                 targets = None
@@ -567,7 +571,8 @@ def bench(
         if y is not None and len(y) != sum(len(d[0]) for d in fid_data):
             _fail(f"{labels} has {len(y)} labels for {sum(len(d[0]) for d in fid_data)} inputs")
         console.print(f"benchmarking {model}: {len(variants)} variant(s) against the unmodified model, {target}, batch {batch}")
-        results = gb.sweep(net, variants, timed, target=target, data=fid_data, labels=y, rounds=rounds, warmup=warmup, threads=threads)
+        results = gb.sweep(net, variants, timed, target=target, data=fid_data, labels=y, rounds=rounds, warmup=warmup,
+                           threads=threads, compile=compile_)
         _write_bench(results, model, target, batch, rounds, data, json_out, table_out, plot_out, gb.table, gb.markdown)
     except GraphPruneError as err:
         _fail(str(err))

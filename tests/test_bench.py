@@ -161,3 +161,13 @@ def test_peak_memory_ignores_views_of_existing_storage():
         return same * 2  # 1 MB
 
     assert 1_000_000 <= gb.peak_memory(f, (big[3],)) < 1_000_100
+
+
+def test_bench_compiles_both_sides(tmp_path):
+    """compile=True: the unmodified model and the variant both run through torch.compile (in the warm-up), and the
+    compiled variant's outputs keep their fidelity; only for the eager target."""
+    model = family("vit")
+    r = gb.bench(model, "tome", images(2), r=6, compile=True, rounds=1, warmup=0, progress=False, memory=False)
+    assert r.compiled and r.latency_ms > 0 and 0.9 < r.fidelity["cosine"] < 1.0
+    with pytest.raises(GraphPruneError, match="compile applies to target='eager'"):
+        gb.bench(model, "tome", images(2), r=6, compile=True, target="onnx")
