@@ -1,9 +1,11 @@
 """ONNX lowerings of the token ops, for ``torch.onnx.export(..., custom_translation_table=...)``.
 
 Only standard ONNX ops (opset 18) are used, so ONNX Runtime and a plugin-free TensorRT
-build can run them. Merges are written as a one-hot assignment matrix times the tokens
-(MatMul): correct when several tokens merge into the same destination, with no
-``ScatterElements`` reduction (a plugin in TensorRT) and no ``scatter_reduce``.
+build can run them. Merges add the moved tokens into their destinations with
+``ScatterElements(reduction="add")`` (opset 16+; TensorRT parses it natively), O(k·C) per
+merge of k tokens: several tokens may land on one destination. (A one-hot assignment matrix
+times the tokens, the earlier lowering, costs O(N·k·C): at a thousand tokens it rivalled
+attention.)
 The token count must be static in the exported graph (only the batch is dynamic);
 it is, because every recipe's token counts are a function of N and the schedule.
 """
@@ -39,6 +41,13 @@ def _slice(t, start: int, end: int, axis: int = 1, step: int = 1):
 def _take(t, idx, width: int):
     """Batched gather along axis 1: t (B, N, C), idx (B, k) -> (B, k, C)."""
     return op.GatherElements(t, op.Expand(op.Unsqueeze(idx, _ints(-1)), _ints(1, 1, width)), axis=1)
+
+
+def _scatter_add(base, idx, updates, width: int):
+    """``base`` (B, n, C) with the rows of ``updates`` (B, k, C) added at rows ``idx`` (B, k) (several may land on one
+    row)."""
+    index = op.Expand(op.Unsqueeze(idx, _ints(-1)), _ints(1, 1, width))
+    return op.ScatterElements(base, index, updates, axis=1, reduction="add")
 
 
 def _one_hot(idx, n: int, like):
@@ -101,14 +110,12 @@ def tome_merge(x, size, metric, r: int, protected: int, valid=None):
         pos, _ = op.TopK(op.Cast(unm_idx, to=ir.DataType.FLOAT), _ints(na - r), axis=-1, largest=0, sorted=1)
         unm_idx = op.Cast(pos, to=ir.DataType.INT64)
     dst_idx = op.GatherElements(node_idx, src_idx, axis=1)
-    assign = op.Transpose(_one_hot(dst_idx, nb, x), perm=[0, 2, 1])  # (B, nb, r)
 
     def merge(t, width: int):
         src, dst = _slice(t, 0, n, step=2), _slice(t, 1, n, step=2)
         unm = _take(src, unm_idx, width)
         moved = _take(src, src_idx, width)
-        dst = op.Add(dst, op.MatMul(assign, moved))
-        return _interleave_prefix(unm, dst, protected)
+        return _interleave_prefix(unm, _scatter_add(dst, dst_idx, moved, width), protected)
 
     c = _static(x, 2, "tome_merge")
     new_size = merge(size, 1)
@@ -187,25 +194,28 @@ def merge_nearest(x, size, metric, score, keep: int, protected: int, valid=None,
     ok = op.Unsqueeze(op.CastLike(finite, x), _ints(-1))
     zero = op.CastLike(op.Constant(value_float=0.0), x)
     best = op.Unsqueeze(op.Where(finite, best, zero), _ints(-1))
-    into = op.Transpose(_one_hot(host, protected + keep, x), perm=[0, 2, 1])  # (B, n_out, n_rest)
+    kept_size = _take(size, rep, 1)  # (B, n_out, 1)
 
-    def gather_in(base, guests):
-        return op.Add(base, op.MatMul(into, guests))
+    def gather_in(base, guests, width: int):
+        return _scatter_add(base, host, guests, width)
+
+    def filled(value):  # (B, n_out, 1) of one value
+        return op.Add(op.Mul(kept_size, op.CastLike(op.Constant(value_float=0.0), x)), value)
 
     guest_size = op.Mul(_take(size, rest, 1), ok)
     if mode == "size":
         xs = op.Mul(x, size)
-        new_size = gather_in(_take(size, rep, 1), guest_size)
-        out = op.Div(gather_in(_take(xs, rep, c), op.Mul(ok, _take(xs, rest, c))), new_size)
+        new_size = gather_in(kept_size, guest_size, 1)
+        out = op.Div(gather_in(_take(xs, rep, c), op.Mul(ok, _take(xs, rest, c)), c), new_size)
     elif mode == "squeeze":
         e = op.CastLike(op.Constant(value_float=float(np.e)), x)
         w = op.Mul(op.Exp(best), ok)
-        out = op.Div(gather_in(op.Mul(e, _take(x, rep, c)), op.Mul(w, _take(x, rest, c))), gather_in(e, w))
-        new_size = gather_in(_take(size, rep, 1), guest_size)
+        out = op.Div(gather_in(op.Mul(e, _take(x, rep, c)), op.Mul(w, _take(x, rest, c)), c), gather_in(filled(e), w, 1))
+        new_size = gather_in(kept_size, guest_size, 1)
     else:  # mean
         one = op.CastLike(op.Constant(value_float=1.0), x)
-        out = op.Div(gather_in(_take(x, rep, c), op.Mul(ok, _take(x, rest, c))), gather_in(one, ok))
-        new_size = gather_in(_take(size, rep, 1), op.Mul(best, guest_size))
+        out = op.Div(gather_in(_take(x, rep, c), op.Mul(ok, _take(x, rest, c)), c), gather_in(filled(one), ok, 1))
+        new_size = gather_in(kept_size, op.Mul(best, guest_size), 1)
     zeros = op.Mul(_positions(x, n), op.Constant(value_int=0))
     hosted = op.Where(finite, host, op.Constant(value_int=-1))
     assign = op.ScatterElements(op.ScatterElements(zeros, rep, _positions(x, protected + keep), axis=1), rest, hosted, axis=1)
@@ -260,10 +270,9 @@ def pitome_merge(x, size, metric, r: int, protected: int, margin: float, all_pai
     slot = op.Add(op.GatherElements(host, src, axis=1), op.Constant(value_int=protected + n_kept))
     rep = _with_head(x, op.Concat(kept_a, b, axis=1), protected)
     n_out = protected + n_kept + nb
-    into = op.Transpose(_one_hot(slot, n_out, x), perm=[0, 2, 1])
     xs = op.Mul(x, size)
-    new_size = op.Add(_take(size, rep, 1), op.MatMul(into, _take(size, merged, 1)))
-    out = op.Div(op.Add(_take(xs, rep, c), op.MatMul(into, _take(xs, merged, c))), new_size)
+    new_size = _scatter_add(_take(size, rep, 1), slot, _take(size, merged, 1), 1)
+    out = op.Div(_scatter_add(_take(xs, rep, c), slot, _take(xs, merged, c), c), new_size)
     zeros = op.Mul(_positions(x, n), op.Constant(value_int=0))
     assign = op.ScatterElements(op.ScatterElements(zeros, rep, _positions(x, n_out), axis=1), merged, slot, axis=1)
     return out, new_size, assign, rep
