@@ -514,8 +514,10 @@ NOTES = [
     "before the rebuild to three decimals for every recipe (e.g. `snapkv` 14.643 and `h2o` 16.242 at budget 0.5, "
     "`tova` 16.973 vs 16.972 at 0.25); the cache ratio of `snapkv` and `pyramidkv` is up by up to 0.016 of the full "
     "cache: a growing cache now holds up to 1/32 of its length in spare slots, and they are counted. The 4096-token "
-    "`ppl` and `lazy` runs and `stream` predate the rebuild (not re-run for time); the kept sets they measure are "
-    "unchanged (tests/reference_kv.py and the long-generation test in tests/test_kv.py).",
+    "`ppl` was re-run on 2026-11-26 (commit 1a0c54a): every perplexity equals the run before the rebuild to three "
+    "decimals (e.g. `snapkv` 19.819 and `h2o` 19.737 at budget 0.5, `tova` 20.754 at 0.25). The 4096-token `lazy` "
+    "run and `stream` predate the rebuild (not re-run for time); the kept sets they measure are unchanged "
+    "(tests/reference_kv.py and the long-generation test in tests/test_kv.py).",
     "- `stream`'s full-cache run (plain `DynamicCache`, one token per step to 8192) grew the process to about 11 GB "
     "resident although the cache itself is 0.38 GB (most likely allocator fragmentation from re-concatenating growing tensors at every step).",
     "- `pyramidinfer` briefly differed after the rebuild (15.749 instead of 15.787 on the 2048-token `ppl --others` "
