@@ -13,6 +13,7 @@ from graphprune.exporters.eager import OptimizedModel
 from graphprune.exporters.files import check_writable
 from graphprune.exporters.decoder_onnx import export_decoder_onnx
 from graphprune.exporters.onnx import export_onnx
+from graphprune.buckets import optimize_buckets
 from graphprune.exporters import triton
 from graphprune.exporters.openvino import export_openvino
 from graphprune.exporters.trt import write_trt_build
@@ -86,12 +87,19 @@ def optimize(model: torch.nn.Module, recipe: str | list | None = None, target: s
     ``recipe=["fastv", "snapkv"]``: each option goes to the recipe that has it); they come back as a model with the standard forward and ``generate``
     (``target="eager"``), or as prefill/decode ONNX graphs in the folder ``output``
     (``target="onnx"``; ``max_new_tokens=`` sizes them). ``schedule``: a schedule from :func:`graphprune.tune` (or its JSON
-    file) giving the recipe and its per-block options; explicit options override it. The
+    file) giving the recipe and its per-block options; explicit options override it. ``lengths=[64, 128, ...]``
+    (text models): one graph per bucket length, each call padded to the next bucket (:mod:`graphprune.buckets`). The
     input model is not modified.
     """
     if target not in TARGETS:
         raise GraphPruneError(f"unknown target '{target}'; choose one of {', '.join(TARGETS)}")
     max_new_tokens = options.pop("max_new_tokens", 64)
+    lengths = options.pop("lengths", None)
+    if lengths is not None:  # text models at any length up to the largest bucket (graphprune.buckets)
+        if target != "eager":
+            raise GraphPruneError("lengths=[...] (one graph per bucket) is for target='eager'; export one length at a "
+                                  "time with example_inputs of that length")
+        return optimize_buckets(optimize, model, recipe, example_inputs, lengths, {"schedule": schedule, **options})
     if isinstance(recipe, (list, tuple)):  # decoder policies at once, e.g. ["fastv", "snapkv"]
         rec = compose(list(recipe), options)
     else:

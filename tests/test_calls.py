@@ -81,3 +81,32 @@ def test_torch_compile_traces_one_graph_and_matches(vit):
     compiled = torch.compile(fast, fullgraph=True)
     assert (compiled(x).last_hidden_state - fast(x).last_hidden_state).abs().max() <= 1e-4
     assert (compiled(pixel_values=x).last_hidden_state - fast(x).last_hidden_state).abs().max() <= 1e-4
+
+
+def test_text_model_buckets_serve_any_length_up_to_the_largest(bert):
+    """lengths=[16, 32]: one graph per bucket; a call pads to the next bucket and per-token outputs are cut back; at
+    zero reduction every length equals the unmodified model on the real tokens; longer calls are refused."""
+    model, ids, mask = bert
+    fast = graphprune.optimize(model, "tome", r=0, example_inputs={"input_ids": ids, "attention_mask": mask},
+                               lengths=[32, 16])
+    assert fast.lengths == [16, 32]
+    g = torch.Generator().manual_seed(3)
+    for n in (5, 16, 20, 32):
+        x = torch.randint(1, 100, (3, n), generator=g)
+        m = torch.ones_like(x)
+        m[1, n // 2:] = 0  # (a padded row too)
+        with torch.no_grad():
+            expected = model(input_ids=x, attention_mask=m)
+        got = fast(input_ids=x, attention_mask=m)
+        assert got.last_hidden_state.shape == (3, n, 32)
+        real = m.bool()
+        assert (got.last_hidden_state - expected.last_hidden_state)[real].abs().max() <= 1e-5
+        assert (got.pooler_output - expected.pooler_output).abs().max() <= 1e-5
+        assert torch.equal(fast(x, m).last_hidden_state, got.last_hidden_state)  # positional calls alike
+    with pytest.raises(GraphPruneError, match="lengths up to 32"):
+        fast(input_ids=torch.ones(1, 40, dtype=torch.long), attention_mask=torch.ones(1, 40, dtype=torch.long))
+    merged = graphprune.optimize(model, "tome", r=2, example_inputs={"input_ids": ids, "attention_mask": mask},
+                                 lengths=[16, 32])
+    assert merged(input_ids=ids[:, :10], attention_mask=mask[:, :10]).last_hidden_state.shape == (2, 10, 32)
+    with pytest.raises(GraphPruneError, match="target='eager'"):
+        graphprune.optimize(model, "tome", r=2, example_inputs=(ids, mask), lengths=[16], target="onnx", output="x")
