@@ -501,7 +501,11 @@ NOTES = [
     "(selection, masks, Aux-Cache lookups): about 1.3–1.5× the full cache's step in the 2048-token run below. Its "
     "memory counts the Aux Cache's hidden states, so it is near the full cache's. Re-run on the rows stage of the "
     "cache-policy interface, its perplexities equal the run before the redesign (commit 3b5ead2: 15.934 and 17.466 "
-    "at rates 0.05 and 0.1, now 15.934 and 17.465). The 4096-token `lazy` run predates the redesign (not re-run).",
+    "at rates 0.05 and 0.1, now 15.934 and 17.465). The 4096-token `lazy` run was re-run on 2026-11-26 (commit "
+    "fb33b86): its perplexities equal the run before the redesign (19.964 and 20.563); its time to first token was "
+    "measured at 1 thread while another benchmark ran on the second core, and came out at 0.96× and 1.73× (the quiet "
+    "2-thread run before the redesign: 1.57× and 2.47×); LazyLLM's many small per-layer ops suffer most from a "
+    "loaded machine, so re-run it alone before reading its speed.",
     "- The machine has 2 cores. `ppl` ran beside `ppl --others` and then `lazy` (and `stream`, earlier, beside `ppl`), "
     "one thread each (`--threads 1`); their per-step times are not speed measurements. `speed` and `overhead` ran "
     "alone with torch's default threads (2).",
@@ -516,8 +520,9 @@ NOTES = [
     "cache: a growing cache now holds up to 1/32 of its length in spare slots, and they are counted. The 4096-token "
     "`ppl` was re-run on 2026-11-26 (commit 1a0c54a): every perplexity equals the run before the rebuild to three "
     "decimals (e.g. `snapkv` 19.819 and `h2o` 19.737 at budget 0.5, `tova` 20.754 at 0.25). The 4096-token `lazy` "
-    "run and `stream` predate the rebuild (not re-run for time); the kept sets they measure are unchanged "
-    "(tests/reference_kv.py and the long-generation test in tests/test_kv.py).",
+    "run was re-run too (same perplexities; see the LazyLLM note). `stream` predates the rebuild (not re-run for "
+    "time); the kept sets it measures are unchanged (tests/reference_kv.py and the long-generation test in "
+    "tests/test_kv.py).",
     "- `stream`'s full-cache run (plain `DynamicCache`, one token per step to 8192) grew the process to about 11 GB "
     "resident although the cache itself is 0.38 GB (most likely allocator fragmentation from re-concatenating growing tensors at every step).",
     "- `pyramidinfer` briefly differed after the rebuild (15.749 instead of 15.787 on the 2048-token `ppl --others` "

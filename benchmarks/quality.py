@@ -140,15 +140,24 @@ def needle(args) -> None:
             rows.append({"label": label, "recipe": recipe, "options": {k: v for k, v in options.items()
                                                                        if k != "calibration"},
                          "accuracy": sum(hits) / len(hits), "hits": hits, "ttft_s": sum(ttfts) / len(ttfts),
-                         "ms_per_step": sorted(steps)[len(steps) // 2], "memory": sum(memories) / len(memories)})
-        OUT.mkdir(parents=True, exist_ok=True)
-        payload = {"date": datetime.date.today().isoformat(), "commit": _commit(), "threads": torch.get_num_threads(),
-                   "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:]), "context": context,
-                   "samples": args.samples, "model": "Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF, float32)",
-                   "rows": rows}
-        path = OUT / f"needle_{context}.json"
-        path.write_text(json.dumps(payload, indent=2))
-        print(f"wrote {path}")
+                         "ms_per_step": sorted(steps)[len(steps) // 2], "memory": sum(memories) / len(memories),
+                         "commit": _commit(), "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:])})
+            _save_needle(context, args.samples, rows)  # (after every recipe: a later failure keeps these)
+
+
+def _save_needle(context: int, samples: int, rows: list[dict]) -> None:
+    """Write the run's rows; rows of other recipes from an earlier run on the same prompts stay (in SETTINGS order)."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / f"needle_{context}.json"
+    old = json.loads(path.read_text()) if path.is_file() else None
+    if old is not None and old["samples"] == samples:
+        mine = {r["label"] for r in rows}
+        rows = [r for r in old["rows"] if r["label"] not in mine] + rows
+    order = [s[0] for s in SETTINGS]
+    rows = sorted(rows, key=lambda r: order.index(r["label"]) if r["label"] in order else len(order))
+    payload = {"date": datetime.date.today().isoformat(), "threads": torch.get_num_threads(), "context": context,
+               "samples": samples, "model": "Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF, float32)", "rows": rows}
+    path.write_text(json.dumps(payload, indent=2))
 
 
 PPL_SETTINGS = [s for s in SETTINGS if s[1] in (None, "kivi", "gear", "kvquant", "palu", "qhitter")]
@@ -203,8 +212,9 @@ def report(args) -> None:
     for path in sorted(OUT.glob("needle_*.json"), key=lambda p: int(p.stem.split("_")[1])):
         d = json.loads(path.read_text())
         full = next(r for r in d["rows"] if r["recipe"] is None)
+        commands = sorted({(r["command"], r["commit"]) for r in d["rows"]})
         lines += [f"## {d['context']}-token prompts · {d['samples']} samples", "",
-                  f"`{d['command']}` ({d['date']}, commit {d['commit']}, {d['threads']} threads)", "",
+                  "; ".join(f"`{c}` (commit {h})" for c, h in commands) + f" ({d['date']}, {d['threads']} threads)", "",
                   "| recipe | accuracy | relative | memory | TTFT s | ms/step |", "|---|---|---|---|---|---|"]
         for r in d["rows"]:
             rel = r["accuracy"] / full["accuracy"] if full["accuracy"] else float("nan")

@@ -220,13 +220,14 @@ def compress_prompt(context, *, compressor, tokenizer, instruction: str = "", qu
         deltas = [delta[i] for i in kept]
     texts = [contexts[i] for i in kept]
     start = 0
-    if conditioned:
+    if conditioned:  # the question goes first and stays: its tokens are those whose text lies inside it
         prefix = question + "\n\n"
-        start = scorer.length(prefix, False)
-        joined = scorer.ids(prefix + "\n\n".join(texts), False)
-        if joined[:start] != scorer.ids(prefix, False):
-            raise ScheduleError("the compressor's tokenizer merges the question with the context; condition_compare "
-                                "needs a clean boundary (end the question with a newline or punctuation)")
+        joined, own = scorer.ids(prefix + "\n\n".join(texts), False), scorer.ids(prefix, False)
+        start = len(own)
+        if joined[:start] != own:  # a token spans the question and the context: it is the context's
+            start = 0
+            while start < len(joined) and prefix.startswith(tokenizer.decode(joined[:start + 1])):
+                start += 1
         texts = [question] + texts
     lengths = [scorer.length(t, False) + 2 for t in texts[1 if conditioned else 0:]]
     tau = target / (sum(lengths) + 1)
