@@ -130,7 +130,10 @@ def needle(args) -> None:
                 else:
                     prompt, runner = f"{text}\n\n{question}", fast
                 compress = time.perf_counter() - t0
-                answer, ttft, step, memory = _run(runner, tokenizer, _chat(tokenizer, prompt))
+                ids = _chat(tokenizer, prompt)
+                answer, ttft, step, memory = _run(runner, tokenizer, ids)
+                if runner is model and recipe is not None:  # a compressed prompt: its cache against the original's
+                    memory = ids.shape[1] / _chat(tokenizer, f"{text}\n\n{question}").shape[1]
                 hits.append(_answers(answer, value))
                 ttfts.append(ttft + compress)
                 steps.append(step)
@@ -207,7 +210,10 @@ def report(args) -> None:
              "the asked value), greedy, 12 new tokens, in the chat template. Model: Qwen2.5-Coder-0.5B-Instruct "
              "(`benchmarks/assets.py:load_qwen25`), eager PyTorch on this project's CPU machines. Relative: accuracy "
              "over the full cache's on the same prompts. Memory: held / full KV bytes at the end (codes, scales, "
-             "outliers, latents, spare slots counted). TTFT: the prompt pass (prompt compression included).", ""]
+             "outliers, latents, spare slots counted; prompt compressors: the compressed prompt's tokens over the original's, "
+             "in runs after commit b3b49a7, 1.000 before: their cache held the compressed prompt in full). TTFT: the "
+             "prompt pass (prompt compression included). Rows whose run stopped before writing were recovered from "
+             "its per-sample log lines (the 2048-token run before commit b3b49a7 stopped at its last recipe).", ""]
     points = []
     for path in sorted(OUT.glob("needle_*.json"), key=lambda p: int(p.stem.split("_")[1])):
         d = json.loads(path.read_text())
