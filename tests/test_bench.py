@@ -99,6 +99,7 @@ def test_bench_onnx_target_compares_runtimes_alike(tmp_path):
     assert 0.9 < r.fidelity["cosine"] < 1.0
 
 
+@pytest.mark.slow
 def test_bench_openvino_target(tmp_path):
     pytest.importorskip("openvino")
     model = family("vit")
@@ -163,6 +164,7 @@ def test_peak_memory_ignores_views_of_existing_storage():
     assert 1_000_000 <= gb.peak_memory(f, (big[3],)) < 1_000_100
 
 
+@pytest.mark.slow
 def test_bench_compiles_both_sides(tmp_path):
     """compile=True: the unmodified model and the variant both run through torch.compile (in the warm-up), and the
     compiled variant's outputs keep their fidelity; only for the eager target."""

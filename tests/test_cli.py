@@ -245,6 +245,7 @@ def test_tune_bad_input_is_one_clear_error(args, message, tmp_path):
     assert not (tmp_path / "new").exists()  # nothing left behind, not even the folder
 
 
+@pytest.mark.slow  # (the API test covers the path; this one the command line / runtime)
 def test_export_openvino_writes_the_ir(tmp_path):
     pytest.importorskip("openvino")
     out = tmp_path / "ov"
@@ -255,6 +256,7 @@ def test_export_openvino_writes_the_ir(tmp_path):
     assert report["artifact"] == str(out / "model.xml") and report["parity"]["openvino"] <= 1e-4
 
 
+@pytest.mark.slow  # (the API test covers the path; this one the command line / runtime)
 def test_export_triton_writes_a_repository_named_after_the_model(tmp_path):
     pytest.importorskip("tritonclient.grpc.model_config_pb2")
     res = _run("export", "test_vit", "--recipe", "tome", "--r", "2", "--target", "triton", "-o", tmp_path / "repo")
