@@ -520,9 +520,10 @@ NOTES = [
     "cache: a growing cache now holds up to 1/32 of its length in spare slots, and they are counted. The 4096-token "
     "`ppl` was re-run on 2026-11-26 (commit 1a0c54a): every perplexity equals the run before the rebuild to three "
     "decimals (e.g. `snapkv` 19.819 and `h2o` 19.737 at budget 0.5, `tova` 20.754 at 0.25). The 4096-token `lazy` "
-    "run was re-run too (same perplexities; see the LazyLLM note). `stream` predates the rebuild (not re-run for "
-    "time); the kept sets it measures are unchanged (tests/reference_kv.py and the long-generation test in "
-    "tests/test_kv.py).",
+    "run was re-run too (same perplexities; see the LazyLLM note), and `stream` (commit 2cdcd29): the same "
+    "perplexity in every segment (19.621 over the text against the full cache's 19.292); it reports 1025 cached "
+    "slots per layer at the end (1024 before the rebuild: the count now includes the slot the newest token was "
+    "written into).",
     "- `stream`'s full-cache run (plain `DynamicCache`, one token per step to 8192) grew the process to about 11 GB "
     "resident although the cache itself is 0.38 GB (most likely allocator fragmentation from re-concatenating growing tensors at every step).",
     "- `pyramidinfer` briefly differed after the rebuild (15.749 instead of 15.787 on the 2048-token `ppl --others` "
