@@ -522,8 +522,8 @@ NOTES = [
     "decimals (e.g. `snapkv` 19.819 and `h2o` 19.737 at budget 0.5, `tova` 20.754 at 0.25). The 4096-token `lazy` "
     "run was re-run too (same perplexities; see the LazyLLM note), and `stream` (commit 2cdcd29): the same "
     "perplexity in every segment (19.621 over the text against the full cache's 19.292); it reports 1025 cached "
-    "slots per layer at the end (1024 before the rebuild: the count now includes the slot the newest token was "
-    "written into).",
+    "slots per layer at the end (1024 before the rebuild: the ring storage keeps the evicted slot as the hole the "
+    "next token is written into, and it is counted).",
     "- `stream`'s full-cache run (plain `DynamicCache`, one token per step to 8192) grew the process to about 11 GB "
     "resident although the cache itself is 0.38 GB (most likely allocator fragmentation from re-concatenating growing tensors at every step).",
     "- `pyramidinfer` briefly differed after the rebuild (15.749 instead of 15.787 on the 2048-token `ppl --others` "
