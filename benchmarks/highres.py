@@ -13,10 +13,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import subprocess
 from pathlib import Path
 
 import torch
+
+from llm import _commit  # (the commit the run imported, once)
 
 OUT = Path(__file__).parent.parent / "docs"
 TOME_R = {448: 60, 518: 80}
@@ -30,6 +31,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
+    commit = _commit()  # (read as the run starts: the code it runs)
     import timm
 
     from graphprune.bench import sweep
@@ -52,8 +54,6 @@ def main() -> None:
                                  "baseline_ms": r.baseline_ms, "latency_ms": r.latency_ms, "speedup": r.speedup,
                                  "flop_ratio": r.flop_ratio, "bound": bound, "efficiency": r.speedup / bound})
                     print(rows[-1], flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
     command = "python benchmarks/highres.py " + " ".join(
         f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items() if v is not None)
     payload = {"date": datetime.date.today().isoformat(), "commit": commit, "threads": torch.get_num_threads(),

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+from llm import _commit  # noqa: E402  (the commit the run imported, once)
 
 OUT = Path(__file__).parent.parent / "docs" / "quality"
 NEW_TOKENS = 12
@@ -49,14 +50,6 @@ SETTINGS = [  # (label, recipe, options): evicting at a quarter of the prompt, q
     ("llmlingua 0.5", "llmlingua", {"rate": 0.5}),
     ("longllmlingua 0.5", "longllmlingua", {"rate": 0.5}),
 ]
-
-
-def _commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent.parent,
-                              capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def _example(tokenizer, seed: int, context: int):
@@ -279,6 +272,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     sub.add_parser("report", help="docs/quality.md and the accuracy-memory plot from the runs")
     args = parser.parse_args()
+    _commit()  # (read as the run starts, kept for its rows: the code it runs)
     {"needle": needle, "ppl": ppl, "report": report}[args.command](args)
 
 

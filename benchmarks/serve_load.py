@@ -15,8 +15,6 @@ import argparse
 import datetime
 import json
 import socket
-import statistics
-import subprocess
 import tempfile
 import threading
 import time
@@ -27,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from llm import _commit  # (the commit the run imported, once)
 
 OUT = Path(__file__).parent.parent / "docs"
 
@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--max-batch-size", type=int, default=8)
     args = parser.parse_args()
+    commit = _commit()  # (read as the run starts: the code it runs)
 
     import ray
     from transformers import ViTConfig, ViTModel
@@ -135,8 +136,6 @@ def main() -> None:
                 serve.shutdown()
         finally:
             graphprune.serving.shutdown()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
     payload = {"date": datetime.date.today().isoformat(), "commit": commit,
                "command": "python benchmarks/serve_load.py " + " ".join(f"--{k.replace('_', '-')} {v}"
                                                                         for k, v in vars(args).items()),

@@ -155,25 +155,20 @@ def optimize(model: torch.nn.Module, recipe: str | list | None = None, target: s
         runner, diff = export_onnx(result.gm, inputs, output)
         report.parity["onnx"] = diff
         report.artifact = str(output)
-        if target == "triton":  # the model repository entry: config.pbtxt beside the version folder
-            try:
+        try:
+            if target == "triton":  # the model repository entry: config.pbtxt beside the version folder
                 triton.write_config(runner, model_dir)
-            except Exception:
-                for written in (output, output.with_name(output.name + ".data")):
-                    written.unlink(missing_ok=True)
-                raise
-            report.artifact = str(model_dir)
-        if target == "openvino":  # the IR converted from the checked ONNX model, checked again
-            try:
+                report.artifact = str(model_dir)
+            if target == "openvino":  # the IR converted from the checked ONNX model, checked again
                 with torch.no_grad():
                     expected = result.gm(*inputs)
                 runner, diff = export_openvino(output, expected, inputs)
-            except Exception:
-                for written in (output, output.with_name(output.name + ".data")):
-                    written.unlink(missing_ok=True)  # (nothing half-written stays behind)
-                raise
-            report.parity["openvino"] = diff
-            report.artifact = str(runner.path)
+                report.parity["openvino"] = diff
+                report.artifact = str(runner.path)
+        except Exception:
+            for written in (output, output.with_name(output.name + ".data")):
+                written.unlink(missing_ok=True)  # (nothing half-written stays behind)
+            raise
         if target == "trt":  # the checked ONNX model plus its engine build (run here only where TensorRT imports)
             names = [i.name for i in runner.session.get_inputs()]
             shapes = [tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)]

@@ -53,9 +53,9 @@ class Runtime:
     def __init__(self, file: Path):
         file = Path(file)
         if file.suffix == ".xml":
-            import openvino as ov
+            from graphprune.exporters.openvino import OpenVinoModel
 
-            self.compiled = ov.Core().compile_model(str(file), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+            self.compiled = OpenVinoModel(file).compiled
             port = self.compiled.inputs
             if len(port) != 1:
                 raise GraphPruneError(f"serve takes models of one input; {file} has {len(port)}")
@@ -64,9 +64,9 @@ class Runtime:
             self.dtype = np.dtype(port[0].get_element_type().to_dtype())
             self._run = lambda x: self.compiled([x])[self.compiled.outputs[0]]
         else:
-            import onnxruntime as ort
+            from graphprune.exporters.onnx import OnnxModel
 
-            session = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+            session = OnnxModel(file).session
             inputs = session.get_inputs()
             if len(inputs) != 1:
                 raise GraphPruneError(f"serve takes models of one input; {file} has {len(inputs)}")

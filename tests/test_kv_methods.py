@@ -241,16 +241,18 @@ def test_palu_caches_the_latent_and_attention_reads_its_reconstruction(family, b
 def test_palu_at_full_rank_and_batches():
     """Full rank through the codec reproduces the model; every token compresses alone, so a left-padded batch equals
     each prompt alone; models whose keys are normalised after the projection are refused."""
-    model = tiny(kv_heads=4)
     ids = prompts(2, 30)
-    full = graphprune.optimize(model, "palu", ratio=0.999, align=1)
-    with torch.no_grad():
-        expected = model(ids).logits
-        out = full(ids, use_cache=True)
-        nxt = expected[:, -1:].argmax(-1)
-        torch.testing.assert_close(full(nxt, cache=out.cache, use_cache=True).logits[:, -1],
-                                   model(torch.cat([ids, nxt], 1)).logits[:, -1], atol=1e-5, rtol=0)
-    assert out.cache.layers[0].storage.nk == 31  # (every token went through the latent, the next one too)
+    for family in ("llama", "phi3"):  # (Phi-3: the key and value rows of the fused q/k/v projection)
+        model = tiny(family, kv_heads=4)
+        full = graphprune.optimize(model, "palu", ratio=0.999, align=1)
+        with torch.no_grad():
+            expected = model(ids).logits
+            out = full(ids, use_cache=True)
+            nxt = expected[:, -1:].argmax(-1)
+            torch.testing.assert_close(full(nxt, cache=out.cache, use_cache=True).logits[:, -1],
+                                       model(torch.cat([ids, nxt], 1)).logits[:, -1], atol=1e-5, rtol=0)
+        assert out.cache.layers[0].storage.nk == 31  # (every token went through the latent, the next one too)
+    model = tiny(kv_heads=4)
     fast = graphprune.optimize(model, "palu", ratio=0.5, align=8, bits=4)
     ids, mask, alone = left_padded()
     batch = greedy(fast, ids, mask, n=8)

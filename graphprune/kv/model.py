@@ -42,6 +42,11 @@ class DecoderInfo:
     class_token: bool = False  # each image is one grid of patches after the vision tower's class token (LLaVA-1.5)
     windows: tuple[int | None, ...] = ()  # each layer's sliding window (None: full attention)
 
+    def fused_kv(self) -> tuple[slice, slice]:
+        """Where the keys and the values lie in a fused q/k/v projection's output (Phi-3's ``qkv_proj``)."""
+        q, kv = self.q_heads * self.head_dim, self.kv_heads * self.head_dim
+        return slice(q, q + kv), slice(q + kv, q + 2 * kv)
+
 
 def is_decoder_lm(model) -> bool:
     config = getattr(model, "config", None)

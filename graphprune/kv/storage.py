@@ -399,12 +399,6 @@ class TokenCodes(Slots):
         coded = 0 if self.codes is None else self.codes.shape[2]
         return coded + (0 if self.keys is None else self.keys.shape[2])
 
-    def write(self, keys, values):
-        if self.keys is None:
-            self.keys, self.values = keys, values
-        else:
-            self.keys, self.values = torch.cat([self.keys, keys], 2), torch.cat([self.values, values], 2)
-
     def _flush(self) -> None:
         if self.keys is None or self.keys.shape[2] == 0:
             return

@@ -40,12 +40,7 @@ class CompressingLM(torch.nn.Module):
             out = rec.compress(text, question or "", self.model)
             self.last.append(out)
             texts.append(out["compressed_prompt"])
-        side = tok.padding_side
-        tok.padding_side = "left"
-        try:
-            enc = tok(texts, return_tensors="pt", padding=True)
-        finally:
-            tok.padding_side = side
+        enc = tok(texts, return_tensors="pt", padding=True, padding_side="left")
         enc = {k: v.to(input_ids.device) for k, v in enc.items()}
         out = self.model.generate(enc["input_ids"], attention_mask=enc["attention_mask"], **kwargs)
         sequences = out if isinstance(out, torch.Tensor) else out.sequences

@@ -230,11 +230,11 @@ def calibrate(model, ids: torch.Tensor, info, fisher: bool):
         def hook(i, which):
             def grab(module, args, out):  # a zero added to the output carries the loss's gradient with respect to it
                 if which is None:  # fused q/k/v (Phi-3): the key and value columns
-                    q, kv = info.q_heads * info.head_dim, info.kv_heads * info.head_dim
-                    parts = [out[..., q:q + kv], out[..., q + kv:]]
+                    keys, values = info.fused_kv()
+                    parts = [out[..., keys], out[..., values]]
                     zeros = [torch.zeros_like(p, requires_grad=fisher) for p in parts]
                     captured.extend([(i, 0, parts[0], zeros[0]), (i, 1, parts[1], zeros[1])])
-                    return torch.cat([out[..., :q], parts[0] + zeros[0], parts[1] + zeros[1]], -1)
+                    return torch.cat([out[..., :keys.start], parts[0] + zeros[0], parts[1] + zeros[1]], -1)
                 zero = torch.zeros_like(out, requires_grad=fisher)
                 captured.append((i, which, out, zero))
                 return out + zero

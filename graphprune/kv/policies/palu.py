@@ -97,13 +97,11 @@ class PaluCodec(Codec):
         return Chunk(tuple(parts), rebuild)
 
 
-def _projections(attn, q_heads: int, kv_heads: int, head_dim: int):
+def _projections(attn, info):
     """The key and value projections' weights and biases of one attention module (fused q/k/v sliced: Phi-3)."""
     if hasattr(attn, "qkv_proj"):
         w, bias = attn.qkv_proj.weight, attn.qkv_proj.bias
-        q, kv = q_heads * head_dim, kv_heads * head_dim
-        pick = (lambda t, lo, hi: None if t is None else t[lo:hi])
-        return (w[q:q + kv], pick(bias, q, q + kv)), (w[q + kv:q + 2 * kv], pick(bias, q + kv, q + 2 * kv))
+        return tuple((w[cols], None if bias is None else bias[cols]) for cols in info.fused_kv())
     return (attn.k_proj.weight, attn.k_proj.bias), (attn.v_proj.weight, attn.v_proj.bias)
 
 
@@ -164,7 +162,7 @@ class Palu(CachePolicy):
             if hasattr(attn, "k_norm"):
                 raise RecipeError(f"palu decomposes the key projection, but {info.family} normalises keys after it "
                                   "(k_norm): the keys are not a linear map of the input; use another cache recipe")
-            (wk, bk), (wv, bv) = _projections(attn, info.q_heads, info.kv_heads, info.head_dim)
+            (wk, bk), (wv, bv) = _projections(attn, info)
             groups = info.kv_heads // group
             codecs.append(PaluCodec(projection(wk, bk, groups, rank, self.bits < 16),
                                     projection(wv, bv, groups, rank, self.bits < 16), info.inv_freq[i], self.bits))
