@@ -60,11 +60,7 @@ def _optimize_decoder(model, policy, target: str, output, example_inputs, max_ne
         # policy of a fixed budget
         from graphprune.exporters.vision_onnx import export_image_reducer, export_vlm_onnx
 
-        if policy.prunes_rows:
-            raise GraphPruneError(f"'{policy.name}' stops rows inside the language model: not exported to ONNX yet "
-                                  "(a fixed-share before-LLM recipe such as divprune exports, with a fixed-budget cache "
-                                  "policy or alone); use target='eager'")
-        if policy.evicts is not When.NEVER:
+        if policy.evicts is not When.NEVER or policy.prunes_rows:
             return export_vlm_onnx(fast, output, max_new_tokens)
         pixels = example_inputs.get("pixel_values") if isinstance(example_inputs, dict) else example_inputs
         return export_image_reducer(fast, output, pixels)

@@ -316,6 +316,12 @@ def test_a_visual_recipe_composes_with_a_cache_policy(vlm):
     three = graphprune.optimize(vlm.model, ["divprune", "fastv", "snapkv"], keep=0.5, ratio=0.5, budget=12, window=4)
     with torch.no_grad():
         assert three(**vlm.inputs(ids[None], images), use_cache=True).cache.slots() == [12] * 4
+    drop = graphprune.optimize(vlm.model, ["pyramiddrop", "h2o"], layers=[2], keep=0.25, budget=12)  # stops rows
+    alone = graphprune.optimize(vlm.model, "pyramiddrop", layers=[2], keep=0.25)  # before a layer's attention
+    with torch.no_grad():
+        out, ref = (m(**vlm.inputs(ids[None], images), use_cache=True) for m in (drop, alone))
+    assert torch.equal(out.logits[0, -1], ref.logits[0, -1]) and out.cache.slots() == [12] * 4
+    assert all(vlm.held(out.cache, layer) <= vlm.held(ref.cache, layer) for layer in range(4))
     with pytest.raises(RecipeError, match="both evict"):
         graphprune.optimize(vlm.model, ["snapkv", "h2o"])
     with pytest.raises(RecipeError, match="does not compose"):
@@ -543,8 +549,9 @@ def test_cli_exports_and_benches_a_vlm_folder(tmp_path):
     assert res.exit_code == 0, res.output
     fast = graphprune.optimize(tiny_vlm("llava").model, schedule=tmp_path / "out" / "schedule.json")
     assert fast.report.recipe == "fastv" and fast.report.options["ratio"] == 0.75
-    res = runner.invoke(app, ["export", str(folder), "--recipe", "fastv", "--target", "onnx", "-o", str(tmp_path / "x")])
-    assert res.exit_code != 0 and "stops rows inside the language model" in res.output
+    res = runner.invoke(app, ["export", str(folder), "--recipe", "pact", "-O", "layer=2", "--target", "onnx", "-o",
+                              str(tmp_path / "x")])
+    assert res.exit_code != 0 and "data-dependent number of rows" in res.output
     res = runner.invoke(app, ["export", str(folder), "--recipe", "divprune", "--target", "onnx", "-o", str(tmp_path / "v")])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "v" / "vision.json").read_text())["tokens_per_image"] == round(0.098 * 16)
@@ -582,8 +589,6 @@ def test_the_image_side_exports_to_onnx_with_a_fixed_share(kind, tmp_path):
         for i in range(3):
             assert set(kept[i].tolist()) == divprune_reference(features[i], 0.3)
             assert (tokens[i] - features[i][kept[i]]).abs().max() <= 1e-4
-    with pytest.raises(GraphPruneError, match="stops rows inside the language model"):
-        graphprune.optimize(vlm.model, "fastv", target="onnx", output=tmp_path / "x")
     if kind == "llava":
         with pytest.raises(GraphPruneError, match="data-dependent number of image tokens"):
             graphprune.optimize(vlm.model, "prumerge", target="onnx", output=tmp_path / "x")
@@ -898,18 +903,26 @@ def test_pyramiddrop_renumbered_equals_the_model_without_the_dropped_tokens_stag
         graphprune.optimize(tiny_vlm("gemma3").model, "pyramiddrop", positions="renumber")
 
 
-@pytest.mark.parametrize("recipe, options", [(["divprune", "snapkv"], {"keep": 0.5, "budget": 12, "window": 4}),
-                                             pytest.param("h2o", {"budget": 12}, marks=pytest.mark.slow)])
-def test_a_vlm_with_a_fixed_budget_exports_whole_to_onnx(recipe, options, tmp_path):
-    """LLaVA with a fixed-share image recipe (or none) and a fixed-budget cache policy: vision, prefill and decode
-    graphs; ONNX Runtime's greedy generation from the full prompt and its pixels equals the eager copy's, token for
-    token, on another left-padded batch and other images than the export's. What cannot export is refused with the
-    reason."""
+@pytest.mark.parametrize("recipe, options, rows", [
+    (["divprune", "snapkv"], {"keep": 0.5, "budget": 12, "window": 4}, None),
+    ("fastv", {"layer": 2, "ratio": 0.5}, [26, 18, 18, 18]),  # (10 text tokens + 16 image tokens; 8 stop after layer 1)
+    pytest.param("h2o", {"budget": 12}, None, marks=pytest.mark.slow),
+    pytest.param(["pyramiddrop", "h2o"], {"layers": [1, 3], "keep": 0.5, "budget": 14}, [26, 18, 18, 14],
+                 marks=pytest.mark.slow),
+    pytest.param(["divprune", "fastv", "snapkv"], {"keep": 0.5, "ratio": 0.5, "budget": 12, "window": 4},
+                 [18, 14, 14, 14], marks=pytest.mark.slow)])
+def test_a_vlm_with_a_fixed_budget_exports_whole_to_onnx(recipe, options, rows, tmp_path):
+    """LLaVA with a fixed-share image recipe before the language model (DivPrune) or inside it (FastV, PyramidDrop:
+    pruned inside the prefill graph, each layer's rows a static count), and a fixed-budget cache policy (or none):
+    vision, prefill and decode graphs; ONNX Runtime's greedy generation from the full prompt and its pixels equals the
+    eager copy's, token for token, on another left-padded batch and other images than the export's. What cannot
+    export is refused with the reason."""
     from graphprune.errors import GraphPruneError
 
     vlm = tiny_vlm("llava")
     runner = graphprune.optimize(vlm.model, recipe, target="onnx", output=tmp_path / "vlm", **options)
     assert {"vision.onnx", "prefill.onnx", "decode.onnx", "decoder.json"} <= {p.name for p in (tmp_path / "vlm").iterdir()}
+    assert runner.meta["rows_per_layer"] == rows
     fast = graphprune.optimize(vlm.model, recipe, **options)
     prompts, images = [vlm.prompt(4, 6, seed=5), vlm.prompt(2, 8, seed=6)], vlm.images(2, seed=8)
     ids, mask = batch(*prompts)
@@ -917,8 +930,14 @@ def test_a_vlm_with_a_fixed_budget_exports_whole_to_onnx(recipe, options, tmp_pa
         expected = fast.generate(input_ids=ids, attention_mask=mask, **images, max_new_tokens=6, min_new_tokens=6,
                                  do_sample=False, pad_token_id=0)[:, ids.shape[1]:]
     assert torch.equal(runner.generate(ids, images["pixel_values"], mask, 6), expected)
-    with pytest.raises(GraphPruneError, match="stops rows inside the language model"):
-        graphprune.optimize(vlm.model, ["fastv", "h2o"], budget=12, target="onnx", output=tmp_path / "x")
+    if rows is not None:  # a prompt without its image would need other row counts
+        text = torch.cat([ids[:1, :vlm.tokens].clamp(max=IMAGE - 1), ids[:1, vlm.tokens:]], 1)
+        with pytest.raises(GraphPruneError, match=f"must hold {vlm.tokens} image tokens"):
+            runner.generate(torch.cat([ids[1:], text]), images["pixel_values"], mask, 6)
+    with pytest.raises(GraphPruneError, match="data-dependent number of rows"):
+        graphprune.optimize(vlm.model, "pact", layer=2, target="onnx", output=tmp_path / "x")
+    with pytest.raises(GraphPruneError, match="data-dependent number of rows"):
+        graphprune.optimize(vlm.model, "pyramiddrop", positions="renumber", target="onnx", output=tmp_path / "x")
     with pytest.raises(GraphPruneError, match="fixed budget"):
         graphprune.optimize(vlm.model, "h2o", budget=0.5, target="onnx", output=tmp_path / "x")
     with pytest.raises(GraphPruneError, match="for LLaVA so far"):

@@ -41,12 +41,12 @@ class Prefill(torch.nn.Module):
 
 
 class DecodeStep(torch.nn.Module):
-    def __init__(self, lm, capacities: list[int], extra: int):
+    def __init__(self, lm, capacities: list[int], extra: int, rows_plan: tuple[int, ...] | None = None):
         super().__init__()
-        self.lm, self.capacities, self.extra = lm, capacities, extra
+        self.lm, self.capacities, self.extra, self.rows_plan = lm, capacities, extra, rows_plan
 
     def forward(self, input_ids, position_ids, *state):
-        cache = self.lm.graphprune.new_cache(static=self.extra).load_flat(state, self.capacities)
+        cache = self.lm.graphprune.new_cache(self.extra, self.rows_plan).load_flat(state, self.capacities)
         out = self.lm(input_ids=input_ids, position_ids=position_ids, use_cache=True, **{cache_argument(self.lm): cache})
         return (out.logits[:, -1], *cache.flat())
 

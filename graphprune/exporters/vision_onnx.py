@@ -8,8 +8,10 @@ that keeps positions).
 
 With a fixed-budget cache policy too (:func:`export_vlm_onnx`, e.g. ``["divprune", "snapkv"]``) the language model
 follows: a prefill graph that takes the shortened prompt, its kept positions and the image tokens, and the decoder's
-static-shape decode step; :class:`OnnxVLM` runs the three. Each is checked against the eager model in ONNX Runtime
-before anything is written.
+static-shape decode step; :class:`OnnxVLM` runs the three. Image tokens pruned inside the language model at a count
+fixed by the options (FastV, PyramidDrop) are pruned inside the prefill graph: every prompt brings the exported number
+of image tokens, so each layer's rows are a static count. Each graph is checked against the eager model in ONNX
+Runtime before anything is written.
 """
 
 from __future__ import annotations
@@ -118,17 +120,19 @@ def export_image_reducer(vlm, output, pixel_values: torch.Tensor | None = None) 
 class VisionPrefill(torch.nn.Module):
     """The language model's prompt pass from the shortened prompt: the image tokens fill its placeholders."""
 
-    def __init__(self, lm, extra: int, image_token: int):
+    def __init__(self, lm, extra: int, image_token: int, rows_plan: tuple[int, ...] | None = None):
         super().__init__()
-        self.lm, self.extra, self.image_token = lm, extra, image_token
+        self.lm, self.extra, self.image_token, self.rows_plan = lm, extra, image_token, rows_plan
 
     def forward(self, input_ids, attention_mask, position_ids, image_tokens):
         embeds = self.lm.get_input_embeddings()(input_ids)
         embeds = embeds.masked_scatter((input_ids == self.image_token)[..., None], image_tokens.to(embeds.dtype))
-        cache = self.lm.graphprune.new_cache(static=self.extra)
-        out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
-                      logits_to_keep=1, **{cache_argument(self.lm): cache})
-        return (out.logits[:, -1], *cache.flat())
+        cache = self.lm.graphprune.new_cache(self.extra, self.rows_plan)
+        cache.begin(input_ids)  # (the ids say which rows are image tokens; the language model gets the embeddings)
+        decoder = self.lm.model.language_model
+        out = decoder(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                      **{cache_argument(decoder): cache})
+        return (self.lm.lm_head(out.last_hidden_state[:, -1]), *cache.flat())
 
 
 def shorten(input_ids: torch.Tensor, attention_mask: torch.Tensor, kept: torch.Tensor, image_token: int):
@@ -159,6 +163,12 @@ class OnnxVLM(OnnxDecoder):
         """Greedy generation from the full prompt (every image's placeholders) and its images (one after another in
         the order of the placeholders); returns the new tokens (B, max_new_tokens)."""
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        want = self.meta.get("image_tokens_per_prompt")
+        if want is not None:
+            have = (input_ids == self.meta["image_token_id"]).sum(-1)
+            if bool((have != want).any()):
+                raise GraphPruneError(f"this export prunes image tokens inside the language model at fixed counts: every "
+                                      f"prompt must hold {want} image tokens (one image); these hold {have.tolist()}")
         tokens, kept = self.vision(pixel_values)
         ids, mask, pos = shorten(input_ids, attention_mask, kept, self.meta["image_token_id"])
         if ids.shape[1] != self.meta["prompt_len"]:
@@ -172,19 +182,26 @@ class OnnxVLM(OnnxDecoder):
 
 
 def export_vlm_onnx(vlm, output, max_new_tokens: int = 32, check_tokens: int = 8) -> OnnxVLM:
-    """Export graphprune's copy of a LLaVA model whose policy pairs a fixed-share image recipe (or none) with a
-    fixed-budget cache policy: vision.onnx, prefill.onnx, decode.onnx and decoder.json in ``output``. Checked before
-    anything is written: greedy generation in ONNX Runtime equals the eager copy's, token for token, on a left-padded
-    batch of two prompts with their images."""
+    """Export graphprune's copy of a LLaVA model whose policy pairs a fixed-share image recipe (before the language
+    model: DivPrune; or inside it: FastV, PyramidDrop; or none) with a fixed-budget cache policy (or none, after an
+    in-LLM recipe): vision.onnx, prefill.onnx, decode.onnx and decoder.json in ``output``. Checked before anything is
+    written: greedy generation in ONNX Runtime equals the eager copy's, token for token, on a left-padded batch of two
+    prompts with their images."""
     policy, config = vlm.graphprune.policy, vlm.config
     cache = getattr(policy, "cache", policy)
     if config.model_type != "llava":
         raise GraphPruneError(f"a vision-language model's language model exports to ONNX for LLaVA so far, not "
                               f"'{config.model_type}' (its image side exports alone: divprune with target='onnx')")
-    if policy.prunes_rows or not cache.exportable:
-        raise GraphPruneError(f"'{policy.name}' has no static-shape prompt pass or decode step to export (rows that "
-                              "stop inside the language model, or a cache that changes size); use target='eager'")
-    if isinstance(cache.budget, float):
+    n_layers = vlm.graphprune.info.n_layers
+    if policy.prunes_rows and policy.image_rows_after(1, 0, n_layers) is None:
+        raise GraphPruneError(f"'{policy.name}' stops a data-dependent number of rows inside the language model: its "
+                              "prompt pass has no static shapes to export (fastv and pyramiddrop export); use "
+                              "target='eager'")
+    alone = cache.evicts is When.NEVER  # (an in-LLM recipe alone: each layer keeps the prompt's rows that reach it)
+    if not alone and not cache.exportable:
+        raise GraphPruneError(f"'{policy.name}' has no static-shape decode step to export (a cache that changes "
+                              "size); use target='eager'")
+    if not alone and isinstance(cache.budget, float):
         raise GraphPruneError("ONNX export needs a fixed budget: give budget as an int (cached tokens per layer)")
     if policy.reduces_images and (type(policy).fixed_image_tokens is CachePolicy.fixed_image_tokens or policy.renumbers()):
         raise GraphPruneError(f"'{policy.name}' keeps a data-dependent number of image tokens (or renumbers them): it "
@@ -201,12 +218,15 @@ def export_vlm_onnx(vlm, output, max_new_tokens: int = 32, check_tokens: int = 8
         mask[1, :2] = 0  # (left padding in the example batch)
         tokens, kept = reducer(pixels)
         ids, short_mask, pos = shorten(full, mask, kept, config.image_token_id)
-        prefill = VisionPrefill(vlm, extra, config.image_token_id).eval()
+        plan, k = None, tokens.shape[1]  # (k: the image tokens that reach the language model)
+        if policy.prunes_rows:  # each layer's rows: the prompt's, less the image tokens stopped up to there
+            plan = tuple(ids.shape[1] - k + policy.image_rows_after(k, layer, n_layers) for layer in range(n_layers))
+        prefill = VisionPrefill(vlm, extra, config.image_token_id, plan).eval()
         logits, *state = prefill(ids, short_mask, pos, tokens.reshape(-1, tokens.shape[-1]))
     names = vlm.graphprune.new_cache().state_names()
     per = len(names) // vlm.graphprune.info.n_layers
-    capacities = [state[i * per].shape[2] - extra for i in range(vlm.graphprune.info.n_layers)]
-    decode = DecodeStep(vlm, capacities, extra).eval()
+    capacities = [state[i * per].shape[2] - extra for i in range(n_layers)]
+    decode = DecodeStep(vlm, capacities, extra, plan).eval()
     b = torch.export.Dim("batch", min=1, max=1024)
     output = Path(output)
     with staging_dir(output) as tmp:
@@ -225,7 +245,8 @@ def export_vlm_onnx(vlm, output, max_new_tokens: int = 32, check_tokens: int = 8
                 "eos_token_ids": [eos] if isinstance(eos, int) else list(eos or []), "pad_token_id": pad or 0,
                 "max_new_tokens": max_new_tokens, "extra_slots": extra, "capacities": capacities, "state_names": names,
                 "model_type": config.model_type, "image_token_id": config.image_token_id,
-                "tokens_per_image": int(tokens.shape[1]), "pixel_shape": list(pixels.shape[1:])}
+                "tokens_per_image": int(tokens.shape[1]), "pixel_shape": list(pixels.shape[1:]),
+                "image_tokens_per_prompt": None if plan is None else n, "rows_per_layer": plan}
         (tmp / "decoder.json").write_text(json.dumps(meta, indent=2))
         (tmp / "vision.json").write_text(json.dumps(meta, indent=2))
         runner = OnnxVLM(tmp)

@@ -18,7 +18,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from graphprune.kv.policy import FULL, CachePolicy, Codec, When
-from graphprune.kv.rows import Aux, Rows
+from graphprune.kv.rows import Aux, Rows, is_media
 from graphprune.kv.storage import Slots, Static, ranked, storage_for, top
 from graphprune.kv.view import View
 from graphprune.ops.rope import rotate
@@ -38,6 +38,8 @@ class Call:
     images: torch.Tensor | None = None  # (B,) image and video tokens this forward brought in (with media and ids)
     blocks: torch.Tensor | None = None  # (B, L) this forward's tokens' attention blocks: tokens of one block >= 0 see
     # each other both ways (a prefix or an image: PaliGemma, Gemma 3); -1: causal. None: all causal
+    rows_plan: tuple[int, ...] | None = None  # a static export: the rows each layer passes up in the prompt pass
+    # (counts fixed in advance, no shape read from the data; see CachePolicy.image_rows_after). None: as the data needs
 
 
 class EvictingLayer(CacheLayerMixin):
@@ -125,7 +127,7 @@ class EvictingLayer(CacheLayerMixin):
         blocks = rows.block if rows is not None else None if call.blocks is None else call.blocks[:, -n:]
         visual = video = None
         if call.media is not None and ids is not None and self.policy.needs_images:
-            visual, video = torch.isin(ids, call.media), torch.isin(ids, call.media[1:])
+            visual, video = is_media(ids, call.media), is_media(ids, call.media[1:])
         return View(st, query, scaling, prefill=prefill, prompt_len=self.prompt_len, layer=self.layer_idx,
                     n_layers=self.n_layers, capacity=self.capacity, input_ids=ids, visual=visual, images=call.images,
                     inv_freq=self.inv_freq,
@@ -186,9 +188,11 @@ class EvictingLayer(CacheLayerMixin):
                     out = _grouped_attention(query, keys, values, mask, scaling)
                 finally:
                     keys.scatter_(2, idx, cached)
-        if early is not None:
-            st.remove(early[:, None].expand_as(st.valid))
+        if early is not None:  # (no longer held; the policy still sees this call's slots as they were written)
+            st.forget(early[:, None].expand_as(st.valid))
         self.evict(view)
+        if early is not None:
+            st.remove(torch.zeros_like(st.valid))  # (gives up the room no sequence needs)
         return out, None
 
     def renumber(self, query: torch.Tensor, view: View, new: torch.Tensor, scaling: float,
@@ -328,10 +332,10 @@ class EvictingCache(Cache):
 
     def __init__(self, policy: CachePolicy, n_layers: int, inv_freq: tuple[torch.Tensor | None, ...] = (),
                  static: int | None = None, media: tuple[int, ...] = (), windows: tuple[int | None, ...] = (),
-                 codecs: tuple[Codec | None, ...] = ()):
+                 codecs: tuple[Codec | None, ...] = (), rows_plan: tuple[int, ...] | None = None):
         """``inv_freq``, ``windows``, ``codecs``: each layer's RoPE frequencies, sliding window and codec (default:
-        none; the policy's codec)."""
-        self.call = Call(media=torch.tensor(media) if media else None)
+        none; the policy's codec); ``rows_plan``: see :class:`Call`."""
+        self.call = Call(media=torch.tensor(media) if media else None, rows_plan=rows_plan)
         inv_freq, windows = inv_freq or (None,) * n_layers, windows or (None,) * n_layers
         codecs = codecs or (None,) * n_layers
         super().__init__(layers=[EvictingLayer(policy, i, n_layers, inv_freq[i], self.call, static, windows[i],
@@ -346,7 +350,7 @@ class EvictingCache(Cache):
         call.input_ids, call.rows, call.blocks = input_ids, None, blocks
         if call.media is not None and input_ids is not None and self.policy.needs_images:
             call.media = call.media.to(input_ids.device)  # (once: the model's device)
-            call.images = torch.isin(input_ids, call.media).sum(-1)
+            call.images = is_media(input_ids, call.media).sum(-1)
         else:
             call.images = None
 
@@ -399,7 +403,7 @@ class EvictingCache(Cache):
 
     # -- static shapes: the cache as a flat list of tensors (ONNX inputs and outputs) -------------
     def _state_fields(self) -> list[str]:
-        state = self.policy.State
+        state = self.policy.new_state()
         return [] if state is None else [f.name for f in dataclasses.fields(state)]
 
     def state_names(self) -> list[str]:

@@ -132,6 +132,10 @@ class Composed(CachePolicy):
     def rows_before(self, view):
         return _union([p.rows_before(view) for p in self.parts])
 
+    def image_rows_after(self, n, layer, n_layers):
+        pruning = [p for p in self.parts if p.prunes_rows]
+        return n if not pruning else pruning[0].image_rows_after(n, layer, n_layers) if len(pruning) == 1 else None
+
 
 def compose(recipes: list, options: dict) -> Composed:
     """The policies ``recipes`` (names or recipe objects) as one; each of ``options`` goes to the named recipes that

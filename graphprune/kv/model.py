@@ -149,12 +149,14 @@ class Decoder:
     report: KVReport
     codecs: tuple = ()  # each layer's codec (the policy's, made from the model's weights), or none
 
-    def new_cache(self, static: int | None = None):
-        """An empty :class:`~graphprune.kv.cache.EvictingCache`; ``static``: a fixed slot count (capacity + static)."""
+    def new_cache(self, static: int | None = None, rows_plan: tuple[int, ...] | None = None):
+        """An empty :class:`~graphprune.kv.cache.EvictingCache`; ``static``: a fixed slot count (capacity + static);
+        ``rows_plan``: the rows each layer passes up in the prompt pass, fixed in advance (a static export)."""
         from graphprune.kv.cache import EvictingCache
 
         info = self.info
-        return EvictingCache(self.policy, info.n_layers, info.inv_freq, static, info.media, info.windows, self.codecs)
+        return EvictingCache(self.policy, info.n_layers, info.inv_freq, static, info.media, info.windows, self.codecs,
+                             rows_plan)
 
 
 def _evicting_class(base: type, setup: Decoder) -> type:

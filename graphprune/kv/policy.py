@@ -298,6 +298,12 @@ class CachePolicy(Recipe):
         (it holds no keys and values for them, its attention leaves them out); None: all go on."""
         return None
 
+    def image_rows_after(self, n: int, layer: int, n_layers: int) -> int | None:
+        """How many of a sequence's ``n`` image tokens are still rows after decoder layer ``layer`` of the prompt pass,
+        when that count is fixed by the options alone (FastV, PyramidDrop): what a static export of the prompt pass
+        compacts its rows to. None: the count depends on the data (the policy's rows do not export)."""
+        return None if self.prunes_rows else n
+
     @property
     def prunes_rows(self) -> bool:
         """Whether the policy prunes prompt rows at layer boundaries (it defines :meth:`rows`, :meth:`rows_before` or

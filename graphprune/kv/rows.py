@@ -45,13 +45,14 @@ class Rows:
     stopped: torch.Tensor | None = None  # (B, T) bool by position: tokens a layer stopped (None: none yet)
     drop: torch.Tensor | None = None  # (B, R) bool: rows the current layer stopped
     moved: bool = False  # the rows differ from the forward's input rows
+    limit: int | None = None  # positions this forward can name when known in advance (a static export); None: read
 
     PER_ROW = ("pos", "new", "ids", "block", "log_size", "rope")  # the per-row fields besides ``real``
 
-    def keep(self, keep: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """Only the rows ``keep`` (B, R) go on, by position (:func:`compact`): every per-row field and ``hidden``
-        (B, R, C) follow; returns the hidden rows."""
-        self.real, *fields, hidden = compact(keep, *(getattr(self, f) for f in self.PER_ROW), hidden)
+    def keep(self, keep: torch.Tensor, hidden: torch.Tensor, count: int | None = None) -> torch.Tensor:
+        """Only the rows ``keep`` (B, R) go on, by position (:func:`compact`; ``count`` rows, padding included, where
+        fixed in advance): every per-row field and ``hidden`` (B, R, C) follow; returns the hidden rows."""
+        self.real, *fields, hidden = compact(keep, *(getattr(self, f) for f in self.PER_ROW), hidden, count=count)
         for name, t in zip(self.PER_ROW, fields):
             setattr(self, name, t)
         self.moved = True
@@ -60,7 +61,7 @@ class Rows:
     @cached_property
     def span(self) -> int:
         """Positions this forward can name: up to its newest token's (every layer holds that one)."""
-        return int(self.pos.max()) + 1
+        return self.limit if self.limit is not None else int(self.pos.max()) + 1
 
     def deselect(self, slot_pos: torch.Tensor, stop: torch.Tensor) -> None:
         """The tokens at ``slot_pos`` (B, N) where ``stop`` holds stop here: the layers above leave them out, for
@@ -97,12 +98,21 @@ def by_position(pos: torch.Tensor, flag: torch.Tensor, size: int) -> torch.Tenso
     return out.scatter_add_(1, pos.clamp(0, size - 1), flag.long()) > 0
 
 
-def compact(keep: torch.Tensor, pos: torch.Tensor, *rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Reorder rows by position, the ones not kept first as padding, and drop the padding no sequence needs.
+def is_media(ids: torch.Tensor, media: torch.Tensor) -> torch.Tensor:
+    """Which of ``ids`` are among the few ``media`` placeholder ids (``torch.isin``, written as a comparison that
+    exports to ONNX)."""
+    return (ids[..., None] == media.to(ids.device)).any(-1)
+
+
+def compact(keep: torch.Tensor, pos: torch.Tensor, *rows: torch.Tensor, count: int | None = None) -> tuple[torch.Tensor, ...]:
+    """Reorder rows by position, the ones not kept first as padding, and drop the padding no sequence needs (or keep
+    ``count`` rows, where that count is fixed in advance: no sequence keeps more).
 
     Returns ``keep``, ``pos`` and ``rows`` gathered in that order."""
-    key = torch.where(keep, pos, -1)
-    order = key.argsort(dim=-1, stable=True)[:, -max(int(keep.sum(-1).max()), 1):]
+    r = keep.shape[-1]
+    key = torch.where(keep, pos, -1) * r + torch.arange(r, device=pos.device)  # (distinct keys: any sort is stable)
+    count = max(int(keep.sum(-1).max()), 1) if count is None else count
+    order = key.argsort(dim=-1)[:, -count:]
     return tuple(_gather(t, order) for t in (keep, pos, *rows))
 
 
@@ -166,7 +176,7 @@ class LayerRows:
                  cos: torch.Tensor, sin: torch.Tensor):
         self.layer, self.n_layers, self.hidden = layer, n_layers, hidden
         self.pos, self.real = rows.pos, rows.real
-        self.visual = None if media is None else torch.isin(rows.ids, media)
+        self.visual = None if media is None else is_media(rows.ids, media)
         self._module, self._cos, self._sin = module, cos, sin
 
     def queries_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,6 +194,11 @@ class LayerRows:
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """Queries or keys (B, H, R, D) rotated as this layer rotates them."""
         return apply_rope(x, self._cos[:, None].to(x.dtype), self._sin[:, None].to(x.dtype))
+
+
+def _replace(output, hidden: torch.Tensor):
+    """A decoder layer's output with other hidden states."""
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
 def install(model, revives: bool, policy) -> None:
@@ -226,6 +241,8 @@ def install(model, revives: bool, policy) -> None:
             blocks = torch.full_like(pos, -1) if blocks is None else blocks[:, -n:].to(pos.device).expand(b, n)
             cache.call.rows = Rows(pos, real, torch.ones_like(real), n, ids, embeddings(hidden, kwargs, b, n), blocks,
                                    torch.zeros(b, n, device=hidden.device))
+            if cache.call.rows_plan is not None:  # a static export's prompt pass: its positions count from 0
+                cache.call.rows.limit = n
         rows = cache.call.rows
         if revives and idx > 0:
             hidden = revive(rows, cache.layers[idx], cache.layers[idx - 1], cache.layers[0], hidden)
@@ -255,6 +272,9 @@ def install(model, revives: bool, policy) -> None:
         idx = module.self_attn.layer_idx
         hidden = output[0] if isinstance(output, tuple) else output
         drop, rows.drop = rows.drop, None
+        plan = cache.call.rows_plan
+        if plan is not None:  # a static export: rows leave where the policy stops some, as many as planned
+            return None if drop is None else _replace(output, rows.keep(rows.real & ~drop, hidden, plan[idx]))
         keep = rows.real if drop is None else rows.real & ~drop
         if revives and drop is not None and idx < last:  # the Aux store of this layer keeps their hidden states
             stash(cache.layers[idx], drop & rows.real, rows, hidden)
@@ -262,8 +282,7 @@ def install(model, revives: bool, policy) -> None:
             keep = keep & rows.new
         if bool(keep.all()):
             return None
-        hidden = rows.keep(keep, hidden)
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+        return _replace(output, rows.keep(keep, hidden))
 
     for layer in layers:
         layer.register_forward_pre_hook(before, with_kwargs=True)

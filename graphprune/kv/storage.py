@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from graphprune.kv.policy import CachePolicy, Chunk, Codec, When, is_slot_field
+from graphprune.kv.policy import FULL, CachePolicy, Chunk, Codec, When, is_slot_field
 from graphprune.ops.quant import dequantize_zero_point, quantize_zero_point
 
 
@@ -302,7 +302,7 @@ class Static(Slots):
     _grow = Slots._concatenate  # traced for export: no buffers
 
     def settle(self, capacity):
-        slots = capacity + self.extra
+        slots = (self.length if capacity >= FULL else capacity) + self.extra  # (a full cache: the prompt's tokens)
         if self.length < slots:
             self.pad(slots - self.length)
         elif self.length > slots:
@@ -310,6 +310,9 @@ class Static(Slots):
 
     def all_real(self) -> bool:
         return False  # exported graphs may not branch on the data: always masked
+
+    def remove(self, slots):
+        self.forget(slots)  # (the slot count stays: settle() sizes the layer)
 
     def load(self, keys, values, valid, pos) -> None:
         self.keys, self.values, self.valid, self.pos = keys, values, valid, pos

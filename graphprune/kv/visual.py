@@ -36,6 +36,14 @@ def image_slots(view: View) -> torch.Tensor:
 def least_attended_images(view: View, image: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """(B, N) bool: the image slots ``image`` (:func:`image_slots`) to drop, all but the ``keep`` (B,) that the last
     token attends to most (its attention at this layer, mean over heads); among equal scores the earlier slot stays."""
-    score = view.attention_rows(1)[..., -1, :].mean(dim=(1, 2))  # (B, N)
-    rank = score.masked_fill(~image, -torch.inf).argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
-    return image & (rank >= keep[:, None])
+    score = view.attention_rows(1)[..., -1, :].mean(dim=(1, 2)).masked_fill(~image, -torch.inf)  # (B, N)
+    return image & (rank_descending(score) >= keep[:, None])
+
+
+def rank_descending(score: torch.Tensor) -> torch.Tensor:
+    """(B, N): each score's rank in its row, highest first, the earlier one first among equal scores (a stable sort's
+    order, counted pairwise: exports to ONNX, which has no stable sort)."""
+    n = score.shape[-1]
+    above = score[:, None, :] > score[:, :, None]  # [b, i, j]: j ranks above i
+    earlier = torch.ones(n, n, dtype=torch.bool, device=score.device).tril(-1)  # [i, j]: j < i
+    return (above | ((score[:, None, :] == score[:, :, None]) & earlier)).sum(-1)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from graphprune.errors import ScheduleError
 from graphprune.kv.visual import ImagePolicy, image_slots, least_attended_images
 from graphprune.recipes.base import option, register
@@ -43,3 +45,6 @@ class FastV(ImagePolicy):
             return None
         image = image_slots(view)
         return least_attended_images(view, image, (image.sum(-1) * (1 - self.ratio)).round().long())
+
+    def image_rows_after(self, n, layer, n_layers):
+        return n if layer < self.layer - 1 else int((torch.tensor(n) * (1 - self.ratio)).round())  # (as rows() counts)

@@ -66,6 +66,15 @@ class PyramidDrop(ImagePolicy):
         stage = bounds.index(view.layer) + 1
         return least_attended_images(view, image_slots(view), (view.images.double() * self.keep ** stage).long())
 
+    def image_rows_after(self, n, layer, n_layers):
+        if self.positions == "renumber":
+            return None  # (the export keeps positions)
+        stage = sum(s <= layer for s in self.boundaries(n_layers))
+        return int(n * self.keep ** stage)
+
+    def new_state(self):
+        return super().new_state() if self.positions == "renumber" else None  # (kept positions need no state)
+
     def renumbers(self) -> bool:
         return self.positions == "renumber"
 
