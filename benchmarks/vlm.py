@@ -23,11 +23,11 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 import graphprune  # noqa: E402
+from graphprune.report import flop_counter  # noqa: E402
 from llm import _commit  # noqa: E402
 
 OUT = Path(__file__).parent.parent / "docs" / "vlm"
@@ -39,6 +39,7 @@ VARIANTS = {  # recipe: its published setting
     "prumerge": {"keep": 0.125},  # the authors' fixed-ratio option (72 + 1 tokens): with random weights the adaptive
     # count (IQR outliers of the class attention) says nothing about real images
     "pact": {"layer": 4, "keep": 0.55, "cutoff": 0.21},  # LLaVA-OneVision's (random keys barely cluster: mostly EUTI)
+    "turbo": {"r": 16, "alpha": 5.0},  # the authors' LLaVA-1.5 setting (their Folder repository's clip_encoder.py)
 }
 
 
@@ -62,10 +63,18 @@ def inputs(batch: int) -> dict:
     return {"input_ids": ids, "pixel_values": torch.randn(batch, 3, 336, 336, generator=g)}
 
 
+def _vision(model, kw):
+    """The image side of the prompt pass: the model's tower and projector, or the recipe's own (Turbo: reduced)."""
+    own = getattr(getattr(model, "graphprune", None), "images", None)
+    if own is not None:
+        return own(kw["pixel_values"])
+    return model.model.get_image_features(pixel_values=kw["pixel_values"], vision_feature_layer=-2,
+                                          vision_feature_select_strategy="default")
+
+
 def _vision_seconds(model, kw) -> float:
     start = time.perf_counter()
-    model.model.get_image_features(pixel_values=kw["pixel_values"], vision_feature_layer=-2,
-                                   vision_feature_select_strategy="default")
+    _vision(model, kw)
     return time.perf_counter() - start
 
 
@@ -86,11 +95,10 @@ def _measure(model, kw, steps: int) -> dict:
 
 def _flops(model, kw) -> tuple[int, int]:
     """FLOPs of the prompt pass: all, and the vision tower's and projector's."""
-    with FlopCounterMode(display=False) as all_flops:
+    with flop_counter() as all_flops:  # (graphprune's token ops counted too: Turbo's merges in the tower)
         model(**kw, use_cache=True)
-    with FlopCounterMode(display=False) as vision:
-        model.model.get_image_features(pixel_values=kw["pixel_values"], vision_feature_layer=-2,
-                                       vision_feature_select_strategy="default")
+    with flop_counter() as vision:
+        _vision(model, kw)
     return all_flops.get_total_flops(), vision.get_total_flops()
 
 
@@ -104,7 +112,7 @@ def run_speed(batches: list[int], rounds: int, steps: int, threads: int | None) 
         for batch in batches:
             kw = inputs(batch)
             flops = {name: _flops(m, kw) for name, m in models.items()}
-            vision = statistics.median(_vision_seconds(base, kw) for _ in range(2))
+            vision = {name: statistics.median(_vision_seconds(m, kw) for _ in range(2)) for name, m in models.items()}
             times: dict[str, list[dict]] = {name: [] for name in models}
             for name, m in models.items():  # warm-up
                 _measure(m, kw, 2)
@@ -119,14 +127,14 @@ def run_speed(batches: list[int], rounds: int, steps: int, threads: int | None) 
             for name in models:
                 m, (total, vis) = med[name], flops[name]
                 rows.append({
-                    "batch": batch, "variant": name, "ttft_s": m["ttft"], "lm_prefill_s": m["ttft"] - vision,
+                    "batch": batch, "variant": name, "ttft_s": m["ttft"], "lm_prefill_s": m["ttft"] - vision[name],
                     "decode_ms": 1000 * m["step"], "kv_bytes": m["kv_bytes"], "flops": total, "vision_flops": vis,
                     "ttft_speedup": ref["ttft"] / m["ttft"],
-                    "lm_prefill_speedup": (ref["ttft"] - vision) / (m["ttft"] - vision),
+                    "lm_prefill_speedup": (ref["ttft"] - vision["unmodified"]) / (m["ttft"] - vision[name]),
                     "flop_bound": flops["unmodified"][0] / total,
-                    "lm_flop_bound": (flops["unmodified"][0] - vis) / (total - vis),
+                    "lm_flop_bound": (flops["unmodified"][0] - flops["unmodified"][1]) / (total - vis),
                     "decode_speedup": ref["step"] / m["step"], "kv_ratio": m["kv_bytes"] / ref["kv_bytes"]})
-            print(f"batch {batch}: vision tower {vision:.2f} s", flush=True)
+            print(f"batch {batch}: vision tower {vision['unmodified']:.2f} s", flush=True)
     OUT.mkdir(parents=True, exist_ok=True)
     result = {"date": datetime.date.today().isoformat(), "commit": _commit(), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "rounds": rounds, "steps": steps,

@@ -113,10 +113,15 @@ def count_flops(module, inputs: tuple) -> int:
     mostly these), gathers and scatters that only move data, masking, and elementwise work (such as
     the softmax of attention, or the ELU of PiToMe's energy).
     """
-    counter = FlopCounterMode(display=False, custom_mapping=_CUSTOM)
+    counter = flop_counter()
     with counter, torch.no_grad():
         module(*inputs)
     return int(counter.get_total_flops())
+
+
+def flop_counter() -> FlopCounterMode:
+    """A FlopCounterMode that counts graphprune's token ops as :func:`count_flops` does (a benchmark's whole model)."""
+    return FlopCounterMode(display=False, custom_mapping=_CUSTOM)
 
 
 @dataclass

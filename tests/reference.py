@@ -494,3 +494,40 @@ def atc_reference(model, x, keep: float, locations: list[int], linkage: str):
         return torch.stack(rows), torch.stack(sizes)
 
     return _blocks(model, x, reduce, prop_attn=True)
+
+
+def turbo_reference(model, x, rs: list[int], alpha: float, min_tokens: int, prop_attn: bool = True):
+    """Turbo (Ju et al., ECCV 2024) by its definition, one sample and one token at a time: after each block's
+    attention, the even tokens but the class token are ranked by E = max_j cos(k_i, k_j) over the odd tokens j, minus
+    30·α·(the class token's attention to i, mean over heads); the r highest merge into their most similar odd token
+    (size-weighted mean), the others stay in order, then the odd tokens; no merging below ``min_tokens`` tokens."""
+
+    def reduce(i, b, xb, sb, probs, k, v):
+        return turbo_merge_one(xb, sb, k.mean(dim=0), probs[:, 0, :].mean(dim=0), rs[i], alpha, min_tokens)
+
+    return _blocks(model, x, reduce, prop_attn)
+
+
+def turbo_merge_one(x, size, metric, semantic, r: int, alpha: float, min_tokens: int):
+    """One sample's Turbo merge: x (N, C), size (N, 1), metric (N, d) the keys averaged over heads, semantic (N,) the
+    class token's attention (mean over heads); the class token is token 0."""
+    n = x.shape[0]
+    r = min(r, (n - 1) // 2)
+    if r <= 0 or n < min_tokens:
+        return x, size
+    a_pos, b_pos = list(range(2, n, 2)), list(range(1, n, 2))  # (0: the class token)
+    best, dest = {}, {}
+    for p in a_pos:
+        sims = [_cos(metric[p], metric[q]) for q in b_pos]
+        j = max(range(len(sims)), key=lambda t: sims[t])
+        best[p], dest[p] = sims[j] - 30 * alpha * float(semantic[p]), b_pos[j]
+    merged = sorted(a_pos, key=lambda p: -best[p])[:r]
+    tot_x = {q: size[q] * x[q] for q in b_pos}
+    tot_s = {q: size[q].clone() for q in b_pos}
+    for p in merged:
+        tot_x[dest[p]] = tot_x[dest[p]] + size[p] * x[p]
+        tot_s[dest[p]] = tot_s[dest[p]] + size[p]
+    stay = [0] + [p for p in a_pos if p not in merged]
+    xs = [x[p] for p in stay] + [tot_x[q] / tot_s[q] for q in b_pos]
+    ss = [size[p] for p in stay] + [tot_s[q] for q in b_pos]
+    return torch.stack(xs), torch.stack(ss)

@@ -8,6 +8,7 @@ from graphprune.recipes.options import parse_r
 from tests.conftest import images, tiny
 from tests.reference import (
     ats_reference, diffrate_reference, evo_vit_reference, evit_reference, pitome_reference, ppt_reference, tome_reference, tome_split_reference, tps_reference,
+    turbo_reference,
 )
 
 TOL = 1e-5
@@ -185,3 +186,52 @@ def test_evo_vit_slow_tokens_wait_and_come_back():
     assert out.shape == waited.shape
     same = ((out - waited).abs().amax(dim=-1) < 1e-6)[:, 1:]
     assert same.sum(dim=1).tolist() == [48, 48]
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "explicit"])
+@pytest.mark.parametrize("r, alpha, min_tokens", [(3, 5.0, 0), ([10, 8, 0, 6], 0.2, 0), ([6, 6, 6, 6], 1.0, 50),
+                                                  ([6, 6, 6, 6], 0.0, 0)])
+def test_turbo_equals_published(r, alpha, min_tokens, fused):
+    """Turbo: ToMe's matching with the even tokens ranked by redundancy − 30·α·(class attention); no merging below
+    min_tokens. Its semantic term changes which tokens merge (α = 0 is ToMe)."""
+    model = tiny("deit_tiny_patch16_224", fused=fused)
+    x = images(3)
+    fast = graphprune.optimize(model, "turbo", example_inputs=(x,), r=r, alpha=alpha, min_tokens=min_tokens)
+    rs = parse_r(r, len(model.blocks))
+    with torch.no_grad():
+        assert _close(fast(x), turbo_reference(model, x, rs, alpha, min_tokens)) < TOL
+        if alpha == 0:
+            assert _close(fast(x), tome_reference(model, x, rs)) < TOL
+        else:
+            assert _close(fast(x), tome_reference(model, x, rs)) > 1e-4
+    counts = fast.report.tokens_per_block
+    assert counts[1] == counts[0] - (0 if counts[0] < min_tokens else rs[0])
+
+
+def test_turbo_needs_a_class_token():
+    from graphprune.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="no class token"):
+        graphprune.optimize(tiny("vit_tiny_patch16_224", class_token=False, global_pool="avg"), "turbo",
+                            example_inputs=(images(2),), r=2)
+
+
+def test_turbo_exports_on_timm_and_hugging_face_clip(tmp_path):
+    """The semantic term lowers to ONNX with the merge (ORT parity, checked before writing, and on another batch);
+    on Hugging Face's CLIP vision tower (the LLaVA family's) the class token's attention is found the same way."""
+    from graphprune.report import max_abs_diff
+    from tests.conftest import HF, hf_inputs
+
+    model, x = tiny("deit_tiny_patch16_224"), images(2)
+    onnx = graphprune.optimize(model, "turbo", target="onnx", output=tmp_path / "t.onnx", example_inputs=(x,), r=5,
+                               min_tokens=0)
+    with torch.no_grad():
+        assert max_abs_diff(onnx(images(3, seed=5)), turbo_reference(model, images(3, seed=5), [5] * 4, 5.0, 0)) <= 1e-4
+    clip = HF["clip_vision"]()
+    xs = hf_inputs("clip_vision")
+    fast = graphprune.optimize(clip, "turbo", example_inputs=xs, r=4, min_tokens=0)
+    assert fast.report.tokens_per_block[1] == fast.report.tokens_per_block[0] - 4
+    onnx = graphprune.optimize(clip, "turbo", target="onnx", output=tmp_path / "c.onnx", example_inputs=xs, r=4,
+                               min_tokens=0)
+    with torch.no_grad():
+        assert max_abs_diff(onnx(*xs), fast(*xs)) <= 1e-4

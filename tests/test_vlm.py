@@ -462,6 +462,84 @@ def test_prumerge_merges_as_the_authors_code_and_equals_the_model_given_those_to
             assert (a - b).abs().max() <= 1e-4
 
 
+def turbo_tower_reference(vlm, pixel_values, r: int, alpha: float) -> list[torch.Tensor]:
+    """Turbo by its definition inside LLaVA's CLIP tower, by hand: each encoder layer up to the one the model takes
+    runs its attention (size bias on the logits), then the merge of reference.turbo_merge_one (keys and the class
+    token's attention of that attention), then its MLP; the class token dropped, the projector. One image at a time."""
+    from tests.reference import turbo_merge_one
+
+    tower, config = vlm.model.model.vision_tower, vlm.model.config
+    layers = tower.encoder.layers[: config.vision_feature_layer % (len(tower.encoder.layers) + 1)]
+    out = []
+    for px in pixel_values:
+        x = tower.pre_layrnorm(tower.embeddings(px[None]))[0]
+        size = torch.ones(len(x), 1)
+        for layer in layers:
+            attn, h = layer.self_attn, layer.layer_norm1(x)
+            heads, d = attn.num_heads, attn.head_dim
+            q, k, v = (p(h).view(len(x), heads, d).transpose(0, 1) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+            probs = ((q @ k.transpose(-2, -1)) * attn.scale + size[:, 0].log()).softmax(-1)
+            x = x + attn.out_proj((probs @ v).transpose(0, 1).reshape(len(x), -1))
+            x, size = turbo_merge_one(x, size, k.mean(0), probs[:, 0, :].mean(0), r, alpha, 0)
+            x = x + layer.mlp(layer.layer_norm2(x))
+        out.append(vlm.model.model.multi_modal_projector(x[1:]))
+    return out
+
+
+@pytest.mark.parametrize("alpha", [5.0, 0.1])
+def test_turbo_merges_inside_the_vision_tower_and_equals_the_model_given_those_tokens(alpha):
+    """graphprune.optimize(vlm, "turbo"): the encoder recipe inside LLaVA's vision tower (captured and rewritten as on
+    any ViT); each image's tokens are the by-hand reference's and the output equals the unmodified model given them in
+    the image's place (a shorter prompt), through greedy decoding, batched with left padding. Zero setting: the model."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    vlm = tiny_vlm("llava")
+    fast = graphprune.optimize(vlm.model, "turbo", r=3, alpha=alpha, min_tokens=0)
+    assert fast.report.recipe == "turbo" and fast.report.options["alpha"] == alpha
+    prompts, images = [vlm.prompt(4, 6, seed=5), vlm.prompt(2, 3, seed=6)], vlm.images(2, seed=8)
+    ids, mask = batch(*prompts)
+    gen = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, output_logits=True,
+               return_dict_in_generate=True)
+    with torch.no_grad():
+        tokens = turbo_tower_reference(vlm, images["pixel_values"], 3, alpha)
+        assert [len(t) for t in tokens] == [vlm.tokens - 3] * 2
+        redundancy = turbo_tower_reference(vlm, images["pixel_values"], 3, 0.0)  # (ToMe's choice: another one here)
+        assert alpha < 1 or all((a - b).abs().max() > 1e-3 for a, b in zip(tokens, redundancy))
+        got = fast.generate(**vlm.inputs(ids, images, mask), **gen)
+        for i, p in enumerate(prompts):
+            image = (p == IMAGE).nonzero().flatten()
+            short = torch.cat([p[:int(image[0])], torch.full((len(tokens[i]),), IMAGE), p[int(image[-1]) + 1:]])
+            expected = vlm.model.generate(input_ids=short[None], mm_encoder_outputs={
+                "image": BaseModelOutputWithPooling(pooler_output=[tokens[i]])}, **gen)
+            assert torch.equal(got.sequences[i, ids.shape[1]:], expected.sequences[0, len(short):])
+            for a, b in zip(got.logits, expected.logits):
+                assert (a[i] - b[0]).abs().max() <= 1e-4
+        zero = graphprune.optimize(vlm.model, "turbo", **RECIPES["turbo"].zero)
+        kw = vlm.inputs(ids, images, mask)
+        assert (zero(**kw).logits[:, -1] - vlm.model(**kw).logits[:, -1]).abs().max() <= 1e-5
+    with pytest.raises(RecipeError, match="class token"):
+        graphprune.optimize(tiny_vlm("qwen2_vl").model, "turbo")
+
+
+@pytest.mark.parametrize("recipe, options, tokens", [("evit", {"keep": 0.5, "locations": [0]}, [9, 9]),
+                                                     ("ats", {"capacity": 0.5, "locations": [0]}, None)])
+def test_any_encoder_recipe_runs_inside_the_vision_tower(recipe, options, tokens):
+    """EViT (a fused token, no sizes) and ATS (its own count per image: the padding slots stay out of the prompt) in
+    LLaVA's tower: a left-padded batch generates as each prompt alone; EViT's count is ceil(keep·16) + the fused one."""
+    vlm = tiny_vlm("llava")
+    fast = graphprune.optimize(vlm.model, recipe, **options)
+    prompts, images = [vlm.prompt(4, 6, seed=5), vlm.prompt(2, 3, seed=6)], vlm.images(2, seed=8)
+    ids, mask = batch(*prompts)
+    gen = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        counts = [len(t) for t in fast.graphprune.images(images["pixel_values"])]
+        assert tokens is None and all(0 < c <= vlm.tokens // 2 for c in counts) or counts == tokens
+        together = fast.generate(**vlm.inputs(ids, images, mask), **gen)[:, ids.shape[1]:]
+        for i, p in enumerate(prompts):
+            alone = fast.generate(**vlm.inputs(p[None], vlm.one(images, i)), **gen)[0, len(p):]
+            assert torch.equal(together[i], alone)
+
+
 @pytest.mark.parametrize("positions", ["keep", "renumber"])
 def test_beam_search_keeps_each_beams_positions(vlm, positions):
     """Beam search (each prompt expanded to its beams, the cache reordered between steps) over reduced images: the same

@@ -68,16 +68,20 @@ class VideoView:
     frames: int
 
 
-def reduce_images(model, policy: CachePolicy, media: tuple[int, ...], kwargs: dict) -> tuple[dict, int, torch.Tensor | None]:
+def reduce_images(model, policy: CachePolicy, media: tuple[int, ...], kwargs: dict,
+                  encoder=None) -> tuple[dict, int, torch.Tensor | None]:
     """The forward's keyword arguments with the image (and video) tokens ``policy`` leaves out gone (``media``: the
-    image and video placeholder ids); how many slots the padded batch lost (0: nothing to do, no images in this call);
-    and how many tokens each sequence lost (B,)."""
+    image and video placeholder ids; ``encoder``: the policy's own image encoder, :meth:`CachePolicy.image_encoder`);
+    how many slots the padded batch lost (0: nothing to do, no images in this call); and how many tokens each sequence
+    lost (B,)."""
     ids = kwargs.get("input_ids")
     if ids is None:
         return kwargs, 0, None
     keep = torch.ones_like(ids, dtype=torch.bool)
     outputs = {}
-    encoded = _encoded(model, kwargs, "image")
+    encoded = None if encoder is not None else _encoded(model, kwargs, "image")
+    if encoder is not None and kwargs.get("pixel_values") is not None:
+        outputs["image"] = _own_encoder(encoder, kwargs["pixel_values"], ids == media[0], keep)
     if encoded is not None and policy.reduces_images:
         vision = _vision_tokens(model, encoded, kwargs, len(encoded.pooler_output))
 
@@ -152,6 +156,23 @@ def _encoded(model, kwargs: dict, kind: str):
                                               video_grid_thw=kwargs.get("video_grid_thw"), return_dict=True)
     vision = {k: kwargs[k] for k in VISION_ARGUMENTS if kwargs.get(k) is not None}
     return model.model.get_image_features(**vision, return_dict=True)
+
+
+def _own_encoder(encoder, pixel_values: torch.Tensor, placeholders: torch.Tensor, keep: torch.Tensor):
+    """The images through the policy's own encoder: each image's k tokens take the first k of its placeholders (one
+    image after another, n each), the others are marked left out in ``keep``; the encoder output for the model (None:
+    the placeholders do not match the images: the model's own check reports that)."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    tokens = encoder(pixel_values)  # [(k_i, C)]
+    where = placeholders.nonzero()
+    if len(where) % len(tokens):
+        return None
+    n = len(where) // len(tokens)
+    for i, t in enumerate(tokens):
+        gone = where[i * n + len(t):(i + 1) * n]
+        keep[gone[:, 0], gone[:, 1]] = False
+    return BaseModelOutputWithPooling(pooler_output=tokens)
 
 
 def _reduce_each(placeholders: torch.Tensor, encoded, reduce, keep: torch.Tensor):

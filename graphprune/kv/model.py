@@ -12,6 +12,7 @@ import copy
 import functools
 import inspect
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -148,6 +149,7 @@ class Decoder:
     info: DecoderInfo
     report: KVReport
     codecs: tuple = ()  # each layer's codec (the policy's, made from the model's weights), or none
+    images: Callable | None = None  # the policy's image encoder (CachePolicy.image_encoder), or the model's own
 
     def new_cache(self, static: int | None = None, rows_plan: tuple[int, ...] | None = None):
         """An empty :class:`~graphprune.kv.cache.EvictingCache`; ``static``: a fixed slot count (capacity + static);
@@ -196,7 +198,7 @@ def _evicting_class(base: type, setup: Decoder) -> type:
         if reduces:
             from graphprune.kv.images import reduce_images
 
-            kwargs, skipped, lost = reduce_images(self, setup.policy, setup.info.media, kwargs)
+            kwargs, skipped, lost = reduce_images(self, setup.policy, setup.info.media, kwargs, setup.images)
             shift = None if cache is None else cache.shift
             if lost is None and shift is not None and kwargs.get("position_ids") is not None:
                 kwargs["position_ids"] = kwargs["position_ids"] - shift[:, None]  # (renumbered: counted without them)
@@ -212,9 +214,12 @@ def _evicting_class(base: type, setup: Decoder) -> type:
                 cache.skip(skipped)
         return out
 
-    return type(f"{base.__name__}WithKVEviction", (base,), {
-        "forward": evicting_forward, "__module__": __name__, "graphprune": setup,
-        "report": property(lambda self: self.graphprune.report)})
+    members = {"forward": evicting_forward, "__module__": __name__, "graphprune": setup,
+               "report": property(lambda self: self.graphprune.report)}
+    if setup.images is not None:  # generate() would encode the images with the model's own tower before the prompt
+        # pass: the pixels stay for the prompt pass, where the policy's encoder takes them
+        members["_prepare_multimodal_encoder_kwargs_for_generation"] = lambda self, model_kwargs: model_kwargs
+    return type(f"{base.__name__}WithKVEviction", (base,), members)
 
 
 def evicting_copy(model, policy: CachePolicy, info: DecoderInfo):
@@ -227,7 +232,8 @@ def evicting_copy(model, policy: CachePolicy, info: DecoderInfo):
     new = copy.deepcopy(model, shared)
     report = KVReport(policy.name, policy.options(), info.family, info.n_layers, info.q_heads, info.kv_heads, info.head_dim)
     codecs = policy.layer_codecs(new, info)
-    new.__class__ = _evicting_class(type(model), Decoder(policy, info, report, tuple(codecs)))
+    images = policy.image_encoder(new)
+    new.__class__ = _evicting_class(type(model), Decoder(policy, info, report, tuple(codecs), images))
     new.config.get_text_config()._attn_implementation = ATTENTION  # (a vision tower keeps its own)
     for layer in new.get_decoder().layers:
         layer.self_attn.register_forward_pre_hook(hand_layer, with_kwargs=True)
@@ -238,16 +244,21 @@ def evicting_copy(model, policy: CachePolicy, info: DecoderInfo):
 
 def optimize_decoder(model, policy):
     """``graphprune.optimize`` for decoder LLMs: a copy of ``model`` whose KV cache evicts by the cache ``policy``."""
+    info = analyze_decoder(model) if is_decoder_lm(model) else None
+    if getattr(policy, "kind", None) == "tokens" and info is not None and info.media:
+        from graphprune.kv.tower import OnTower  # an encoder recipe inside a vision-language model's vision tower
+
+        policy = OnTower(recipe=policy)
     if getattr(policy, "kind", None) != "cache":
         from graphprune.recipes import list_recipes
 
         cache = list_recipes("cache")
         raise RecipeError(f"'{policy.name}' reduces the tokens of encoders; decoder LLMs take a KV-cache recipe: "
-                          f"{', '.join(cache)}")
-    if not is_decoder_lm(model):
+                          f"{', '.join(cache)} (a LLaVA-1.5 vision-language model also takes it, inside its vision "
+                          "tower)")
+    if info is None:
         raise RecipeError(f"'{policy.name}' is a KV-cache recipe for Hugging Face decoder LLMs ({', '.join(FAMILIES)}); "
                           f"{type(model).__name__} is not one")
-    info = analyze_decoder(model)
     if policy.needs_images and not info.media:
         raise RecipeError(f"'{policy.name}' prunes the image tokens of a vision-language model ({', '.join(VLMS)}); "
                           f"{type(model).__name__} has none")

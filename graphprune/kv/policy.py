@@ -266,6 +266,14 @@ class CachePolicy(Recipe):
         policy's count depends on the data (it does not export)."""
         return None
 
+    def image_encoder(self, model) -> Callable[[torch.Tensor], list[torch.Tensor]] | None:
+        """Before the language model: an image encoder made once from graphprune's copy of the vision-language model
+        (read it, run it; its weights are the user's), which takes the call's pixel values (N, 3, H, W) and gives each
+        image's tokens for the language model, (k_i, C) each, fewer than its placeholders: they take the first k_i
+        places, the rest leave the prompt (an encoder recipe inside the vision tower, :mod:`graphprune.kv.tower`); None: the
+        model's own encoder."""
+        return None
+
     def video_tokens(self, video: "VideoView") -> torch.Tensor | None:
         """Before a vision-language model's language model: which of one video's projected tokens ``video.features``
         (n, C; ``video.frames`` frames of equal size) go in, as sorted indices (k,); None: all of them."""

@@ -81,7 +81,7 @@ def _identity_maps(x, n: int):
     return op.Identity(idx), op.Identity(idx)
 
 
-def tome_merge(x, size, metric, r: int, protected: int, valid=None):
+def tome_merge(x, size, metric, r: int, protected: int, valid=None, penalty=None):
     n = _static(x, 1, "tome_merge")
     r = tome_effective_r(n, r, protected)
     if r == 0:
@@ -91,6 +91,8 @@ def tome_merge(x, size, metric, r: int, protected: int, valid=None):
 
     m = op.Div(metric, op.ReduceL2(metric, _ints(-1), keepdims=1))
     scores = op.MatMul(_slice(m, 0, n, step=2), op.Transpose(_slice(m, 1, n, step=2), perm=[0, 2, 1]))
+    if penalty is not None:  # (Turbo: each A token's similarities drop by its penalty)
+        scores = op.Sub(scores, op.CastLike(op.Unsqueeze(_slice(penalty, 0, n, step=2), _ints(2)), scores))
     if valid is not None:  # padding merges first, into padding only; real tokens never merge with padding
         va, vb = op.Unsqueeze(_slice(valid, 0, n, step=2), _ints(2)), op.Unsqueeze(_slice(valid, 1, n, step=2), _ints(1))
         inf = op.CastLike(op.Constant(value_float=np.inf), scores)

@@ -10,6 +10,8 @@
   similarity are merged into their match as a size-weighted average; sizes add up;
 * with ``valid`` (B, N) given (padding), a valid token and a padded one never merge, and
   padding merges first (into padding), so which real tokens merge never depends on the padding;
+* with ``penalty`` (B, N) given, each A token's similarities drop by its penalty: it ranks the A
+  tokens (which merge) without changing where each goes (Turbo's semantic value);
 * output order is ``[unmerged A, B]`` with the protected tokens interleaved back at the
   front in their original order (for one class token and one distillation token this is
   exactly the published ``[unm[0], B[0], unm[1:], B[1:]]``). With protected tokens the
@@ -42,11 +44,14 @@ def _interleave_prefix(unm: torch.Tensor, dst: torch.Tensor, protected: int) -> 
     return torch.cat(parts, dim=1)
 
 
-def match(metric: torch.Tensor, r: int, protected: int, valid: torch.Tensor | None = None):
+def match(metric: torch.Tensor, r: int, protected: int, valid: torch.Tensor | None = None,
+          penalty: torch.Tensor | None = None):
     """Bipartite soft matching. Returns (unm_idx, src_idx, dst_idx), each (B, k, 1)."""
     metric = metric / metric.norm(dim=-1, keepdim=True)
     a, b = metric[..., ::2, :], metric[..., 1::2, :]
     scores = a @ b.transpose(-1, -2)
+    if penalty is not None:
+        scores = scores - penalty[:, ::2, None].to(scores.dtype)
     if valid is not None:  # padding merges first, into padding only; real tokens never merge with padding
         va, vb = valid[:, ::2, None], valid[:, None, 1::2]
         scores = scores.masked_fill(va != vb, -math.inf).masked_fill(~va & ~vb, math.inf)
@@ -90,21 +95,22 @@ def token_maps(n: int, unm_idx, src_idx, dst_idx, protected: int):
 
 @torch.library.custom_op("graphprune::tome_merge", mutates_args=())
 def tome_merge(
-    x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r: int, protected: int, valid: torch.Tensor | None = None
+    x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r: int, protected: int, valid: torch.Tensor | None = None,
+    penalty: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (merged x, new sizes, assign (B, N) output index per input token, rep (B, n) an input per output)."""
     r = tome_effective_r(x.shape[1], r, protected)
     if r == 0:
         return x.clone(), size.clone(), *identity_maps(x)
     with torch.no_grad():
-        idx = match(metric, r, protected, valid)
+        idx = match(metric, r, protected, valid, penalty)
     merged = merge_sum(x * size, *idx, protected)
     new_size = merge_sum(size, *idx, protected)
     return merged / new_size, new_size, *token_maps(x.shape[1], *idx, protected)
 
 
 @tome_merge.register_fake
-def _tome_merge_fake(x, size, metric, r, protected, valid=None):
+def _tome_merge_fake(x, size, metric, r, protected, valid=None, penalty=None):
     b, n_in = x.shape[0], x.shape[1]
     n = n_in - tome_effective_r(n_in, r, protected)
     long = dict(dtype=torch.long)

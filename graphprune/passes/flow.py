@@ -176,7 +176,7 @@ def _append_output(gm: torch.fx.GraphModule, size: Node | None, n: int) -> None:
     anchor = out.prev
     if size is None:
         x = next(n for n in graph.nodes if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor))
-        sizes = emit(graph, anchor, lambda t, n=n: torch.ones(t.shape[0], n, dtype=torch.float32, device=t.device), x)
+        sizes = emit(graph, anchor, lambda t, n=n: t.new_ones((t.shape[0], n), dtype=torch.float32), x)
     else:
         sizes = emit(graph, anchor, lambda s: s[..., 0], size)
     leaves = list(out.args[0])

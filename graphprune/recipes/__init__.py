@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from graphprune.recipes import (  # noqa: F401  (registers the recipes)
-    atc, ats, diffrate, evit, evo_vit, pitome, ppt, tome, tps, zero_tprune,
+    atc, ats, diffrate, evit, evo_vit, pitome, ppt, tome, tps, turbo, zero_tprune,
 )
 from graphprune.recipes.base import RECIPES, Recipe, get_recipe, register
 
