@@ -2,6 +2,7 @@
 offline; fidelity rests on the tests' references).
 
     python benchmarks/vlm.py speed --batch 1 4 --rounds 3      # docs/vlm/speed.json, then docs/vlm.md
+    python benchmarks/vlm.py video --rounds 3                  # DyCoke on a video: docs/vlm/video.json, docs/vlm.md
 
 The model: CLIP ViT-L/14 at 336 pixels (576 image tokens from its second-to-last layer, as LLaVA-1.5 takes them), a
 two-layer MLP projector and a language model of Qwen2.5-0.5B's shape (24 layers, 14 query and 2 KV heads, width 896).
@@ -10,6 +11,11 @@ timed interleaved with the unmodified model, round by round in a rotating order:
 vision tower included), the language model's share of it, decode ms per step, KV memory after the prompt, and the
 FLOPs of the prompt pass counted by ``torch.utils.flop_counter`` (every matmul and attention call, the recipes'
 own scoring included).
+
+``video``: DyCoke needs a video, which LLaVA-1.5 does not take: a Qwen2-VL-shaped model (Qwen2-VL-2B's vision tower:
+32 layers of width 1280, 14-pixel patches of two frames, merged 2×2; the same Qwen2.5-0.5B-shaped language model with
+multimodal RoPE), 8 frames of 224×224 pixels (4 temporal patches of 16×16: 256 video tokens) between 20 and 10 text
+tokens, batch 1.
 """
 
 from __future__ import annotations
@@ -63,8 +69,39 @@ def inputs(batch: int) -> dict:
     return {"input_ids": ids, "pixel_values": torch.randn(batch, 3, 336, 336, generator=g)}
 
 
+VIDEO = 151656  # Qwen2-VL's <|video_pad|>
+
+
+def qwen2_vl_shaped():
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    text = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, tie_word_embeddings=True,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [8, 12, 12]})
+    vision = dict(depth=32, embed_dim=1280, hidden_size=896, num_heads=16, mlp_ratio=4, patch_size=14,
+                  temporal_patch_size=2, spatial_merge_size=2)
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=VIDEO,
+                           vision_start_token_id=151652, vision_end_token_id=151653)
+    torch.manual_seed(0)
+    return Qwen2VLForConditionalGeneration(config).eval()
+
+
+def video_inputs(batch: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    t, h, w = 4, 16, 16  # temporal patches, patch rows, patch columns
+    tokens = t * h * w // 4
+    ids = torch.cat([torch.randint(0, 150000, (batch, 20), generator=g), torch.full((batch, tokens), VIDEO),
+                     torch.randint(0, 150000, (batch, 10), generator=g)], 1)
+    return {"input_ids": ids, "pixel_values_videos": torch.randn(batch * t * h * w, 3 * 2 * 14 * 14, generator=g),
+            "video_grid_thw": torch.tensor([[t, h, w]] * batch),
+            "mm_token_type_ids": (ids == VIDEO).int() * 2}
+
+
 def _vision(model, kw):
     """The image side of the prompt pass: the model's tower and projector, or the recipe's own (Turbo: reduced)."""
+    if "pixel_values_videos" in kw:
+        return model.model.get_video_features(pixel_values_videos=kw["pixel_values_videos"],
+                                              video_grid_thw=kw["video_grid_thw"])
     own = getattr(getattr(model, "graphprune", None), "images", None)
     if own is not None:
         return own(kw["pixel_values"])
@@ -102,15 +139,16 @@ def _flops(model, kw) -> tuple[int, int]:
     return all_flops.get_total_flops(), vision.get_total_flops()
 
 
-def run_speed(batches: list[int], rounds: int, steps: int, threads: int | None) -> None:
+def run_speed(batches: list[int], rounds: int, steps: int, threads: int | None, video: bool = False) -> None:
     if threads:
         torch.set_num_threads(threads)
-    base = llava_shaped()
-    models = {"unmodified": base, **{f"{r} {o}": graphprune.optimize(base, r, **o) for r, o in VARIANTS.items()}}
+    base = qwen2_vl_shaped() if video else llava_shaped()
+    variants = {"dycoke": {"layer": 3, "prune": 0.7, "merge": 0.7}} if video else VARIANTS
+    models = {"unmodified": base, **{f"{r} {o}": graphprune.optimize(base, r, **o) for r, o in variants.items()}}
     began, rows = time.perf_counter(), []
     with torch.inference_mode():
         for batch in batches:
-            kw = inputs(batch)
+            kw = video_inputs(batch) if video else inputs(batch)
             flops = {name: _flops(m, kw) for name, m in models.items()}
             vision = {name: statistics.median(_vision_seconds(m, kw) for _ in range(2)) for name, m in models.items()}
             times: dict[str, list[dict]] = {name: [] for name in models}
@@ -140,13 +178,14 @@ def run_speed(batches: list[int], rounds: int, steps: int, threads: int | None) 
               "torch": torch.__version__, "rounds": rounds, "steps": steps,
               "command": "python benchmarks/vlm.py " + " ".join(sys.argv[1:]),
               "seconds": round(time.perf_counter() - began), "rows": rows}
-    (OUT / "speed.json").write_text(json.dumps(result, indent=1))
-    report()
+    name = "video" if video else "speed"
+    (OUT / f"{name}.json").write_text(json.dumps(result, indent=1))
+    report(name)
 
 
-def report() -> None:
-    """docs/vlm.md's measured table from docs/vlm/speed.json (the prose around it is written by hand)."""
-    data = json.loads((OUT / "speed.json").read_text())
+def report(name: str = "speed") -> None:
+    """docs/vlm.md's measured table from docs/vlm/{name}.json (the prose around it is written by hand)."""
+    data = json.loads((OUT / f"{name}.json").read_text())
     lines = [f"`{data['command']}` ({data['date']}, commit {data['commit']}, {data['threads']} threads, median of "
              f"{data['rounds']} interleaved rounds, {data['steps']} decode steps each, "
              f"{data['seconds'] / 60:.1f} min)", "",
@@ -160,7 +199,7 @@ def report() -> None:
                      f"{r['vision_flops'] / r['flops']:.2f} |")
     doc = Path(__file__).parent.parent / "docs" / "vlm.md"
     text = doc.read_text()
-    start, end = "<!-- speed -->", "<!-- /speed -->"
+    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
     head, rest = text.split(start)
     doc.write_text(head + start + "\n" + "\n".join(lines) + "\n" + end + rest.split(end)[1])
 
@@ -174,12 +213,19 @@ def main() -> None:
     s.add_argument("--rounds", type=int, default=3)
     s.add_argument("--steps", type=int, default=8, help="decode steps timed per round")
     s.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    sub.add_parser("report", help="docs/vlm.md's table from docs/vlm/speed.json")
+    v = sub.add_parser("video", help="DyCoke on a Qwen2-VL-shaped model with a video, interleaved")
+    v.add_argument("--rounds", type=int, default=3)
+    v.add_argument("--steps", type=int, default=8, help="decode steps timed per round")
+    v.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    sub.add_parser("report", help="docs/vlm.md's tables from docs/vlm/speed.json and video.json")
     args = p.parse_args()
     if args.cmd == "speed":
         run_speed(args.batch, args.rounds, args.steps, args.threads)
+    elif args.cmd == "video":
+        run_speed([1], args.rounds, args.steps, args.threads, video=True)
     else:
-        report()
+        report("speed")
+        report("video")
 
 
 if __name__ == "__main__":

@@ -517,6 +517,9 @@ def test_turbo_merges_inside_the_vision_tower_and_equals_the_model_given_those_t
         zero = graphprune.optimize(vlm.model, "turbo", **RECIPES["turbo"].zero)
         kw = vlm.inputs(ids, images, mask)
         assert (zero(**kw).logits[:, -1] - vlm.model(**kw).logits[:, -1]).abs().max() <= 1e-5
+        both = graphprune.optimize(vlm.model, ["turbo", "snapkv"], r=3, alpha=alpha, min_tokens=0, budget=12, window=4)
+        out = both(**kw, use_cache=True)  # (the prompt pass attends before evicting)
+        assert (out.logits[:, -1] - fast(**kw).logits[:, -1]).abs().max() <= 1e-5 and out.cache.slots() == [12] * 4
     with pytest.raises(RecipeError, match="class token"):
         graphprune.optimize(tiny_vlm("qwen2_vl").model, "turbo")
 

@@ -13,6 +13,7 @@ import torch
 
 from graphprune.errors import RecipeError
 from graphprune.kv.policy import CachePolicy, When
+from graphprune.kv.tower import OnTower
 from graphprune.recipes.base import Recipe, get_recipe
 
 
@@ -110,6 +111,10 @@ class Composed(CachePolicy):
         reducers = [p for p in self.parts if p.reduces_images]
         return reducers[0].merge_image(image) if reducers else None
 
+    def image_encoder(self, model):
+        reducers = [p for p in self.parts if p.reduces_images]
+        return reducers[0].image_encoder(model) if reducers else None
+
     def video_tokens(self, video):
         reducers = [p for p in self.parts if p.reduces_videos]
         return reducers[0].video_tokens(video) if reducers else None
@@ -148,10 +153,9 @@ def compose(recipes: list, options: dict) -> Composed:
             classes.append(type(r))
         else:
             classes.append(type(get_recipe(r)))  # (an unknown name fails here, with suggestions)
-    for cls in classes:
-        if getattr(cls, "kind", None) != "cache":
-            raise RecipeError(f"'{cls.name}' reduces an encoder's tokens; only decoder policies compose "
-                              f"(e.g. recipe=['fastv', 'snapkv'])")
+    if sum(getattr(cls, "kind", None) != "cache" for cls in classes) > 1:
+        raise RecipeError("compose at most one encoder recipe (it runs inside a vision-language model's vision tower) "
+                          "with decoder policies (e.g. recipe=['turbo', 'snapkv'])")
     routed: dict[int, dict] = {i: {} for i, r in enumerate(recipes) if not isinstance(r, Recipe)}
     for key, value in options.items():
         have = [i for i in routed if key in {f.name for f in dataclasses.fields(classes[i])}]
@@ -163,4 +167,4 @@ def compose(recipes: list, options: dict) -> Composed:
                               "pass recipe objects instead (graphprune.recipes.get_recipe(name, **options))")
         routed[have[0]][key] = value
     parts = tuple(r if isinstance(r, Recipe) else get_recipe(r, **routed[i]) for i, r in enumerate(recipes))
-    return Composed(parts=parts)
+    return Composed(parts=tuple(p if p.kind == "cache" else OnTower(recipe=p) for p in parts))
