@@ -2,6 +2,9 @@
 
     python benchmarks/highres.py --sizes 448 518 --batches 1 8 --rounds 5      # docs/highres.md
 
+Each run keeps its rows in ``docs/highres/<targets>-b<batches>.json``; docs/highres.md shows every run's table, each with
+the command that made it.
+
 Model: timm's ``vit_small_patch14_dinov2`` (DINOv2-S shape, random weights) at 448 px (1025 tokens) and 518 px (1370
 tokens). Recipes: ToMe r=60 (448) / r=80 (518), EViT keep 0.7. For each target and batch, the unmodified model and the
 recipes run interleaved (``graphprune.bench.sweep``); the FLOP bound is 1 / FLOP ratio (the reduction's own FLOPs
@@ -59,20 +62,30 @@ def main() -> None:
     payload = {"date": datetime.date.today().isoformat(), "commit": commit, "threads": torch.get_num_threads(),
                "command": command, "rows": rows}
     (OUT / "highres").mkdir(parents=True, exist_ok=True)
-    (OUT / "highres" / "speed.json").write_text(json.dumps(payload, indent=2))
+    name = f"{'-'.join(args.targets)}-b{'-'.join(map(str, args.batches))}.json"
+    (OUT / "highres" / name).write_text(json.dumps(payload, indent=2))
+    report()
+
+
+def report() -> None:
+    """docs/highres.md: every run's table (docs/highres/*.json), each with its command; the notes below are kept."""
+    doc = OUT / "highres.md"
+    notes = doc.read_text().split("<!-- notes -->", 1)[1] if "<!-- notes -->" in doc.read_text() else "\n"
     lines = ["# High resolution: measured speedup against the FLOP bound", "",
-             f"`{command}` ({payload['date']}, commit {commit}, {payload['threads']} threads). DINOv2-S shape "
-             "(timm `vit_small_patch14_dinov2`, random weights); bound = 1 / FLOP ratio (the reduction's own FLOPs "
-             "counted); efficiency = speedup / bound (target ≥ 0.9). Merges lower to ONNX as ScatterElements "
-             "additions (O(k·C) per merge).", "",
-             "| px | batch | runtime | recipe | unmodified ms | ms | speedup | FLOP ratio | bound | efficiency |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['size']} | {r['batch']} | {r['target']} | `{r['recipe']}` | {r['baseline_ms']:.0f} | "
-                     f"{r['latency_ms']:.0f} | {r['speedup']:.2f}× | {r['flop_ratio']:.3f} | {r['bound']:.2f}× | "
-                     f"{r['efficiency']:.2f} |")
-    (OUT / "highres.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {OUT / 'highres.md'}")
+             "DINOv2-S shape (timm `vit_small_patch14_dinov2`, random weights); bound = 1 / FLOP ratio (the reduction's "
+             "own FLOPs counted); efficiency = speedup / bound (target ≥ 0.9). Merges lower to ONNX as ScatterElements "
+             "additions (O(k·C) per merge)."]
+    for path in sorted((OUT / "highres").glob("*.json")):
+        run = json.loads(path.read_text())
+        lines += ["", f"`{run['command']}` ({run['date']}, commit {run['commit']}, {run['threads']} threads)", "",
+                  "| px | batch | runtime | recipe | unmodified ms | ms | speedup | FLOP ratio | bound | efficiency |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in run["rows"]:
+            lines.append(f"| {r['size']} | {r['batch']} | {r['target']} | `{r['recipe']}` | {r['baseline_ms']:.0f} | "
+                         f"{r['latency_ms']:.0f} | {r['speedup']:.2f}× | {r['flop_ratio']:.3f} | {r['bound']:.2f}× | "
+                         f"{r['efficiency']:.2f} |")
+    doc.write_text("\n".join(lines) + "\n\n<!-- notes -->" + notes)
+    print(f"wrote {doc}")
 
 
 if __name__ == "__main__":
