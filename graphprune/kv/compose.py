@@ -99,21 +99,24 @@ class Composed(CachePolicy):
         return self.cache.new_state()
 
     # -- before the language model: the one part that reduces images ---------------------------
+    def _image_part(self) -> CachePolicy | None:
+        return next((p for p in self.parts if p.reduces_images), None)
+
     def image_tokens(self, image):
-        reducers = [p for p in self.parts if p.reduces_images]
-        return reducers[0].image_tokens(image) if reducers else None
+        part = self._image_part()
+        return None if part is None else part.image_tokens(image)
 
     def fixed_image_tokens(self, features):
-        reducers = [p for p in self.parts if p.reduces_images]
-        return reducers[0].fixed_image_tokens(features) if reducers else None
+        part = self._image_part()
+        return None if part is None else part.fixed_image_tokens(features)
 
     def merge_image(self, image):
-        reducers = [p for p in self.parts if p.reduces_images]
-        return reducers[0].merge_image(image) if reducers else None
+        part = self._image_part()
+        return None if part is None else part.merge_image(image)
 
     def image_encoder(self, model):
-        reducers = [p for p in self.parts if p.reduces_images]
-        return reducers[0].image_encoder(model) if reducers else None
+        part = self._image_part()
+        return None if part is None else part.image_encoder(model)
 
     def video_tokens(self, video):
         reducers = [p for p in self.parts if p.reduces_videos]

@@ -79,8 +79,10 @@ def reduce_images(model, policy: CachePolicy, media: tuple[int, ...], kwargs: di
         return kwargs, 0, None
     keep = torch.ones_like(ids, dtype=torch.bool)
     outputs = {}
-    encoded = None if encoder is not None else _encoded(model, kwargs, "image")
-    if encoder is not None and kwargs.get("pixel_values") is not None:
+    encoded = None
+    if encoder is None:
+        encoded = _encoded(model, kwargs, "image")
+    elif kwargs.get("pixel_values") is not None:
         outputs["image"] = _own_encoder(encoder, kwargs["pixel_values"], ids == media[0], keep)
     if encoded is not None and policy.reduces_images:
         vision = _vision_tokens(model, encoded, kwargs, len(encoded.pooler_output))

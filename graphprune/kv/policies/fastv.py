@@ -44,7 +44,11 @@ class FastV(ImagePolicy):
         if not view.prefill or view.layer != self.layer - 1 or self.ratio == 0:
             return None
         image = image_slots(view)
-        return least_attended_images(view, image, (image.sum(-1) * (1 - self.ratio)).round().long())
+        return least_attended_images(view, image, self.kept(image.sum(-1)))
+
+    def kept(self, n: torch.Tensor) -> torch.Tensor:
+        """How many of ``n`` image tokens stay: round(n·(1−R)) (the prompt pass and a static export count alike)."""
+        return (n * (1 - self.ratio)).round().long()
 
     def image_rows_after(self, n, layer, n_layers):
-        return n if layer < self.layer - 1 else int((torch.tensor(n) * (1 - self.ratio)).round())  # (as rows() counts)
+        return n if layer < self.layer - 1 else int(self.kept(torch.tensor(n)))

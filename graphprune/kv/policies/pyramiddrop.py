@@ -64,13 +64,18 @@ class PyramidDrop(ImagePolicy):
         if not view.prefill or self.keep == 1 or view.layer not in bounds:
             return None
         stage = bounds.index(view.layer) + 1
-        return least_attended_images(view, image_slots(view), (view.images.double() * self.keep ** stage).long())
+        return least_attended_images(view, image_slots(view), self.kept(view.images, stage))
+
+    def kept(self, n: torch.Tensor, stage: int) -> torch.Tensor:
+        """How many of the prompt's ``n`` image tokens stage ``stage`` keeps: int(n·λ^stage) (the prompt pass and a
+        static export count alike)."""
+        return (n.double() * self.keep ** stage).long()
 
     def image_rows_after(self, n, layer, n_layers):
         if self.positions == "renumber":
             return None  # (the export keeps positions)
         stage = sum(s <= layer for s in self.boundaries(n_layers))
-        return int(n * self.keep ** stage)
+        return int(self.kept(torch.tensor(n), stage))
 
     def new_state(self):
         return super().new_state() if self.positions == "renumber" else None  # (kept positions need no state)
