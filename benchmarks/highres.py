@@ -5,6 +5,11 @@
 Each run keeps its rows in ``docs/highres/<targets>-b<batches>.json``; docs/highres.md shows every run's table, each with
 the command that made it.
 
+    python benchmarks/highres.py --profile --sizes 448 --batches 8 --threads 1   # docs/highres/profile.json
+
+``--profile``: where ONNX Runtime spends its time, per operator type, in ToMe's exported model and in the unmodified
+one (``tome`` with r=0), from ONNX Runtime's own profiler over two runs each.
+
 Model: timm's ``vit_small_patch14_dinov2`` (DINOv2-S shape, random weights) at 448 px (1025 tokens) and 518 px (1370
 tokens). Recipes: ToMe r=60 (448) / r=80 (518), EViT keep 0.7. For each target and batch, the unmodified model and the
 recipes run interleaved (``graphprune.bench.sweep``); the FLOP bound is 1 / FLOP ratio (the reduction's own FLOPs
@@ -33,8 +38,11 @@ def main() -> None:
     parser.add_argument("--targets", nargs="+", default=["eager", "onnx"], choices=("eager", "onnx", "openvino"))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--profile", action="store_true", help="ONNX Runtime's time per operator type instead")
     args = parser.parse_args()
     commit = _commit()  # (read as the run starts: the code it runs)
+    if args.profile:
+        return profile(args.sizes[0], args.batches[0], args.threads or 1, commit)
     import timm
 
     from graphprune.bench import sweep
@@ -67,6 +75,50 @@ def main() -> None:
     report()
 
 
+def profile(size: int, batch: int, threads: int, commit: str) -> None:
+    """ONNX Runtime's profiler over ToMe's exported model and the unmodified one: milliseconds per operator type (mean
+    of two runs; the additions over the attention logits apart), printed and written to docs/highres/profile.json."""
+    import collections
+    import tempfile
+
+    import onnxruntime as ort
+    import timm
+
+    import graphprune
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=size).eval()
+    x = torch.randn(batch, 3, size, size)
+    times = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, r in (("unmodified", 0), (f"tome(r={TOME_R[size]})", TOME_R[size])):
+            path = Path(tmp) / f"r{r}.onnx"
+            graphprune.optimize(model, "tome", r=r, target="onnx", output=path, example_inputs=(x[:2],))
+            options = ort.SessionOptions()
+            options.intra_op_num_threads, options.enable_profiling = threads, True
+            options.profile_file_prefix = str(Path(tmp) / f"profile_r{r}")
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            feed = {session.get_inputs()[0].name: x.numpy()}
+            for _ in range(2):
+                session.run(None, feed)
+            per_op = collections.Counter()
+            for event in json.loads(Path(session.end_profiling()).read_text()):
+                if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+                    op, shapes = event["args"]["op_name"], event["args"].get("output_type_shape") or [{}]
+                    if op == "Add" and len(next(iter(shapes[0].values()), [])) == 4:
+                        op = "Add (B, H, N, N)"  # (over the attention logits: proportional attention's bias)
+                    per_op[op] += event["dur"] / 2e3  # (µs over two runs → ms per run)
+            times[label] = dict(per_op)
+    base, tome = times.values()
+    for op in sorted(set(base) | set(tome), key=lambda o: -tome.get(o, 0)):
+        print(f"{op:24s} unmodified {base.get(op, 0):8.1f} ms   tome {tome.get(op, 0):8.1f} ms")
+    print(f"total: unmodified {sum(base.values()):.0f} ms, tome {sum(tome.values()):.0f} ms")
+    command = f"python benchmarks/highres.py --profile --sizes {size} --batches {batch} --threads {threads}"
+    payload = {"date": datetime.date.today().isoformat(), "commit": commit, "command": command, "ms_per_op": times}
+    (OUT / "highres").mkdir(parents=True, exist_ok=True)
+    (OUT / "highres" / "profile.json").write_text(json.dumps(payload, indent=2))
+
+
 def report() -> None:
     """docs/highres.md: every run's table (docs/highres/*.json), each with its command; the notes below are kept."""
     doc = OUT / "highres.md"
@@ -77,6 +129,8 @@ def report() -> None:
              "additions (O(k·C) per merge)."]
     for path in sorted((OUT / "highres").glob("*.json")):
         run = json.loads(path.read_text())
+        if "rows" not in run:  # (the profile: in the notes)
+            continue
         lines += ["", f"`{run['command']}` ({run['date']}, commit {run['commit']}, {run['threads']} threads)", "",
                   "| px | batch | runtime | recipe | unmodified ms | ms | speedup | FLOP ratio | bound | efficiency |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
