@@ -208,12 +208,15 @@ def test_turbo_equals_published(r, alpha, min_tokens, fused):
     assert counts[1] == counts[0] - (0 if counts[0] < min_tokens else rs[0])
 
 
-def test_turbo_needs_a_class_token():
-    from graphprune.errors import RecipeError
+def test_turbo_needs_a_class_token_and_sound_options():
+    from graphprune.errors import RecipeError, ScheduleError
 
     with pytest.raises(RecipeError, match="no class token"):
         graphprune.optimize(tiny("vit_tiny_patch16_224", class_token=False, global_pool="avg"), "turbo",
                             example_inputs=(images(2),), r=2)
+    for bad, match in [({"alpha": -1.0}, "alpha must be a number ≥ 0"), ({"min_tokens": 2.5}, "min_tokens must be an int")]:
+        with pytest.raises(ScheduleError, match=match):
+            graphprune.optimize(tiny("deit_tiny_patch16_224"), "turbo", example_inputs=(images(2),), **bad)
 
 
 def test_turbo_exports_on_timm_and_hugging_face_clip(tmp_path):

@@ -522,6 +522,8 @@ def test_turbo_merges_inside_the_vision_tower_and_equals_the_model_given_those_t
         assert (out.logits[:, -1] - fast(**kw).logits[:, -1]).abs().max() <= 1e-5 and out.cache.slots() == [12] * 4
     with pytest.raises(RecipeError, match="class token"):
         graphprune.optimize(tiny_vlm("qwen2_vl").model, "turbo")
+    with pytest.raises(RecipeError, match="at most one encoder recipe"):
+        graphprune.optimize(vlm.model, ["turbo", "tome"])
 
 
 @pytest.mark.parametrize("recipe, options, tokens", [("evit", {"keep": 0.5, "locations": [0]}, [9, 9]),
