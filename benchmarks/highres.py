@@ -6,6 +6,7 @@ Each run keeps its rows in ``docs/highres/<targets>-b<batches>.json``; docs/high
 the command that made it.
 
     python benchmarks/highres.py --profile --sizes 448 --batches 8 --threads 1   # docs/highres/profile.json
+    python benchmarks/highres.py --device cuda --dtype float16 --batches 1 8 32 --targets eager   # on a GPU
 
 ``--profile``: where ONNX Runtime spends its time, per operator type, in ToMe's exported model and in the unmodified
 one (``tome`` with r=0), from ONNX Runtime's own profiler over two runs each.
@@ -39,6 +40,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--profile", action="store_true", help="ONNX Runtime's time per operator type instead")
+    parser.add_argument("--device", default=None, help="cpu (default) or cuda: the eager target on a GPU")
+    parser.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"))
     args = parser.parse_args()
     commit = _commit()  # (read as the run starts: the code it runs)
     if args.profile:
@@ -52,10 +55,13 @@ def main() -> None:
     rows = []
     for size in args.sizes:
         torch.manual_seed(0)
-        model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=size).eval()
+        device, dtype = args.device or "cpu", getattr(torch, args.dtype or "float32")
+        if device != "cpu" and args.targets != ["eager"]:
+            raise SystemExit("--device applies to --targets eager (the exported runtimes run on the CPU here)")
+        model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=size).eval().to(device, dtype)
         variants = [("tome", {"r": TOME_R[size]}), ("evit", {"keep": 0.7})]
         for batch in args.batches:
-            x = torch.randn(batch, 3, size, size)
+            x = torch.randn(batch, 3, size, size).to(device, dtype)
             for target in args.targets:
                 print(f"{size} px, batch {batch}, {target}", flush=True)
                 for r in sweep(model, variants, (x,), target=target, rounds=args.rounds, warmup=1, memory=False,
@@ -67,10 +73,13 @@ def main() -> None:
                     print(rows[-1], flush=True)
     command = "python benchmarks/highres.py " + " ".join(
         f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items() if v is not None)
+    on_gpu = (args.device or "cpu") != "cpu"
     payload = {"date": datetime.date.today().isoformat(), "commit": commit, "threads": torch.get_num_threads(),
                "command": command, "rows": rows}
+    if on_gpu:
+        payload["device"] = f"{torch.cuda.get_device_name()}, {args.dtype or 'float32'}"
     (OUT / "highres").mkdir(parents=True, exist_ok=True)
-    name = f"{'-'.join(args.targets)}-b{'-'.join(map(str, args.batches))}.json"
+    name = f"{'-'.join(args.targets)}{'-' + args.device if on_gpu else ''}-b{'-'.join(map(str, args.batches))}.json"
     (OUT / "highres" / name).write_text(json.dumps(payload, indent=2))
     report()
 
@@ -131,7 +140,8 @@ def report() -> None:
         run = json.loads(path.read_text())
         if "rows" not in run:  # (the profile: in the notes)
             continue
-        lines += ["", f"`{run['command']}` ({run['date']}, commit {run['commit']}, {run['threads']} threads)", "",
+        where = run.get("device") or f"{run['threads']} threads"
+        lines += ["", f"`{run['command']}` ({run['date']}, commit {run['commit']}, {where})", "",
                   "| px | batch | runtime | recipe | unmodified ms | ms | speedup | FLOP ratio | bound | efficiency |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for r in run["rows"]:

@@ -3,6 +3,7 @@ offline; fidelity rests on the tests' references).
 
     python benchmarks/vlm.py speed --batch 1 4 --rounds 3      # docs/vlm/speed.json, then docs/vlm.md
     python benchmarks/vlm.py video --rounds 3                  # DyCoke on a video: docs/vlm/video.json, docs/vlm.md
+    python benchmarks/vlm.py speed --device cuda --dtype bfloat16 --batch 1 8   # on a GPU: docs/vlm/speed_cuda.json
 
 The model: CLIP ViT-L/14 at 336 pixels (576 image tokens from its second-to-last layer, as LLaVA-1.5 takes them), a
 two-layer MLP projector and a language model of Qwen2.5-0.5B's shape (24 layers, 14 query and 2 KV heads, width 896).
@@ -109,22 +110,29 @@ def _vision(model, kw):
                                           vision_feature_select_strategy="default")
 
 
+def _now() -> float:
+    """Wall time once the GPU's queued work is done (kernels run asynchronously)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def _vision_seconds(model, kw) -> float:
-    start = time.perf_counter()
+    start = _now()
     _vision(model, kw)
-    return time.perf_counter() - start
+    return _now() - start
 
 
 def _measure(model, kw, steps: int) -> dict:
-    start = time.perf_counter()
+    start = _now()
     out = model(**kw, use_cache=True)
-    ttft = time.perf_counter() - start
+    ttft = _now() - start
     cache, token = out.cache, out.logits[:, -1:].argmax(-1)
-    start = time.perf_counter()
+    start = _now()
     for _ in range(steps):
         out = model(input_ids=token, cache=cache, use_cache=True)
         cache, token = out.cache, out.logits[:, -1:].argmax(-1)
-    step = (time.perf_counter() - start) / steps
+    step = (_now() - start) / steps
     nbytes = cache.nbytes if hasattr(cache, "nbytes") else sum(
         t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     return {"ttft": ttft, "step": step, "kv_bytes": nbytes}
@@ -139,16 +147,18 @@ def _flops(model, kw) -> tuple[int, int]:
     return all_flops.get_total_flops(), vision.get_total_flops()
 
 
-def run_speed(batches: list[int], rounds: int, steps: int, threads: int | None, video: bool = False) -> None:
+def run_speed(batches: list[int], rounds: int, steps: int, threads: int | None, video: bool = False,
+              device: str = "cpu", dtype: str = "float32") -> None:
     if threads:
         torch.set_num_threads(threads)
-    base = qwen2_vl_shaped() if video else llava_shaped()
+    base = (qwen2_vl_shaped() if video else llava_shaped()).to(device, getattr(torch, dtype))
     variants = {"dycoke": {"layer": 3, "prune": 0.7, "merge": 0.7}} if video else VARIANTS
     models = {"unmodified": base, **{f"{r} {o}": graphprune.optimize(base, r, **o) for r, o in variants.items()}}
     began, rows = time.perf_counter(), []
     with torch.inference_mode():
         for batch in batches:
-            kw = video_inputs(batch) if video else inputs(batch)
+            kw = {k: v.to(device=device, dtype=getattr(torch, dtype) if v.is_floating_point() else v.dtype)
+                  for k, v in (video_inputs(batch) if video else inputs(batch)).items()}
             flops = {name: _flops(m, kw) for name, m in models.items()}
             vision = {name: statistics.median(_vision_seconds(m, kw) for _ in range(2)) for name, m in models.items()}
             times: dict[str, list[dict]] = {name: [] for name in models}
@@ -175,10 +185,11 @@ def run_speed(batches: list[int], rounds: int, steps: int, threads: int | None, 
             print(f"batch {batch}: vision tower {vision['unmodified']:.2f} s", flush=True)
     OUT.mkdir(parents=True, exist_ok=True)
     result = {"date": datetime.date.today().isoformat(), "commit": _commit(), "threads": torch.get_num_threads(),
-              "torch": torch.__version__, "rounds": rounds, "steps": steps,
+              "torch": torch.__version__, "rounds": rounds, "steps": steps, "dtype": dtype,
+              "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
               "command": "python benchmarks/vlm.py " + " ".join(sys.argv[1:]),
               "seconds": round(time.perf_counter() - began), "rows": rows}
-    name = "video" if video else "speed"
+    name = ("video" if video else "speed") + ("" if device == "cpu" else f"_{device}")
     (OUT / f"{name}.json").write_text(json.dumps(result, indent=1))
     report(name)
 
@@ -186,7 +197,8 @@ def run_speed(batches: list[int], rounds: int, steps: int, threads: int | None, 
 def report(name: str = "speed") -> None:
     """docs/vlm.md's measured table from docs/vlm/{name}.json (the prose around it is written by hand)."""
     data = json.loads((OUT / f"{name}.json").read_text())
-    lines = [f"`{data['command']}` ({data['date']}, commit {data['commit']}, {data['threads']} threads, median of "
+    where = f"{data['device']}, {data['dtype']}" if data.get("device", "cpu") != "cpu" else f"{data['threads']} threads"
+    lines = [f"`{data['command']}` ({data['date']}, commit {data['commit']}, {where}, median of "
              f"{data['rounds']} interleaved rounds, {data['steps']} decode steps each, "
              f"{data['seconds'] / 60:.1f} min)", "",
              "| batch | variant | TTFT s | speedup | FLOP bound | LM prefill speedup | LM FLOP bound | decode ms/step "
@@ -213,19 +225,24 @@ def main() -> None:
     s.add_argument("--rounds", type=int, default=3)
     s.add_argument("--steps", type=int, default=8, help="decode steps timed per round")
     s.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    s.add_argument("--device", default="cpu", help="cpu or cuda (writes docs/vlm/speed_cuda.json)")
+    s.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     v = sub.add_parser("video", help="DyCoke on a Qwen2-VL-shaped model with a video, interleaved")
     v.add_argument("--rounds", type=int, default=3)
     v.add_argument("--steps", type=int, default=8, help="decode steps timed per round")
     v.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    v.add_argument("--device", default="cpu", help="cpu or cuda (writes docs/vlm/video_cuda.json)")
+    v.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     sub.add_parser("report", help="docs/vlm.md's tables from docs/vlm/speed.json and video.json")
     args = p.parse_args()
     if args.cmd == "speed":
-        run_speed(args.batch, args.rounds, args.steps, args.threads)
+        run_speed(args.batch, args.rounds, args.steps, args.threads, device=args.device, dtype=args.dtype)
     elif args.cmd == "video":
-        run_speed([1], args.rounds, args.steps, args.threads, video=True)
+        run_speed([1], args.rounds, args.steps, args.threads, video=True, device=args.device, dtype=args.dtype)
     else:
-        report("speed")
-        report("video")
+        for name in ("speed", "video", "speed_cuda", "video_cuda"):
+            if (OUT / f"{name}.json").is_file():
+                report(name)
 
 
 if __name__ == "__main__":

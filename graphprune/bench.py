@@ -49,11 +49,15 @@ def interleaved(fns: dict, inputs: tuple, rounds: int = 10, warmup: int = 2, pro
     names = list(fns)
     times: dict[str, list[float]] = {k: [] for k in names}
     task = progress.add_task("timing", total=warmup + rounds) if progress is not None else None
+    cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in pytree.tree_leaves(inputs))
+    sync = torch.cuda.synchronize if cuda else (lambda: None)  # (GPU kernels run asynchronously: time them done)
     with torch.inference_mode():
         for i in range(warmup + rounds):
             for k in names[i % len(names):] + names[: i % len(names)]:
+                sync()
                 t0 = time.perf_counter()
                 fns[k](*inputs)
+                sync()
                 if i >= warmup:
                     times[k].append(time.perf_counter() - t0)
             if task is not None:

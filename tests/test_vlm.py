@@ -545,6 +545,25 @@ def test_any_encoder_recipe_runs_inside_the_vision_tower(recipe, options, tokens
             assert torch.equal(together[i], alone)
 
 
+def test_the_vision_towers_recipe_runs_in_the_models_dtype():
+    """A bfloat16 LLaVA: the tower is captured with an example in its own dtype (a float32 example failed at the
+    first prompt with a dtype mismatch). At r=0 the images' tokens are the model's own; at r=3 each image has 3 fewer
+    per merging block, in bfloat16."""
+    import copy
+
+    vlm = tiny_vlm("llava")
+    half = copy.deepcopy(vlm.model).to(torch.bfloat16)
+    pixels = vlm.images(2, seed=8)["pixel_values"].to(torch.bfloat16)
+    with torch.no_grad():
+        own = half.model.get_image_features(pixel_values=pixels, vision_feature_layer=-2,
+                                            vision_feature_select_strategy="default")
+        own = own.pooler_output if hasattr(own, "pooler_output") else own
+        zero = graphprune.optimize(half, "turbo", r=0).graphprune.images(pixels)
+        merged = graphprune.optimize(half, "turbo", r=3, min_tokens=0).graphprune.images(pixels)
+    assert all(torch.allclose(z.float(), o.float(), atol=1e-2) for z, o in zip(zero, own))
+    assert [m.shape[0] for m in merged] == [vlm.tokens - 3] * 2 and all(m.dtype == torch.bfloat16 for m in merged)
+
+
 @pytest.mark.parametrize("positions", ["keep", "renumber"])
 def test_beam_search_keeps_each_beams_positions(vlm, positions):
     """Beam search (each prompt expanded to its beams, the cache reordered between steps) over reduced images: the same

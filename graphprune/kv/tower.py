@@ -74,7 +74,8 @@ class OnTower(ImagePolicy):
         config = model.config
         trunk = TowerTrunk(model.model.vision_tower, config.vision_feature_layer).eval()
         size = config.vision_config.image_size
-        pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+        weight = next(trunk.parameters())  # (the example on the tower's device, in its dtype)
+        pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
         options = {f.name: getattr(self.recipe, f.name) for f in dataclasses.fields(self.recipe)}
         reduced = optimize(trunk, self.recipe.name, example_inputs=(pixels,), **{**options, "restore_tokens": False})
         return ReducedImages(reduced, model.model.multi_modal_projector)

@@ -1,0 +1,71 @@
+"""On a GPU (skipped without one; CI has none): the recipes run on CUDA tensors and agree with the CPU. Encoder recipes
+give the CPU's outputs, cache policies and visual recipes the CPU's greedy tokens (float32, TF32 off)."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+import graphprune
+from tests.conftest import images, tiny
+from tests.test_kv import SMALL, greedy, left_padded
+from tests.test_kv import tiny as tiny_lm
+
+DEVICE = os.environ.get("GRAPHPRUNE_TEST_DEVICE", "cuda")  # (=cpu runs these tests' code paths without a GPU)
+pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+ENCODER = {"tome": {"r": 6}, "evit": {"keep": 0.7}, "ats": {"capacity": 0.6}, "turbo": {"r": 6, "min_tokens": 8},
+           "pitome": {"ratio": 0.9}, "atc": {"keep": 0.7}, "diffrate": {"prune": [0.9] * 4, "merge": [0.8] * 4},
+           "evo_vit": {"keep": 0.6}, "ppt": {"r": 6}, "tps": {"keep": 0.7}, "zero_tprune": {"keep": 0.7}}
+CACHE = {"streaming_llm": {"budget": 12}, "h2o": {"budget": 12}, "tova": {"budget": 12}, "snapkv": {"budget": 12},
+         "pyramidkv": {"budget": 12}, "scissorhands": {"budget": 12}, "kivi": {"bits": 4}, "gear": {"bits": 4},
+         "kvquant": {"bits": 4}, "palu": {"ratio": 0.5, "align": 8}, "qhitter": {},
+         "rocketkv": {"budget": 12, "window": 4, "kernel": 3, "new_tokens": 8}}
+
+
+@pytest.fixture(autouse=True)
+def _exact_matmuls():
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.mark.parametrize("recipe", list(ENCODER))
+def test_encoder_recipes_on_cuda_equal_the_cpu(recipe):
+    model, x = tiny("vit_tiny_patch16_224"), images(3)
+    on_cpu = graphprune.optimize(model, recipe, example_inputs=(x,), **ENCODER[recipe])
+    on_gpu = graphprune.optimize(copy.deepcopy(model).to(DEVICE), recipe, example_inputs=(x.to(DEVICE),), **ENCODER[recipe])
+    with torch.no_grad():
+        expected, got = on_cpu(x), on_gpu(x.to(DEVICE))
+    assert got.device.type == DEVICE
+    torch.testing.assert_close(got.cpu(), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("recipe", list(CACHE))
+def test_cache_policies_on_cuda_generate_the_cpus_tokens(recipe):
+    model = tiny_lm("llama")
+    ids, mask, _ = left_padded()
+    options = {**SMALL.get(recipe, {}), **CACHE[recipe]}
+    expected = greedy(graphprune.optimize(model, recipe, **options), ids, mask)
+    fast = graphprune.optimize(copy.deepcopy(model).to(DEVICE), recipe, **options)
+    assert torch.equal(greedy(fast, ids.to(DEVICE), mask.to(DEVICE)).cpu(), expected)
+
+
+@pytest.mark.parametrize("recipe, options", [("fastv", {"layer": 2, "ratio": 0.5}), ("divprune", {"keep": 0.3}),
+                                             ("pyramiddrop", {"layers": [2], "keep": 0.5}),
+                                             ("turbo", {"r": 2, "alpha": 5.0}), (["fastv", "snapkv"], {"budget": 24, "window": 4})])
+def test_visual_recipes_on_cuda_generate_the_cpus_tokens(recipe, options):
+    from tests.test_vlm import tiny_vlm
+
+    vlm = tiny_vlm("llava")
+    ids, images_ = vlm.prompt(4, 6), vlm.images(1)
+    kw = vlm.inputs(ids[None], images_)
+    gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    expected = graphprune.optimize(vlm.model, recipe, **options).generate(**kw, **gen)
+    fast = graphprune.optimize(copy.deepcopy(vlm.model).to(DEVICE), recipe, **options)
+    got = fast.generate(**{k: v.to(DEVICE) for k, v in kw.items()}, **gen)
+    assert torch.equal(got.cpu(), expected)
