@@ -70,9 +70,13 @@ def _scatter_add_flops(self_shape, dim, index_shape, src_shape, *args, **kwargs)
 
 
 # FlopCounterMode has no formula for the CPU flash-attention kernel, and cannot see inside
-# custom ops. Its registry is keyed by overload packet.
+# custom ops. Its registry is keyed by overload packet. (Its GPU kernels' formulas take grouped-query attention, fewer
+# key/value heads than query heads, only from torch 2.12 on: counted here alike.)
 _CUSTOM = {
     aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops,
+    aten._scaled_dot_product_flash_attention: _sdpa_flops,
+    aten._scaled_dot_product_efficient_attention: _sdpa_flops,
+    aten._scaled_dot_product_cudnn_attention: _sdpa_flops,
     aten.scatter_add: _scatter_add_flops,
     torch.ops.graphprune.tome_merge: _tome_flops,
     torch.ops.graphprune.merge_nearest: _merge_nearest_flops,

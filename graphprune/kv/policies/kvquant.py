@@ -43,12 +43,12 @@ def weighted_kmeans(x: torch.Tensor, w: torch.Tensor, k: int, iterations: int) -
     order = x.argsort()
     x, w = x[order].double(), w[order].double() + 1e-30
     cum = w.cumsum(0) / w.sum()
-    centroids = x[torch.searchsorted(cum, (torch.arange(k, dtype=torch.float64) + 0.5) / k).clamp(max=len(x) - 1)]
+    centroids = x[torch.searchsorted(cum, (torch.arange(k, dtype=torch.float64, device=x.device) + 0.5) / k).clamp(max=len(x) - 1)]
     for _ in range(iterations):
         centroids = centroids.sort().values
         cluster = torch.bucketize(x, (centroids[1:] + centroids[:-1]) / 2)
-        mass = torch.zeros(k, dtype=torch.float64).index_add_(0, cluster, w)
-        total = torch.zeros(k, dtype=torch.float64).index_add_(0, cluster, w * x)
+        mass = torch.zeros(k, dtype=torch.float64, device=x.device).index_add_(0, cluster, w)
+        total = torch.zeros(k, dtype=torch.float64, device=x.device).index_add_(0, cluster, w * x)
         moved = torch.where(mass > 0, total / mass.clamp_min(1e-300), centroids)
         if torch.equal(moved, centroids):
             break
@@ -193,7 +193,7 @@ class KVQuant(CachePolicy):
         if any(hasattr(layer.self_attn, "k_norm") for layer in model.get_decoder().layers):
             raise RecipeError(f"kvquant quantises the key projection's output, but {info.family} normalises keys "
                               "after it (k_norm); use another cache recipe")
-        ids = torch.as_tensor(self.calibration, dtype=torch.long)
+        ids = torch.as_tensor(self.calibration, dtype=torch.long).to(model.get_input_embeddings().weight.device)
         ids = ids[None] if ids.dim() == 1 else ids
         acts, grads = calibrate(model, ids, info, self.fisher)
         codecs = []

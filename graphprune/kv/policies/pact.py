@@ -59,7 +59,7 @@ def dbdpc(features: torch.Tensor, cutoff: float) -> tuple[list[int], torch.Tenso
     dist = (1 - x @ x.T).clamp(min=0)
     n = dist.shape[0]
     rank = torch.exp(-(dist / 2) ** 2).sum(-1).argsort().argsort()  # density, replaced by its rank
-    unassigned = torch.ones(n, dtype=torch.bool)
+    unassigned = torch.ones(n, dtype=torch.bool, device=x.device)
     centres: list[int] = []
     while bool(unassigned.any()):
         higher = unassigned[None, :] & (rank[None, :] > rank[:, None])  # (i, j): j unassigned, denser than i

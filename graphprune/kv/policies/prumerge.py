@@ -82,7 +82,7 @@ class PruMerge(ImagePolicy):
         dropped[chosen] = False
         keys = torch.nn.functional.normalize(k[1:].float(), dim=-1)
         similarity = keys[chosen] @ keys.T  # (kept, n)
-        similarity[torch.arange(len(chosen)), chosen] = -torch.inf  # (never a patch's own neighbour)
+        similarity[torch.arange(len(chosen), device=chosen.device), chosen] = -torch.inf  # (never a patch's own neighbour)
         near = similarity.topk(min(NEIGHBOURS, n - 1), dim=-1).indices  # (kept, k)
         merged = patches[chosen] + (patches[near] * attention[near, None]).sum(1)
         rest = (patches[dropped] * attention[dropped, None]).sum(0, keepdim=True)

@@ -88,7 +88,7 @@ class PyramidInfer(CachePolicy):
         if view.prefill:
             window = 1 + int(view.prompt_len * self.recent)
             st.queries = view.queries[:, :, -window:]
-            st.compressed = torch.full((view.queries.shape[0],), view.slots - window)
+            st.compressed = torch.full((view.queries.shape[0],), view.slots - window, device=view.queries.device)
         else:
             st.queries = torch.cat([st.queries, view.queries], dim=2)[:, :, -st.queries.shape[2]:]
 
