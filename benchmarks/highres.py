@@ -72,7 +72,8 @@ def main() -> None:
                                  "flop_ratio": r.flop_ratio, "bound": bound, "efficiency": r.speedup / bound})
                     print(rows[-1], flush=True)
     command = "python benchmarks/highres.py " + " ".join(
-        f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items() if v is not None)
+        f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items()
+        if v is not None and v is not False)
     on_gpu = (args.device or "cpu") != "cpu"
     payload = {"date": datetime.date.today().isoformat(), "commit": commit, "threads": torch.get_num_threads(),
                "command": command, "rows": rows}
@@ -145,8 +146,9 @@ def report() -> None:
                   "| px | batch | runtime | recipe | unmodified ms | ms | speedup | FLOP ratio | bound | efficiency |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for r in run["rows"]:
-            lines.append(f"| {r['size']} | {r['batch']} | {r['target']} | `{r['recipe']}` | {r['baseline_ms']:.0f} | "
-                         f"{r['latency_ms']:.0f} | {r['speedup']:.2f}× | {r['flop_ratio']:.3f} | {r['bound']:.2f}× | "
+            ms = ".1f" if r["baseline_ms"] < 100 else ".0f"
+            lines.append(f"| {r['size']} | {r['batch']} | {r['target']} | `{r['recipe']}` | {r['baseline_ms']:{ms}} | "
+                         f"{r['latency_ms']:{ms}} | {r['speedup']:.2f}× | {r['flop_ratio']:.3f} | {r['bound']:.2f}× | "
                          f"{r['efficiency']:.2f} |")
     doc.write_text("\n".join(lines) + "\n\n<!-- notes -->" + notes)
     print(f"wrote {doc}")

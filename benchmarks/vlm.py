@@ -197,15 +197,16 @@ def run_speed(batches: list[int], rounds: int, steps: int, threads: int | None, 
 def report(name: str = "speed") -> None:
     """docs/vlm.md's measured table from docs/vlm/{name}.json (the prose around it is written by hand)."""
     data = json.loads((OUT / f"{name}.json").read_text())
-    where = f"{data['device']}, {data['dtype']}" if data.get("device", "cpu") != "cpu" else f"{data['threads']} threads"
+    gpu = data.get("device", "cpu") != "cpu"
+    where, unit = (f"{data['device']}, {data['dtype']}", 1000) if gpu else (f"{data['threads']} threads", 1)
     lines = [f"`{data['command']}` ({data['date']}, commit {data['commit']}, {where}, median of "
              f"{data['rounds']} interleaved rounds, {data['steps']} decode steps each, "
              f"{data['seconds'] / 60:.1f} min)", "",
-             "| batch | variant | TTFT s | speedup | FLOP bound | LM prefill speedup | LM FLOP bound | decode ms/step "
+             f"| batch | variant | TTFT {'s' if unit == 1 else 'ms'} | speedup | FLOP bound | LM prefill speedup | LM FLOP bound | decode ms/step "
              "| decode speedup | KV memory | vision FLOP share |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in data["rows"]:
-        lines.append(f"| {r['batch']} | {r['variant']} | {r['ttft_s']:.2f} | {r['ttft_speedup']:.2f}× | "
+        lines.append(f"| {r['batch']} | {r['variant']} | {unit * r['ttft_s']:.2f} | {r['ttft_speedup']:.2f}× | "
                      f"{r['flop_bound']:.2f}× | {r['lm_prefill_speedup']:.2f}× | {r['lm_flop_bound']:.2f}× | "
                      f"{r['decode_ms']:.0f} | {r['decode_speedup']:.2f}× | {r['kv_ratio']:.3f} | "
                      f"{r['vision_flops'] / r['flops']:.2f} |")
