@@ -367,7 +367,8 @@ def test_kvquant_stores_the_papers_dense_and_sparse_codes(kvquant_setup):
     ids = prompts(2, 20, seed=5)
     (k, _), (v, _) = _projection_outputs(model, ids, 1)
     with torch.no_grad():
-        keys, values = fast(ids, use_cache=True).cache.layers[1].storage.kv()
+        cache = fast(ids, use_cache=True).cache
+    keys, values = cache.layers[1].storage.kv()
     fit = fast.graphprune.codecs[1].fitted
     norm = (k - fit.key_centre) / fit.key_range
     near = fit.key_levels[(norm[..., None] - fit.key_levels).abs().argmin(-1)] * fit.key_range + fit.key_centre
@@ -384,6 +385,13 @@ def test_kvquant_stores_the_papers_dense_and_sparse_codes(kvquant_setup):
     near = fit.value_levels[(nv[..., None] - fit.value_levels).abs().argmin(-1)] * half + centre
     expected_v = torch.where(out, v, near).reshape(2, 20, 2, 16).transpose(1, 2)
     torch.testing.assert_close(values, expected_v, atol=1e-5, rtol=0)
+    # sparse outliers: (token int32, channel int16, value) each, padded only to the sequence with most
+    storage = cache.layers[1].storage
+    for chunk, mask in ((storage.kq[0], norm.abs() > 1), (storage.vq[0], out)):
+        *_, rows, cols, exact = chunk.parts
+        most = int(mask.flatten(1).sum(-1).max())
+        assert rows.shape == cols.shape == exact.shape == (2, most) and (rows.dtype, cols.dtype) == (torch.int32, torch.int16)
+        assert int((cols < 32).sum()) == int(mask.sum())
 
 
 def test_kvquant_zero_batches_and_refusals(kvquant_setup):
@@ -394,6 +402,15 @@ def test_kvquant_zero_batches_and_refusals(kvquant_setup):
     batch = greedy(fast, ids, mask, n=8)
     for i, x in enumerate(alone):
         assert torch.equal(greedy(fast, x, n=8)[0], batch[i])
+    # a run appended to the last chunk (each decoding step's) decodes as the two runs apart
+    codec, g = fast.graphprune.codecs[1], torch.Generator().manual_seed(3)
+    x, pos = 3 * torch.randn(2, 2, 30, 16, generator=g), torch.arange(30).expand(2, 2, 30)
+    valid = torch.ones(2, 2, 30, dtype=torch.bool)
+    for keys in (True, False):
+        a = codec.encode(x[:, :, :20], valid[:, :, :20], pos[..., :20], keys, True)
+        b = codec.encode(x[:, :, 20:], valid[:, :, 20:], pos[..., 20:], keys, False)
+        apart = torch.cat([a.decode(pos[..., :20]), b.decode(pos[..., 20:])], 2)
+        assert torch.equal(codec.join(a, b).decode(pos), apart) and (apart - x).abs().max() < 0.25 * x.abs().max()
     with pytest.raises(graphprune.errors.RecipeError, match="calibration"):
         graphprune.optimize(model, "kvquant")
     with pytest.raises(graphprune.errors.RecipeError, match="k_norm"):

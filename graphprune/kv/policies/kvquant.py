@@ -72,20 +72,25 @@ class Calibrated:
 
 
 def _outliers(mask: torch.Tensor, x: torch.Tensor, width: int):
-    """The masked entries of ``x`` (…, width) as fixed-size lists per vector: indices (int16, ``width`` where none) and
-    values, as many per vector as the vector with most."""
-    count = int(mask.sum(-1).max()) if mask.numel() else 0
-    order = mask.to(torch.uint8).sort(dim=-1, descending=True, stable=True).indices[..., :count]
-    picked = mask.gather(-1, order)
-    idx = order.masked_fill(~picked, width)
-    return idx.to(torch.int16), x.gather(-1, order).masked_fill(~picked, 0)
+    """The masked entries of ``x`` (B, 1, n, width), sparse: per sequence, each outlier's token (int32, its row in the
+    run) and channel (int16, ``width`` for a sequence's padding past its own count), and its value; padded only to the
+    sequence with most outliers (the dense-and-sparse format's values and column indices, with row indices in place of
+    row pointers)."""
+    b, _, n, _ = mask.shape
+    flat = mask.reshape(b, n * width)
+    count = int(flat.sum(-1).max()) if flat.numel() else 0
+    order = flat.to(torch.uint8).sort(dim=-1, descending=True, stable=True).indices[:, :count]  # (B, k) positions
+    picked = flat.gather(-1, order)
+    rows, cols = (order // width).to(torch.int32), (order % width).masked_fill(~picked, width).to(torch.int16)
+    return rows, cols, x.reshape(b, n * width).gather(-1, order).masked_fill(~picked, 0)
 
 
-def _rebuild(codes, scale, centre, idx, exact, *, pos, levels, bits, width, heads, inv_freq, dtype):
+def _rebuild(codes, scale, centre, rows, cols, exact, *, pos, levels, bits, width, heads, inv_freq, dtype):
     """(B, Hkv, n, D) from a KVQuant chunk: level · half-range + centre, the outliers put back, keys turned by RoPE."""
     x = levels.to(scale.device)[unpack(codes, bits).long()] * scale.float() + centre.float()  # (B, 1, n, H)
-    x = torch.cat([x, x[..., :1]], -1).scatter(-1, idx.long(), exact.float())[..., :width]
     b, _, n, _ = x.shape
+    x = torch.cat([x, x[..., :1]], -1).reshape(b, n * (width + 1))  # (a spare column: where padding entries land)
+    x = x.scatter(-1, rows.long() * (width + 1) + cols.long(), exact.float()).reshape(b, n, width + 1)[..., :width]
     x = x.reshape(b, n, heads, -1).transpose(1, 2)
     if inv_freq is not None:
         x = rotate(x, pos[..., :n], inv_freq)
@@ -102,15 +107,12 @@ class KVQuantCodec(Codec):
     def due(self, held, keys):
         return held
 
-    def join(self, last, new):  # one chunk; the outlier lists padded to the longer
-        parts = []
-        for a, b in zip(last.parts, new.parts):
-            if a.shape[-1] != b.shape[-1]:  # outlier lists: pad the shorter (index `width`: none)
-                fill = last.rebuild.keywords["width"] if a.dtype == torch.int16 else 0
-                wide = max(a.shape[-1], b.shape[-1])
-                a, b = (torch.nn.functional.pad(t, (0, wide - t.shape[-1]), value=fill) for t in (a, b))
-            parts.append(torch.cat([a, b], 2))
-        return Chunk(tuple(parts), new.rebuild)
+    def join(self, last, new):  # one chunk: the dense parts follow each other, the outlier lists are appended
+        *dense_a, rows_a, cols_a, exact_a = last.parts
+        *dense_b, rows_b, cols_b, exact_b = new.parts
+        dense = [torch.cat([a, b], 2) for a, b in zip(dense_a, dense_b)]
+        rows = torch.cat([rows_a, rows_b + dense_a[0].shape[2]], -1)  # (the new run's rows come after the last's)
+        return Chunk((*dense, rows, torch.cat([cols_a, cols_b], -1), torch.cat([exact_a, exact_b], -1)), new.rebuild)
 
     def encode(self, x, valid, pos, keys, prompt):
         b, heads, n, d = x.shape
@@ -133,20 +135,20 @@ class KVQuantCodec(Codec):
             norm = (flat - centre) / scale
             levels = fit.value_levels
         codes = pack(nearest(norm.clamp(-1, 1), levels.to(norm.device)), self.bits)
-        idx, exact = _outliers(out, flat, heads * d)
+        rows, cols, exact = _outliers(out, flat, heads * d)
         if keys:
-            parts = (codes, idx, exact.to(x.dtype))
+            parts = (codes, rows, cols, exact.to(x.dtype))
             rebuild = partial(_key_rebuild, scale=scale, centre=centre)
         else:
-            parts = (codes, scale.to(x.dtype), centre.to(x.dtype), idx, exact.to(x.dtype))
+            parts = (codes, scale.to(x.dtype), centre.to(x.dtype), rows, cols, exact.to(x.dtype))
             rebuild = _rebuild
         return Chunk(parts, partial(rebuild, levels=levels, bits=self.bits, width=heads * d, heads=heads,
                                     inv_freq=self.inv_freq if keys else None, dtype=x.dtype))
 
 
-def _key_rebuild(codes, idx, exact, *, scale, centre, **kw):
+def _key_rebuild(codes, rows, cols, exact, *, scale, centre, **kw):
     """Keys: the per-channel half-range and centre are the layer's (calibrated), not the chunk's."""
-    return _rebuild(codes, scale, centre, idx, exact, **kw)
+    return _rebuild(codes, scale, centre, rows, cols, exact, **kw)
 
 
 @register
