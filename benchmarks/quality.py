@@ -220,6 +220,7 @@ def report(args) -> None:
             lines.append(f"| `{r['label']}` | {r['accuracy']:.2f} | {rel:.2f} | {r['memory']:.3f} | "
                          f"{r['ttft_s']:.2f} | {r['ms_per_step']:.0f} |")
             points.append((d["context"], r["label"], r["memory"], rel))
+        lines += ["", d["note"]] if d.get("note") else []  # (what the run's numbers need said, written by hand)
         lines.append("")
     for path in sorted(OUT.glob("ppl_*.json"), key=lambda p: int(p.stem.split("_")[1])):
         d = json.loads(path.read_text())
