@@ -234,6 +234,7 @@ def report(args) -> None:
             goal = PPL_TARGETS.get(r["label"])
             mark = "" if goal is None else f"{'✅' if ratio <= goal else '❌'} ≤ {goal}×"
             lines.append(f"| `{r['label']}` | {r['ppl']:.3f} | {ratio:.3f} | {mark} | {r['memory']:.3f} |")
+        lines += ["", d["note"]] if d.get("note") else []
         lines.append("")
     if points:
         import matplotlib
