@@ -52,12 +52,13 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    device, dtype = args.device or "cpu", getattr(torch, args.dtype or "float32")
+    on_gpu = device != "cpu"
+    if on_gpu and args.targets != ["eager"]:
+        raise SystemExit("--device applies to --targets eager (the exported runtimes run on the CPU here)")
     rows = []
     for size in args.sizes:
         torch.manual_seed(0)
-        device, dtype = args.device or "cpu", getattr(torch, args.dtype or "float32")
-        if device != "cpu" and args.targets != ["eager"]:
-            raise SystemExit("--device applies to --targets eager (the exported runtimes run on the CPU here)")
         model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=size).eval().to(device, dtype)
         variants = [("tome", {"r": TOME_R[size]}), ("evit", {"keep": 0.7})]
         for batch in args.batches:
@@ -74,7 +75,6 @@ def main() -> None:
     command = "python benchmarks/highres.py " + " ".join(
         f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items()
         if v is not None and v is not False)
-    on_gpu = (args.device or "cpu") != "cpu"
     payload = {"date": datetime.date.today().isoformat(), "commit": commit, "threads": torch.get_num_threads(),
                "command": command, "rows": rows}
     if on_gpu:

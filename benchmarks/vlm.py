@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 import graphprune  # noqa: E402
+from graphprune.bench import clock  # noqa: E402
 from graphprune.report import flop_counter  # noqa: E402
 from llm import _commit  # noqa: E402
 
@@ -110,29 +111,22 @@ def _vision(model, kw):
                                           vision_feature_select_strategy="default")
 
 
-def _now() -> float:
-    """Wall time once the GPU's queued work is done (kernels run asynchronously)."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
 def _vision_seconds(model, kw) -> float:
-    start = _now()
+    start = clock()
     _vision(model, kw)
-    return _now() - start
+    return clock() - start
 
 
 def _measure(model, kw, steps: int) -> dict:
-    start = _now()
+    start = clock()
     out = model(**kw, use_cache=True)
-    ttft = _now() - start
+    ttft = clock() - start
     cache, token = out.cache, out.logits[:, -1:].argmax(-1)
-    start = _now()
+    start = clock()
     for _ in range(steps):
         out = model(input_ids=token, cache=cache, use_cache=True)
         cache, token = out.cache, out.logits[:, -1:].argmax(-1)
-    step = (_now() - start) / steps
+    step = (clock() - start) / steps
     nbytes = cache.nbytes if hasattr(cache, "nbytes") else sum(
         t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     return {"ttft": ttft, "step": step, "kv_bytes": nbytes}

@@ -43,23 +43,27 @@ TARGETS = ("eager", "onnx", "openvino")
 # --------------------------------------------------------------------------------------------
 
 
+def clock() -> float:
+    """``time.perf_counter()`` once the GPU's queued kernels have run (a CUDA call returns before they do); on a
+    process that never used CUDA, plain ``perf_counter``."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def interleaved(fns: dict, inputs: tuple, rounds: int = 10, warmup: int = 2, progress=None) -> dict[str, list[float]]:
     """Seconds per call of every function in ``fns``: ``rounds`` rounds, each running all of them once
     in a rotating order (so drift and contention hit every variant alike), after ``warmup`` rounds."""
     names = list(fns)
     times: dict[str, list[float]] = {k: [] for k in names}
     task = progress.add_task("timing", total=warmup + rounds) if progress is not None else None
-    cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in pytree.tree_leaves(inputs))
-    sync = torch.cuda.synchronize if cuda else (lambda: None)  # (GPU kernels run asynchronously: time them done)
     with torch.inference_mode():
         for i in range(warmup + rounds):
             for k in names[i % len(names):] + names[: i % len(names)]:
-                sync()
-                t0 = time.perf_counter()
+                t0 = clock()
                 fns[k](*inputs)
-                sync()
                 if i >= warmup:
-                    times[k].append(time.perf_counter() - t0)
+                    times[k].append(clock() - t0)
             if task is not None:
                 progress.advance(task)
     return times

@@ -10,11 +10,10 @@ unmodified model's (cosine of logits, KL, top-1 agreement) plus the continuation
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
-from graphprune.bench import BenchResult, _progress, fidelity
+from graphprune.bench import BenchResult, _progress, clock, fidelity
 from graphprune.kv.model import cache_argument, positions, returned_cache
 
 
@@ -28,15 +27,15 @@ def continuation(model, ids: torch.Tensor, mask: torch.Tensor, targets: torch.Te
     mrope = model.config.model_type in MROPE  # (positions as generate builds them: the model's own forward cannot
     # number a decoding step it was not given positions for)
     with torch.inference_mode():
-        t0 = time.perf_counter()
+        t0 = clock()
         if inputs:
             kwargs = {"input_ids": ids, "attention_mask": mask, **inputs}
             out = model(**(four_rows(model, kwargs, 0) if mrope else kwargs), use_cache=True)
         else:
             out = model(ids, attention_mask=mask, position_ids=positions(mask), use_cache=True)
-        prefill = time.perf_counter() - t0
+        prefill = clock() - t0
         logits, cache, name = [out.logits[:, -1]], returned_cache(out), cache_argument(model)
-        t0 = time.perf_counter()
+        t0 = clock()
         for i in range(targets.shape[1] - 1):
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             step = {"input_ids": targets[:, i:i + 1], "attention_mask": mask}
@@ -47,7 +46,7 @@ def continuation(model, ids: torch.Tensor, mask: torch.Tensor, targets: torch.Te
             out = model(**step, use_cache=True, **{name: cache})
             logits.append(out.logits[:, -1])
             cache = returned_cache(out)
-        step = (time.perf_counter() - t0) / max(targets.shape[1] - 1, 1)
+        step = (clock() - t0) / max(targets.shape[1] - 1, 1)
     return torch.stack(logits, 1).float(), prefill, step, cache
 
 
