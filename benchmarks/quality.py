@@ -138,21 +138,28 @@ def needle(args) -> None:
                          "accuracy": sum(hits) / len(hits), "hits": hits, "ttft_s": sum(ttfts) / len(ttfts),
                          "ms_per_step": sorted(steps)[len(steps) // 2], "memory": sum(memories) / len(memories),
                          "commit": _commit(), "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:])})
-            _save_needle(context, args.samples, rows)  # (after every recipe: a later failure keeps these)
+            _save("needle", context, args.samples, rows)  # (after every recipe: a later failure keeps these)
 
 
-def _save_needle(context: int, samples: int, rows: list[dict]) -> None:
-    """Write the run's rows; rows of other recipes from an earlier run on the same prompts stay (in SETTINGS order)."""
+def _save(kind: str, context: int, samples: int, rows: list[dict]) -> None:
+    """Write the run's rows to ``{kind}_{context}.json``; rows of other recipes from an earlier run on the same prompts
+    stay (in SETTINGS order), each with the commit and command that measured it."""
     OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / f"needle_{context}.json"
+    path = OUT / f"{kind}_{context}.json"
     old = json.loads(path.read_text()) if path.is_file() else None
+    notes = []
     if old is not None and old["samples"] == samples:
         mine = {r["label"] for r in rows}
-        rows = [r for r in old["rows"] if r["label"] not in mine] + rows
+        kept = [{"commit": old.get("commit"), "command": old.get("command"), **r} for r in old["rows"]
+                if r["label"] not in mine]
+        rows = kept + rows
+        notes = [old["note"]] if "note" in old and kept else []
     order = [s[0] for s in SETTINGS]
     rows = sorted(rows, key=lambda r: order.index(r["label"]) if r["label"] in order else len(order))
     payload = {"date": datetime.date.today().isoformat(), "threads": torch.get_num_threads(), "context": context,
                "samples": samples, "model": "Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF, float32)", "rows": rows}
+    if notes:
+        payload["note"] = notes[0]
     path.write_text(json.dumps(payload, indent=2))
 
 
@@ -175,7 +182,8 @@ def ppl(args) -> None:
     for context in args.context:
         texts = [assets.wiki_token_stream(tokenizer, context + 256, 30 * i) for i in range(args.samples)]
         rows = []
-        for label, recipe, options in PPL_SETTINGS:
+        for label, recipe, options in [s for s in PPL_SETTINGS
+                                       if args.recipes is None or s[0].split()[0] in args.recipes or s[1] is None]:
             if recipe == "kvquant":
                 options = {**options, "calibration": calibration}
             fast = model if recipe is None else graphprune.optimize(model, recipe, **options)
@@ -187,13 +195,10 @@ def ppl(args) -> None:
                     memories.append(cache.memory()["ratio"] if hasattr(cache, "memory") else 1.0)
             value = float(torch.cat(nlls).mean().exp())
             rows.append({"label": label, "recipe": recipe, "ppl": value, "memory": sum(memories) / len(memories),
-                         "per_sample": [float(n.mean().exp()) for n in nlls]})
+                         "per_sample": [float(n.mean().exp()) for n in nlls], "commit": _commit(),
+                         "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:])})
             print(f"[{context}] {label:<20} ppl {value:.3f} memory {rows[-1]['memory']:.3f}", flush=True)
-        OUT.mkdir(parents=True, exist_ok=True)
-        payload = {"date": datetime.date.today().isoformat(), "commit": _commit(), "threads": torch.get_num_threads(),
-                   "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:]), "context": context,
-                   "samples": args.samples, "rows": rows}
-        (OUT / f"ppl_{context}.json").write_text(json.dumps(payload, indent=2))
+            _save("ppl", context, args.samples, rows)  # (after every recipe: a later failure keeps these)
 
 
 def report(args) -> None:
@@ -272,6 +277,7 @@ def main() -> None:
     p.add_argument("--context", type=int, nargs="+", default=[2048, 4096])
     p.add_argument("--samples", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--recipes", nargs="+", default=None, help="recipe names (default: all; the full cache always)")
     sub.add_parser("report", help="docs/quality.md and the accuracy-memory plot from the runs")
     args = parser.parse_args()
     _commit()  # (read as the run starts, kept for its rows: the code it runs)
