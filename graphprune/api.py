@@ -9,6 +9,7 @@ import torch
 from graphprune.calls import CallMap, example_tuple
 from graphprune.capture import capture
 from graphprune.errors import GraphPruneError, UnsupportedArchitectureError, first_line
+from graphprune.diffusion import is_diffusion, optimize_diffusion
 from graphprune.exporters.eager import OptimizedModel
 from graphprune.exporters.files import check_writable
 from graphprune.exporters.decoder_onnx import export_decoder_onnx
@@ -106,6 +107,8 @@ def optimize(model: torch.nn.Module, recipe: str | list | None = None, target: s
             raise GraphPruneError(f"'{rec.name}' compresses prompts before the model: target='eager' only (export the "
                                   "model itself separately)")
         return rec.wrap(model)
+    if is_diffusion(model) or getattr(rec, "kind", None) == "denoiser":  # UNets, diffusion transformers, pipelines
+        return optimize_diffusion(model, rec, target, output, example_inputs)
     if is_decoder_lm(model) or getattr(rec, "kind", None) == "cache":
         return _optimize_decoder(model, rec, target, output, example_inputs, max_new_tokens)
     if target in ("onnx", "trt", "openvino", "triton"):

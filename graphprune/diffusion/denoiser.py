@@ -1,0 +1,301 @@
+"""Denoisers: recognise a diffusers UNet or diffusion transformer, and give back a copy whose transformer blocks
+merge tokens before their attention (and optionally cross-attention and MLP) and unmerge after it.
+
+The copy shares the user's weights but has its own module tree: each matched block is wrapped so that its input
+tokens are matched once per call, and each reduced op inside it is wrapped to merge its token input and unmerge its
+output, so the residual stream keeps its shape (ToMe for Stable Diffusion). The user's model, its modules and its
+classes are untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from graphprune.diffusion.merge import Grid, Merge, draw_cells
+from graphprune.errors import UnsupportedArchitectureError
+
+DENOISERS = ("UNet2DConditionModel", "DiTTransformer2DModel", "PixArtTransformer2DModel", "SD3Transformer2DModel")
+REFUSED = {
+    "FluxTransformer2DModel": "Flux rotates queries and keys by each token's position (RoPE) and runs text and image "
+                              "tokens in one stream in its single blocks; merged tokens would need their positions "
+                              "merged too, which is not done yet",
+}
+
+
+def denoiser_of(model) -> tuple[str | None, torch.nn.Module]:
+    """(attribute name in the pipeline or None, denoiser) of a diffusers pipeline or denoiser; refuse others."""
+    for name in ("unet", "transformer"):
+        inner = getattr(model, name, None)
+        if isinstance(inner, torch.nn.Module) and hasattr(model, "components"):
+            return name, inner
+    return None, model
+
+
+def is_diffusion(model) -> bool:
+    """A diffusers denoiser or pipeline (by the classes' own module, without importing diffusers)."""
+    root = type(denoiser_of(model)[1]).__module__.split(".")[0]
+    return root == "diffusers" or type(model).__module__.split(".")[0] == "diffusers"
+
+
+def check_denoiser(model: torch.nn.Module) -> None:
+    kind = type(model).__name__
+    if kind in REFUSED:
+        raise UnsupportedArchitectureError(f"{kind}: {REFUSED[kind]}. Supported denoisers: {', '.join(DENOISERS)}")
+    if kind not in DENOISERS:
+        raise UnsupportedArchitectureError(f"{kind} is not a denoiser graphprune knows; supported: {', '.join(DENOISERS)}"
+                                           " (diffusers)")
+
+
+# --------------------------------------------------------------------------------------------- per call state
+
+class Draws:
+    """Where each block call's destination cells come from: a generator, as the published code draws them (one
+    ``randint`` per block call, the same for every sample of the batch; none for an odd batch, whose classifier-free
+    guidance halves are not in one batch: top-left then), or a given list (an exported graph's inputs)."""
+
+    def __init__(self, generator: torch.Generator | None = None, given: list[torch.Tensor] | None = None):
+        self.generator, self.given = generator, given
+        self.log: list[tuple[Grid, torch.Tensor]] = []  # (grid, cells) of each block call so far
+
+    def next(self, grid: Grid, batch: int, use_rand: bool, device) -> torch.Tensor:
+        if self.given is not None:
+            if len(self.log) >= len(self.given):
+                raise ValueError(f"{len(self.given)} cell tensors given, but the denoiser reduces more block calls")
+            cells = self.given[len(self.log)]
+        else:
+            cells = draw_cells(grid, self.generator if use_rand and batch % 2 == 0 else None)
+        self.log.append((grid, cells))
+        return cells.to(device)
+
+
+@dataclass
+class Call:
+    """One forward of the denoiser: its latent grid, the ratio for this timestep and the cell draws."""
+
+    size: tuple[int, int]  # (rows, columns) of the latent at full resolution, in tokens of the first blocks
+    ratio: float
+    draws: Draws
+    merges: list[Merge | None] = field(default_factory=list)  # the block now running (a stack: blocks do not nest)
+
+
+@dataclass
+class Settings:
+    """What the recipe asks of every block."""
+
+    max_downsample: int
+    sx: int
+    sy: int
+    use_rand: bool
+    ops: frozenset[str]  # of "attn" (self- and joint attention), "crossattn", "mlp"
+
+
+class _Run:
+    """The call in progress (set by :class:`ReducedDenoiser` around the copy's forward)."""
+
+    def __init__(self):
+        self.call: Call | None = None
+
+
+def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+
+def _replace_hidden(args: tuple, kwargs: dict, value: torch.Tensor) -> tuple[tuple, dict]:
+    if "hidden_states" in kwargs:
+        return args, {**kwargs, "hidden_states": value}
+    return (value, *args[1:]), kwargs
+
+
+class _Wrapper(torch.nn.Module):
+    """A module standing in for ``inner`` (the copy's own): attributes it lacks are the inner module's, since models
+    read their blocks' parts (DiT: ``transformer_blocks[0].norm1``)."""
+
+    def __init__(self, inner: torch.nn.Module, run: _Run):
+        super().__init__()
+        self.inner, self.run = inner, run
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if "inner" not in self.__dict__.get("_modules", {}):
+                raise
+            return getattr(self._modules["inner"], name)
+
+
+class MatchedBlock(_Wrapper):
+    """A transformer block whose input tokens are matched once per call (the published code's ``compute_merge``)."""
+
+    def __init__(self, block: torch.nn.Module, run: _Run, settings: Settings):
+        super().__init__(block, run)
+        self.settings = settings
+
+    def forward(self, *args, **kwargs):
+        call, s = self.run.call, self.settings
+        x = _hidden(args, kwargs)
+        merge = None
+        if call is not None and call.ratio > 0 and x.dim() == 3:
+            rows, cols = call.size
+            n = x.shape[1]
+            down = math.ceil(math.sqrt(rows * cols // n))
+            if down <= s.max_downsample:
+                grid = Grid(h=math.ceil(rows / down), w=math.ceil(cols / down), sx=s.sx, sy=s.sy)
+                if grid.h * grid.w != n:
+                    raise UnsupportedArchitectureError(f"a block's {n} tokens are not the {grid.h}×{grid.w} grid its "
+                                                       f"latent implies; token merging needs the image tokens alone")
+                cells = call.draws.next(grid, x.shape[0], s.use_rand, x.device)
+                merge = Merge(x, grid, cells, int(n * call.ratio))
+        if call is None:
+            return self.inner(*args, **kwargs)
+        call.merges.append(merge)
+        try:
+            return self.inner(*args, **kwargs)
+        finally:
+            call.merges.pop()
+
+
+class ReducedOp(_Wrapper):
+    """An op inside a matched block (attention, cross-attention, MLP) that runs on the merged tokens: its token input
+    (``hidden_states``, the first argument) is merged, its output (or its output's first element, the image tokens of
+    a joint attention) unmerged."""
+
+    def forward(self, *args, **kwargs):
+        call = self.run.call
+        merge = call.merges[-1] if call is not None and call.merges else None
+        if merge is None:
+            return self.inner(*args, **kwargs)
+        args, kwargs = _replace_hidden(args, kwargs, merge.merge(_hidden(args, kwargs)))
+        out = self.inner(*args, **kwargs)
+        if isinstance(out, tuple):
+            return (merge.unmerge(out[0]), *out[1:])
+        return merge.unmerge(out)
+
+
+# --------------------------------------------------------------------------------------------- the copy
+
+def shared_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``module``'s tree: new module objects (own ``_modules`` dicts, so children can be replaced), the same
+    parameters and buffers."""
+    new = copy.copy(module)
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    new._modules = {k: shared_copy(v) if v is not None else None for k, v in module._modules.items()}
+    return new
+
+
+def _ops(block: torch.nn.Module) -> dict[str, str] | None:
+    """The reducible ops of a block, by kind: BasicTransformerBlock-like (``attn1``, ``attn2``, ``ff``) or a joint
+    text–image block (``attn`` with a context branch, ``attn2`` as extra self-attention, ``ff``); None for other
+    modules."""
+    children = dict(block.named_children())
+    if "attn1" in children and "ff" in children:
+        ops = {"attn1": "attn", "ff": "mlp"}
+        if children.get("attn2") is not None:
+            ops["attn2"] = "crossattn"
+        return ops
+    if "attn" in children and "ff" in children and ("ff_context" in children or "norm1_context" in children):
+        ops = {"attn": "attn", "ff": "mlp"}
+        if children.get("attn2") is not None:
+            ops["attn2"] = "attn"
+        return ops
+    return None
+
+
+def rewrite(model: torch.nn.Module, settings: Settings, run: _Run) -> tuple[torch.nn.Module, list[str]]:
+    """The weight-sharing copy with every transformer block matched and its ops (those ``settings.ops`` names)
+    reduced; returns (copy, the blocks' names)."""
+    root = shared_copy(model)
+    names = []
+    for name, block in list(root.named_modules()):
+        ops = _ops(block)
+        if ops is None or isinstance(block, (MatchedBlock, ReducedOp)):
+            continue
+        for child, kind in ops.items():
+            if kind in settings.ops:
+                block._modules[child] = ReducedOp(block._modules[child], run)
+        parent_name, _, leaf = name.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name else root
+        parent._modules[leaf] = MatchedBlock(block, run, settings)
+        names.append(name)
+    return root, names
+
+
+def latent_size(model: torch.nn.Module, sample: torch.Tensor) -> tuple[int, int]:
+    """The token grid of the first blocks: the latent's (H, W) for a UNet, (H / p, W / p) for a transformer with
+    patches of ``p``."""
+    h, w = sample.shape[-2:]
+    p = getattr(getattr(model, "config", None), "patch_size", None) or 1
+    return math.ceil(h / p), math.ceil(w / p)
+
+
+
+class ReducedDenoiser(torch.nn.Module):
+    """The denoiser with ToMe for SD in its transformer blocks: called as the original is called (any signature, the
+    original's output type), with the same attributes (``config``, ``dtype``, ...). ``ratio``: the share of each
+    reduced block's tokens merged, a number, a list (one per denoising step: the step advances when the timestep
+    changes and starts again when it rises) or a function of the timestep."""
+
+    def __init__(self, model: torch.nn.Module, settings: Settings, ratio, seed: int | None):
+        super().__init__()
+        self.run = _Run()
+        self.denoiser, self.blocks = rewrite(model, settings, self.run)
+        self.settings, self.ratio, self.seed = settings, ratio, seed
+        self._generator: torch.Generator | None = None
+        self._step, self._last_t = -1, None
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if "denoiser" not in self.__dict__.get("_modules", {}):
+                raise
+            return getattr(self._modules["denoiser"], name)
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """The cells' own generator (the diffusion's noise is not affected): seeded with ``seed``, or, without one, a
+        fork of the global RNG at the first call, as the published code does."""
+        if self._generator is None or self._generator.device != device:
+            g = torch.Generator(device)
+            if self.seed is not None:
+                g.manual_seed(self.seed)
+            elif device.type == "cuda":
+                g.set_state(torch.cuda.get_rng_state(device))
+            else:
+                g.set_state(torch.get_rng_state())
+            self._generator = g
+        return self._generator
+
+    def ratio_at(self, timestep) -> float:
+        if not callable(self.ratio) and not isinstance(self.ratio, (list, tuple)):
+            return float(self.ratio)
+        t = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else timestep
+        if callable(self.ratio):
+            return float(self.ratio(t))
+        if t is None:
+            raise ValueError("a ratio per step needs the timestep argument")
+        if self._last_t is None or t > self._last_t:
+            self._step = 0
+        elif t != self._last_t:
+            self._step += 1
+        self._last_t = t
+        return float(self.ratio[min(self._step, len(self.ratio) - 1)])
+
+    def call(self, args: tuple, kwargs: dict, draws: Draws | None = None):
+        """Run the reduced copy; ``draws``: the cells to use (default: this model's generator)."""
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        draws = draws or Draws(self.generator(sample.device))
+        self.run.call = Call(size=latent_size(self.denoiser, sample), ratio=self.ratio_at(timestep), draws=draws)
+        try:
+            return self.denoiser(*args, **kwargs)
+        finally:
+            self.run.call = None
+
+    def forward(self, *args, **kwargs):
+        return self.call(args, kwargs)
+

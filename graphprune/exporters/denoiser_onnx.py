@@ -1,0 +1,132 @@
+"""A reduced diffusion denoiser (:mod:`graphprune.diffusion`) as one ONNX graph per denoising step, checked in ONNX
+Runtime at two timesteps before anything is written.
+
+The graph's inputs are the denoiser's tensor inputs (batch dynamic) and, with ``use_rand``, one ``cells_K`` per
+reduced block call: the destination's slot in each cell (int64, ``[rows, cols]``), drawn outside the graph.
+:class:`OnnxDenoiser` draws them as the eager model does (its own generator, top-left cells for an odd batch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.export import Dim
+
+from graphprune.diffusion.denoiser import Draws, ReducedDenoiser
+from graphprune.diffusion.merge import Grid, draw_cells
+from graphprune.errors import ExportError, GraphPruneError, first_line
+from graphprune.exporters.files import publish, staging_dir
+from graphprune.exporters.onnx import OPSET, TOLERANCE, _quiet_loggers, _session
+from graphprune.report import max_abs_diff
+
+META = "denoiser.json"
+
+
+class _Step(torch.nn.Module):
+    """One denoising step with named tensor inputs and the cells as inputs; other arguments fixed."""
+
+    def __init__(self, reduced: ReducedDenoiser, names: list[str], fixed: dict):
+        super().__init__()
+        self.reduced, self.names, self.fixed = reduced, names, fixed
+
+    def forward(self, tensors: list[torch.Tensor], cells: list[torch.Tensor]):
+        kwargs = {**self.fixed, **dict(zip(self.names, tensors)), "return_dict": False}
+        draws = Draws(given=list(cells)) if cells else Draws()
+        return self.reduced.call((), kwargs, draws)[0]
+
+
+def _grids(reduced: ReducedDenoiser, inputs: dict) -> list[Grid]:
+    """The grid of every reduced block call, in call order (one eager run that records its draws)."""
+    draws = Draws(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reduced.call((), {**inputs, "return_dict": False}, draws)
+    return [g for g, _ in draws.log]
+
+
+def export_denoiser_onnx(reduced: ReducedDenoiser, example_inputs: dict, output) -> "OnnxDenoiser":
+    """Export ``reduced`` called with ``example_inputs`` (the denoiser's keyword arguments; tensors become inputs,
+    anything else is fixed) to the folder ``output`` (``denoiser.onnx`` + data + ``denoiser.json``)."""
+    if not isinstance(example_inputs, dict) or not example_inputs:
+        raise GraphPruneError("exporting a denoiser needs example_inputs={...}: its keyword arguments, e.g. "
+                              "{'sample': latents, 'timestep': t, 'encoder_hidden_states': text} for a UNet")
+    if callable(reduced.ratio) or isinstance(reduced.ratio, (list, tuple)):
+        raise GraphPruneError("an exported denoiser merges one ratio: export with ratio=<number> (one graph per ratio "
+                              "for a schedule)")
+    if "timestep" not in example_inputs:
+        raise GraphPruneError("example_inputs needs 'timestep' (the parity check runs two timesteps)")
+    names = [k for k, v in example_inputs.items() if isinstance(v, torch.Tensor)]
+    fixed = {k: v for k, v in example_inputs.items() if k not in names}
+    tensors = [example_inputs[k] for k in names]
+    batch = tensors[0].shape[0] if tensors[0].dim() else None
+    if batch is None or batch < 2:
+        raise GraphPruneError("example_inputs need a batch of at least 2 (the exported batch is dynamic)")
+    grids = _grids(reduced, example_inputs) if reduced.settings.use_rand else []
+    step = _Step(reduced, names, fixed).eval()
+    gen = torch.Generator().manual_seed(0)
+    cells = [draw_cells(g, gen) for g in grids]
+    b = Dim.AUTO  # (diffusers' UNet branches on a batch of 64 around a no-op: the ONNX graph serves any batch)
+    dynamic = ([{0: b} if t.dim() and t.shape[0] == batch else None for t in tensors], [None] * len(cells))
+    output = Path(output)
+    with staging_dir(output) as tmp:
+        staged = tmp / "denoiser.onnx"
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                    _quiet_loggers("torch.onnx", "onnx_ir"):
+                warnings.simplefilter("ignore")
+                program = torch.export.export(step, (tensors, cells), dynamic_shapes=dynamic, strict=False)
+                program = torch.onnx.export(program, dynamo=True,
+                                            input_names=[*names, *(f"cells_{i}" for i in range(len(cells)))],
+                                            output_names=["output"], opset_version=OPSET, verbose=False)
+                program.save(str(staged), external_data=True)
+        except Exception as err:  # noqa: BLE001
+            raise ExportError(f"ONNX export of the denoiser failed: {first_line(err)}") from err
+        session = _session(staged)
+        t = example_inputs["timestep"]
+        diffs = []
+        for when in (t, t * 0 + (float(t.reshape(-1)[0]) / 2 if isinstance(t, torch.Tensor) else t / 2)):
+            inputs = [when if k == "timestep" else v for k, v in zip(names, tensors)]
+            with torch.no_grad():
+                expected = step(inputs, cells)
+            feeds = {i.name: a.detach().cpu().numpy() for i, a in zip(session.get_inputs(), [*inputs, *cells])}
+            diffs.append(max_abs_diff(torch.from_numpy(np.asarray(session.run(None, feeds)[0])), expected))
+        diff = max(diffs)
+        if not diff <= TOLERANCE:
+            raise ExportError(f"the ONNX denoiser differs from the eager one by {diff:.3g} (> {TOLERANCE}); nothing "
+                              "was written")
+        meta = {"inputs": names, "cells": [[g.h, g.w, g.sx, g.sy] for g in grids], "ratio": reduced.ratio,
+                "seed": reduced.seed, "max_abs_diff": diff}
+        (tmp / META).write_text(json.dumps(meta, indent=2))
+        publish(sorted(tmp.iterdir()), output, last=staged)
+    return OnnxDenoiser(output)
+
+
+class OnnxDenoiser:
+    """An exported denoiser in ONNX Runtime: called with the same keyword tensors; draws the cells as the eager
+    reduced denoiser does (``seed``: as its recipe's). Returns the predicted noise (the output's ``sample``)."""
+
+    def __init__(self, folder, threads: int | None = None):
+        self.folder = Path(folder)
+        self.meta = json.loads((self.folder / META).read_text())
+        self.session = _session(self.folder / "denoiser.onnx", threads)
+        self.grids = [Grid(*g) for g in self.meta["cells"]]
+        self.generator = torch.Generator()
+        if self.meta["seed"] is not None:
+            self.generator.manual_seed(self.meta["seed"])
+        self.max_abs_diff = self.meta["max_abs_diff"]
+
+    def __call__(self, **inputs) -> torch.Tensor:
+        missing = [k for k in self.meta["inputs"] if k not in inputs]
+        if missing:
+            raise GraphPruneError(f"missing input(s) {', '.join(missing)}; the graph takes {', '.join(self.meta['inputs'])}")
+        batch = inputs[self.meta["inputs"][0]].shape[0]
+        gen = self.generator if batch % 2 == 0 else None
+        cells = [draw_cells(g, gen) for g in self.grids]
+        feeds = {k: torch.as_tensor(inputs[k]).cpu().numpy() for k in self.meta["inputs"]}
+        feeds.update({f"cells_{i}": c.numpy() for i, c in enumerate(cells)})
+        return torch.from_numpy(np.asarray(self.session.run(None, feeds)[0]))

@@ -1,0 +1,302 @@
+"""ToMe for Stable Diffusion on diffusers denoisers and pipelines (tiny random configs, built here)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+import graphprune
+from graphprune.diffusion.denoiser import Draws, ReducedDenoiser
+from graphprune.errors import GraphPruneError, RecipeError, ScheduleError, UnsupportedArchitectureError
+
+diffusers = pytest.importorskip("diffusers")
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    return diffusers.UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8).eval()
+
+
+@pytest.fixture(scope="module")
+def dit():
+    torch.manual_seed(1)
+    return diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                           num_layers=2, sample_size=16, patch_size=2, num_embeds_ada_norm=10,
+                                           norm_num_groups=4).eval()
+
+
+def _unet_inputs(batch=2, size=16, t=700.0):
+    g = torch.Generator().manual_seed(batch * 100 + size)
+    return {"sample": torch.randn(batch, 4, size, size, generator=g), "timestep": torch.full((batch,), t),
+            "encoder_hidden_states": torch.randn(batch, 7, 32, generator=g)}
+
+
+def _dit_inputs(batch=2):
+    g = torch.Generator().manual_seed(7)
+    return {"hidden_states": torch.randn(batch, 4, 16, 16, generator=g), "timestep": torch.full((batch,), 3),
+            "class_labels": torch.arange(batch) % 10}
+
+
+def _pixart():
+    torch.manual_seed(2)
+    model = diffusers.PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                               out_channels=8, num_layers=2, sample_size=16, patch_size=2,
+                                               cross_attention_dim=16, caption_channels=12, norm_num_groups=4).eval()
+    g = torch.Generator().manual_seed(8)
+    inputs = {"hidden_states": torch.randn(2, 4, 16, 16, generator=g), "timestep": torch.tensor([3, 3]),
+              "encoder_hidden_states": torch.randn(2, 5, 12, generator=g),
+              "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+    return model, inputs
+
+
+def _sd3():
+    torch.manual_seed(3)
+    model = diffusers.SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=2,
+                                            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                            caption_projection_dim=16, pooled_projection_dim=8, out_channels=4,
+                                            pos_embed_max_size=16, dual_attention_layers=(0,)).eval()
+    g = torch.Generator().manual_seed(9)
+    inputs = {"hidden_states": torch.randn(2, 4, 16, 16, generator=g), "timestep": torch.tensor([3, 3]),
+              "encoder_hidden_states": torch.randn(2, 5, 16, generator=g),
+              "pooled_projections": torch.randn(2, 8, generator=g)}
+    return model, inputs
+
+
+# ------------------------------------------------------------------ the published algorithm, written out directly
+
+def reference_matching(x, w, h, sx, sy, r, cells):
+    """Bipartite soft matching with one destination per sy×sx cell, as published: a buffer of the grid with -1 at
+    each cell's chosen slot, argsort (destinations first), cosine similarity of sources to destinations, the r best
+    sources merged by an unweighted mean with their destination (itself included), unmerge copies it back."""
+    b, n, _ = x.shape
+    hsy, wsx = h // sy, w // sx
+    view = torch.zeros(hsy, wsx, sy * sx, dtype=torch.int64)
+    view.scatter_(2, cells.reshape(hsy, wsx, 1), -torch.ones(hsy, wsx, 1, dtype=torch.int64))
+    view = view.view(hsy, wsx, sy, sx).transpose(1, 2).reshape(hsy * sy, wsx * sx)
+    buffer = torch.zeros(h, w, dtype=torch.int64)
+    buffer[: hsy * sy, : wsx * sx] = view
+    order = buffer.reshape(1, -1, 1).argsort(dim=1)
+    dst_idx_all, src_idx_all = order[:, : hsy * wsx], order[:, hsy * wsx:]
+
+    def split(t):
+        c = t.shape[-1]
+        return t.gather(1, src_idx_all.expand(b, -1, c)), t.gather(1, dst_idx_all.expand(b, -1, c))
+
+    m = x / x.norm(dim=-1, keepdim=True)
+    a, bb = split(m)
+    scores = a @ bb.transpose(-1, -2)
+    r = min(a.shape[1], r)
+    node_max, node_idx = scores.max(dim=-1)
+    edge = node_max.argsort(dim=-1, descending=True)[..., None]
+    unm, src = edge[:, r:], edge[:, :r]
+    dst = node_idx[..., None].gather(1, src)
+
+    def merge(t):
+        s, d = split(t)
+        c = t.shape[-1]
+        u = s.gather(1, unm.expand(-1, -1, c))
+        moved = s.gather(1, src.expand(-1, -1, c))
+        d = d.scatter_reduce(1, dst.expand(-1, -1, c), moved, reduce="mean")
+        return torch.cat([u, d], dim=1)
+
+    def unmerge(t):
+        k = unm.shape[1]
+        c = t.shape[-1]
+        u, d = t[:, :k], t[:, k:]
+        moved = d.gather(1, dst.expand(-1, -1, c))
+        out = torch.zeros(b, n, c, dtype=t.dtype)
+        out.scatter_(1, dst_idx_all.expand(b, -1, c), d)
+        out.scatter_(1, src_idx_all.expand(b, -1, 1).gather(1, unm).expand(-1, -1, c), u)
+        out.scatter_(1, src_idx_all.expand(b, -1, 1).gather(1, src).expand(-1, -1, c), moved)
+        return out
+
+    return merge, unmerge
+
+
+def reference_run(model, inputs, ratio, seed, calls, ops=("attn1",), max_downsample=1, patch=1, use_rand=True):
+    """The published method on a private copy of ``model`` (hooks on the copy's blocks and ops), ``calls`` forwards;
+    the cells' generator seeded with ``seed`` and drawn once per block call."""
+    model = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    sample = inputs.get("sample", inputs.get("hidden_states"))
+    H, W = sample.shape[-2] // patch, sample.shape[-1] // patch
+
+    def block_pre(mod, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        n = x.shape[1]
+        down = math.ceil(math.sqrt(H * W // n))
+        if down > max_downsample:
+            state["m"] = None
+            return
+        w, h = math.ceil(W / down), math.ceil(H / down)
+        cells = torch.randint(4, size=(h // 2, w // 2, 1), generator=gen) if use_rand and x.shape[0] % 2 == 0 else \
+            torch.zeros(h // 2, w // 2, 1, dtype=torch.int64)
+        state["m"] = reference_matching(x, w, h, 2, 2, int(n * ratio), cells)
+
+    def op_pre(mod, args, kwargs):
+        if state["m"] is not None:
+            if args:
+                return (state["m"][0](args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": state["m"][0](kwargs["hidden_states"])}
+
+    def op_post(mod, args, kwargs, out):
+        if state["m"] is not None:
+            return state["m"][1](out)
+
+    for mod in model.modules():
+        if type(mod).__name__ == "BasicTransformerBlock":
+            mod.register_forward_pre_hook(block_pre, with_kwargs=True)
+            for name in ops:
+                getattr(mod, name).register_forward_pre_hook(op_pre, with_kwargs=True)
+                getattr(mod, name).register_forward_hook(op_post, with_kwargs=True)
+    with torch.no_grad():
+        return [model(**inputs).sample for _ in range(calls)]
+
+
+# ------------------------------------------------------------------------------------------------------ tests
+
+def test_zero_ratio_reproduces_every_denoiser(unet, dit):
+    cases = [(unet, _unet_inputs()), (dit, _dit_inputs()), _pixart(), _sd3()]
+    for model, inputs in cases:
+        with torch.no_grad():
+            expected = model(**inputs)
+            got = graphprune.optimize(model, "tomesd", ratio=0.0)(**inputs)
+        assert type(got) is type(expected)
+        assert (got.sample - expected.sample).abs().max() <= 1e-5, type(model).__name__
+        reduced = graphprune.optimize(model, "tomesd", ratio=0.5, merge_mlp=True)
+        with torch.no_grad():
+            assert (reduced(**inputs).sample - expected.sample).abs().max() > 1e-4  # merging does change the output
+
+
+@pytest.mark.parametrize("options", [{}, {"merge_crossattn": True, "merge_mlp": True, "max_downsample": 2},
+                                     {"use_rand": False, "ratio": 0.75}])
+def test_unet_equals_the_published_algorithm(unet, options):
+    options = {"ratio": 0.5, **options}
+    inputs = _unet_inputs()
+    fast = graphprune.optimize(unet, "tomesd", seed=11, **options)
+    with torch.no_grad():
+        got = [fast(**inputs).sample for _ in range(2)]  # the second call draws new cells, as the published code does
+    ops = ["attn1"] + (["attn2"] if options.get("merge_crossattn") else []) + (["ff"] if options.get("merge_mlp")
+                                                                                  else [])
+    expected = reference_run(unet, inputs, options["ratio"], 11, 2, ops, options.get("max_downsample", 1),
+                             use_rand=options.get("use_rand", True))
+    for g, e in zip(got, expected):
+        assert (g - e).abs().max() <= 1e-5
+    if options.get("use_rand", True):
+        assert (got[0] - got[1]).abs().max() > 1e-5  # new cells at each call
+
+
+def test_odd_batch_uses_top_left_cells_and_no_draw(unet):
+    """An odd batch (the two guidance halves run apart) merges into each cell's top-left token and draws nothing."""
+    inputs = _unet_inputs(batch=1)
+    fast = graphprune.optimize(unet, "tomesd", ratio=0.5, seed=4)
+    top_left = graphprune.optimize(unet, "tomesd", ratio=0.5, use_rand=False)
+    with torch.no_grad():
+        assert torch.equal(fast(**inputs).sample, top_left(**inputs).sample)
+    assert torch.equal(fast.generator(torch.device("cpu")).get_state(), torch.Generator().manual_seed(4).get_state())
+
+
+def test_dit_equals_the_published_algorithm_on_its_patch_grid(dit):
+    """On a transformer the grid is the patch grid (the published code reaches it with max_downsample=2 on DiT)."""
+    inputs = _dit_inputs()
+    fast = graphprune.optimize(dit, "tomesd", ratio=0.5, seed=5)
+    with torch.no_grad():
+        got = fast(**inputs).sample
+    expected = reference_run(dit, inputs, 0.5, 5, 1, patch=2)[0]
+    assert (got - expected).abs().max() <= 1e-5
+
+
+def test_each_sample_of_a_batch_equals_it_alone(unet):
+    inputs = _unet_inputs(batch=4)
+    fast = graphprune.optimize(unet, "tomesd", ratio=0.5, merge_mlp=True, seed=2)
+    draws = Draws(fast.generator(torch.device("cpu")))
+    with torch.no_grad():
+        batch = fast.call((), {**inputs, "return_dict": False}, draws)[0]
+        cells = [c for _, c in draws.log]
+        for i in range(4):
+            alone = fast.call((), {k: v[i:i + 1] for k, v in inputs.items()} | {"return_dict": False},
+                              Draws(given=cells))[0]
+            assert (alone[0] - batch[i]).abs().max() <= 1e-5
+
+
+def test_ratio_schedules_by_step_and_by_timestep(unet):
+    fast = graphprune.optimize(unet, "tomesd", ratio=[0.75, 0.5, 0.25])
+    steps = [fast.ratio_at(torch.tensor([t])) for t in (900, 900, 600, 300, 100, 900)]
+    assert steps == [0.75, 0.75, 0.5, 0.25, 0.25, 0.75]  # a step per new timestep; a rise starts a new generation
+    by_noise = graphprune.optimize(unet, "tomesd", ratio=lambda t: 0.75 if t > 500 else 0.0, seed=1)
+    full = graphprune.optimize(unet, "tomesd", ratio=0.0)
+    with torch.no_grad():
+        low, high = _unet_inputs(t=200.0), _unet_inputs(t=800.0)
+        assert torch.equal(by_noise(**low).sample, full(**low).sample)
+        assert (by_noise(**high).sample - full(**high).sample).abs().max() > 1e-4
+
+
+def test_pipeline_images_and_the_users_pipeline(unet):
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+                                  latent_channels=4, norm_num_groups=4, sample_size=32).eval()
+    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet,
+                                             scheduler=diffusers.DDIMScheduler(clip_sample=False), safety_checker=None,
+                                             feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    text = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(3))
+
+    def images(p):
+        return p(prompt_embeds=text[:1], negative_prompt_embeds=text[1:], num_inference_steps=3, height=32,
+                 width=32, generator=torch.Generator().manual_seed(0), output_type="pt").images
+
+    before = images(pipe)
+    same = graphprune.optimize(pipe, "tomesd", ratio=0.0)
+    assert torch.equal(images(same), before)
+    fast = graphprune.optimize(pipe, "tomesd", ratio=0.5, seed=0)
+    assert isinstance(fast.unet, ReducedDenoiser) and fast.vae is pipe.vae and fast.scheduler is pipe.scheduler
+    assert (images(fast) - before).abs().max() > 1e-4
+    assert pipe.unet is unet and type(unet) is diffusers.UNet2DConditionModel
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in unet.modules())
+    assert torch.equal(images(pipe), before)  # the user's pipeline runs as before
+
+
+def test_refusals(unet):
+    flux = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                            pooled_projection_dim=8, axes_dims_rope=(2, 2, 4))
+    with pytest.raises(UnsupportedArchitectureError, match="RoPE"):
+        graphprune.optimize(flux, "tomesd")
+    with pytest.raises(RecipeError, match="tomesd"):
+        graphprune.optimize(unet, "tome")
+    with pytest.raises(ScheduleError, match="0.75"):
+        graphprune.optimize(unet, "tomesd", ratio=0.9)
+    with pytest.raises(ScheduleError):
+        graphprune.optimize(unet, "tomesd", ratio=[0.5, 1.2])
+    with pytest.raises(UnsupportedArchitectureError, match="not a denoiser"):
+        graphprune.optimize(torch.nn.Linear(3, 3), "tomesd")
+
+
+def test_onnx_denoiser_matches_eager_and_draws_alike(unet, tmp_path):
+    inputs = _unet_inputs()
+    onnx = graphprune.optimize(unet, "tomesd", ratio=0.5, seed=3, target="onnx", output=tmp_path / "d",
+                               example_inputs=inputs)
+    assert onnx.max_abs_diff <= 1e-4
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["denoiser.json", "denoiser.onnx",
+                                                                  "denoiser.onnx.data"]
+    eager = graphprune.optimize(unet, "tomesd", ratio=0.5, seed=3)
+    with torch.no_grad():
+        for t in (700.0, 300.0):  # two steps: the cells advance alike
+            step = _unet_inputs(t=t)
+            assert (onnx(**step) - eager(**step).sample).abs().max() <= 1e-4
+        one = _unet_inputs(batch=1)  # the exported batch is dynamic
+        assert (onnx(**one) - eager(**one).sample).abs().max() <= 1e-4
+    with pytest.raises(GraphPruneError, match="example_inputs"):
+        graphprune.optimize(unet, "tomesd", target="onnx", output=tmp_path / "e")
+    with pytest.raises(GraphPruneError, match="one ratio"):
+        graphprune.optimize(unet, "tomesd", ratio=[0.5, 0.2], target="onnx", output=tmp_path / "e",
+                            example_inputs=inputs)
+    assert not (tmp_path / "e").exists()
