@@ -696,6 +696,8 @@ def recipes(as_json: bool = typer.Option(False, "--json", help="machine-readable
     def acts_on(cls) -> str:
         if cls.kind == "prompt":
             return "the prompt (text)"
+        if cls.kind == "denoiser":
+            return "diffusion denoiser tokens"
         if cls.kind != "cache":
             return "encoder tokens"
         if not getattr(cls, "needs_images", False):

@@ -12,5 +12,6 @@ __all__ = ["RECIPES", "Recipe", "get_recipe", "register", "list_recipes"]
 
 
 def list_recipes(kind: str | None = None) -> list[str]:
-    """Recipe names; ``kind="tokens"``: those that reduce an encoder's tokens, ``kind="cache"``: KV-cache recipes."""
+    """Recipe names; ``kind="tokens"``: those that reduce an encoder's tokens, ``kind="cache"``: KV-cache recipes,
+    ``kind="prompt"``: prompt compressors, ``kind="denoiser"``: diffusion denoisers' (``tomesd``)."""
     return sorted(n for n, c in RECIPES.items() if kind is None or getattr(c, "kind", "tokens") == kind)

@@ -1,0 +1,176 @@
+"""Speed of ToMe for Stable Diffusion per denoising step, against the unmodified denoiser and the official ``tomesd``.
+
+    python benchmarks/diffusion.py --models sd15 --latents 64 --rounds 3       # docs/diffusion/<model>-<latent>.json
+    python benchmarks/diffusion.py --models dit-xl --latents 32 64 --rounds 3
+    python benchmarks/diffusion.py --report                                     # docs/diffusion.md
+
+Random weights at the real shapes: Stable Diffusion 1.5's UNet (64×64 latents: 512² images; 128×128: 1024²) and
+DiT-XL/2 (32×32 latents: 256²; 64×64: 512²). One denoising step = one call with a classifier-free-guidance batch of 2.
+Variants, timed interleaved (``graphprune.bench.interleaved``): the unmodified denoiser, graphprune's ``tomesd``
+(ratio 0.5, defaults otherwise) and, where installed, the official ``tomesd`` 0.1.3 patched into a private copy (on
+DiT with ``max_downsample=2``, which reaches the same patch grid). FLOPs counted by ``graphprune.report``'s counter
+(the matching's similarity and merges included); bound = 1 / FLOP ratio; efficiency = speedup / bound.
+``--targets onnx`` adds ONNX Runtime (unmodified and reduced, both exported here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from llm import _commit  # noqa: E402  (the commit the run imported, once)
+
+OUT = Path(__file__).parent.parent / "docs" / "diffusion"
+RATIO = 0.5
+
+
+def build(name: str, latent: int):
+    """(denoiser, its keyword inputs for one guidance step) with random weights at the real configuration."""
+    import diffusers
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    if name == "sd15":
+        model = diffusers.UNet2DConditionModel(
+            sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768,
+            attention_head_dim=8)
+        inputs = {"sample": torch.randn(2, 4, latent, latent, generator=g), "timestep": torch.tensor([500, 500]),
+                  "encoder_hidden_states": torch.randn(2, 77, 768, generator=g)}
+    elif name == "dit-xl":
+        model = diffusers.DiTTransformer2DModel(num_attention_heads=16, attention_head_dim=72, in_channels=4,
+                                                out_channels=8, num_layers=28, sample_size=latent, patch_size=2,
+                                                num_embeds_ada_norm=1000)
+        inputs = {"hidden_states": torch.randn(2, 4, latent, latent, generator=g), "timestep": torch.tensor([500, 500]),
+                  "class_labels": torch.tensor([1, 1000])}
+    else:
+        raise SystemExit(f"unknown model {name}")
+    return model.eval(), inputs
+
+
+def official(model, name: str):
+    try:
+        import tomesd
+    except ImportError:
+        return None
+    twin = copy.deepcopy(model)
+    tomesd.apply_patch(twin, ratio=RATIO, max_downsample=2 if name == "dit-xl" else 1)
+    return twin
+
+
+def flops(model, inputs: dict) -> int:
+    from graphprune.report import flop_counter
+
+    counter = flop_counter()
+    with counter, torch.no_grad():
+        model(**inputs)
+    return int(counter.get_total_flops())
+
+
+def run(name: str, latent: int, rounds: int, targets: list[str], commit: str) -> dict:
+    import graphprune
+    from graphprune.bench import interleaved
+
+    model, inputs = build(name, latent)
+    fast = graphprune.optimize(model, "tomesd", ratio=RATIO, seed=0)
+    first, rest = next(iter(inputs.values())), dict(list(inputs.items())[1:])  # (tomesd's hook reads the latent
+    # from the first positional argument: every variant is called so)
+    fns = {"unmodified": lambda: model(first, **rest), "graphprune tomesd": lambda: fast(first, **rest)}
+    theirs = official(model, name)
+    if theirs is not None:
+        fns["official tomesd"] = lambda: theirs(first, **rest)
+    tmp = None
+    if "onnx" in targets:
+        tmp = tempfile.TemporaryDirectory()
+        plain = graphprune.optimize(model, "tomesd", ratio=0.0, target="onnx", output=Path(tmp.name) / "plain",
+                                    example_inputs=inputs)
+        reduced = graphprune.optimize(model, "tomesd", ratio=RATIO, seed=0, target="onnx",
+                                      output=Path(tmp.name) / "tomesd", example_inputs=inputs)
+        fns["onnx unmodified"] = lambda: plain(**inputs)
+        fns["onnx graphprune tomesd"] = lambda: reduced(**inputs)
+    ratio = flops(fast, inputs) / flops(model, inputs)
+    times = interleaved({k: (lambda f=f: f()) for k, f in fns.items()}, (), rounds=rounds, warmup=1)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    row = {"model": name, "latent": latent, "image": latent * 8, "batch": 2, "ratio": RATIO, "flop_ratio": ratio,
+           "bound": 1 / ratio, "seconds": med,
+           "speedup": {k: med["unmodified"] / v for k, v in med.items() if not k.startswith("onnx")},
+           "threads": torch.get_num_threads(), "rounds": rounds, "commit": commit,
+           "command": "python benchmarks/diffusion.py " + " ".join(sys.argv[1:]),
+           "date": datetime.date.today().isoformat()}
+    if "onnx unmodified" in med:
+        row["speedup"]["onnx graphprune tomesd"] = med["onnx unmodified"] / med["onnx graphprune tomesd"]
+    row["efficiency"] = {k: v / row["bound"] for k, v in row["speedup"].items() if "tomesd" in k}
+    if tmp is not None:
+        tmp.cleanup()
+    return row
+
+
+def report() -> None:
+    rows = [json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))]
+    lines = ["# Diffusion: ToMe for Stable Diffusion per denoising step", "",
+             "Generated by `python benchmarks/diffusion.py --report` from the runs in `docs/diffusion/` (each row "
+             "names its command). Random weights at the real shapes, a guidance batch of 2, ratio 0.5; seconds are "
+             "medians of interleaved rounds; bound = 1 / FLOP ratio (the matching's own FLOPs counted).", "",
+             "| model | image | FLOP ratio | bound | unmodified s | variant | s | speedup | of bound | threads | "
+             "command |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        base = r["seconds"]["unmodified"]
+        for k, v in r["seconds"].items():
+            if k == "unmodified":
+                continue
+            base_k = r["seconds"]["onnx unmodified"] if k.startswith("onnx") else base
+            if k == "onnx unmodified":
+                lines.append(f"| {r['model']} | {r['image']}² | | | {base:.2f} | {k} | {v:.2f} | "
+                             f"{base / v:.2f}× vs eager | | {r['threads']} | `{r['command']}` |")
+                continue
+            speed = base_k / v
+            eff = f"{speed * r['flop_ratio']:.2f}" if "tomesd" in k else ""
+            lines.append(f"| {r['model']} | {r['image']}² | {r['flop_ratio']:.3f} | {r['bound']:.2f}× | "
+                         f"{base_k:.2f} | {k} | {v:.2f} | {speed:.2f}× | {eff} | {r['threads']} | `{r['command']}` |")
+    doc = Path(__file__).parent.parent / "docs" / "diffusion.md"
+    text = doc.read_text() if doc.is_file() else ""
+    marker = "<!-- benchmark table -->"
+    table = "\n".join(lines[4:])
+    if marker in text:
+        head, _, rest = text.partition(marker)
+        tail = rest.partition("<!-- end -->")[2]
+        doc.write_text(f"{head}{marker}\n{table}\n<!-- end -->{tail}")
+    else:
+        doc.write_text("\n".join(lines[:4]) + f"\n\n{marker}\n{table}\n<!-- end -->\n")
+    print(doc.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["sd15"], choices=("sd15", "dit-xl"))
+    parser.add_argument("--latents", type=int, nargs="+", default=[64])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--targets", nargs="+", default=["eager"], choices=("eager", "onnx"))
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--report", action="store_true")
+    args = parser.parse_args()
+    if args.report:
+        return report()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    commit = _commit()
+    OUT.mkdir(parents=True, exist_ok=True)
+    for name in args.models:
+        for latent in args.latents:
+            row = run(name, latent, args.rounds, args.targets, commit)
+            print(json.dumps(row, indent=1), flush=True)
+            (OUT / f"{name}-{latent}.json").write_text(json.dumps(row, indent=2))
+
+
+if __name__ == "__main__":
+    main()
