@@ -68,9 +68,14 @@ class Draws:
                 raise ValueError(f"{len(self.given)} cell tensors given, but the denoiser reduces more block calls")
             cells = self.given[len(self.log)]
         else:
-            cells = draw_cells(grid, self.generator if use_rand and batch % 2 == 0 else None)
+            random = use_rand and batch % 2 == 0 and self.generator is not None
+            cells = _draw(grid, self.generator) if random else draw_cells(grid, None)
         self.log.append((grid, cells))
         return cells.to(device)
+
+
+# The draws run outside a torch.compile'd graph (a generator's state is Python-side); the rest compiles.
+_draw = torch.compiler.disable(draw_cells)
 
 
 @dataclass
@@ -256,6 +261,7 @@ class ReducedDenoiser(torch.nn.Module):
                 raise
             return getattr(self._modules["denoiser"], name)
 
+    @torch.compiler.disable
     def generator(self, device: torch.device) -> torch.Generator:
         """The cells' own generator (the diffusion's noise is not affected): seeded with ``seed``, or, without one, a
         fork of the global RNG at the first call, as the published code does."""
@@ -289,7 +295,7 @@ class ReducedDenoiser(torch.nn.Module):
         """Run the reduced copy; ``draws``: the cells to use (default: this model's generator)."""
         sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
-        draws = draws or Draws(self.generator(sample.device))
+        draws = draws or Draws(self.generator(sample.device) if self.settings.use_rand else None)
         self.run.call = Call(size=latent_size(self.denoiser, sample), ratio=self.ratio_at(timestep), draws=draws)
         try:
             return self.denoiser(*args, **kwargs)
