@@ -230,8 +230,11 @@ def report(args) -> None:
     for path in sorted(OUT.glob("ppl_*.json"), key=lambda p: int(p.stem.split("_")[1])):
         d = json.loads(path.read_text())
         full = next(r for r in d["rows"] if r["recipe"] is None)
+        runs = list(dict.fromkeys((r.get("command", d.get("command")), r.get("commit", d.get("commit")))
+                                  for r in d["rows"]))
+        made = "; ".join(f"`{cmd}` (commit {commit})" for cmd, commit in runs)
         lines += [f"## Perplexity · {d['context']}-token context · {d['samples']} samples", "",
-                  f"`{d['command']}` ({d['date']}, commit {d['commit']}, {d['threads']} threads). Wikipedia text, "
+                  f"{made} ({d['date']}, {d['threads']} threads). Wikipedia text, "
                   "256 tokens teacher-forced one per step after the context.", "",
                   "| recipe | ppl | ratio to full | target | memory |", "|---|---|---|---|---|"]
         for r in d["rows"]:
