@@ -300,3 +300,15 @@ def test_onnx_denoiser_matches_eager_and_draws_alike(unet, tmp_path):
         graphprune.optimize(unet, "tomesd", ratio=[0.5, 0.2], target="onnx", output=tmp_path / "e",
                             example_inputs=inputs)
     assert not (tmp_path / "e").exists()
+
+
+def test_torch_compile_gives_the_same_outputs(unet):
+    """Compiled (the cell draws stay outside the graph) equals eager over two calls; top-left cells compile whole."""
+    inputs = _unet_inputs()
+    for use_rand, fullgraph in ((True, False), (False, True)):
+        eager = graphprune.optimize(unet, "tomesd", ratio=0.5, seed=3, use_rand=use_rand)
+        compiled = torch.compile(graphprune.optimize(unet, "tomesd", ratio=0.5, seed=3, use_rand=use_rand),
+                                 fullgraph=fullgraph, backend="aot_eager")
+        with torch.no_grad():
+            for _ in range(2):
+                assert (compiled(**inputs).sample - eager(**inputs).sample).abs().max() <= 1e-5
