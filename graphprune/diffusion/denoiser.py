@@ -239,27 +239,20 @@ def latent_size(model: torch.nn.Module, sample: torch.Tensor) -> tuple[int, int]
 
 
 
-class ReducedDenoiser(torch.nn.Module):
+class ReducedDenoiser(_Wrapper):
     """The denoiser with ToMe for SD in its transformer blocks: called as the original is called (any signature, the
     original's output type), with the same attributes (``config``, ``dtype``, ...). ``ratio``: the share of each
     reduced block's tokens merged, a number, a list (one per denoising step: the step advances when the timestep
     changes and starts again when it rises) or a function of the timestep."""
 
     def __init__(self, model: torch.nn.Module, settings: Settings, ratio, seed: int | None):
-        super().__init__()
-        self.run = _Run()
-        self.denoiser, self.blocks = rewrite(model, settings, self.run)
+        run = _Run()
+        inner, blocks = rewrite(model, settings, run)
+        super().__init__(inner, run)
+        self.blocks = blocks
         self.settings, self.ratio, self.seed = settings, ratio, seed
         self._generator: torch.Generator | None = None
         self._step, self._last_t = -1, None
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if "denoiser" not in self.__dict__.get("_modules", {}):
-                raise
-            return getattr(self._modules["denoiser"], name)
 
     @torch.compiler.disable
     def generator(self, device: torch.device) -> torch.Generator:
@@ -296,9 +289,9 @@ class ReducedDenoiser(torch.nn.Module):
         sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         draws = draws or Draws(self.generator(sample.device) if self.settings.use_rand else None)
-        self.run.call = Call(size=latent_size(self.denoiser, sample), ratio=self.ratio_at(timestep), draws=draws)
+        self.run.call = Call(size=latent_size(self.inner, sample), ratio=self.ratio_at(timestep), draws=draws)
         try:
-            return self.denoiser(*args, **kwargs)
+            return self.inner(*args, **kwargs)
         finally:
             self.run.call = None
 
