@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from llm import _commit  # noqa: E402  (the commit the run imported, once)
 
 OUT = Path(__file__).parent.parent / "docs" / "quality"
-NEW_TOKENS = 12
+PROMPTS = 2  # the prompt format's version: rows of runs on other prompts are not merged
+NEW_TOKENS = 24  # (12 cut answers such as 'AVA-6608' short)
 SETTINGS = [  # (label, recipe, options): evicting at a quarter of the prompt, quantisers at their published settings
     ("full cache", None, {}),
     ("streaming_llm 0.25", "streaming_llm", {"budget": 0.25}),
@@ -57,9 +58,15 @@ def _example(tokenizer, seed: int, context: int):
     value)."""
     import hard_needle
 
-    e = hard_needle.generate_hard_example(num_needles=6, ctx_tokens=context - 120, tokenizer=tokenizer, seed=seed)
+    # (ctx_tokens only cuts: the characters must reach the length first; the document is the prompt without its
+    # question, which quality.py asks after it: the generator's ``text`` ends with the answer itself)
+    e = hard_needle.generate_hard_example(num_needles=6, ctx_chars=8 * context, ctx_tokens=context - 120,
+                                          tokenizer=tokenizer, seed=seed)
     question = f"Question: {e['question']}\nAnswer:"
-    return e["text"], question, e["target_value"]
+    tail = f"\n\n{question}"
+    if not e["prompt"].endswith(tail):
+        raise SystemExit("hard_needle's prompt no longer ends with its question: check _example")
+    return e["prompt"][: -len(tail)], question, e["target_value"]
 
 
 def _answers(answer: str, value: str) -> bool:
@@ -148,7 +155,7 @@ def _save(kind: str, context: int, samples: int, rows: list[dict]) -> None:
     path = OUT / f"{kind}_{context}.json"
     old = json.loads(path.read_text()) if path.is_file() else None
     notes = []
-    if old is not None and old["samples"] == samples:
+    if old is not None and old["samples"] == samples and (kind != "needle" or old.get("prompts") == PROMPTS):
         mine = {r["label"] for r in rows}
         kept = [{"commit": old.get("commit"), "command": old.get("command"), **r} for r in old["rows"]
                 if r["label"] not in mine]
@@ -157,7 +164,8 @@ def _save(kind: str, context: int, samples: int, rows: list[dict]) -> None:
     order = [s[0] for s in SETTINGS]
     rows = sorted(rows, key=lambda r: order.index(r["label"]) if r["label"] in order else len(order))
     payload = {"date": datetime.date.today().isoformat(), "threads": torch.get_num_threads(), "context": context,
-               "samples": samples, "model": "Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF, float32)", "rows": rows}
+               "samples": samples, "model": "Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF, float32)", "rows": rows,
+               **({"prompts": PROMPTS} if kind == "needle" else {})}
     if notes:
         payload["note"] = notes[0]
     path.write_text(json.dumps(payload, indent=2))
