@@ -68,18 +68,10 @@ def official(model, name: str):
     return twin
 
 
-def flops(model, inputs: dict) -> int:
-    from graphprune.report import flop_counter
-
-    counter = flop_counter()
-    with counter, torch.no_grad():
-        model(**inputs)
-    return int(counter.get_total_flops())
-
-
 def run(name: str, latent: int, rounds: int, targets: list[str], commit: str) -> dict:
     import graphprune
     from graphprune.bench import interleaved
+    from graphprune.report import count_flops
 
     model, inputs = build(name, latent)
     fast = graphprune.optimize(model, "tomesd", ratio=RATIO, seed=0)
@@ -98,8 +90,8 @@ def run(name: str, latent: int, rounds: int, targets: list[str], commit: str) ->
                                       output=Path(tmp.name) / "tomesd", example_inputs=inputs)
         fns["onnx unmodified"] = lambda: plain(**inputs)
         fns["onnx graphprune tomesd"] = lambda: reduced(**inputs)
-    ratio = flops(fast, inputs) / flops(model, inputs)
-    times = interleaved({k: (lambda f=f: f()) for k, f in fns.items()}, (), rounds=rounds, warmup=1)
+    ratio = count_flops(lambda: fast(**inputs), ()) / count_flops(lambda: model(**inputs), ())
+    times = interleaved(fns, (), rounds=rounds, warmup=1)
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     row = {"model": name, "latent": latent, "image": latent * 8, "batch": 2, "ratio": RATIO, "flop_ratio": ratio,
            "bound": 1 / ratio, "seconds": med,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -28,7 +27,7 @@ REFUSED = {
 
 
 def denoiser_of(model) -> tuple[str | None, torch.nn.Module]:
-    """(attribute name in the pipeline or None, denoiser) of a diffusers pipeline or denoiser; refuse others."""
+    """(attribute name in the pipeline, denoiser) of a diffusers pipeline; (None, model) for anything else."""
     for name in ("unet", "transformer"):
         inner = getattr(model, name, None)
         if isinstance(inner, torch.nn.Module) and hasattr(model, "components"):
@@ -142,9 +141,11 @@ class MatchedBlock(_Wrapper):
 
     def forward(self, *args, **kwargs):
         call, s = self.run.call, self.settings
+        if call is None:
+            return self.inner(*args, **kwargs)
         x = _hidden(args, kwargs)
         merge = None
-        if call is not None and call.ratio > 0 and x.dim() == 3:
+        if call.ratio > 0 and x.dim() == 3:
             rows, cols = call.size
             n = x.shape[1]
             down = math.ceil(math.sqrt(rows * cols // n))
@@ -155,8 +156,6 @@ class MatchedBlock(_Wrapper):
                                                        f"latent implies; token merging needs the image tokens alone")
                 cells = call.draws.next(grid, x.shape[0], s.use_rand, x.device)
                 merge = Merge(x, grid, cells, int(n * call.ratio))
-        if call is None:
-            return self.inner(*args, **kwargs)
         call.merges.append(merge)
         try:
             return self.inner(*args, **kwargs)
@@ -218,7 +217,7 @@ def rewrite(model: torch.nn.Module, settings: Settings, run: _Run) -> tuple[torc
     names = []
     for name, block in list(root.named_modules()):
         ops = _ops(block)
-        if ops is None or isinstance(block, (MatchedBlock, ReducedOp)):
+        if ops is None:
             continue
         for child, kind in ops.items():
             if kind in settings.ops:
@@ -236,7 +235,6 @@ def latent_size(model: torch.nn.Module, sample: torch.Tensor) -> tuple[int, int]
     h, w = sample.shape[-2:]
     p = getattr(getattr(model, "config", None), "patch_size", None) or 1
     return math.ceil(h / p), math.ceil(w / p)
-
 
 
 class ReducedDenoiser(_Wrapper):

@@ -42,7 +42,7 @@ def split_indices(grid: Grid, cells: torch.Tensor) -> tuple[torch.Tensor, torch.
     """Token indices of the sources (raster order) and of the destinations (cell order) for the cell choice."""
     rows, cols = grid.cells
     device = cells.device
-    cells = cells.to(device=device, dtype=torch.long)
+    cells = cells.long()
     r = torch.arange(rows, device=device).unsqueeze(1) * grid.sy + torch.div(cells, grid.sx, rounding_mode="floor")
     c = torch.arange(cols, device=device).unsqueeze(0) * grid.sx + cells % grid.sx
     dst = (r * grid.w + c).reshape(-1)

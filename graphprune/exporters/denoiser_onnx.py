@@ -58,8 +58,9 @@ def export_denoiser_onnx(reduced: ReducedDenoiser, example_inputs: dict, output)
     if callable(reduced.ratio) or isinstance(reduced.ratio, (list, tuple)):
         raise GraphPruneError("an exported denoiser merges one ratio: export with ratio=<number> (one graph per ratio "
                               "for a schedule)")
-    if "timestep" not in example_inputs:
-        raise GraphPruneError("example_inputs needs 'timestep' (the parity check runs two timesteps)")
+    if not isinstance(example_inputs.get("timestep"), torch.Tensor):
+        raise GraphPruneError("example_inputs needs 'timestep' as a tensor (an input of the graph; the parity check "
+                              "runs two timesteps)")
     names = [k for k, v in example_inputs.items() if isinstance(v, torch.Tensor)]
     fixed = {k: v for k, v in example_inputs.items() if k not in names}
     tensors = [example_inputs[k] for k in names]
@@ -89,7 +90,7 @@ def export_denoiser_onnx(reduced: ReducedDenoiser, example_inputs: dict, output)
         session = _session(staged)
         t = example_inputs["timestep"]
         diffs = []
-        for when in (t, t * 0 + (float(t.reshape(-1)[0]) / 2 if isinstance(t, torch.Tensor) else t / 2)):
+        for when in (t, torch.div(t, 2, rounding_mode="floor")):  # (the timestep's dtype kept)
             inputs = [when if k == "timestep" else v for k, v in zip(names, tensors)]
             with torch.no_grad():
                 expected = step(inputs, cells)
