@@ -296,6 +296,9 @@ def test_onnx_denoiser_matches_eager_and_draws_alike(unet, tmp_path):
         assert (onnx(**one) - eager(**one).sample).abs().max() <= 1e-4
     with pytest.raises(GraphPruneError, match="example_inputs"):
         graphprune.optimize(unet, "tomesd", target="onnx", output=tmp_path / "e")
+    with pytest.raises(GraphPruneError, match="timestep"):  # a Python number would be baked into the graph
+        graphprune.optimize(unet, "tomesd", target="onnx", output=tmp_path / "e",
+                            example_inputs={**inputs, "timestep": 700})
     with pytest.raises(GraphPruneError, match="one ratio"):
         graphprune.optimize(unet, "tomesd", ratio=[0.5, 0.2], target="onnx", output=tmp_path / "e",
                             example_inputs=inputs)
