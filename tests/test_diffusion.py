@@ -278,6 +278,14 @@ def test_refusals(unet):
         graphprune.optimize(unet, "tomesd", ratio=[0.5, 1.2])
     with pytest.raises(UnsupportedArchitectureError, match="not a denoiser"):
         graphprune.optimize(torch.nn.Linear(3, 3), "tomesd")
+    plain = diffusers.UNet2DConditionModel(  # no attention anywhere: no block to reduce
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        mid_block_type=None, cross_attention_dim=8, norm_num_groups=4)
+    with pytest.raises(UnsupportedArchitectureError, match="no transformer blocks"):
+        graphprune.optimize(plain, "tomesd")
+    with pytest.raises(ScheduleError, match="all off"):
+        graphprune.optimize(unet, "tomesd", merge_attn=False)
 
 
 def test_onnx_denoiser_matches_eager_and_draws_alike(unet, tmp_path):

@@ -246,6 +246,10 @@ class ReducedDenoiser(_Wrapper):
     def __init__(self, model: torch.nn.Module, settings: Settings, ratio, seed: int | None):
         run = _Run()
         inner, blocks = rewrite(model, settings, run)
+        if not blocks:
+            raise UnsupportedArchitectureError(
+                f"this {type(model).__name__} has no transformer blocks (self-attention with an MLP after it) where "
+                f"ToMe for SD merges tokens: nothing to reduce; use the model as it is")
         super().__init__(inner, run)
         self.blocks = blocks
         self.settings, self.ratio, self.seed = settings, ratio, seed

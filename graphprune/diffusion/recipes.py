@@ -47,6 +47,9 @@ class ToMeSD(Recipe):
                                     f"cells; got {v!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ScheduleError(f"seed is an int or None, got {self.seed!r}")
+        if not self.ops():
+            raise ScheduleError("merge_attn, merge_crossattn and merge_mlp are all off: nothing would be merged; turn "
+                                "on at least one (the published default: merge_attn=True)")
 
     def ops(self) -> frozenset[str]:
         return frozenset(k for k, on in (("attn", self.merge_attn), ("crossattn", self.merge_crossattn),
