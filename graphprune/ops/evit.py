@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from graphprune.ops.maps import identity_maps
+from graphprune.ops.maps import identity_maps, take_rows
 
 
 def evit_keep_count(n: int, keep: float, protected: int) -> int:
@@ -41,7 +41,7 @@ def evit_select(x: torch.Tensor, score: torch.Tensor, keep: float, protected: in
         return x.clone(), *identity_maps(x)
     rest, s = x[:, protected:], score[:, protected:]
     idx = s.argsort(dim=1, descending=True, stable=True)[:, :k]  # topk; ties keep the lower index (as ONNX TopK)
-    kept = rest.gather(1, idx.unsqueeze(-1).expand(-1, -1, c))
+    kept = take_rows(rest, idx)
     dropped = torch.ones_like(s).scatter_(1, idx, 0.0)
     fused = (rest * (s * dropped).unsqueeze(-1)).sum(dim=1, keepdim=True)
     out = torch.cat([x[:, :protected], kept, fused], dim=1)

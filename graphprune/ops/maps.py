@@ -16,6 +16,24 @@ def identity_maps(x: torch.Tensor):
     return idx, idx.clone()
 
 
+def _rows(idx: torch.Tensor, length: int) -> torch.Tensor:
+    """Row numbers, in a (B·length, C) view, of the token positions ``idx`` (B, k) in sequences of ``length``."""
+    return (idx + torch.arange(idx.shape[0], device=idx.device)[:, None] * length).reshape(-1)
+
+
+def take_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``t[b, idx[b, j]]``: the tokens of ``t`` (B, N, C) at ``idx`` (B, k), copied as rows (one index per token, not
+    an element-wise gather over an index expanded across the channels: several times faster on a CPU)."""
+    b, n, c = t.shape
+    return t.reshape(b * n, c).index_select(0, _rows(idx, n)).view(b, -1, c)
+
+
+def add_rows(base: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``base`` (B, n, C) with ``rows`` (B, k, C) added at the tokens ``idx`` (B, k) (repeats add up, in order)."""
+    b, n, c = base.shape
+    return base.reshape(b * n, c).index_add(0, _rows(idx, n), rows.reshape(-1, c)).view(b, n, c)
+
+
 # The helpers below are plain tensor code that FX tracing can record (no Python ints read from shapes).
 
 

@@ -22,7 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from graphprune.ops.maps import identity_maps
+from graphprune.ops.maps import add_rows, identity_maps, take_rows
 
 
 def pitome_r(n: int, r: int, protected: int, all_pairs: bool) -> int:
@@ -30,8 +30,6 @@ def pitome_r(n: int, r: int, protected: int, all_pairs: bool) -> int:
     return max(0, min(r, t // 2))
 
 
-def _take(t, idx):
-    return t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
 
 
 def plan(metric, r: int, protected: int, margin: float, all_pairs: bool, valid=None):
@@ -47,7 +45,7 @@ def plan(metric, r: int, protected: int, margin: float, all_pairs: bool, valid=N
     order = e.argsort(dim=1, descending=True, stable=True)
     pool = order if all_pairs else order[:, : 2 * r]
     a, b = pool[:, 0::2], pool[:, 1::2]
-    scores = _take(m, a) @ _take(m, b).transpose(1, 2)
+    scores = take_rows(m, a) @ take_rows(m, b).transpose(1, 2)
     if valid is not None:
         va, vb = v.gather(1, a)[:, :, None], v.gather(1, b)[:, None, :]
         scores = scores.masked_fill(va != vb, -math.inf).masked_fill(~va & ~vb, math.inf)
@@ -75,8 +73,8 @@ def pitome_merge(
     rep = torch.cat([head, kept_a, b], dim=1)
     slot = host + protected + kept_a.shape[1]  # output slot of each merged token's host
     xs = x * size
-    total = _take(xs, rep).scatter_add(1, slot[..., None].expand(-1, -1, c), _take(xs, src))
-    new_size = _take(size, rep).scatter_add(1, slot[..., None], _take(size, src))
+    total = add_rows(take_rows(xs, rep), slot, take_rows(xs, src))
+    new_size = add_rows(take_rows(size, rep), slot, take_rows(size, src))
     assign = torch.zeros(bsz, n, dtype=torch.long, device=x.device)
     assign = assign.scatter(1, rep, torch.arange(rep.shape[1], device=x.device).expand(bsz, -1)).scatter(1, src, slot)
     return total / new_size, new_size, assign, rep

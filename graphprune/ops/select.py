@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from graphprune.ops.maps import identity_maps
+from graphprune.ops.maps import add_rows, identity_maps, take_rows
 
 
 def rank(score: torch.Tensor, protected: int) -> torch.Tensor:
@@ -42,8 +42,6 @@ def _head(x: torch.Tensor, protected: int) -> torch.Tensor:
     return torch.arange(protected, device=x.device).expand(x.shape[0], protected)
 
 
-def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    return t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
 
 
 @torch.library.custom_op("graphprune::prune", mutates_args=())
@@ -55,7 +53,7 @@ def prune(x: torch.Tensor, score: torch.Tensor, keep: int, protected: int) -> tu
     rep = torch.cat([_head(x, protected), kept], dim=1)
     assign = torch.full((b, n), -1, dtype=torch.long, device=x.device)
     assign = assign.scatter(1, rep, torch.arange(protected + keep, device=x.device).expand(b, -1))
-    return _take(x, rep), assign, rep
+    return take_rows(x, rep), assign, rep
 
 
 @prune.register_fake
@@ -69,7 +67,7 @@ def nearest(metric: torch.Tensor, rep: torch.Tensor, rest: torch.Tensor, valid: 
     """For each token in ``rest``, (its best cosine similarity, the index among the non-protected kept tokens)."""
     m = metric / metric.norm(dim=-1, keepdim=True).clamp(min=1e-6)
     kept = rep[:, protected:]
-    sim = _take(m, rest) @ _take(m, kept).transpose(1, 2)  # (B, n_rest, n_kept)
+    sim = take_rows(m, rest) @ take_rows(m, kept).transpose(1, 2)  # (B, n_rest, n_kept)
     if valid is not None:
         both = valid.gather(1, rest)[:, :, None] & valid.gather(1, kept)[:, None, :]
         sim = sim.masked_fill(~both, -math.inf)
@@ -95,18 +93,18 @@ def merge_nearest(
     host = host[..., None] + protected  # output slot of the host, (B, n_rest, 1)
     ok = sim.isfinite()[..., None].to(x.dtype)  # padding (no host): dropped
     sim = sim.nan_to_num(0.0, posinf=0.0, neginf=0.0)[..., None]
-    guest_size = _take(size, rest) * ok
-    into = lambda base, t: base.scatter_add(1, host.expand(-1, -1, t.shape[-1]), t)  # noqa: E731
+    guest_size = take_rows(size, rest) * ok
+    into = lambda base, t: add_rows(base, host[..., 0], t)  # noqa: E731
     if mode == "size":
-        new_size = into(_take(size, rep), guest_size)
-        out = into(_take(x * size, rep), ok * _take(x * size, rest)) / new_size
+        new_size = into(take_rows(size, rep), guest_size)
+        out = into(take_rows(x * size, rep), ok * take_rows(x * size, rest)) / new_size
     elif mode == "squeeze":
         w = sim.exp() * ok
-        out = into(math.e * _take(x, rep), w * _take(x, rest)) / into(torch.full_like(size[:, : rep.shape[1]], math.e), w)
-        new_size = into(_take(size, rep), guest_size)
+        out = into(math.e * take_rows(x, rep), w * take_rows(x, rest)) / into(torch.full_like(size[:, : rep.shape[1]], math.e), w)
+        new_size = into(take_rows(size, rep), guest_size)
     elif mode == "mean":
-        out = into(_take(x, rep), ok * _take(x, rest)) / into(torch.ones_like(size[:, : rep.shape[1]]), ok)
-        new_size = into(_take(size, rep), sim * guest_size)
+        out = into(take_rows(x, rep), ok * take_rows(x, rest)) / into(torch.ones_like(size[:, : rep.shape[1]]), ok)
+        new_size = into(take_rows(size, rep), sim * guest_size)
     else:
         raise ValueError(f"merge_nearest mode must be one of {MODES}, got {mode!r}")
     assign = torch.zeros(b, n, dtype=torch.long, device=x.device)

@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from graphprune.ops.maps import identity_maps
+from graphprune.ops.maps import add_rows, identity_maps, take_rows
 
 
 def tome_effective_r(n: int, r: int, protected: int) -> int:
@@ -70,17 +70,6 @@ def match(metric: torch.Tensor, r: int, protected: int, valid: torch.Tensor | No
     return unm_idx, src_idx, dst_idx
 
 
-def merge_sum(x: torch.Tensor, unm_idx, src_idx, dst_idx, protected: int) -> torch.Tensor:
-    """Sum every merged A token into its B destination (repeated destinations add up)."""
-    src, dst = x[..., ::2, :], x[..., 1::2, :]
-    n, t1, c = src.shape
-    r = src_idx.shape[1]
-    unm = src.gather(dim=-2, index=unm_idx.expand(n, t1 - r, c))
-    src = src.gather(dim=-2, index=src_idx.expand(n, r, c))
-    dst = dst.scatter_reduce(-2, dst_idx.expand(n, r, c), src, reduce="sum")
-    return _interleave_prefix(unm, dst, protected)
-
-
 def token_maps(n: int, unm_idx, src_idx, dst_idx, protected: int):
     """Where the tokens went: ``assign`` (B, n) output index of every input token, ``rep`` (B, n_out) one input per output."""
     bsz = unm_idx.shape[0]
@@ -103,10 +92,13 @@ def tome_merge(
     if r == 0:
         return x.clone(), size.clone(), *identity_maps(x)
     with torch.no_grad():
-        idx = match(metric, r, protected, valid, penalty)
-    merged = merge_sum(x * size, *idx, protected)
-    new_size = merge_sum(size, *idx, protected)
-    return merged / new_size, new_size, *token_maps(x.shape[1], *idx, protected)
+        unm_idx, src_idx, dst_idx = match(metric, r, protected, valid, penalty)
+    assign, rep = token_maps(x.shape[1], unm_idx, src_idx, dst_idx, protected)
+    src_pos = src_idx[..., 0] * 2  # A tokens sit at the even positions
+    target = assign.gather(1, src_pos)  # where each merged token went: its destination's output
+    merged = add_rows(take_rows(x * size, rep), target, take_rows(x * size, src_pos))
+    new_size = add_rows(take_rows(size, rep), target, take_rows(size, src_pos))
+    return merged / new_size, new_size, assign, rep
 
 
 @tome_merge.register_fake
