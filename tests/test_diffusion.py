@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -311,6 +312,48 @@ def test_onnx_denoiser_matches_eager_and_draws_alike(unet, tmp_path):
         graphprune.optimize(unet, "tomesd", ratio=[0.5, 0.2], target="onnx", output=tmp_path / "e",
                             example_inputs=inputs)
     assert not (tmp_path / "e").exists()
+
+
+def test_denoiser_deployment_targets(unet, tmp_path):
+    """openvino: the IR from the checked ONNX denoiser, within 1e-4 of eager; trt: the engine's build files (the cells
+    at their one shape, the batch dynamic), no engine claimed; triton: a repository entry whose config Triton's own
+    schema parses and whose inputs are the ONNX graph's (no server-side batching: one cell draw per call)."""
+    from google.protobuf import text_format
+
+    model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
+    pytest.importorskip("openvino")
+    inputs = _unet_inputs()
+    eager = graphprune.optimize(unet, "tomesd", ratio=0.5, seed=3)
+    ov = graphprune.optimize(unet, "tomesd", ratio=0.5, seed=3, target="openvino", output=tmp_path / "ov",
+                             example_inputs=inputs)
+    assert {"denoiser.xml", "denoiser.bin", "denoiser.onnx"} <= {p.name for p in (tmp_path / "ov").iterdir()}
+    with torch.no_grad():
+        for t in (700.0, 300.0):
+            step = _unet_inputs(t=t)
+            assert (ov(**step) - eager(**step).sample).abs().max() <= 1e-4
+
+    trt = graphprune.optimize(unet, "tomesd", ratio=0.5, target="trt", output=tmp_path / "trt", example_inputs=inputs)
+    profile = json.loads((tmp_path / "trt" / "profile.json").read_text())
+    assert profile["sample"]["min"][0] == 1 and profile["sample"]["max"][0] >= 2
+    cells = {k: v for k, v in profile.items() if k.startswith("cells_")}
+    assert cells and all(v["min"] == v["max"] == [8, 8] for v in cells.values())  # 16×16 latent, 2×2 cells
+    assert "--onnx=denoiser.onnx" in (tmp_path / "trt" / "build_engine.sh").read_text()
+    assert trt.build.engine is None and "not built" in trt.build.note or "not installed" in trt.build.note
+
+    graphprune.optimize(unet, "tomesd", ratio=0.5, target="triton", output=tmp_path / "repo" / "unet",
+                        example_inputs=inputs)
+    cfg = text_format.Parse((tmp_path / "repo" / "unet" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert cfg.platform == "onnxruntime_onnx" and cfg.max_batch_size == 0 and not cfg.HasField("dynamic_batching")
+    assert cfg.default_model_filename == "denoiser.onnx"
+    assert (tmp_path / "repo" / "unet" / "1" / "denoiser.onnx").is_file()
+    import onnx
+
+    graph = onnx.load(str(tmp_path / "repo" / "unet" / "1" / "denoiser.onnx"), load_external_data=False).graph
+    assert [i.name for i in cfg.input] == [i.name for i in graph.input]
+    assert [i.name for i in cfg.input][:3] == ["sample", "timestep", "encoder_hidden_states"]
+    assert list(cfg.input[0].dims) == [-1, 4, 16, 16] and list(cfg.input[3].dims) == [8, 8]
+    with pytest.raises(GraphPruneError, match="needs output"):
+        graphprune.optimize(unet, "tomesd", target="openvino", example_inputs=inputs)
 
 
 def test_torch_compile_gives_the_same_outputs(unet):

@@ -21,8 +21,11 @@ from torch.export import Dim
 from graphprune.diffusion.denoiser import Draws, ReducedDenoiser
 from graphprune.diffusion.merge import Grid, draw_cells
 from graphprune.errors import ExportError, GraphPruneError, first_line
+from graphprune.exporters import triton
 from graphprune.exporters.files import publish, staging_dir
 from graphprune.exporters.onnx import OPSET, TOLERANCE, _quiet_loggers, _session
+from graphprune.exporters.openvino import OpenVinoModel, export_openvino
+from graphprune.exporters.trt import write_trt_build
 from graphprune.report import max_abs_diff
 
 META = "denoiser.json"
@@ -107,21 +110,21 @@ def export_denoiser_onnx(reduced: ReducedDenoiser, example_inputs: dict, output)
     return OnnxDenoiser(output)
 
 
-class OnnxDenoiser:
-    """An exported denoiser in ONNX Runtime: called with the same keyword tensors; draws the cells as the eager
-    reduced denoiser does (``seed``: as its recipe's). Returns the predicted noise (the output's ``sample``)."""
+class _Runner:
+    """A denoiser exported to ``folder``: called with the same keyword tensors, draws the cells as the eager reduced
+    denoiser does (``seed``: as its recipe's; top-left cells for an odd batch). Returns the predicted noise (the
+    output's ``sample``)."""
 
-    def __init__(self, folder, threads: int | None = None):
+    def __init__(self, folder):
         self.folder = Path(folder)
         self.meta = json.loads((self.folder / META).read_text())
-        self.session = _session(self.folder / "denoiser.onnx", threads)
         self.grids = [Grid(*g) for g in self.meta["cells"]]
         self.generator = torch.Generator()
         if self.meta["seed"] is not None:
             self.generator.manual_seed(self.meta["seed"])
         self.max_abs_diff = self.meta["max_abs_diff"]
 
-    def __call__(self, **inputs) -> torch.Tensor:
+    def feeds(self, inputs: dict) -> dict:
         missing = [k for k in self.meta["inputs"] if k not in inputs]
         if missing:
             raise GraphPruneError(f"missing input(s) {', '.join(missing)}; the graph takes {', '.join(self.meta['inputs'])}")
@@ -130,4 +133,67 @@ class OnnxDenoiser:
         cells = [draw_cells(g, gen) for g in self.grids]
         feeds = {k: torch.as_tensor(inputs[k]).cpu().numpy() for k in self.meta["inputs"]}
         feeds.update({f"cells_{i}": c.numpy() for i, c in enumerate(cells)})
-        return torch.from_numpy(np.asarray(self.session.run(None, feeds)[0]))
+        return feeds
+
+    def __call__(self, **inputs) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.run(self.feeds(inputs))))
+
+
+class OnnxDenoiser(_Runner):
+    """The exported denoiser in ONNX Runtime (``denoiser.onnx``)."""
+
+    def __init__(self, folder, threads: int | None = None):
+        super().__init__(folder)
+        self.session = _session(self.folder / "denoiser.onnx", threads)
+
+    def run(self, feeds: dict) -> np.ndarray:
+        return self.session.run(None, feeds)[0]
+
+
+class OpenVinoDenoiser(_Runner):
+    """The exported denoiser as an OpenVINO IR compiled for the CPU (``denoiser.xml`` + ``.bin``)."""
+
+    def __init__(self, folder):
+        super().__init__(folder)
+        self.model = OpenVinoModel(self.folder / "denoiser.xml")
+
+    def run(self, feeds: dict) -> np.ndarray:
+        return self.model.compiled([feeds[i.get_any_name()] for i in self.model.compiled.inputs])[0]
+
+
+def deploy_denoiser(reduced: ReducedDenoiser, example_inputs: dict, output, target: str):
+    """``target="openvino"``: the checked ONNX denoiser converted to an OpenVINO IR, compiled and checked (≤ 1e-4) before
+    it is written; ``"trt"``: the checked ONNX denoiser plus its TensorRT engine build (built only where TensorRT
+    imports); ``"triton"``, ``output="repo/NAME"``: a Triton model repository entry (no server-side batching: the
+    cells are one draw per call). Returns the runner (ONNX Runtime for trt and triton)."""
+    if target == "triton":
+        onnx_path, model_dir = triton.model_folder(output)
+        folder = onnx_path.parent
+    else:
+        folder = Path(output)
+    onnx_runner = export_denoiser_onnx(reduced, example_inputs, folder)
+    written = [folder / name for name in ("denoiser.onnx", "denoiser.onnx.data", META)]
+    try:
+        if target == "openvino":
+            names = onnx_runner.meta["inputs"]
+            tensors = [example_inputs[k] for k in names]
+            cells = [draw_cells(g, torch.Generator().manual_seed(0)) for g in onnx_runner.grids]
+            fixed = {k: v for k, v in example_inputs.items() if k not in names}
+            with torch.no_grad():
+                expected = _Step(reduced, names, fixed).eval()(tensors, cells)
+            export_openvino(folder / "denoiser.onnx", expected, (*tensors, *cells))
+            return OpenVinoDenoiser(folder)
+        if target == "trt":
+            shapes = {i.name: tuple(t.shape) for i, t in zip(onnx_runner.session.get_inputs(),
+                                                              [example_inputs[k] for k in onnx_runner.meta["inputs"]])}
+            cells = {f"cells_{i}": g.cells for i, g in enumerate(onnx_runner.grids)}
+            onnx_runner.build = write_trt_build(folder / "denoiser.onnx", {**shapes, **cells}, fixed=set(cells))
+            return onnx_runner
+        if target == "triton":
+            triton.write_config(onnx_runner, model_dir, max_batch_size=0, filename="denoiser.onnx")
+            return onnx_runner
+    except Exception:
+        for path in written:
+            path.unlink(missing_ok=True)  # (nothing half-written stays behind)
+        raise
+    raise GraphPruneError(f"unknown deployment target {target!r}")

@@ -39,9 +39,11 @@ class TrtBuild:
     note: str
 
 
-def profile_for(inputs: dict[str, tuple], max_batch: int = MAX_BATCH) -> dict:
-    """One optimisation profile: every input's shape at batch 1, at the example's batch, and at ``max_batch``."""
-    return {name: {"min": [1, *shape[1:]], "opt": list(shape), "max": [max(max_batch, shape[0]), *shape[1:]]}
+def profile_for(inputs: dict[str, tuple], max_batch: int = MAX_BATCH, fixed: frozenset = frozenset()) -> dict:
+    """One optimisation profile: every input's shape at batch 1, at the example's batch, and at ``max_batch``; the
+    inputs named in ``fixed`` (no batch axis) at their one shape."""
+    return {name: {"min": list(shape), "opt": list(shape), "max": list(shape)} if name in fixed else
+            {"min": [1, *shape[1:]], "opt": list(shape), "max": [max(max_batch, shape[0]), *shape[1:]]}
             for name, shape in inputs.items()}
 
 
@@ -53,10 +55,12 @@ def trtexec_command(onnx: Path, profile: dict, engine: Path) -> str:
                        f"--optShapes={shapes('opt')}", f"--maxShapes={shapes('max')}"])
 
 
-def write_trt_build(onnx: Path, inputs: dict[str, tuple], max_batch: int = MAX_BATCH) -> TrtBuild:
-    """Write the build files beside ``onnx`` (an exported, checked model); build the engine if TensorRT imports."""
+def write_trt_build(onnx: Path, inputs: dict[str, tuple], max_batch: int = MAX_BATCH,
+                    fixed: frozenset = frozenset()) -> TrtBuild:
+    """Write the build files beside ``onnx`` (an exported, checked model); build the engine if TensorRT imports.
+    ``fixed``: inputs without a batch axis."""
     folder, engine = onnx.parent, onnx.with_suffix(".plan")
-    profile = profile_for(inputs, max_batch)
+    profile = profile_for(inputs, max_batch, frozenset(fixed))
     profile_path = write_text(folder / "profile.json", json.dumps(profile, indent=2))
     script = write_text(folder / "build_engine.py", Path(trt_build.__file__).read_text(encoding="utf-8"))
     shell = write_text(folder / "build_engine.sh", "#!/bin/sh\n# Build the TensorRT engine from the checked ONNX model "

@@ -50,9 +50,11 @@ def build_engine(onnx: Path, profile: dict, engine: Path, fp16: bool = False) ->
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Build a TensorRT engine from the checked ONNX model.")
-    p.add_argument("--onnx", type=Path, default=HERE / "model.onnx")
+    models = sorted(HERE.glob("*.onnx"))  # model.onnx, or denoiser.onnx for a diffusion denoiser
+    onnx = models[0] if len(models) == 1 else HERE / "model.onnx"
+    p.add_argument("--onnx", type=Path, default=onnx)
     p.add_argument("--profile", type=Path, default=HERE / "profile.json")
-    p.add_argument("--engine", type=Path, default=HERE / "model.plan")
+    p.add_argument("--engine", type=Path, default=onnx.with_suffix(".plan"))
     p.add_argument("--fp16", action="store_true", help="allow fp16 kernels (check the outputs against model.onnx)")
     args = p.parse_args(argv)
     try:
