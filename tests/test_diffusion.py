@@ -338,7 +338,7 @@ def test_denoiser_deployment_targets(unet, tmp_path):
     cells = {k: v for k, v in profile.items() if k.startswith("cells_")}
     assert cells and all(v["min"] == v["max"] == [8, 8] for v in cells.values())  # 16×16 latent, 2×2 cells
     assert "--onnx=denoiser.onnx" in (tmp_path / "trt" / "build_engine.sh").read_text()
-    assert trt.build.engine is None and "not built" in trt.build.note or "not installed" in trt.build.note
+    assert trt.build.engine is None and "no engine was built" in trt.build.note
 
     graphprune.optimize(unet, "tomesd", ratio=0.5, target="triton", output=tmp_path / "repo" / "unet",
                         example_inputs=inputs)

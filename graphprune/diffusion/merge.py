@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from graphprune.ops.maps import add_rows, take_rows
+
 
 @dataclass(frozen=True)
 class Grid:
@@ -67,26 +69,22 @@ class Merge:
         self.unmerged = order[:, self.r:]  # sources kept as they are (positions among the sources)
         self.merged = order[:, :self.r]  # sources averaged into their most similar destination
         self.into = choice.gather(1, self.merged)  # that destination (position among the destinations)
+        self.kept_at, self.moved_at = self.src[self.unmerged], self.src[self.merged]  # (B, ·) token positions
 
     def merge(self, x: torch.Tensor) -> torch.Tensor:
-        """Unmerged sources, then destinations, each the mean of itself and the sources merged into it."""
-        c = x.shape[-1]
-        src, dst = x[:, self.src], x[:, self.dst]
-        keep = src.gather(1, self.unmerged.unsqueeze(-1).expand(-1, -1, c))
-        moved = src.gather(1, self.merged.unsqueeze(-1).expand(-1, -1, c))
-        into = self.into.unsqueeze(-1)
-        total = dst.scatter_add(1, into.expand(-1, -1, c), moved)
-        count = torch.ones_like(dst[..., :1]).scatter_add(1, into, torch.ones_like(moved[..., :1]))
-        return torch.cat([keep, total / count], dim=1)
+        """Unmerged sources, then destinations, each the mean of itself and the sources merged into it (whole token
+        rows copied and added: see ``graphprune.ops.maps.take_rows``)."""
+        dst = x[:, self.dst]
+        total = add_rows(dst, self.into, take_rows(x, self.moved_at))
+        count = add_rows(torch.ones_like(dst[..., :1]), self.into, torch.ones_like(self.into[..., None], dtype=x.dtype))
+        return torch.cat([take_rows(x, self.kept_at), total / count], dim=1)
 
     def unmerge(self, y: torch.Tensor) -> torch.Tensor:
         """Back to N tokens in their places: each merged source takes its destination's value."""
         b, _, c = y.shape
         u = self.unmerged.shape[1]
-        keep, dst = y[:, :u], y[:, u:]
-        moved = dst.gather(1, self.into.unsqueeze(-1).expand(-1, -1, c))
-        src_pos = self.src.unsqueeze(0).expand(b, -1)
-        index = torch.cat([src_pos.gather(1, self.unmerged), src_pos.gather(1, self.merged),
-                           self.dst.unsqueeze(0).expand(b, -1)], dim=1)
-        out = y.new_empty(b, self.n, c)
-        return out.scatter(1, index.unsqueeze(-1).expand(-1, -1, c), torch.cat([keep, moved, dst], dim=1))
+        dst = y[:, u:]
+        rows = torch.cat([y[:, :u], take_rows(dst, self.into), dst], dim=1)
+        index = torch.cat([self.kept_at, self.moved_at, self.dst.unsqueeze(0).expand(b, -1)], dim=1)
+        flat = (index + torch.arange(b, device=y.device)[:, None] * self.n).reshape(-1)
+        return y.new_empty(b * self.n, c).index_copy_(0, flat, rows.reshape(-1, c)).view(b, self.n, c)
