@@ -118,7 +118,8 @@ def reference_matching(x, w, h, sx, sy, r, cells):
         out.scatter_(1, src_idx_all.expand(b, -1, 1).gather(1, src).expand(-1, -1, c), moved)
         return out
 
-    return merge, unmerge
+    positions = torch.cat([src_idx_all.expand(b, -1, 1).gather(1, unm)[..., 0], dst_idx_all[..., 0].expand(b, -1)], 1)
+    return merge, unmerge, positions  # (positions: the token each merged token stands at, in merge's output order)
 
 
 def reference_run(model, inputs, ratio, seed, calls, ops=("attn1",), max_downsample=1, patch=1, use_rand=True):
@@ -160,6 +161,59 @@ def reference_run(model, inputs, ratio, seed, calls, ops=("attn1",), max_downsam
                 getattr(mod, name).register_forward_hook(op_post, with_kwargs=True)
     with torch.no_grad():
         return [model(**inputs).sample for _ in range(calls)]
+
+
+def _flux(batch=2, h=8, w=6, text=5):
+    torch.manual_seed(4)
+    model = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=2,
+                                             attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                             pooled_projection_dim=8, axes_dims_rope=(2, 2, 4)).eval()
+    g = torch.Generator().manual_seed(10)
+    ids = torch.zeros(h, w, 3)
+    ids[..., 1], ids[..., 2] = torch.arange(h)[:, None], torch.arange(w)[None]
+    inputs = {"hidden_states": torch.randn(batch, h * w, 4, generator=g), "timestep": torch.full((batch,), 0.5),
+              "encoder_hidden_states": torch.randn(batch, text, 16, generator=g),
+              "pooled_projections": torch.randn(batch, 8, generator=g), "img_ids": ids.reshape(-1, 3),
+              "txt_ids": torch.zeros(text, 3)}
+    return model, inputs
+
+
+def reference_flux(model, inputs, ratio, h, w):
+    """ToMe for SD on Flux, written out with hooks on a private copy, one sample at a time (batch 1: top-left cells):
+    each block's image tokens matched; its attention's image tokens merged (past the text tokens in a single block),
+    each merged token rotated by the position of the token it stands at, and the image output unmerged."""
+    model = copy.deepcopy(model)
+    state = {}
+
+    def block_pre(mod, args, kwargs):
+        x = kwargs["hidden_states"]
+        cells = torch.zeros(h // 2, w // 2, 1, dtype=torch.int64)
+        state["m"] = reference_matching(x, w, h, 2, 2, int(x.shape[1] * ratio), cells)
+        state["text"] = kwargs["encoder_hidden_states"].shape[1] if "Single" in type(mod).__name__ else 0
+
+    def attn_pre(mod, args, kwargs):
+        (merge, _, at), text = state["m"], state["text"]
+        x, (cos, sin) = kwargs["hidden_states"], kwargs["image_rotary_emb"]
+        t = cos.shape[0] - (x.shape[1] - text)
+        idx = torch.cat([torch.arange(t), at[0] + t])
+        return args, {**kwargs, "hidden_states": torch.cat([x[:, :text], merge(x[:, text:])], 1),
+                      "image_rotary_emb": (cos[idx], sin[idx])}
+
+    def attn_post(mod, args, kwargs, out):
+        (_, unmerge, _), text = state["m"], state["text"]
+        if isinstance(out, tuple):
+            return (unmerge(out[0]), *out[1:])
+        return torch.cat([out[:, :text], unmerge(out[:, text:])], 1)
+
+    for mod in model.modules():
+        if type(mod).__name__ in ("FluxTransformerBlock", "FluxSingleTransformerBlock"):
+            mod.register_forward_pre_hook(block_pre, with_kwargs=True)
+            mod.attn.register_forward_pre_hook(attn_pre, with_kwargs=True)
+            mod.attn.register_forward_hook(attn_post, with_kwargs=True)
+    batch = inputs["hidden_states"].shape[0]
+    with torch.no_grad():
+        return torch.cat([model(**{k: v[b:b + 1] if isinstance(v, torch.Tensor) and v.shape[0] == batch else v
+                                   for k, v in inputs.items()}).sample for b in range(batch)])
 
 
 # ------------------------------------------------------------------------------------------------------ tests
@@ -265,12 +319,37 @@ def test_pipeline_images_and_the_users_pipeline(unet):
     assert torch.equal(images(pipe), before)  # the user's pipeline runs as before
 
 
+def test_flux_merges_image_tokens_at_their_positions():
+    """Flux: joint blocks merge the image tokens, single blocks the image part of their one stream; a merged token is
+    rotated by its destination's position (per sample). Equal to the definition written out (batch 1 per sample,
+    top-left cells); ratio 0 exact; a batch with random cells equals each sample alone with the same cells."""
+    model, inputs = _flux()
+    with torch.no_grad():
+        base = model(**inputs).sample
+        assert (graphprune.optimize(model, "tomesd", ratio=0.0)(**inputs).sample - base).abs().max() == 0
+        for ratio in (0.5, 0.75):
+            fast = graphprune.optimize(model, "tomesd", ratio=ratio, use_rand=False)
+            assert fast.blocks == ["transformer_blocks.0", "single_transformer_blocks.0", "single_transformer_blocks.1"]
+            out = fast(**inputs).sample
+            assert (out - base).abs().max() > 1e-3  # (it merges)
+            assert (out - reference_flux(model, inputs, ratio, 8, 6)).abs().max() <= 1e-5
+        fast = graphprune.optimize(model, "tomesd", ratio=0.5, seed=2)
+        draws = Draws(torch.Generator().manual_seed(5))
+        out = fast.call((), inputs, draws).sample
+        for b in range(2):
+            one = {k: v[b:b + 1] if isinstance(v, torch.Tensor) and v.shape[0] == 2 else v for k, v in inputs.items()}
+            alone = fast.call((), one, Draws(given=[c for _, c in draws.log])).sample
+            assert (alone - out[b:b + 1]).abs().max() <= 1e-5
+    with pytest.raises(GraphPruneError, match="Flux step does not export"):
+        graphprune.optimize(model, "tomesd", target="onnx", output="never", example_inputs=inputs)
+
+
 def test_refusals(unet):
-    flux = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
-                                            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
-                                            pooled_projection_dim=8, axes_dims_rope=(2, 2, 4))
-    with pytest.raises(UnsupportedArchitectureError, match="RoPE"):
-        graphprune.optimize(flux, "tomesd")
+    other = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                                  block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+                                  up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
+    with pytest.raises(UnsupportedArchitectureError, match="not a denoiser graphprune knows"):
+        graphprune.optimize(other, "tomesd")
     with pytest.raises(RecipeError, match="tomesd"):
         graphprune.optimize(unet, "tome")
     with pytest.raises(ScheduleError, match="0.75"):

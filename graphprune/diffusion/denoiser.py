@@ -18,12 +18,9 @@ import torch
 from graphprune.diffusion.merge import Grid, Merge, draw_cells
 from graphprune.errors import UnsupportedArchitectureError
 
-DENOISERS = ("UNet2DConditionModel", "DiTTransformer2DModel", "PixArtTransformer2DModel", "SD3Transformer2DModel")
-REFUSED = {
-    "FluxTransformer2DModel": "Flux rotates queries and keys by each token's position (RoPE) and runs text and image "
-                              "tokens in one stream in its single blocks; merged tokens would need their positions "
-                              "merged too, which is not done yet",
-}
+DENOISERS = ("UNet2DConditionModel", "DiTTransformer2DModel", "PixArtTransformer2DModel", "SD3Transformer2DModel",
+             "FluxTransformer2DModel")
+REFUSED: dict[str, str] = {}  # denoiser classes refused with a reason
 
 
 def denoiser_of(model) -> tuple[str | None, torch.nn.Module]:
@@ -135,9 +132,10 @@ class _Wrapper(torch.nn.Module):
 class MatchedBlock(_Wrapper):
     """A transformer block whose input tokens are matched once per call (the published code's ``compute_merge``)."""
 
-    def __init__(self, block: torch.nn.Module, run: _Run, settings: Settings):
+    def __init__(self, block: torch.nn.Module, run: _Run, settings: Settings, stream: bool = False):
         super().__init__(block, run)
         self.settings = settings
+        self.stream = stream  # text and image tokens in one stream inside the block (Flux's single blocks)
 
     def forward(self, *args, **kwargs):
         call, s = self.run.call, self.settings
@@ -156,7 +154,10 @@ class MatchedBlock(_Wrapper):
                                                        f"latent implies; token merging needs the image tokens alone")
                 cells = call.draws.next(grid, x.shape[0], s.use_rand, x.device)
                 merge = Merge(x, grid, cells, int(n * call.ratio))
-        call.merges.append(merge)
+        text = 0
+        if merge is not None and self.stream:  # the ops see the text tokens first, then the image tokens
+            text = (kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[1]).shape[1]
+        call.merges.append(None if merge is None else (merge, text))
         try:
             return self.inner(*args, **kwargs)
         finally:
@@ -165,19 +166,46 @@ class MatchedBlock(_Wrapper):
 
 class ReducedOp(_Wrapper):
     """An op inside a matched block (attention, cross-attention, MLP) that runs on the merged tokens: its token input
-    (``hidden_states``, the first argument) is merged, its output (or its output's first element, the image tokens of
-    a joint attention) unmerged."""
+    (``hidden_states``, the first argument; past the text tokens in a one-stream block) is merged, its output (or its
+    output's first element, the image tokens of a joint attention) unmerged. With rotary embeddings
+    (``image_rotary_emb``, Flux) each merged token is rotated by the position of the token it stands at (a destination
+    at its own); the positions differ per sample, so the op then runs once per sample."""
 
     def forward(self, *args, **kwargs):
         call = self.run.call
-        merge = call.merges[-1] if call is not None and call.merges else None
-        if merge is None:
+        entry = call.merges[-1] if call is not None and call.merges else None
+        if entry is None:
             return self.inner(*args, **kwargs)
-        args, kwargs = _replace_hidden(args, kwargs, merge.merge(_hidden(args, kwargs)))
-        out = self.inner(*args, **kwargs)
+        merge, text = entry
+        x = _hidden(args, kwargs)
+        merged = merge.merge(x[:, text:])
+        args, kwargs = _replace_hidden(args, kwargs, torch.cat([x[:, :text], merged], dim=1) if text else merged)
+        rotary = kwargs.get("image_rotary_emb")
+        out = self.inner(*args, **kwargs) if rotary is None else self._per_sample(args, kwargs, merge, rotary)
+
+        def unmerge(y):
+            return torch.cat([y[:, :text], merge.unmerge(y[:, text:])], dim=1) if text else merge.unmerge(y)
+
         if isinstance(out, tuple):
-            return (merge.unmerge(out[0]), *out[1:])
-        return merge.unmerge(out)
+            return (unmerge(out[0]), *out[1:])
+        return unmerge(out)
+
+    def _per_sample(self, args: tuple, kwargs: dict, merge: Merge, rotary):
+        """Run the op with each sample's rotary embeddings: the text tokens' (in front) and the merged tokens'."""
+        cos, sin = rotary
+        text = cos.shape[0] - merge.n
+        batch = _hidden(args, kwargs).shape[0]
+        at = torch.cat([torch.arange(text, device=cos.device).expand(batch, -1), merge.positions() + text], dim=1)
+
+        def sample(v, b):
+            return v[b:b + 1] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch else v
+
+        outs = [self.inner(*(sample(a, b) for a in args),
+                           **{**{k: sample(v, b) for k, v in kwargs.items()}, "image_rotary_emb": (cos[at[b]], sin[at[b]])})
+                for b in range(batch)]
+        if isinstance(outs[0], tuple):
+            return tuple(torch.cat(parts, dim=0) for parts in zip(*outs))
+        return torch.cat(outs, dim=0)
 
 
 # --------------------------------------------------------------------------------------------- the copy
@@ -192,21 +220,24 @@ def shared_copy(module: torch.nn.Module) -> torch.nn.Module:
     return new
 
 
-def _ops(block: torch.nn.Module) -> dict[str, str] | None:
-    """The reducible ops of a block, by kind: BasicTransformerBlock-like (``attn1``, ``attn2``, ``ff``) or a joint
-    text–image block (``attn`` with a context branch, ``attn2`` as extra self-attention, ``ff``); None for other
-    modules."""
+def _ops(block: torch.nn.Module) -> tuple[dict[str, str], bool] | None:
+    """The reducible ops of a block, by kind, and whether the block runs text and image tokens in one stream:
+    BasicTransformerBlock-like (``attn1``, ``attn2``, ``ff``), a joint text–image block (``attn`` with a context branch,
+    ``attn2`` as extra self-attention, ``ff``) or a one-stream block (Flux's single blocks: ``attn`` and ``proj_mlp``
+    side by side on text and image tokens); None for other modules."""
     children = dict(block.named_children())
     if "attn1" in children and "ff" in children:
         ops = {"attn1": "attn", "ff": "mlp"}
         if children.get("attn2") is not None:
             ops["attn2"] = "crossattn"
-        return ops
+        return ops, False
     if "attn" in children and "ff" in children and ("ff_context" in children or "norm1_context" in children):
         ops = {"attn": "attn", "ff": "mlp"}
         if children.get("attn2") is not None:
             ops["attn2"] = "attn"
-        return ops
+        return ops, False
+    if "attn" in children and "proj_mlp" in children and "proj_out" in children:
+        return {"attn": "attn", "proj_mlp": "mlp"}, True
     return None
 
 
@@ -216,22 +247,30 @@ def rewrite(model: torch.nn.Module, settings: Settings, run: _Run) -> tuple[torc
     root = shared_copy(model)
     names = []
     for name, block in list(root.named_modules()):
-        ops = _ops(block)
-        if ops is None:
+        found = _ops(block)
+        if found is None:
             continue
+        ops, stream = found
         for child, kind in ops.items():
             if kind in settings.ops:
                 block._modules[child] = ReducedOp(block._modules[child], run)
         parent_name, _, leaf = name.rpartition(".")
         parent = root.get_submodule(parent_name) if parent_name else root
-        parent._modules[leaf] = MatchedBlock(block, run, settings)
+        parent._modules[leaf] = MatchedBlock(block, run, settings, stream)
         names.append(name)
     return root, names
 
 
-def latent_size(model: torch.nn.Module, sample: torch.Tensor) -> tuple[int, int]:
+def latent_size(model: torch.nn.Module, sample: torch.Tensor, kwargs: dict) -> tuple[int, int]:
     """The token grid of the first blocks: the latent's (H, W) for a UNet, (H / p, W / p) for a transformer with
-    patches of ``p``."""
+    patches of ``p``; for packed tokens (Flux: ``(B, N, C)``) the rows and columns of their ``img_ids``."""
+    if sample.dim() == 3:
+        ids = kwargs.get("img_ids")
+        if ids is None:
+            raise UnsupportedArchitectureError("packed image tokens (B, N, C) need img_ids (their rows and columns) to "
+                                               "find their grid")
+        ids = ids.reshape(-1, ids.shape[-1])
+        return int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
     h, w = sample.shape[-2:]
     p = getattr(getattr(model, "config", None), "patch_size", None) or 1
     return math.ceil(h / p), math.ceil(w / p)
@@ -291,7 +330,7 @@ class ReducedDenoiser(_Wrapper):
         sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         draws = draws or Draws(self.generator(sample.device) if self.settings.use_rand else None)
-        self.run.call = Call(size=latent_size(self.inner, sample), ratio=self.ratio_at(timestep), draws=draws)
+        self.run.call = Call(size=latent_size(self.inner, sample, kwargs), ratio=self.ratio_at(timestep), draws=draws)
         try:
             return self.inner(*args, **kwargs)
         finally:

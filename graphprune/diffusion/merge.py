@@ -71,6 +71,10 @@ class Merge:
         self.into = choice.gather(1, self.merged)  # that destination (position among the destinations)
         self.kept_at, self.moved_at = self.src[self.unmerged], self.src[self.merged]  # (B, ·) token positions
 
+    def positions(self) -> torch.Tensor:
+        """(B, N − r): the token position each merged token stands at (a destination at its own)."""
+        return torch.cat([self.kept_at, self.dst.unsqueeze(0).expand(self.kept_at.shape[0], -1)], dim=1)
+
     def merge(self, x: torch.Tensor) -> torch.Tensor:
         """Unmerged sources, then destinations, each the mean of itself and the sources merged into it (whole token
         rows copied and added: see ``graphprune.ops.maps.take_rows``)."""

@@ -61,6 +61,9 @@ def export_denoiser_onnx(reduced: ReducedDenoiser, example_inputs: dict, output)
     if callable(reduced.ratio) or isinstance(reduced.ratio, (list, tuple)):
         raise GraphPruneError("an exported denoiser merges one ratio: export with ratio=<number> (one graph per ratio "
                               "for a schedule)")
+    if type(reduced.inner).__name__ == "FluxTransformer2DModel":
+        raise GraphPruneError("a reduced Flux step does not export yet: its merged tokens' rotary positions are chosen "
+                              "per sample as it runs (the attention runs once per sample); use target='eager'")
     if not isinstance(example_inputs.get("timestep"), torch.Tensor):
         raise GraphPruneError("example_inputs needs 'timestep' as a tensor (an input of the graph; the parity check "
                               "runs two timesteps)")
