@@ -96,7 +96,8 @@ def tome_merge(
     assign, rep = token_maps(x.shape[1], unm_idx, src_idx, dst_idx, protected)
     src_pos = src_idx[..., 0] * 2  # A tokens sit at the even positions
     target = assign.gather(1, src_pos)  # where each merged token went: its destination's output
-    merged = add_rows(take_rows(x * size, rep), target, take_rows(x * size, src_pos))
+    xs = x * size
+    merged = add_rows(take_rows(xs, rep), target, take_rows(xs, src_pos))
     new_size = add_rows(take_rows(size, rep), target, take_rows(size, src_pos))
     return merged / new_size, new_size, assign, rep
 
