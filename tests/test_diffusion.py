@@ -393,6 +393,7 @@ def test_onnx_denoiser_matches_eager_and_draws_alike(unet, tmp_path):
     assert not (tmp_path / "e").exists()
 
 
+@pytest.mark.slow  # (three exports, about a minute: CI runs it with the slow tests)
 def test_denoiser_deployment_targets(unet, tmp_path):
     """openvino: the IR from the checked ONNX denoiser, within 1e-4 of eager; trt: the engine's build files (the cells
     at their one shape, the batch dynamic), no engine claimed; triton: a repository entry whose config Triton's own
