@@ -77,7 +77,10 @@ class Merge:
 
     def merge(self, x: torch.Tensor) -> torch.Tensor:
         """Unmerged sources, then destinations, each the mean of itself and the sources merged into it (whole token
-        rows copied and added: see ``graphprune.ops.maps.take_rows``)."""
+        rows copied and added: see ``graphprune.ops.maps.take_rows``; an exported graph gathers and scatters element
+        by element, which ONNX Runtime reproduces exactly at every size)."""
+        if torch.compiler.is_exporting():
+            return self._merge_elementwise(x)
         dst = x[:, self.dst]
         total = add_rows(dst, self.into, take_rows(x, self.moved_at))
         count = add_rows(torch.ones_like(dst[..., :1]), self.into, torch.ones_like(self.into[..., None], dtype=x.dtype))
@@ -85,6 +88,8 @@ class Merge:
 
     def unmerge(self, y: torch.Tensor) -> torch.Tensor:
         """Back to N tokens in their places: each merged source takes its destination's value."""
+        if torch.compiler.is_exporting():
+            return self._unmerge_elementwise(y)
         b, _, c = y.shape
         u = self.unmerged.shape[1]
         dst = y[:, u:]
@@ -92,3 +97,22 @@ class Merge:
         index = torch.cat([self.kept_at, self.moved_at, self.dst.unsqueeze(0).expand(b, -1)], dim=1)
         flat = (index + torch.arange(b, device=y.device)[:, None] * self.n).reshape(-1)
         return y.new_empty(b * self.n, c).index_copy_(0, flat, rows.reshape(-1, c)).view(b, self.n, c)
+
+    def _merge_elementwise(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[-1]
+        src, dst = x[:, self.src], x[:, self.dst]
+        keep = src.gather(1, self.unmerged.unsqueeze(-1).expand(-1, -1, c))
+        moved = src.gather(1, self.merged.unsqueeze(-1).expand(-1, -1, c))
+        into = self.into.unsqueeze(-1)
+        total = dst.scatter_add(1, into.expand(-1, -1, c), moved)
+        count = torch.ones_like(dst[..., :1]).scatter_add(1, into, torch.ones_like(moved[..., :1]))
+        return torch.cat([keep, total / count], dim=1)
+
+    def _unmerge_elementwise(self, y: torch.Tensor) -> torch.Tensor:
+        b, _, c = y.shape
+        u = self.unmerged.shape[1]
+        keep, dst = y[:, :u], y[:, u:]
+        moved = dst.gather(1, self.into.unsqueeze(-1).expand(-1, -1, c))
+        index = torch.cat([self.kept_at, self.moved_at, self.dst.unsqueeze(0).expand(b, -1)], dim=1)
+        return y.new_empty(b, self.n, c).scatter(1, index.unsqueeze(-1).expand(-1, -1, c),
+                                                 torch.cat([keep, moved, dst], dim=1))
