@@ -20,7 +20,6 @@ from graphprune.errors import UnsupportedArchitectureError
 
 DENOISERS = ("UNet2DConditionModel", "DiTTransformer2DModel", "PixArtTransformer2DModel", "SD3Transformer2DModel",
              "FluxTransformer2DModel")
-REFUSED: dict[str, str] = {}  # denoiser classes refused with a reason
 
 
 def denoiser_of(model) -> tuple[str | None, torch.nn.Module]:
@@ -40,8 +39,6 @@ def is_diffusion(model) -> bool:
 
 def check_denoiser(model: torch.nn.Module) -> None:
     kind = type(model).__name__
-    if kind in REFUSED:
-        raise UnsupportedArchitectureError(f"{kind}: {REFUSED[kind]}. Supported denoisers: {', '.join(DENOISERS)}")
     if kind not in DENOISERS:
         raise UnsupportedArchitectureError(f"{kind} is not a denoiser graphprune knows; supported: {', '.join(DENOISERS)}"
                                            " (diffusers)")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from graphprune.ops.maps import add_rows, take_rows
+from graphprune.ops.maps import add_rows, place_rows, take_rows
 
 
 @dataclass(frozen=True)
@@ -90,13 +90,11 @@ class Merge:
         """Back to N tokens in their places: each merged source takes its destination's value."""
         if torch.compiler.is_exporting():
             return self._unmerge_elementwise(y)
-        b, _, c = y.shape
         u = self.unmerged.shape[1]
         dst = y[:, u:]
         rows = torch.cat([y[:, :u], take_rows(dst, self.into), dst], dim=1)
-        index = torch.cat([self.kept_at, self.moved_at, self.dst.unsqueeze(0).expand(b, -1)], dim=1)
-        flat = (index + torch.arange(b, device=y.device)[:, None] * self.n).reshape(-1)
-        return y.new_empty(b * self.n, c).index_copy_(0, flat, rows.reshape(-1, c)).view(b, self.n, c)
+        index = torch.cat([self.kept_at, self.moved_at, self.dst.unsqueeze(0).expand(y.shape[0], -1)], dim=1)
+        return place_rows(rows, index, self.n)
 
     def _merge_elementwise(self, x: torch.Tensor) -> torch.Tensor:
         c = x.shape[-1]

@@ -52,6 +52,18 @@ def _grids(reduced: ReducedDenoiser, inputs: dict) -> list[Grid]:
     return [g for g, _ in draws.log]
 
 
+def _split(example_inputs: dict) -> tuple[list[str], list[torch.Tensor], dict]:
+    """(the names of the tensor inputs, those tensors, the other arguments, fixed in the graph)."""
+    names = [k for k, v in example_inputs.items() if isinstance(v, torch.Tensor)]
+    return names, [example_inputs[k] for k in names], {k: v for k, v in example_inputs.items() if k not in names}
+
+
+def _check_cells(grids: list[Grid]) -> list[torch.Tensor]:
+    """The cells the parity checks use: drawn from one generator seeded 0."""
+    gen = torch.Generator().manual_seed(0)
+    return [draw_cells(g, gen) for g in grids]
+
+
 def export_denoiser_onnx(reduced: ReducedDenoiser, example_inputs: dict, output) -> "OnnxDenoiser":
     """Export ``reduced`` called with ``example_inputs`` (the denoiser's keyword arguments; tensors become inputs,
     anything else is fixed) to the folder ``output`` (``denoiser.onnx`` + data + ``denoiser.json``)."""
@@ -67,16 +79,13 @@ def export_denoiser_onnx(reduced: ReducedDenoiser, example_inputs: dict, output)
     if not isinstance(example_inputs.get("timestep"), torch.Tensor):
         raise GraphPruneError("example_inputs needs 'timestep' as a tensor (an input of the graph; the parity check "
                               "runs two timesteps)")
-    names = [k for k, v in example_inputs.items() if isinstance(v, torch.Tensor)]
-    fixed = {k: v for k, v in example_inputs.items() if k not in names}
-    tensors = [example_inputs[k] for k in names]
+    names, tensors, fixed = _split(example_inputs)
     batch = tensors[0].shape[0] if tensors[0].dim() else None
     if batch is None or batch < 2:
         raise GraphPruneError("example_inputs need a batch of at least 2 (the exported batch is dynamic)")
     grids = _grids(reduced, example_inputs) if reduced.settings.use_rand else []
     step = _Step(reduced, names, fixed).eval()
-    gen = torch.Generator().manual_seed(0)
-    cells = [draw_cells(g, gen) for g in grids]
+    cells = _check_cells(grids)
     b = Dim.AUTO  # (diffusers' UNet branches on a batch of 64 around a no-op: the ONNX graph serves any batch)
     dynamic = ([{0: b} if t.dim() and t.shape[0] == batch else None for t in tensors], [None] * len(cells))
     output = Path(output)
@@ -178,17 +187,14 @@ def deploy_denoiser(reduced: ReducedDenoiser, example_inputs: dict, output, targ
     written = [folder / name for name in ("denoiser.onnx", "denoiser.onnx.data", META)]
     try:
         if target == "openvino":
-            names = onnx_runner.meta["inputs"]
-            tensors = [example_inputs[k] for k in names]
-            cells = [draw_cells(g, torch.Generator().manual_seed(0)) for g in onnx_runner.grids]
-            fixed = {k: v for k, v in example_inputs.items() if k not in names}
+            names, tensors, fixed = _split(example_inputs)
+            cells = _check_cells(onnx_runner.grids)
             with torch.no_grad():
                 expected = _Step(reduced, names, fixed).eval()(tensors, cells)
             export_openvino(folder / "denoiser.onnx", expected, (*tensors, *cells))
             return OpenVinoDenoiser(folder)
         if target == "trt":
-            shapes = {i.name: tuple(t.shape) for i, t in zip(onnx_runner.session.get_inputs(),
-                                                              [example_inputs[k] for k in onnx_runner.meta["inputs"]])}
+            shapes = {i.name: tuple(t.shape) for i, t in zip(onnx_runner.session.get_inputs(), _split(example_inputs)[1])}
             cells = {f"cells_{i}": g.cells for i, g in enumerate(onnx_runner.grids)}
             onnx_runner.build = write_trt_build(folder / "denoiser.onnx", {**shapes, **cells}, fixed=set(cells))
             return onnx_runner

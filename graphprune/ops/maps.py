@@ -34,6 +34,12 @@ def add_rows(base: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> torch
     return base.reshape(b * n, c).index_add(0, _rows(idx, n), rows.reshape(-1, c)).view(b, n, c)
 
 
+def place_rows(rows: torch.Tensor, idx: torch.Tensor, n: int) -> torch.Tensor:
+    """A (B, n, C) tensor whose token ``idx[b, j]`` is ``rows[b, j]``; ``idx`` (B, n) names every token once."""
+    b, _, c = rows.shape
+    return rows.new_empty(b * n, c).index_copy_(0, _rows(idx, n), rows.reshape(-1, c)).view(b, n, c)
+
+
 # The helpers below are plain tensor code that FX tracing can record (no Python ints read from shapes).
 
 

@@ -30,8 +30,6 @@ def pitome_r(n: int, r: int, protected: int, all_pairs: bool) -> int:
     return max(0, min(r, t // 2))
 
 
-
-
 def plan(metric, r: int, protected: int, margin: float, all_pairs: bool, valid=None):
     """(kept A, merged A, their hosts' index in B, all B) as token indices (B, k)."""
     m = metric[:, protected:]

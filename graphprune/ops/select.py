@@ -42,8 +42,6 @@ def _head(x: torch.Tensor, protected: int) -> torch.Tensor:
     return torch.arange(protected, device=x.device).expand(x.shape[0], protected)
 
 
-
-
 @torch.library.custom_op("graphprune::prune", mutates_args=())
 def prune(x: torch.Tensor, score: torch.Tensor, keep: int, protected: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, n, _ = x.shape
@@ -97,7 +95,8 @@ def merge_nearest(
     into = lambda base, t: add_rows(base, host[..., 0], t)  # noqa: E731
     if mode == "size":
         new_size = into(take_rows(size, rep), guest_size)
-        out = into(take_rows(x * size, rep), ok * take_rows(x * size, rest)) / new_size
+        xs = x * size
+        out = into(take_rows(xs, rep), ok * take_rows(xs, rest)) / new_size
     elif mode == "squeeze":
         w = sim.exp() * ok
         out = into(math.e * take_rows(x, rep), w * take_rows(x, rest)) / into(torch.full_like(size[:, : rep.shape[1]], math.e), w)
