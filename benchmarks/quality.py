@@ -82,6 +82,15 @@ def _chat(tokenizer, text: str) -> torch.Tensor:
     return tokenizer(s, return_tensors="pt", add_special_tokens=False)["input_ids"]
 
 
+def _compress(text: str, question: str, recipe: str, small, small_tokenizer, rate: float = 0.5) -> str:
+    """The prompt compressed by ``recipe`` (llmlingua or longllmlingua): the document, then the question as it is."""
+    import graphprune
+
+    return graphprune.compress_prompt(text, question=question, compressor=small, tokenizer=small_tokenizer,
+                                      method=recipe, condition_compare=recipe == "longllmlingua",
+                                      rate=rate)["compressed_prompt"]
+
+
 def _run(model, tokenizer, ids: torch.Tensor):
     """Greedy answer, time of the prompt pass, ms per decode step, and the cache's memory ratio."""
     with torch.inference_mode():
@@ -126,10 +135,7 @@ def needle(args) -> None:
             for text, question, value in examples:
                 t0 = time.perf_counter()
                 if recipe in ("llmlingua", "longllmlingua"):  # the document compressed, the question kept after it
-                    short = graphprune.compress_prompt(text, question=question, compressor=small, tokenizer=small_tokenizer,
-                                                       method=recipe, condition_compare=recipe == "longllmlingua",
-                                                       **options)
-                    prompt, runner = short["compressed_prompt"], model
+                    prompt, runner = _compress(text, question, recipe, small, small_tokenizer, **options), model
                 else:
                     prompt, runner = f"{text}\n\n{question}", fast
                 compress = time.perf_counter() - t0
@@ -151,13 +157,19 @@ def needle(args) -> None:
             _save("needle", context, args.samples, rows)  # (after every recipe: a later failure keeps these)
 
 
+def _earlier(kind: str, context: int, samples: int) -> dict | None:
+    """``{kind}_{context}.json`` when it was measured on the same prompts and number of samples, else None."""
+    path = OUT / f"{kind}_{context}.json"
+    old = json.loads(path.read_text()) if path.is_file() else None
+    if old is None or old["samples"] != samples or (kind == "needle" and old.get("prompts") != PROMPTS):
+        return None
+    return old
+
+
 def _measured(kind: str, context: int, samples: int, label: str) -> bool:
     """Whether ``{kind}_{context}.json`` holds a row ``label`` measured on the same prompts and samples."""
-    path = OUT / f"{kind}_{context}.json"
-    if not path.is_file():
-        return False
-    old = json.loads(path.read_text())
-    return old["samples"] == samples and old.get("prompts") == PROMPTS and any(r["label"] == label for r in old["rows"])
+    old = _earlier(kind, context, samples)
+    return old is not None and any(r["label"] == label for r in old["rows"])
 
 
 def _save(kind: str, context: int, samples: int, rows: list[dict]) -> None:
@@ -165,9 +177,9 @@ def _save(kind: str, context: int, samples: int, rows: list[dict]) -> None:
     stay (in SETTINGS order), each with the commit and command that measured it."""
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / f"{kind}_{context}.json"
-    old = json.loads(path.read_text()) if path.is_file() else None
+    old = _earlier(kind, context, samples)
     note = None
-    if old is not None and old["samples"] == samples and (kind != "needle" or old.get("prompts") == PROMPTS):
+    if old is not None:
         mine = {r["label"] for r in rows}
         kept = [{"commit": old.get("commit"), "command": old.get("command"), **r} for r in old["rows"]
                 if r["label"] not in mine]
@@ -227,8 +239,6 @@ def ttft(args) -> None:
     on the machine. The prompt pass computes the last position's logits only, as ``generate`` does."""
     import assets
 
-    import graphprune
-
     torch.set_num_threads(args.threads or torch.get_num_threads())
     tokenizer, model = assets.load_qwen25(args.model)
     small_tokenizer, small = assets.load_smollm2()
@@ -238,9 +248,7 @@ def ttft(args) -> None:
         t0 = time.perf_counter()
         prompt = f"{text}\n\n{question}"
         if recipe is not None:
-            prompt = graphprune.compress_prompt(text, question=question, compressor=small, tokenizer=small_tokenizer,
-                                                method=recipe, condition_compare=recipe == "longllmlingua",
-                                                rate=0.5)["compressed_prompt"]
+            prompt = _compress(text, question, recipe, small, small_tokenizer)
         compress = time.perf_counter() - t0
         ids = _chat(tokenizer, prompt)
         with torch.inference_mode():
