@@ -6,6 +6,7 @@ Each run keeps its rows in ``docs/highres/<targets>-b<batches>.json``; docs/high
 the command that made it.
 
     python benchmarks/highres.py --profile --sizes 448 --batches 8 --threads 1   # docs/highres/profile.json
+    python benchmarks/highres.py --profile --targets eager --sizes 448 --batches 1 --threads 1   # profile_eager.json
     python benchmarks/highres.py --device cuda --dtype float16 --batches 1 8 32 --targets eager   # on a GPU
 
 ``--profile``: where ONNX Runtime spends its time, per operator type, in ToMe's exported model and in the unmodified
@@ -39,12 +40,15 @@ def main() -> None:
     parser.add_argument("--targets", nargs="+", default=["eager", "onnx"], choices=("eager", "onnx", "openvino"))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--profile", action="store_true", help="ONNX Runtime's time per operator type instead")
+    parser.add_argument("--profile", action="store_true", help="time per operator type instead: ONNX Runtime's "
+                        "profiler (with --targets eager: torch's)")
     parser.add_argument("--device", default=None, help="cpu (default) or cuda: the eager target on a GPU")
     parser.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"))
     args = parser.parse_args()
     commit = _commit()  # (read as the run starts: the code it runs)
     if args.profile:
+        if args.targets == ["eager"]:
+            return profile_eager(args.sizes[0], args.batches[0], args.threads or 1, commit)
         return profile(args.sizes[0], args.batches[0], args.threads or 1, commit)
     import timm
 
@@ -127,6 +131,40 @@ def profile(size: int, batch: int, threads: int, commit: str) -> None:
     payload = {"date": datetime.date.today().isoformat(), "commit": commit, "command": command, "ms_per_op": times}
     (OUT / "highres").mkdir(parents=True, exist_ok=True)
     (OUT / "highres" / "profile.json").write_text(json.dumps(payload, indent=2))
+
+
+def profile_eager(size: int, batch: int, threads: int, commit: str) -> None:
+    """torch's profiler over eager ToMe and the unmodified model: milliseconds per pass by aten operator (three passes
+    each after a warm-up), and graphprune's merges as a whole; written to docs/highres/profile_eager.json."""
+    import timm
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    import graphprune
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=size).eval()
+    x = torch.randn(batch, 3, size, size)
+    fast = graphprune.optimize(model, "tome", r=TOME_R[size], example_inputs=(torch.randn(2, 3, size, size),))
+    times = {}
+    with torch.inference_mode():
+        for label, m in (("unmodified", model), (f"tome(r={TOME_R[size]})", fast)):
+            m(x)
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(3):
+                    m(x)
+            ops = {e.key: e.self_cpu_time_total / 3e3 for e in prof.key_averages()}  # (µs over three → ms per pass)
+            ops["graphprune::tome_merge (with its children)"] = next(
+                (e.cpu_time_total / 3e3 for e in prof.key_averages() if e.key == "graphprune::tome_merge"), 0.0)
+            times[label] = ops
+    base, tome = times.values()
+    for op in sorted(set(base) | set(tome), key=lambda o: -tome.get(o, 0))[:15]:
+        print(f"{op:48s} unmodified {base.get(op, 0):8.1f} ms   tome {tome.get(op, 0):8.1f} ms")
+    command = f"python benchmarks/highres.py --profile --targets eager --sizes {size} --batches {batch} --threads {threads}"
+    payload = {"date": datetime.date.today().isoformat(), "commit": commit, "command": command, "ms_per_pass": times}
+    (OUT / "highres").mkdir(parents=True, exist_ok=True)
+    (OUT / "highres" / "profile_eager.json").write_text(json.dumps(payload, indent=2))
 
 
 def report() -> None:

@@ -340,6 +340,8 @@ def test_flux_merges_image_tokens_at_their_positions():
             one = {k: v[b:b + 1] if isinstance(v, torch.Tensor) and v.shape[0] == 2 else v for k, v in inputs.items()}
             alone = fast.call((), one, Draws(given=[c for _, c in draws.log])).sample
             assert (alone - out[b:b + 1]).abs().max() <= 1e-5
+    with pytest.raises(UnsupportedArchitectureError, match="img_ids"):  # packed tokens: their grid comes from img_ids
+        fast(**{k: v for k, v in inputs.items() if k != "img_ids"})
     with pytest.raises(GraphPruneError, match="Flux step does not export"):
         graphprune.optimize(model, "tomesd", target="onnx", output="never", example_inputs=inputs)
 
