@@ -77,8 +77,10 @@ class Merge:
 
     def merge(self, x: torch.Tensor) -> torch.Tensor:
         """Unmerged sources, then destinations, each the mean of itself and the sources merged into it (whole token
-        rows copied and added: see ``graphprune.ops.maps.take_rows``; an exported graph gathers and scatters element
-        by element, which ONNX Runtime reproduces exactly at every size)."""
+        rows copied and added: see ``graphprune.ops.maps.take_rows``). An exported graph gathers and scatters element
+        by element: ``index_add`` exports as ScatterND with reduction "add", which ONNX Runtime's CPU kernel runs in
+        parallel over the indices and so loses additions to a repeated destination with more than one thread
+        (onnxruntime#18048); ScatterElements adds them in order."""
         if torch.compiler.is_exporting():
             return self._merge_elementwise(x)
         dst = x[:, self.dst]
