@@ -77,12 +77,7 @@ class Merge:
 
     def merge(self, x: torch.Tensor) -> torch.Tensor:
         """Unmerged sources, then destinations, each the mean of itself and the sources merged into it (whole token
-        rows copied and added: see ``graphprune.ops.maps.take_rows``). An exported graph gathers and scatters element
-        by element: ``index_add`` exports as ScatterND with reduction "add", which ONNX Runtime's CPU kernel runs in
-        parallel over the indices and so loses additions to a repeated destination with more than one thread
-        (onnxruntime#18048); ScatterElements adds them in order."""
-        if torch.compiler.is_exporting():
-            return self._merge_elementwise(x)
+        rows copied and added: see ``graphprune.ops.maps``)."""
         dst = x[:, self.dst]
         total = add_rows(dst, self.into, take_rows(x, self.moved_at))
         count = add_rows(torch.ones_like(dst[..., :1]), self.into, torch.ones_like(self.into[..., None], dtype=x.dtype))
@@ -90,29 +85,8 @@ class Merge:
 
     def unmerge(self, y: torch.Tensor) -> torch.Tensor:
         """Back to N tokens in their places: each merged source takes its destination's value."""
-        if torch.compiler.is_exporting():
-            return self._unmerge_elementwise(y)
         u = self.unmerged.shape[1]
         dst = y[:, u:]
         rows = torch.cat([y[:, :u], take_rows(dst, self.into), dst], dim=1)
         index = torch.cat([self.kept_at, self.moved_at, self.dst.unsqueeze(0).expand(y.shape[0], -1)], dim=1)
         return place_rows(rows, index, self.n)
-
-    def _merge_elementwise(self, x: torch.Tensor) -> torch.Tensor:
-        c = x.shape[-1]
-        src, dst = x[:, self.src], x[:, self.dst]
-        keep = src.gather(1, self.unmerged.unsqueeze(-1).expand(-1, -1, c))
-        moved = src.gather(1, self.merged.unsqueeze(-1).expand(-1, -1, c))
-        into = self.into.unsqueeze(-1)
-        total = dst.scatter_add(1, into.expand(-1, -1, c), moved)
-        count = torch.ones_like(dst[..., :1]).scatter_add(1, into, torch.ones_like(moved[..., :1]))
-        return torch.cat([keep, total / count], dim=1)
-
-    def _unmerge_elementwise(self, y: torch.Tensor) -> torch.Tensor:
-        b, _, c = y.shape
-        u = self.unmerged.shape[1]
-        keep, dst = y[:, :u], y[:, u:]
-        moved = dst.gather(1, self.into.unsqueeze(-1).expand(-1, -1, c))
-        index = torch.cat([self.kept_at, self.moved_at, self.dst.unsqueeze(0).expand(b, -1)], dim=1)
-        return y.new_empty(b, self.n, c).scatter(1, index.unsqueeze(-1).expand(-1, -1, c),
-                                                 torch.cat([keep, moved, dst], dim=1))

@@ -29,8 +29,14 @@ def take_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def add_rows(base: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``base`` (B, n, C) with ``rows`` (B, k, C) added at the tokens ``idx`` (B, k) (repeats add up, in order)."""
+    """``base`` (B, n, C) with ``rows`` (B, k, C) added at the tokens ``idx`` (B, k) (repeats add up, in order).
+
+    Exported, it adds element by element: ``index_add`` exports as ScatterND with reduction "add", which ONNX
+    Runtime's CPU kernel runs in parallel over the indices, losing additions to a repeated row with more than one
+    thread (onnxruntime#18048); ScatterElements adds them in order."""
     b, n, c = base.shape
+    if torch.compiler.is_exporting():
+        return base.scatter_add(1, idx.unsqueeze(-1).expand(-1, -1, c), rows)
     return base.reshape(b * n, c).index_add(0, _rows(idx, n), rows.reshape(-1, c)).view(b, n, c)
 
 

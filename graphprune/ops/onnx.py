@@ -39,8 +39,15 @@ def _slice(t, start: int, end: int, axis: int = 1, step: int = 1):
 
 
 def _take(t, idx, width: int):
-    """Batched gather along axis 1: t (B, N, C), idx (B, k) -> (B, k, C)."""
-    return op.GatherElements(t, op.Expand(op.Unsqueeze(idx, _ints(-1)), _ints(1, 1, width)), axis=1)
+    """Batched gather along axis 1: t (B, N, C), idx (B, k) -> (B, k, C), whole rows of a (B·N, C) view (one index per
+    token, not one per element as GatherElements over an index expanded across the channels)."""
+    if width == 1:
+        return op.Unsqueeze(op.GatherElements(op.Squeeze(t, _ints(-1)), idx, axis=1), _ints(-1))
+    n = op.Shape(t, start=1, end=2)
+    batch = op.Squeeze(op.Shape(t, start=0, end=1), _ints(0))
+    first = op.Mul(op.Unsqueeze(op.Range(op.Constant(value_int=0), batch, op.Constant(value_int=1)), _ints(1)), n)
+    rows = op.Gather(op.Reshape(t, _ints(-1, width)), op.Add(idx, first), axis=0)  # (B, k, C)
+    return rows
 
 
 def _scatter_add(base, idx, updates, width: int):
