@@ -31,6 +31,7 @@ from llm import _commit  # noqa: E402  (the commit the run imported, once)
 OUT = Path(__file__).parent.parent / "docs" / "quality"
 PROMPTS = 2  # the prompt format's version: rows of runs on other prompts are not merged
 NEW_TOKENS = 24  # (12 cut answers such as 'AVA-6608' short)
+CALIBRATION = "calibration text"  # in SETTINGS: stands for the run's calibration token ids (other Wikipedia articles)
 SETTINGS = [  # (label, recipe, options): evicting at a quarter of the prompt, quantisers at their published settings
     ("full cache", None, {}),
     ("streaming_llm 0.25", "streaming_llm", {"budget": 0.25}),
@@ -45,10 +46,12 @@ SETTINGS = [  # (label, recipe, options): evicting at a quarter of the prompt, q
     ("kivi 2-bit", "kivi", {"bits": 2}),
     ("gear 4-bit", "gear", {"bits": 4}),
     ("gear 2-bit", "gear", {"bits": 2}),
-    ("kvquant 4-bit", "kvquant", {"bits": 4}),
-    ("kvquant 3-bit", "kvquant", {"bits": 3}),
+    ("kvquant 4-bit", "kvquant", {"bits": 4, "calibration": CALIBRATION}),
+    ("kvquant 3-bit", "kvquant", {"bits": 3, "calibration": CALIBRATION}),
     ("palu 0.5", "palu", {"ratio": 0.5}),
     ("palu 0.5 3-bit", "palu", {"ratio": 0.5, "bits": 3}),
+    ("palu 0.5 whitened", "palu", {"ratio": 0.5, "calibration": CALIBRATION}),
+    ("palu 0.5 3-bit whitened", "palu", {"ratio": 0.5, "bits": 3, "calibration": CALIBRATION}),
     ("llmlingua 0.5", "llmlingua", {"rate": 0.5}),
     ("longllmlingua 0.5", "longllmlingua", {"rate": 0.5}),
 ]
@@ -111,6 +114,10 @@ def _run(model, tokenizer, ids: torch.Tensor):
     return tokenizer.decode(tokens, skip_special_tokens=True), ttft, 1000 * sorted(steps)[len(steps) // 2], memory
 
 
+def _calibrated(options: dict, calibration: torch.Tensor) -> dict:
+    return {k: calibration if v is CALIBRATION else v for k, v in options.items()}
+
+
 def needle(args) -> None:
     import assets
 
@@ -127,8 +134,7 @@ def needle(args) -> None:
         for label, recipe, options in settings:
             if recipe is None and args.recipes is not None and _measured("needle", context, args.samples, label):
                 continue  # (the full cache on these prompts is in the file already: kept, not run again)
-            if recipe == "kvquant":
-                options = {**options, "calibration": calibration}
+            options = _calibrated(options, calibration)
             fast = model if recipe is None else graphprune.optimize(model, recipe, **options) \
                 if recipe not in ("llmlingua", "longllmlingua") else None
             hits, ttfts, steps, memories = [], [], [], []
@@ -216,8 +222,7 @@ def ppl(args) -> None:
         rows = []
         for label, recipe, options in [s for s in PPL_SETTINGS
                                        if args.recipes is None or s[0].split()[0] in args.recipes or s[1] is None]:
-            if recipe == "kvquant":
-                options = {**options, "calibration": calibration}
+            options = _calibrated(options, calibration)
             fast = model if recipe is None else graphprune.optimize(model, recipe, **options)
             nlls, memories = [], []
             with torch.inference_mode():

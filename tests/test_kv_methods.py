@@ -175,15 +175,22 @@ def _sylvester(n: int) -> torch.Tensor:
     return h / n**0.5
 
 
-def _palu_reference(x, weight, bias, group_rows: int, rank: int, bits: int):
+def _palu_reference(x, weight, bias, group_rows: int, rank: int, bits: int, gram=None):
     """Palu from the projection's input ``x`` (B, n, C): per group of rows, plain SVD W = U Σ Vᵀ, latent h = x A with
     A = V Σ^½ (rotated by a Hadamard matrix M when quantised: h M, then per token asymmetric with an integer zero point,
-    back), output h B + b with B = Σ^½ Uᵀ. Returns (B, n, rows)."""
+    back), output h B + b with B = Σ^½ Uᵀ. Returns (B, n, rows). With ``gram`` (Σ xᵀx of the calibration inputs, as
+    SVD-LLM accumulates it), Palu's whitening: S = cholesky(gram), W S = U Σ Vᵀ, A = S⁻ᵀ V Σ^½."""
     outs = []
     for g in range(weight.shape[0] // group_rows):
         w = weight[g * group_rows:(g + 1) * group_rows].double()
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)
-        a, b = vh[:rank].T * s[:rank].sqrt(), s[:rank].sqrt()[:, None] * u[:, :rank].T
+        if gram is None:
+            u, s, vh = torch.linalg.svd(w, full_matrices=False)
+            a = vh[:rank].T * s[:rank].sqrt()
+        else:
+            root = torch.linalg.cholesky(gram.double())
+            u, s, vh = torch.linalg.svd(w @ root, full_matrices=False)
+            a = torch.linalg.solve_triangular(root.T, vh[:rank].T * s[:rank].sqrt(), upper=True)
+        b = s[:rank].sqrt()[:, None] * u[:, :rank].T
         h = x.double() @ a
         if bits < 16:
             m = _sylvester(rank)
@@ -236,6 +243,38 @@ def test_palu_caches_the_latent_and_attention_reads_its_reconstruction(family, b
     latents = 2 * 2 * 16 * (4 // group) * rank  # K and V: batch · tokens · groups · rank
     held = cache.layers[1].storage.nbytes
     assert held == (latents * 4 if bits == 16 else latents * bits // 8 + 2 * 2 * 16 * (4 // group) * (4 + 1))
+
+
+def test_palu_whitened_by_calibration_text():
+    """With calibration token ids, the keys and values attention reads are Palu's whitened SVD (S from the Cholesky
+    factor of the calibration inputs' Gram matrix, accumulated one sequence at a time) written out from each layer's
+    input; on the calibration text itself they are closer to the model's keys than plain SVD's (the whitening's aim)."""
+    model = tiny("qwen2", kv_heads=4)
+    attn = model.model.layers[1].self_attn
+    calibration = prompts(4, 40, seed=5)
+    seen = []
+    hook = attn.k_proj.register_forward_hook(lambda m, a, out: seen.append(a[0].double()))
+    try:
+        with torch.no_grad():
+            for row in calibration:
+                model(row[None])
+            model(prompts(2, 16))
+    finally:
+        hook.remove()
+    gram = sum(x[0].T @ x[0] for x in seen[:4])
+    x = seen[4]
+    fast = graphprune.optimize(model, "palu", ratio=0.5, align=8, group=2, calibration=calibration)
+    assert fast.report.options["calibration"] == "(4, 40) array"
+    with torch.no_grad():
+        cache = fast(prompts(2, 16), use_cache=True).cache
+        _, values = cache.layers[1].storage.kv()
+    v = _palu_reference(x, attn.v_proj.weight, attn.v_proj.bias, 32, 16, 16, gram)
+    torch.testing.assert_close(values.double(), v.reshape(2, 16, 4, 16).transpose(1, 2), atol=1e-4, rtol=0)
+    calib = torch.cat(seen[:4], 1)
+    exact = calib @ attn.k_proj.weight.double().T + attn.k_proj.bias.double()
+    error = {w: (_palu_reference(calib, attn.k_proj.weight, attn.k_proj.bias, 32, 16, 16, w) - exact).norm()
+             for w in (None, gram)}
+    assert error[gram] < 0.9 * error[None]
 
 
 def test_palu_at_full_rank_and_batches():
@@ -433,7 +472,7 @@ def test_kvquant_zero_batches_and_refusals(kvquant_setup):
         graphprune.optimize(model, "kvquant")
     with pytest.raises(graphprune.errors.RecipeError, match="k_norm"):
         graphprune.optimize(tiny("qwen3"), "kvquant", calibration=calibration)
-    assert fast.report.options["calibration"] == "(3, 48) token ids"
+    assert fast.report.options["calibration"] == "(3, 48) array"
     phi3 = tiny("phi3")  # fused q/k/v: the key and value columns are calibrated
     fused = graphprune.optimize(phi3, "kvquant", bits=4, calibration=calibration)
     assert fused.graphprune.codecs[0].fitted.key_centre.shape == (2 * 16,)

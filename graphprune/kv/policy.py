@@ -154,7 +154,11 @@ class CachePolicy(Recipe):
             raise ScheduleError(f"a fractional budget must lie in (0, 1) (1.0: the full cache), got {b}; give an int for a token count")
 
     def options(self) -> dict:
-        return {k: v for k, v in super().options().items() if k != "restore_tokens"}
+        """The options as reports show them; an array option (calibration token ids) by its shape, not its values."""
+        def shown(v):
+            nested = isinstance(v, (list, tuple)) and v and isinstance(v[0], (list, tuple, torch.Tensor))
+            return f"{tuple(torch.as_tensor(v).shape)} array" if isinstance(v, torch.Tensor) or nested else v
+        return {k: shown(v) for k, v in super().options().items() if k != "restore_tokens"}
 
     @classmethod
     def describe_options(cls) -> list[tuple[str, str, str]]:

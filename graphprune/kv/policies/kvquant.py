@@ -177,12 +177,6 @@ class KVQuant(CachePolicy):
         if not 0 <= self.outliers < 1:
             raise ScheduleError(f"outliers must lie in [0, 1), got {self.outliers}")
 
-    def options(self) -> dict:
-        opts = super().options()
-        if opts.get("calibration") is not None:  # (reports name the calibration's shape, not its tokens)
-            opts["calibration"] = f"{tuple(torch.as_tensor(self.calibration).shape)} token ids"
-        return opts
-
     def layer_codecs(self, model, info):
         if self.bits == 16:
             return (None,) * info.n_layers
@@ -195,9 +189,7 @@ class KVQuant(CachePolicy):
         if any(hasattr(layer.self_attn, "k_norm") for layer in model.get_decoder().layers):
             raise RecipeError(f"kvquant quantises the key projection's output, but {info.family} normalises keys "
                               "after it (k_norm); use another cache recipe")
-        ids = torch.as_tensor(self.calibration, dtype=torch.long).to(model.get_input_embeddings().weight.device)
-        ids = ids[None] if ids.dim() == 1 else ids
-        acts, grads = calibrate(model, ids, info, self.fisher)
+        acts, grads = calibrate(model, calibration_ids(self.calibration, model), info, self.fisher)
         codecs = []
         for i in range(info.n_layers):
             codecs.append(KVQuantCodec(self._fit(acts[i], grads[i]), info.inv_freq[i], self.bits, self.outliers))
@@ -217,6 +209,13 @@ class KVQuant(CachePolicy):
         inner = nv.abs() <= 1
         value_levels = weighted_kmeans(nv[inner], fv[inner], 2**self.bits, self.iterations)
         return Calibrated(key_levels, centre[0], half[0], value_levels)
+
+
+def calibration_ids(calibration, model) -> torch.Tensor:
+    """A recipe's ``calibration`` option (token ids (N, T) or one sequence (T), a tensor or nested lists) as (N, T)
+    long on the model's device."""
+    ids = torch.as_tensor(calibration, dtype=torch.long).to(model.get_input_embeddings().weight.device)
+    return ids[None] if ids.dim() == 1 else ids
 
 
 def calibrate(model, ids: torch.Tensor, info, fisher: bool):

@@ -9,9 +9,11 @@ them back first). Palu's low-rank-aware quantisation (``bits`` < 16): the latent
 matrix (folded into A and B) and quantised per token over each group's latent, asymmetric with an integer zero point,
 as the authors' quantiser (shadowpa0327/Palu at bb22666, ``quant_utils``).
 
-What is implemented is the authors' calibration-free configuration (``--decompose_method svd --search_method
-uniform``: plain SVD, the same rank for every group). Their headline results whiten the SVD with the Gram matrix of
-calibration activations and allocate ranks by Fisher information: not here yet (see docs/llm.md). Their accuracy path
+The decomposition is the authors' ``--decompose_method svd`` (plain SVD) or, with ``calibration`` token ids,
+``whiten``: the SVD of W S where S is the Cholesky factor of the calibration inputs' Gram matrix Σ xxᵀ (from SVD-LLM),
+which minimises the reconstruction error of the calibration keys and values rather than of the weights. Ranks are
+``--search_method uniform`` (the same for every group); the Fisher-information rank allocation is not here (see
+docs/cache_methods.md). Their accuracy path
 compresses every key and value before its own attention, the prompt's included; here the prompt pass attends to its
 exact keys and values (as KIVI and GEAR), and each token's own attention sees itself exactly.
 """
@@ -24,6 +26,7 @@ from functools import partial
 import torch
 
 from graphprune.errors import RecipeError, ScheduleError
+from graphprune.kv.policies.kvquant import calibrate, calibration_ids
 from graphprune.kv.policy import CachePolicy, Chunk, Codec, When
 from graphprune.ops.hadamard import hadamard
 from graphprune.ops.quant import dequantize_zero_point, quantize_zero_point
@@ -41,10 +44,23 @@ class Projection:
     bias: torch.Tensor | None
 
 
-def projection(weight: torch.Tensor, bias: torch.Tensor | None, groups: int, rank: int, rotate_latent: bool) -> Projection:
-    """Palu's decomposition of one projection ``weight`` (G·s·D, C) by plain SVD, per group of rows."""
-    w = weight.detach().double().reshape(groups, -1, weight.shape[-1])
-    u, sigma, _ = torch.linalg.svd(w, full_matrices=False)
+def projection(weight: torch.Tensor, bias: torch.Tensor | None, groups: int, rank: int, rotate_latent: bool,
+               outputs: torch.Tensor | None = None) -> Projection:
+    """Palu's decomposition of one projection ``weight`` (G·s·D, C), per group of rows: plain SVD, or with
+    ``outputs`` (the projection's outputs on calibration text, (..., G·s·D)) the whitened SVD of W S, S Sᵀ = Σ xxᵀ
+    over the calibration inputs. Only W S's left singular vectors and values enter the codec, and
+    W S (W S)ᵀ = Σ (Wx)(Wx)ᵀ: they are the eigenvectors and root eigenvalues of the outputs' Gram matrix (bias
+    removed), so neither the inputs nor S are needed."""
+    if outputs is None:
+        w = weight.detach().double().reshape(groups, -1, weight.shape[-1])
+        u, sigma, _ = torch.linalg.svd(w, full_matrices=False)
+    else:
+        y = outputs.detach().double().reshape(-1, outputs.shape[-1])
+        if bias is not None:
+            y = y - bias.detach().double()
+        y = y.reshape(y.shape[0], groups, -1).transpose(0, 1)  # (G, tokens, s·D)
+        power, u = torch.linalg.eigh(y.transpose(1, 2) @ y)
+        u, sigma = u.flip(-1), power.flip(-1).clamp_min(0).sqrt()
     u, root = u[..., :rank], sigma[..., :rank].sqrt().clamp_min(1e-30)
     encode, decode = u / root[:, None, :], (u * root[:, None, :]).transpose(1, 2)
     if rotate_latent:
@@ -122,6 +138,7 @@ class Palu(CachePolicy):
     group: int = option(4, "KV heads per decomposition group (1: per head, M-LRD; all of them: joint, J-LRD)")
     align: int = option(32, "ranks are rounded to a multiple of this (as the authors' rank allocation)")
     bits: int = option(16, "quantise the latent to 2, 3 or 4 bits (per token, after a Hadamard rotation); 16: not")
+    calibration: object = option(None, "token ids (N, T) to whiten the SVD with (Palu's `whiten`); None: plain SVD")
 
     def validate(self) -> None:
         super().validate()
@@ -156,14 +173,18 @@ class Palu(CachePolicy):
             if rank % 8:
                 raise RecipeError(f"palu: quantised latents are packed 8 codes at a time: rank {rank} (ratio × {dims}, "
                                   f"rounded to a multiple of align) must be a multiple of 8")
+        layers = model.get_decoder().layers
+        if any(hasattr(layer.self_attn, "k_norm") for layer in layers):
+            raise RecipeError(f"palu decomposes the key projection, but {info.family} normalises keys after it "
+                              "(k_norm): the keys are not a linear map of the input; use another cache recipe")
+        outputs = [(None, None)] * len(layers)
+        if self.calibration is not None:
+            outputs = calibrate(model, calibration_ids(self.calibration, model), info, fisher=False)[0]
         codecs = []
-        for i, layer in enumerate(model.get_decoder().layers):
-            attn = layer.self_attn
-            if hasattr(attn, "k_norm"):
-                raise RecipeError(f"palu decomposes the key projection, but {info.family} normalises keys after it "
-                                  "(k_norm): the keys are not a linear map of the input; use another cache recipe")
-            (wk, bk), (wv, bv) = _projections(attn, info)
-            groups = info.kv_heads // group
-            codecs.append(PaluCodec(projection(wk, bk, groups, rank, self.bits < 16),
-                                    projection(wv, bv, groups, rank, self.bits < 16), info.inv_freq[i], self.bits))
+        for i, layer in enumerate(layers):
+            (wk, bk), (wv, bv) = _projections(layer.self_attn, info)
+            groups, (keys, values) = info.kv_heads // group, outputs[i]
+            codecs.append(PaluCodec(projection(wk, bk, groups, rank, self.bits < 16, keys),
+                                    projection(wv, bv, groups, rank, self.bits < 16, values), info.inv_freq[i],
+                                    self.bits))
         return tuple(codecs)
