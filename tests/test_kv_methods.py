@@ -370,7 +370,7 @@ def test_kvquant_calibrates_on_fisher_weighted_percentiles(kvquant_setup):
     """The key bounds are each channel's 0.5·outliers and 1 − 0.5·outliers percentiles of the calibration keys (before
     RoPE); the Fisher weights are the squared loss gradients of the projections' outputs; the codebooks are fixed
     points of weighted k-means over the normalised non-outliers."""
-    from graphprune.kv.policies.kvquant import calibrate
+    from graphprune.kv.calibration import calibrate
 
     model, calibration, fast = kvquant_setup
     info = fast.graphprune.info

@@ -46,8 +46,7 @@ def _take(t, idx, width: int):
     n = op.Shape(t, start=1, end=2)
     batch = op.Squeeze(op.Shape(t, start=0, end=1), _ints(0))
     first = op.Mul(op.Unsqueeze(op.Range(op.Constant(value_int=0), batch, op.Constant(value_int=1)), _ints(1)), n)
-    rows = op.Gather(op.Reshape(t, _ints(-1, width)), op.Add(idx, first), axis=0)  # (B, k, C)
-    return rows
+    return op.Gather(op.Reshape(t, _ints(-1, width)), op.Add(idx, first), axis=0)  # (B, k, C)
 
 
 def _scatter_add(base, idx, updates, width: int):

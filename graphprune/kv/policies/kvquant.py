@@ -22,6 +22,7 @@ from functools import partial
 import torch
 
 from graphprune.errors import RecipeError, ScheduleError
+from graphprune.kv.calibration import calibrate
 from graphprune.kv.policy import CachePolicy, Chunk, Codec, When
 from graphprune.ops.quant import pack, unpack
 from graphprune.ops.rope import rotate
@@ -189,7 +190,7 @@ class KVQuant(CachePolicy):
         if any(hasattr(layer.self_attn, "k_norm") for layer in model.get_decoder().layers):
             raise RecipeError(f"kvquant quantises the key projection's output, but {info.family} normalises keys "
                               "after it (k_norm); use another cache recipe")
-        acts, grads = calibrate(model, calibration_ids(self.calibration, model), info, self.fisher)
+        acts, grads = calibrate(model, self.calibration, info, self.fisher)
         codecs = []
         for i in range(info.n_layers):
             codecs.append(KVQuantCodec(self._fit(acts[i], grads[i]), info.inv_freq[i], self.bits, self.outliers))
@@ -209,55 +210,3 @@ class KVQuant(CachePolicy):
         inner = nv.abs() <= 1
         value_levels = weighted_kmeans(nv[inner], fv[inner], 2**self.bits, self.iterations)
         return Calibrated(key_levels, centre[0], half[0], value_levels)
-
-
-def calibration_ids(calibration, model) -> torch.Tensor:
-    """A recipe's ``calibration`` option (token ids (N, T) or one sequence (T), a tensor or nested lists) as (N, T)
-    long on the model's device."""
-    ids = torch.as_tensor(calibration, dtype=torch.long).to(model.get_input_embeddings().weight.device)
-    return ids[None] if ids.dim() == 1 else ids
-
-
-def calibrate(model, ids: torch.Tensor, info, fisher: bool):
-    """Each layer's key (pre-RoPE) and value projection outputs on ``ids`` (N, T, H) and their Fisher information (the
-    squared gradients of the language-model loss; ones where not asked), one sequence at a time. Reads the model and
-    runs it; its weights' gradients are not touched."""
-    layers = model.get_decoder().layers
-    acts = [([], []) for _ in layers]
-    grads = [([], []) for _ in layers]
-    for row in ids:
-        captured = []
-
-        def hook(i, which):
-            def grab(module, args, out):  # a zero added to the output carries the loss's gradient with respect to it
-                if which is None:  # fused q/k/v (Phi-3): the key and value columns
-                    keys, values = info.fused_kv()
-                    parts = [out[..., keys], out[..., values]]
-                    zeros = [torch.zeros_like(p, requires_grad=fisher) for p in parts]
-                    captured.extend([(i, 0, parts[0], zeros[0]), (i, 1, parts[1], zeros[1])])
-                    return torch.cat([out[..., :keys.start], parts[0] + zeros[0], parts[1] + zeros[1]], -1)
-                zero = torch.zeros_like(out, requires_grad=fisher)
-                captured.append((i, which, out, zero))
-                return out + zero
-            return grab
-
-        handles = []
-        for i, layer in enumerate(layers):
-            attn = layer.self_attn
-            if hasattr(attn, "qkv_proj"):
-                handles.append(attn.qkv_proj.register_forward_hook(hook(i, None)))
-            else:
-                handles.append(attn.k_proj.register_forward_hook(hook(i, 0)))
-                handles.append(attn.v_proj.register_forward_hook(hook(i, 1)))
-        try:
-            with torch.enable_grad() if fisher else torch.no_grad():
-                out = model(row[None], labels=row[None] if fisher else None, use_cache=False)
-                g = torch.autograd.grad(out.loss, [c[3] for c in captured]) if fisher else [None] * len(captured)
-        finally:
-            for h in handles:
-                h.remove()
-        for (i, which, act, _), grad in zip(captured, g):
-            acts[i][which].append(act.detach()[0].float())
-            grads[i][which].append(torch.ones_like(act[0]).float() if grad is None else grad[0].float() ** 2)
-    stack = lambda pair: tuple(torch.stack(p) for p in pair)  # noqa: E731
-    return [stack(a) for a in acts], [stack(g) for g in grads]

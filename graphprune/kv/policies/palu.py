@@ -26,7 +26,7 @@ from functools import partial
 import torch
 
 from graphprune.errors import RecipeError, ScheduleError
-from graphprune.kv.policies.kvquant import calibrate, calibration_ids
+from graphprune.kv.calibration import calibrate
 from graphprune.kv.policy import CachePolicy, Chunk, Codec, When
 from graphprune.ops.hadamard import hadamard
 from graphprune.ops.quant import dequantize_zero_point, quantize_zero_point
@@ -179,7 +179,7 @@ class Palu(CachePolicy):
                               "(k_norm): the keys are not a linear map of the input; use another cache recipe")
         outputs = [(None, None)] * len(layers)
         if self.calibration is not None:
-            outputs = calibrate(model, calibration_ids(self.calibration, model), info, fisher=False)[0]
+            outputs = calibrate(model, self.calibration, info, fisher=False)[0]
         codecs = []
         for i, layer in enumerate(layers):
             (wk, bk), (wv, bv) = _projections(layer.self_attn, info)
