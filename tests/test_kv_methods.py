@@ -275,6 +275,8 @@ def test_palu_whitened_by_calibration_text():
     error = {w: (_palu_reference(calib, attn.k_proj.weight, attn.k_proj.bias, 32, 16, 16, w) - exact).norm()
              for w in (None, gram)}
     assert error[gram] < 0.9 * error[None]
+    with pytest.raises(graphprune.errors.RecipeError, match="at least 16"):  # fewer tokens than latent dimensions
+        graphprune.optimize(model, "palu", ratio=0.5, align=8, group=2, calibration=calibration[:1, :10])
 
 
 def test_palu_at_full_rank_and_batches():

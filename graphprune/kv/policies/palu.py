@@ -179,6 +179,11 @@ class Palu(CachePolicy):
                               "(k_norm): the keys are not a linear map of the input; use another cache recipe")
         outputs = [(None, None)] * len(layers)
         if self.calibration is not None:
+            tokens = torch.as_tensor(self.calibration).numel()
+            if tokens < rank:
+                raise RecipeError(f"palu whitens a latent of {rank} dimensions with the calibration text's "
+                                  f"statistics, but calibration holds {tokens} tokens: give at least {rank}, better "
+                                  "thousands")
             outputs = calibrate(model, self.calibration, info, fisher=False)[0]
         codecs = []
         for i, layer in enumerate(layers):
