@@ -10,7 +10,9 @@ Variants, timed interleaved (``graphprune.bench.interleaved``): the unmodified d
 (ratio 0.5, defaults otherwise) and, where installed, the official ``tomesd`` 0.1.3 patched into a private copy (on
 DiT with ``max_downsample=2``, which reaches the same patch grid). FLOPs counted by ``graphprune.report``'s counter
 (the matching's similarity and merges included); bound = 1 / FLOP ratio; efficiency = speedup / bound.
-``--targets onnx`` adds ONNX Runtime (unmodified and reduced, both exported here).
+``--targets onnx`` adds ONNX Runtime (unmodified and reduced, both exported here). ``--device cuda --dtype float16``
+runs on a GPU; ``--compile`` adds ``torch.compile`` of the unmodified and the reduced denoiser (and of the official
+patch, where installed), each compiled once before the timed rounds (compile time reported apart).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import datetime
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -33,8 +36,15 @@ OUT = Path(__file__).parent.parent / "docs" / "diffusion"
 RATIO = 0.5
 
 
-def build(name: str, latent: int):
-    """(denoiser, its keyword inputs for one guidance step) with random weights at the real configuration."""
+def build(name: str, latent: int, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """(denoiser, its keyword inputs for one guidance step) with random weights at the real configuration, on
+    ``device`` in ``dtype``."""
+    model, inputs = _build(name, latent)
+    cast = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
+    return model.to(device, dtype), cast
+
+
+def _build(name: str, latent: int):
     import diffusers
 
     torch.manual_seed(0)
@@ -68,12 +78,13 @@ def official(model, name: str, max_downsample: int):
     return twin
 
 
-def run(name: str, latent: int, rounds: int, targets: list[str], commit: str, max_downsample: int = 1) -> dict:
+def run(name: str, latent: int, rounds: int, targets: list[str], commit: str, max_downsample: int = 1,
+        device: str = "cpu", dtype: str = "float32", compile: bool = False) -> dict:
     import graphprune
     from graphprune.bench import interleaved
     from graphprune.report import count_flops
 
-    model, inputs = build(name, latent)
+    model, inputs = build(name, latent, device, getattr(torch, dtype))
     options = {"ratio": RATIO, "seed": 0, "max_downsample": max_downsample}
     fast = graphprune.optimize(model, "tomesd", **options)
     first, rest = next(iter(inputs.values())), dict(list(inputs.items())[1:])  # (tomesd's hook reads the latent
@@ -82,6 +93,20 @@ def run(name: str, latent: int, rounds: int, targets: list[str], commit: str, ma
     theirs = official(model, name, max_downsample)
     if theirs is not None:
         fns["official tomesd"] = lambda: theirs(first, **rest)
+    compile_s = {}
+    if compile:
+        for k in list(fns):
+            f = fns[k]
+            compiled = torch.compile(f)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                compiled()
+                compiled()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            compile_s["compiled " + k] = time.perf_counter() - t0
+            fns["compiled " + k] = compiled
+            print(f"compiled {k} in {compile_s['compiled ' + k]:.0f} s", flush=True)
     tmp = None
     if "onnx" in targets:
         tmp = tempfile.TemporaryDirectory()
@@ -97,10 +122,14 @@ def run(name: str, latent: int, rounds: int, targets: list[str], commit: str, ma
     row = {"model": name, "latent": latent, "image": latent * 8, "batch": 2, "ratio": RATIO,
            "max_downsample": max_downsample, "flop_ratio": ratio,
            "bound": 1 / ratio, "seconds": med,
-           "speedup": {k: med["unmodified"] / v for k, v in med.items() if not k.startswith("onnx")},
+           "speedup": {k: med["unmodified"] / v for k, v in med.items() if not k.startswith(("onnx", "compiled"))},
+           "device": _device_name(device), "dtype": dtype, "compile_s": compile_s,
            "threads": torch.get_num_threads(), "rounds": rounds, "commit": commit,
            "command": "python benchmarks/diffusion.py " + " ".join(sys.argv[1:]),
            "date": datetime.date.today().isoformat()}
+    for k in med:
+        if k.startswith("compiled ") and k != "compiled unmodified":
+            row["speedup"][k] = med["compiled unmodified"] / med[k]
     if "onnx unmodified" in med:
         row["speedup"]["onnx graphprune tomesd"] = med["onnx unmodified"] / med["onnx graphprune tomesd"]
     row["efficiency"] = {k: v / row["bound"] for k, v in row["speedup"].items() if "tomesd" in k}
@@ -109,31 +138,48 @@ def run(name: str, latent: int, rounds: int, targets: list[str], commit: str, ma
     return row
 
 
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else "cpu"
+
+
+def _where(r: dict) -> str:
+    """The runtime of a row: ``cpu, N threads`` or the GPU and dtype."""
+    device = r.get("device", "cpu")
+    return f"cpu, {r['threads']} threads" if device == "cpu" else f"{device}, {r.get('dtype', 'float32')}"
+
+
+def _time(seconds: float) -> str:
+    return f"{seconds:.2f} s" if seconds >= 1 else f"{seconds * 1e3:.1f} ms"
+
+
 def report() -> None:
     rows = sorted((json.loads(p.read_text()) for p in OUT.glob("*.json")),
-                  key=lambda r: (r["model"], r["image"], r.get("max_downsample", 1)))
+                  key=lambda r: (r.get("device", "cpu") != "cpu", r["model"], r["image"], r.get("max_downsample", 1)))
     lines = ["# Diffusion: ToMe for Stable Diffusion per denoising step", "",
              "Generated by `python benchmarks/diffusion.py --report` from the runs in `docs/diffusion/` (each row "
-             "names its command). Random weights at the real shapes, a guidance batch of 2, ratio 0.5; seconds are "
+             "names its command). Random weights at the real shapes, a guidance batch of 2, ratio 0.5; times are "
              "medians of interleaved rounds; bound = 1 / FLOP ratio (the matching's own FLOPs counted).", "",
-             "| model | image | FLOP ratio | bound | unmodified s | variant | s | speedup | of bound | threads | "
+             "| model | image | FLOP ratio | bound | baseline | variant | time | speedup | of bound | runtime | "
              "command |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        base = r["seconds"]["unmodified"]
+        seconds = r["seconds"]
         setting = f" (max_downsample={r['max_downsample']})" if r.get("max_downsample", 1) != 1 else ""
-        for k, v in r["seconds"].items():
+        for k, v in seconds.items():
             if k == "unmodified":
                 continue
-            k = k + setting if "tomesd" in k else k
-            base_k = r["seconds"]["onnx unmodified"] if k.startswith("onnx") else base
-            if k == "onnx unmodified":
-                lines.append(f"| {r['model']} | {r['image']}² | | | {base:.2f} | {k} | {v:.2f} | "
-                             f"{base / v:.2f}× vs eager | | {r['threads']} | `{r['command']}` |")
+            family = k.split(" ")[0] if k.startswith(("onnx", "compiled")) else ""
+            base_k = seconds[f"{family} unmodified"] if family else seconds["unmodified"]
+            label = k + setting if "tomesd" in k else k
+            if k.endswith(" unmodified"):
+                lines.append(f"| {r['model']} | {r['image']}² | | | {_time(seconds['unmodified'])} | {label} | "
+                             f"{_time(v)} | {seconds['unmodified'] / v:.2f}× vs eager | | {_where(r)} | "
+                             f"`{r['command']}` |")
                 continue
             speed = base_k / v
             eff = f"{speed * r['flop_ratio']:.2f}" if "tomesd" in k else ""
             lines.append(f"| {r['model']} | {r['image']}² | {r['flop_ratio']:.3f} | {r['bound']:.2f}× | "
-                         f"{base_k:.2f} | {k} | {v:.2f} | {speed:.2f}× | {eff} | {r['threads']} | `{r['command']}` |")
+                         f"{_time(base_k)} | {label} | {_time(v)} | {speed:.2f}× | {eff} | {_where(r)} | "
+                         f"`{r['command']}` |")
     doc = Path(__file__).parent.parent / "docs" / "diffusion.md"
     text = doc.read_text() if doc.is_file() else ""
     marker = "<!-- benchmark table -->"
@@ -156,6 +202,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--max-downsample", type=int, default=1,
                         help="merge at token grids up to this factor coarser than the finest (published default 1)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile of every variant")
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
     if args.report:
@@ -166,9 +215,12 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     for name in args.models:
         for latent in args.latents:
-            row = run(name, latent, args.rounds, args.targets, commit, args.max_downsample)
+            row = run(name, latent, args.rounds, args.targets, commit, args.max_downsample, args.device, args.dtype,
+                      args.compile)
             print(json.dumps(row, indent=1), flush=True)
             suffix = f"-md{args.max_downsample}" if args.max_downsample != 1 else ""
+            suffix += f"-{args.device}-{args.dtype}" if args.device != "cpu" else ""
+            suffix += "-compile" if args.compile else ""
             (OUT / f"{name}-{latent}{suffix}.json").write_text(json.dumps(row, indent=2))
 
 
