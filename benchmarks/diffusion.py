@@ -5,7 +5,7 @@
     python benchmarks/diffusion.py --report                                     # docs/diffusion.md
 
 Random weights at the real shapes: Stable Diffusion 1.5's UNet (64×64 latents: 512² images; 128×128: 1024²) and
-DiT-XL/2 (32×32 latents: 256²; 64×64: 512²). One denoising step = one call with a classifier-free-guidance batch of 2.
+DiT-XL/2 (32×32 latents: 256²; 64×64: 512²). One denoising step = one call with a classifier-free-guidance batch of 2 (``--batch 2K``: K prompts).
 Variants, timed interleaved (``graphprune.bench.interleaved``): the unmodified denoiser, graphprune's ``tomesd``
 (ratio 0.5, defaults otherwise) and, where installed, the official ``tomesd`` 0.1.3 patched into a private copy (on
 DiT with ``max_downsample=2``, which reaches the same patch grid). FLOPs counted by ``graphprune.report``'s counter
@@ -36,15 +36,15 @@ OUT = Path(__file__).parent.parent / "docs" / "diffusion"
 RATIO = 0.5
 
 
-def build(name: str, latent: int, device: str = "cpu", dtype: torch.dtype = torch.float32):
+def build(name: str, latent: int, device: str = "cpu", dtype: torch.dtype = torch.float32, batch: int = 2):
     """(denoiser, its keyword inputs for one guidance step) with random weights at the real configuration, on
     ``device`` in ``dtype``."""
-    model, inputs = _build(name, latent)
+    model, inputs = _build(name, latent, batch)
     cast = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
     return model.to(device, dtype), cast
 
 
-def _build(name: str, latent: int):
+def _build(name: str, latent: int, batch: int):
     import diffusers
 
     torch.manual_seed(0)
@@ -55,14 +55,14 @@ def _build(name: str, latent: int):
             down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768,
             attention_head_dim=8)
-        inputs = {"sample": torch.randn(2, 4, latent, latent, generator=g), "timestep": torch.tensor([500, 500]),
-                  "encoder_hidden_states": torch.randn(2, 77, 768, generator=g)}
+        inputs = {"sample": torch.randn(batch, 4, latent, latent, generator=g),
+                  "timestep": torch.full((batch,), 500), "encoder_hidden_states": torch.randn(batch, 77, 768, generator=g)}
     elif name == "dit-xl":
         model = diffusers.DiTTransformer2DModel(num_attention_heads=16, attention_head_dim=72, in_channels=4,
                                                 out_channels=8, num_layers=28, sample_size=latent, patch_size=2,
                                                 num_embeds_ada_norm=1000)
-        inputs = {"hidden_states": torch.randn(2, 4, latent, latent, generator=g), "timestep": torch.tensor([500, 500]),
-                  "class_labels": torch.tensor([1, 1000])}
+        inputs = {"hidden_states": torch.randn(batch, 4, latent, latent, generator=g),
+                  "timestep": torch.full((batch,), 500), "class_labels": torch.tensor([1, 1000]).repeat(batch // 2)}
     else:
         raise SystemExit(f"unknown model {name}")
     return model.eval(), inputs
@@ -79,12 +79,12 @@ def official(model, name: str, max_downsample: int):
 
 
 def run(name: str, latent: int, rounds: int, targets: list[str], commit: str, max_downsample: int = 1,
-        device: str = "cpu", dtype: str = "float32", compile: bool = False) -> dict:
+        device: str = "cpu", dtype: str = "float32", compile: bool = False, batch: int = 2) -> dict:
     import graphprune
     from graphprune.bench import interleaved
     from graphprune.report import count_flops
 
-    model, inputs = build(name, latent, device, getattr(torch, dtype))
+    model, inputs = build(name, latent, device, getattr(torch, dtype), batch)
     options = {"ratio": RATIO, "seed": 0, "max_downsample": max_downsample}
     fast = graphprune.optimize(model, "tomesd", **options)
     first, rest = next(iter(inputs.values())), dict(list(inputs.items())[1:])  # (tomesd's hook reads the latent
@@ -119,7 +119,7 @@ def run(name: str, latent: int, rounds: int, targets: list[str], commit: str, ma
     ratio = count_flops(lambda: fast(**inputs), ()) / count_flops(lambda: model(**inputs), ())
     times = interleaved(fns, (), rounds=rounds, warmup=1)
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-    row = {"model": name, "latent": latent, "image": latent * 8, "batch": 2, "ratio": RATIO,
+    row = {"model": name, "latent": latent, "image": latent * 8, "batch": batch, "ratio": RATIO,
            "max_downsample": max_downsample, "flop_ratio": ratio,
            "bound": 1 / ratio, "seconds": med,
            "speedup": {k: med["unmodified"] / v for k, v in med.items() if not k.startswith(("onnx", "compiled"))},
@@ -148,13 +148,18 @@ def _where(r: dict) -> str:
     return f"cpu, {r['threads']} threads" if device == "cpu" else f"{device}, {r.get('dtype', 'float32')}"
 
 
+def _image(r: dict) -> str:
+    return f"{r['image']}²" + (f", batch {r['batch']}" if r["batch"] != 2 else "")
+
+
 def _time(seconds: float) -> str:
     return f"{seconds:.2f} s" if seconds >= 1 else f"{seconds * 1e3:.1f} ms"
 
 
 def report() -> None:
     rows = sorted((json.loads(p.read_text()) for p in OUT.glob("*.json")),
-                  key=lambda r: (r.get("device", "cpu") != "cpu", r["model"], r["image"], r.get("max_downsample", 1)))
+                  key=lambda r: (r.get("device", "cpu") != "cpu", r["model"], r["image"], r["batch"],
+                                 r.get("max_downsample", 1)))
     lines = ["# Diffusion: ToMe for Stable Diffusion per denoising step", "",
              "Generated by `python benchmarks/diffusion.py --report` from the runs in `docs/diffusion/` (each row "
              "names its command). Random weights at the real shapes, a guidance batch of 2, ratio 0.5; times are "
@@ -171,13 +176,13 @@ def report() -> None:
             base_k = seconds[f"{family} unmodified"] if family else seconds["unmodified"]
             label = k + setting if "tomesd" in k else k
             if k.endswith(" unmodified"):
-                lines.append(f"| {r['model']} | {r['image']}² | | | {_time(seconds['unmodified'])} | {label} | "
+                lines.append(f"| {r['model']} | {_image(r)} | | | {_time(seconds['unmodified'])} | {label} | "
                              f"{_time(v)} | {seconds['unmodified'] / v:.2f}× vs eager | | {_where(r)} | "
                              f"`{r['command']}` |")
                 continue
             speed = base_k / v
             eff = f"{speed * r['flop_ratio']:.2f}" if "tomesd" in k else ""
-            lines.append(f"| {r['model']} | {r['image']}² | {r['flop_ratio']:.3f} | {r['bound']:.2f}× | "
+            lines.append(f"| {r['model']} | {_image(r)} | {r['flop_ratio']:.3f} | {r['bound']:.2f}× | "
                          f"{_time(base_k)} | {label} | {_time(v)} | {speed:.2f}× | {eff} | {_where(r)} | "
                          f"`{r['command']}` |")
     doc = Path(__file__).parent.parent / "docs" / "diffusion.md"
@@ -202,11 +207,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--max-downsample", type=int, default=1,
                         help="merge at token grids up to this factor coarser than the finest (published default 1)")
+    parser.add_argument("--batch", type=int, default=2, help="samples per step, an even number (guidance pairs)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of every variant")
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
+    if args.batch < 2 or args.batch % 2:
+        parser.error("--batch must be an even number (guidance pairs)")
     if args.report:
         return report()
     if args.threads:
@@ -216,11 +224,12 @@ def main() -> None:
     for name in args.models:
         for latent in args.latents:
             row = run(name, latent, args.rounds, args.targets, commit, args.max_downsample, args.device, args.dtype,
-                      args.compile)
+                      args.compile, args.batch)
             print(json.dumps(row, indent=1), flush=True)
             suffix = f"-md{args.max_downsample}" if args.max_downsample != 1 else ""
             suffix += f"-{args.device}-{args.dtype}" if args.device != "cpu" else ""
             suffix += "-compile" if args.compile else ""
+            suffix += f"-b{args.batch}" if args.batch != 2 else ""
             (OUT / f"{name}-{latent}{suffix}.json").write_text(json.dumps(row, indent=2))
 
 
