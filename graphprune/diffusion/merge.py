@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from graphprune.ops.maps import add_rows, place_rows, take_rows
+from graphprune.ops.maps import add_rows, flat_rows, take_rows
 
 
 @dataclass(frozen=True)
@@ -55,21 +55,34 @@ def split_indices(grid: Grid, cells: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 class Merge:
-    """One block call's matching: ``merge`` (B, N, C) → (B, N − r, C) and ``unmerge`` back, per sample."""
+    """One block call's matching: ``merge`` (B, N, C) → (B, N − r, C) and ``unmerge`` back, per sample.
+
+    Every token gets one output slot (``slots``): an unmerged source its own, a destination and the sources merged into
+    it the destination's. Merging adds each token's row into its slot and divides by the slot's count; unmerging reads
+    each token's row back from its slot: one scatter-add and one gather per call, the slots worked out once per match
+    (the op count matters on a GPU, where each small op costs a launch)."""
 
     def __init__(self, metric: torch.Tensor, grid: Grid, cells: torch.Tensor, r: int):
-        n = metric.shape[1]
-        self.n, self.src, self.dst = n, *split_indices(grid, cells)
-        self.r = min(r, self.src.numel())
+        b, n = metric.shape[:2]
+        src, dst = split_indices(grid, cells)
+        self.n, self.dst, self.r = n, dst, min(r, src.numel())
         with torch.no_grad():
             m = F.normalize(metric, dim=-1)
-            scores = m[:, self.src] @ m[:, self.dst].transpose(1, 2)  # (B, sources, destinations)
+            scores = m[:, src] @ m[:, dst].transpose(1, 2)  # (B, sources, destinations)
             best, choice = scores.max(dim=-1)
-            order = best.argsort(dim=-1, descending=True)
-        self.unmerged = order[:, self.r:]  # sources kept as they are (positions among the sources)
-        self.merged = order[:, :self.r]  # sources averaged into their most similar destination
-        self.into = choice.gather(1, self.merged)  # that destination (position among the destinations)
-        self.kept_at, self.moved_at = self.src[self.unmerged], self.src[self.merged]  # (B, ·) token positions
+            order = best.argsort(dim=-1, descending=True)  # sources, most similar first: the first r merge
+        into = choice.gather(1, order[:, :self.r])  # their destinations (positions among the destinations)
+        at = src[order]  # (B, sources) token positions: the merged ones, then those kept as they are
+        self.kept_at = at[:, self.r:]
+        kept = self.kept_at.shape[1]
+        # slot of every token: kept sources 0.., the merged ones their destination's, destinations kept.. in cell order
+        tokens = torch.cat([at, dst.expand(b, -1)], dim=1)
+        slots = torch.cat([into + kept, torch.arange(kept + dst.numel(), device=dst.device).expand(b, -1)], dim=1)
+        self.slots = slots.new_empty(b, n).scatter_(1, tokens, slots)  # (B, N): the output slot of each token
+        self.width = kept + dst.numel()
+        self.rows = flat_rows(self.slots, self.width)  # the slots as rows of a (B·width, C) view
+        self.count = torch.zeros(b, self.width, 1, dtype=metric.dtype, device=metric.device).scatter_add_(
+            1, self.slots.unsqueeze(-1), torch.ones_like(metric[..., :1]))
 
     def positions(self) -> torch.Tensor:
         """(B, N − r): the token position each merged token stands at (a destination at its own)."""
@@ -77,16 +90,10 @@ class Merge:
 
     def merge(self, x: torch.Tensor) -> torch.Tensor:
         """Unmerged sources, then destinations, each the mean of itself and the sources merged into it (whole token
-        rows copied and added: see ``graphprune.ops.maps``)."""
-        dst = x[:, self.dst]
-        total = add_rows(dst, self.into, take_rows(x, self.moved_at))
-        count = add_rows(torch.ones_like(dst[..., :1]), self.into, torch.ones_like(self.into[..., None], dtype=x.dtype))
-        return torch.cat([take_rows(x, self.kept_at), total / count], dim=1)
+        rows added: see ``graphprune.ops.maps``)."""
+        total = add_rows(x.new_zeros(x.shape[0], self.width, x.shape[2]), self.slots, x, flat=self.rows)
+        return total / self.count.to(x.dtype)
 
     def unmerge(self, y: torch.Tensor) -> torch.Tensor:
-        """Back to N tokens in their places: each merged source takes its destination's value."""
-        u = self.unmerged.shape[1]
-        dst = y[:, u:]
-        rows = torch.cat([y[:, :u], take_rows(dst, self.into), dst], dim=1)
-        index = torch.cat([self.kept_at, self.moved_at, self.dst.unsqueeze(0).expand(y.shape[0], -1)], dim=1)
-        return place_rows(rows, index, self.n)
+        """Back to N tokens in their places: each token takes its slot's value."""
+        return take_rows(y, self.slots, flat=self.rows)

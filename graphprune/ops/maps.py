@@ -16,20 +16,23 @@ def identity_maps(x: torch.Tensor):
     return idx, idx.clone()
 
 
-def _rows(idx: torch.Tensor, length: int) -> torch.Tensor:
-    """Row numbers, in a (B·length, C) view, of the token positions ``idx`` (B, k) in sequences of ``length``."""
+def flat_rows(idx: torch.Tensor, length: int) -> torch.Tensor:
+    """Row numbers, in a (B·length, C) view, of the token positions ``idx`` (B, k) in sequences of ``length`` (worked
+    out once, it can be handed to :func:`take_rows` and :func:`add_rows` as ``flat``)."""
     return (idx + torch.arange(idx.shape[0], device=idx.device)[:, None] * length).reshape(-1)
 
 
-def take_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def take_rows(t: torch.Tensor, idx: torch.Tensor, flat: torch.Tensor | None = None) -> torch.Tensor:
     """``t[b, idx[b, j]]``: the tokens of ``t`` (B, N, C) at ``idx`` (B, k), copied as rows (one index per token, not
-    an element-wise gather over an index expanded across the channels: several times faster on a CPU)."""
+    an element-wise gather over an index expanded across the channels: several times faster on a CPU). ``flat``:
+    ``flat_rows(idx, N)``, if already worked out."""
     b, n, c = t.shape
-    return t.reshape(b * n, c).index_select(0, _rows(idx, n)).view(b, -1, c)
+    return t.reshape(b * n, c).index_select(0, flat_rows(idx, n) if flat is None else flat).view(b, -1, c)
 
 
-def add_rows(base: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``base`` (B, n, C) with ``rows`` (B, k, C) added at the tokens ``idx`` (B, k) (repeats add up, in order).
+def add_rows(base: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, flat: torch.Tensor | None = None) -> torch.Tensor:
+    """``base`` (B, n, C) with ``rows`` (B, k, C) added at the tokens ``idx`` (B, k) (repeats add up, in order);
+    ``flat``: ``flat_rows(idx, n)``, if already worked out.
 
     Exported, it adds element by element: ``index_add`` exports as ScatterND with reduction "add", which ONNX
     Runtime's CPU kernel runs in parallel over the indices, losing additions to a repeated row with more than one
@@ -37,13 +40,8 @@ def add_rows(base: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> torch
     b, n, c = base.shape
     if torch.compiler.is_exporting():
         return base.scatter_add(1, idx.unsqueeze(-1).expand(-1, -1, c), rows)
-    return base.reshape(b * n, c).index_add(0, _rows(idx, n), rows.reshape(-1, c)).view(b, n, c)
-
-
-def place_rows(rows: torch.Tensor, idx: torch.Tensor, n: int) -> torch.Tensor:
-    """A (B, n, C) tensor whose token ``idx[b, j]`` is ``rows[b, j]``; ``idx`` (B, n) names every token once."""
-    b, _, c = rows.shape
-    return rows.new_empty(b * n, c).index_copy_(0, _rows(idx, n), rows.reshape(-1, c)).view(b, n, c)
+    flat = flat_rows(idx, n) if flat is None else flat
+    return base.reshape(b * n, c).index_add(0, flat, rows.reshape(-1, c)).view(b, n, c)
 
 
 # The helpers below are plain tensor code that FX tracing can record (no Python ints read from shapes).
