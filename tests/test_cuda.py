@@ -69,3 +69,24 @@ def test_visual_recipes_on_cuda_generate_the_cpus_tokens(recipe, options):
     fast = graphprune.optimize(copy.deepcopy(vlm.model).to(DEVICE), recipe, **options)
     got = fast.generate(**{k: v.to(DEVICE) for k, v in kw.items()}, **gen)
     assert torch.equal(got.cpu(), expected)
+
+
+@pytest.mark.parametrize("use_rand", [False, True])
+def test_tomesd_on_cuda_equals_the_cpu(use_rand):
+    """A reduced UNet on CUDA gives the CPU's output: top-left cells, or the CPU's random cells handed to the GPU."""
+    pytest.importorskip("diffusers")
+    from graphprune.diffusion.denoiser import Draws
+    from tests.test_diffusion import _unet_inputs, unet
+
+    model = unet.__wrapped__()
+    inputs = _unet_inputs()
+    on_cpu = graphprune.optimize(model, "tomesd", ratio=0.5, seed=0, use_rand=use_rand, merge_mlp=True)
+    on_gpu = graphprune.optimize(copy.deepcopy(model).to(DEVICE), "tomesd", ratio=0.5, seed=0, use_rand=use_rand,
+                                 merge_mlp=True)
+    with torch.no_grad():
+        draws = Draws(torch.Generator().manual_seed(0) if use_rand else None)
+        expected = on_cpu.call((), dict(inputs), draws).sample
+        given = Draws(given=[cells for _, cells in draws.log]) if use_rand else None
+        got = on_gpu.call((), {k: v.to(DEVICE) for k, v in inputs.items()}, given).sample
+    assert got.device.type == DEVICE
+    torch.testing.assert_close(got.cpu(), expected, atol=1e-4, rtol=1e-4)
