@@ -479,3 +479,16 @@ def test_kvquant_zero_batches_and_refusals(kvquant_setup):
     fused = graphprune.optimize(phi3, "kvquant", bits=4, calibration=calibration)
     assert fused.graphprune.codecs[0].fitted.key_centre.shape == (2 * 16,)
     assert greedy(fused, ids[:1], n=4).shape == (1, 4)
+
+
+@pytest.mark.parametrize("recipe", ["palu", "kvquant"])
+def test_calibration_that_is_not_token_ids_is_refused_with_what_to_give(recipe):
+    """Text, floats, an empty list or ids outside the vocabulary get one clear error naming what to pass, before any
+    calibration pass runs."""
+    model = tiny("llama", kv_heads=4)
+    vocab = model.get_input_embeddings().num_embeddings
+    options = {"ratio": 0.5, "align": 8, "group": 2} if recipe == "palu" else {"bits": 4}
+    for bad, match in [("some text", "not text"), (torch.rand(2, 40), "integers"), ([], "integers"),
+                       (torch.full((1, 40), vocab), rf"\[0, {vocab}\)"), ([[-1] * 40], rf"\[0, {vocab}\)")]:
+        with pytest.raises(graphprune.errors.RecipeError, match=match):
+            graphprune.optimize(model, recipe, calibration=bad, **options)

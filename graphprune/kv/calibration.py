@@ -5,14 +5,37 @@ from __future__ import annotations
 
 import torch
 
+from graphprune.errors import RecipeError
+
+
+def calibration_ids(model, calibration) -> torch.Tensor:
+    """``calibration`` as (N, T) token ids on the model's device, checked: integers within the model's vocabulary."""
+    hint = "give token ids, e.g. calibration=tokenizer(text, return_tensors='pt').input_ids"
+    if isinstance(calibration, (str, bytes)):
+        raise RecipeError(f"calibration takes token ids, not text: {hint}")
+    try:
+        ids = torch.as_tensor(calibration)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise RecipeError(f"calibration must be token ids ((N, T) or (T,) integers): {hint} ({err})") from None
+    embeddings = model.get_input_embeddings()
+    vocab = embeddings.num_embeddings
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool or ids.dim() not in (1, 2) \
+            or ids.numel() == 0:
+        raise RecipeError(f"calibration must be token ids, integers shaped (N, T) or (T,); got {tuple(ids.shape)} "
+                          f"{ids.dtype}: {hint}")
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        raise RecipeError(f"calibration token ids must lie in [0, {vocab}) (the model's vocabulary); got "
+                          f"{int(ids.min())}..{int(ids.max())}: tokenize with the model's own tokenizer")
+    ids = ids.to(device=embeddings.weight.device, dtype=torch.long)
+    return ids[None] if ids.dim() == 1 else ids
+
 
 def calibrate(model, calibration, info, fisher: bool):
     """Each layer's key (pre-RoPE) and value projection outputs on ``calibration`` (a recipe's token ids: (N, T) or one
     sequence (T), a tensor or nested lists), each (N, T, H), and their Fisher information (the squared gradients of
     the language-model loss; ones where not asked), one sequence at a time. Reads the model and runs it; its weights'
     gradients are not touched."""
-    ids = torch.as_tensor(calibration, dtype=torch.long).to(model.get_input_embeddings().weight.device)
-    ids = ids[None] if ids.dim() == 1 else ids
+    ids = calibration_ids(model, calibration)
     layers = model.get_decoder().layers
     acts = [([], []) for _ in layers]
     grads = [([], []) for _ in layers]

@@ -26,7 +26,7 @@ from functools import partial
 import torch
 
 from graphprune.errors import RecipeError, ScheduleError
-from graphprune.kv.calibration import calibrate
+from graphprune.kv.calibration import calibrate, calibration_ids
 from graphprune.kv.policy import CachePolicy, Chunk, Codec, When
 from graphprune.ops.hadamard import hadamard
 from graphprune.ops.quant import dequantize_zero_point, quantize_zero_point
@@ -179,7 +179,7 @@ class Palu(CachePolicy):
                               "(k_norm): the keys are not a linear map of the input; use another cache recipe")
         outputs = [(None, None)] * len(layers)
         if self.calibration is not None:
-            tokens = torch.as_tensor(self.calibration).numel()
+            tokens = calibration_ids(model, self.calibration).numel()
             if tokens < rank:
                 raise RecipeError(f"palu whitens a latent of {rank} dimensions with the calibration text's "
                                   f"statistics, but calibration holds {tokens} tokens: give at least {rank}, better "
