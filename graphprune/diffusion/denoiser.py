@@ -205,6 +205,12 @@ class ReducedOp(_Wrapper):
         return torch.cat(outs, dim=0)
 
 
+def per_sample(reduced: "ReducedDenoiser") -> bool:
+    """Whether the reduced denoiser runs each sample's attention apart (rotary positions: Flux), so that an exported
+    step has a static batch."""
+    return type(reduced.inner).__name__ == "FluxTransformer2DModel"
+
+
 # --------------------------------------------------------------------------------------------- the copy
 
 def shared_copy(module: torch.nn.Module) -> torch.nn.Module:
@@ -322,12 +328,18 @@ class ReducedDenoiser(_Wrapper):
         self._last_t = t
         return float(self.ratio[min(self._step, len(self.ratio) - 1)])
 
-    def call(self, args: tuple, kwargs: dict, draws: Draws | None = None):
-        """Run the reduced copy; ``draws``: the cells to use (default: this model's generator)."""
+    def latent_size(self, args: tuple, kwargs: dict) -> tuple[int, int]:
+        """The token grid of the first blocks for a call with these arguments."""
+        return latent_size(self.inner, args[0] if args else kwargs.get("sample", kwargs.get("hidden_states")), kwargs)
+
+    def call(self, args: tuple, kwargs: dict, draws: Draws | None = None, size: tuple[int, int] | None = None):
+        """Run the reduced copy; ``draws``: the cells to use (default: this model's generator); ``size``: the token
+        grid, if known (an exported graph fixes it; Flux's is read from the values of ``img_ids``)."""
         sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         draws = draws or Draws(self.generator(sample.device) if self.settings.use_rand else None)
-        self.run.call = Call(size=latent_size(self.inner, sample, kwargs), ratio=self.ratio_at(timestep), draws=draws)
+        size = size or self.latent_size(args, kwargs)
+        self.run.call = Call(size=size, ratio=self.ratio_at(timestep), draws=draws)
         try:
             return self.inner(*args, **kwargs)
         finally:

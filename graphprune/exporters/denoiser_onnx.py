@@ -1,7 +1,8 @@
 """A reduced diffusion denoiser (:mod:`graphprune.diffusion`) as one ONNX graph per denoising step, checked in ONNX
 Runtime at two timesteps before anything is written.
 
-The graph's inputs are the denoiser's tensor inputs (batch dynamic) and, with ``use_rand``, one ``cells_K`` per
+The graph's inputs are the denoiser's tensor inputs (batch dynamic; static for Flux, whose reduced attention runs each
+sample apart at its merged tokens' rotary positions) and, with ``use_rand``, one ``cells_K`` per
 reduced block call: the destination's slot in each cell (int64, ``[rows, cols]``), drawn outside the graph.
 :class:`OnnxDenoiser` draws them as the eager model does (its own generator, top-left cells for an odd batch).
 """
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from torch.export import Dim
 
-from graphprune.diffusion.denoiser import Draws, ReducedDenoiser
+from graphprune.diffusion.denoiser import Draws, ReducedDenoiser, per_sample
 from graphprune.diffusion.merge import Grid, draw_cells
 from graphprune.errors import ExportError, GraphPruneError, first_line
 from graphprune.exporters import triton
@@ -34,14 +35,20 @@ META = "denoiser.json"
 class _Step(torch.nn.Module):
     """One denoising step with named tensor inputs and the cells as inputs; other arguments fixed."""
 
-    def __init__(self, reduced: ReducedDenoiser, names: list[str], fixed: dict):
+    def __init__(self, reduced: ReducedDenoiser, names: list[str], fixed: dict, size: tuple[int, int]):
         super().__init__()
-        self.reduced, self.names, self.fixed = reduced, names, fixed
+        self.reduced, self.names, self.fixed, self.size = reduced, names, fixed, size
 
     def forward(self, tensors: list[torch.Tensor], cells: list[torch.Tensor]):
         kwargs = {**self.fixed, **dict(zip(self.names, tensors)), "return_dict": False}
         draws = Draws(given=list(cells)) if cells else Draws()
-        return self.reduced.call((), kwargs, draws)[0]
+        return self.reduced.call((), kwargs, draws, self.size)[0]
+
+
+def _step(reduced: ReducedDenoiser, example_inputs: dict) -> _Step:
+    """The step module for ``example_inputs`` (the token grid fixed at theirs)."""
+    names, _, fixed = _split(example_inputs)
+    return _Step(reduced, names, fixed, reduced.latent_size((), example_inputs)).eval()
 
 
 def _grids(reduced: ReducedDenoiser, inputs: dict) -> list[Grid]:
@@ -73,21 +80,20 @@ def export_denoiser_onnx(reduced: ReducedDenoiser, example_inputs: dict, output)
     if callable(reduced.ratio) or isinstance(reduced.ratio, (list, tuple)):
         raise GraphPruneError("an exported denoiser merges one ratio: export with ratio=<number> (one graph per ratio "
                               "for a schedule)")
-    if type(reduced.inner).__name__ == "FluxTransformer2DModel":
-        raise GraphPruneError("a reduced Flux step does not export yet: its merged tokens' rotary positions are chosen "
-                              "per sample as it runs (the attention runs once per sample); use target='eager'")
     if not isinstance(example_inputs.get("timestep"), torch.Tensor):
         raise GraphPruneError("example_inputs needs 'timestep' as a tensor (an input of the graph; the parity check "
                               "runs two timesteps)")
     names, tensors, fixed = _split(example_inputs)
     batch = tensors[0].shape[0] if tensors[0].dim() else None
-    if batch is None or batch < 2:
+    static = per_sample(reduced)  # (Flux: each sample's attention runs apart, at its merged tokens' positions)
+    if batch is None or (batch < 2 and not static):
         raise GraphPruneError("example_inputs need a batch of at least 2 (the exported batch is dynamic)")
     grids = _grids(reduced, example_inputs) if reduced.settings.use_rand else []
-    step = _Step(reduced, names, fixed).eval()
+    step = _step(reduced, example_inputs)
     cells = _check_cells(grids)
     b = Dim.AUTO  # (diffusers' UNet branches on a batch of 64 around a no-op: the ONNX graph serves any batch)
-    dynamic = ([{0: b} if t.dim() and t.shape[0] == batch else None for t in tensors], [None] * len(cells))
+    dynamic = ([{0: b} if t.dim() and t.shape[0] == batch and not static else None for t in tensors],
+               [None] * len(cells))
     output = Path(output)
     with staging_dir(output) as tmp:
         staged = tmp / "denoiser.onnx"
@@ -115,7 +121,8 @@ def export_denoiser_onnx(reduced: ReducedDenoiser, example_inputs: dict, output)
         if not diff <= TOLERANCE:
             raise ExportError(f"the ONNX denoiser differs from the eager one by {diff:.3g} (> {TOLERANCE}); nothing "
                               "was written")
-        meta = {"inputs": names, "cells": [[g.h, g.w, g.sx, g.sy] for g in grids], "ratio": reduced.ratio,
+        meta = {"inputs": names, "batch": batch if static else None,
+                "cells": [[g.h, g.w, g.sx, g.sy] for g in grids], "ratio": reduced.ratio,
                 "seed": reduced.seed, "max_abs_diff": diff}
         (tmp / META).write_text(json.dumps(meta, indent=2))
         publish(sorted(tmp.iterdir()), output, last=staged)
@@ -141,6 +148,9 @@ class _Runner:
         if missing:
             raise GraphPruneError(f"missing input(s) {', '.join(missing)}; the graph takes {', '.join(self.meta['inputs'])}")
         batch = inputs[self.meta["inputs"][0]].shape[0]
+        if self.meta.get("batch") not in (None, batch):
+            raise GraphPruneError(f"this denoiser was exported for a batch of {self.meta['batch']} (a reduced Flux step "
+                                  f"runs each sample apart), not {batch}: export again with that batch")
         gen = self.generator if batch % 2 == 0 else None
         cells = [draw_cells(g, gen) for g in self.grids]
         feeds = {k: torch.as_tensor(inputs[k]).cpu().numpy() for k in self.meta["inputs"]}
@@ -187,16 +197,18 @@ def deploy_denoiser(reduced: ReducedDenoiser, example_inputs: dict, output, targ
     written = [folder / name for name in ("denoiser.onnx", "denoiser.onnx.data", META)]
     try:
         if target == "openvino":
-            names, tensors, fixed = _split(example_inputs)
+            tensors = _split(example_inputs)[1]
             cells = _check_cells(onnx_runner.grids)
             with torch.no_grad():
-                expected = _Step(reduced, names, fixed).eval()(tensors, cells)
+                expected = _step(reduced, example_inputs)(tensors, cells)
             export_openvino(folder / "denoiser.onnx", expected, (*tensors, *cells))
             return OpenVinoDenoiser(folder)
         if target == "trt":
             shapes = {i.name: tuple(t.shape) for i, t in zip(onnx_runner.session.get_inputs(), _split(example_inputs)[1])}
             cells = {f"cells_{i}": g.cells for i, g in enumerate(onnx_runner.grids)}
-            onnx_runner.build = write_trt_build(folder / "denoiser.onnx", {**shapes, **cells}, fixed=set(cells))
+            static = set(shapes) if onnx_runner.meta.get("batch") else set()  # (Flux: every shape fixed)
+            onnx_runner.build = write_trt_build(folder / "denoiser.onnx", {**shapes, **cells},
+                                                fixed=set(cells) | static)
             return onnx_runner
         if target == "triton":
             triton.write_config(onnx_runner, model_dir, max_batch_size=0, filename="denoiser.onnx")
