@@ -449,6 +449,25 @@ def test_refusals(unet):
         graphprune.optimize(unet, "tomesd", merge_attn=False)
 
 
+def test_onnx_check_replays_the_graphs_matchings(unet, tmp_path, monkeypatch):
+    """The export's parity check runs eager with the exported graph's own matchings (so that near-ties, which two
+    runtimes' rounding may decide apart at real scale, do not fail it) and checks those matchings against eager's
+    similarities: a graph that merges the least similar sources is refused, and nothing is written."""
+    import types
+
+    from graphprune.diffusion import merge
+
+    def normalize(x, dim):  # exported, the similarities pair each token with another's features
+        m = torch.nn.functional.normalize(x, dim=dim)
+        return m.flip(1) if torch.compiler.is_exporting() else m
+
+    monkeypatch.setattr(merge, "F", types.SimpleNamespace(normalize=normalize))
+    with pytest.raises(GraphPruneError, match="from optimal"):
+        graphprune.optimize(unet, "tomesd", ratio=0.5, seed=3, target="onnx", output=tmp_path / "d",
+                            example_inputs=_unet_inputs())
+    assert not (tmp_path / "d").exists()
+
+
 def test_onnx_denoiser_matches_eager_and_draws_alike(unet, tmp_path):
     inputs = _unet_inputs()
     onnx = graphprune.optimize(unet, "tomesd", ratio=0.5, seed=3, target="onnx", output=tmp_path / "d",
@@ -463,6 +482,9 @@ def test_onnx_denoiser_matches_eager_and_draws_alike(unet, tmp_path):
     assert any(n.op_type == "ScatterElements" for n in nodes)
     assert not [n for n in nodes if n.op_type == "ScatterND" and any(a.name == "reduction" and a.s != b"none"
                                                                      for a in n.attribute)]
+    assert [o.name for o in graph.graph.output] == ["output"]  # (the matchings were outputs for the check only)
+    meta = json.loads((tmp_path / "d" / "denoiser.json").read_text())
+    assert meta["checked_calls"] == 2 * len(meta["cells"]) > 0 and meta["matching_slack"] <= 1e-4 and meta["near_ties"] == 0
     eager = graphprune.optimize(unet, "tomesd", ratio=0.5, seed=3)
     with torch.no_grad():
         for t in (700.0, 300.0):  # two steps: the cells advance alike

@@ -47,13 +47,22 @@ def check_denoiser(model: torch.nn.Module) -> None:
 # --------------------------------------------------------------------------------------------- per call state
 
 class Draws:
-    """Where each block call's destination cells come from: a generator, as the published code draws them (one
-    ``randint`` per block call, the same for every sample of the batch; none for an odd batch, whose classifier-free
-    guidance halves are not in one batch: top-left then), or a given list (an exported graph's inputs)."""
+    """What each block call of one denoiser call draws and decides. The destination cells come from a generator, as
+    the published code draws them (one ``randint`` per block call, the same for every sample of the batch; none for an
+    odd batch, whose classifier-free guidance halves are not in one batch: top-left then), or a given list (an
+    exported graph's inputs). The matchings are the call's own, or ``decided``: (order, choice) per block call, taken
+    from an exported graph's run (its parity check replays them)."""
 
-    def __init__(self, generator: torch.Generator | None = None, given: list[torch.Tensor] | None = None):
-        self.generator, self.given = generator, given
+    def __init__(self, generator: torch.Generator | None = None, given: list[torch.Tensor] | None = None,
+                 decided: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
+        self.generator, self.given, self.decided = generator, given, decided
         self.log: list[tuple[Grid, torch.Tensor]] = []  # (grid, cells) of each block call so far
+        self.merges: list[Merge] = []  # the matching of each block call so far
+
+    def match(self, x: torch.Tensor, grid: Grid, cells: torch.Tensor, r: int) -> Merge:
+        decided = self.decided[len(self.merges)] if self.decided is not None else None
+        self.merges.append(Merge(x, grid, cells, r, decided))
+        return self.merges[-1]
 
     def next(self, grid: Grid, batch: int, use_rand: bool, device) -> torch.Tensor:
         if self.given is not None:
@@ -150,7 +159,7 @@ class MatchedBlock(_Wrapper):
                     raise UnsupportedArchitectureError(f"a block's {n} tokens are not the {grid.h}×{grid.w} grid its "
                                                        f"latent implies; token merging needs the image tokens alone")
                 cells = call.draws.next(grid, x.shape[0], s.use_rand, x.device)
-                merge = Merge(x, grid, cells, int(n * call.ratio))
+                merge = call.draws.match(x, grid, cells, int(n * call.ratio))
         text = 0
         if merge is not None and self.stream:  # the ops see the text tokens first, then the image tokens
             text = (kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[1]).shape[1]

@@ -40,6 +40,18 @@ def draw_cells(grid: Grid, generator: torch.Generator | None) -> torch.Tensor:
                          device=generator.device).reshape(rows, cols)
 
 
+def _slack(scores: torch.Tensor, best: torch.Tensor, order: torch.Tensor, choice: torch.Tensor, r: int) -> float:
+    """How far a given matching is from optimal under ``scores``: the largest amount by which a chosen destination
+    falls short of the source's best one, or a merged source's similarity of one kept (0: optimal; small: a near-tie
+    decided the other way)."""
+    chosen = scores.gather(-1, choice.unsqueeze(-1)).squeeze(-1)  # (B, sources)
+    short = (best - chosen).max()
+    ranked = chosen.gather(1, order)
+    if 0 < r < ranked.shape[1]:
+        short = torch.maximum(short, ranked[:, r:].max(dim=1).values.sub(ranked[:, :r].min(dim=1).values).max())
+    return float(short.clamp_min(0))
+
+
 def split_indices(grid: Grid, cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Token indices of the sources (raster order) and of the destinations (cell order) for the cell choice."""
     rows, cols = grid.cells
@@ -62,7 +74,10 @@ class Merge:
     each token's row back from its slot: one scatter-add and one gather per call, the slots worked out once per match
     (the op count matters on a GPU, where each small op costs a launch)."""
 
-    def __init__(self, metric: torch.Tensor, grid: Grid, cells: torch.Tensor, r: int):
+    def __init__(self, metric: torch.Tensor, grid: Grid, cells: torch.Tensor, r: int,
+                 decided: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """``decided``: (order, choice) taken from another run of the same matching (an exported graph's), followed
+        instead of this one's; ``slack`` then says how far they are from optimal under this run's scores."""
         b, n = metric.shape[:2]
         src, dst = split_indices(grid, cells)
         self.n, self.dst, self.r = n, dst, min(r, src.numel())
@@ -71,6 +86,10 @@ class Merge:
             scores = m[:, src] @ m[:, dst].transpose(1, 2)  # (B, sources, destinations)
             best, choice = scores.max(dim=-1)
             order = best.argsort(dim=-1, descending=True)  # sources, most similar first: the first r merge
+            if decided is not None:
+                self.slack = _slack(scores, best, *decided, self.r)
+                order, choice = decided
+        self.order, self.choice = order, choice
         into = choice.gather(1, order[:, :self.r])  # their destinations (positions among the destinations)
         at = src[order]  # (B, sources) token positions: the merged ones, then those kept as they are
         self.kept_at = at[:, self.r:]

@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from torch.export import Dim
 
@@ -33,22 +34,50 @@ META = "denoiser.json"
 
 
 class _Step(torch.nn.Module):
-    """One denoising step with named tensor inputs and the cells as inputs; other arguments fixed."""
+    """One denoising step with named tensor inputs and the cells as inputs; other arguments fixed. ``expose``: it also
+    returns each reduced block call's matching (order, choice), for the parity check (the published graph's outputs
+    are then cut back to the first)."""
 
-    def __init__(self, reduced: ReducedDenoiser, names: list[str], fixed: dict, size: tuple[int, int]):
+    def __init__(self, reduced: ReducedDenoiser, names: list[str], fixed: dict, size: tuple[int, int],
+                 expose: bool = False):
         super().__init__()
-        self.reduced, self.names, self.fixed, self.size = reduced, names, fixed, size
+        self.reduced, self.names, self.fixed, self.size, self.expose = reduced, names, fixed, size, expose
+
+    def run(self, tensors: list[torch.Tensor], cells: list[torch.Tensor], decided=None) -> tuple[torch.Tensor, Draws]:
+        kwargs = {**self.fixed, **dict(zip(self.names, tensors)), "return_dict": False}
+        draws = Draws(given=list(cells) if cells else None, decided=decided)
+        return self.reduced.call((), kwargs, draws, self.size)[0], draws
 
     def forward(self, tensors: list[torch.Tensor], cells: list[torch.Tensor]):
-        kwargs = {**self.fixed, **dict(zip(self.names, tensors)), "return_dict": False}
-        draws = Draws(given=list(cells)) if cells else Draws()
-        return self.reduced.call((), kwargs, draws, self.size)[0]
+        out, draws = self.run(tensors, cells)
+        return (out, *[t for m in draws.merges for t in (m.order, m.choice)]) if self.expose else out
 
 
-def _step(reduced: ReducedDenoiser, example_inputs: dict) -> _Step:
+def _step(reduced: ReducedDenoiser, example_inputs: dict, expose: bool = False) -> _Step:
     """The step module for ``example_inputs`` (the token grid fixed at theirs)."""
     names, _, fixed = _split(example_inputs)
-    return _Step(reduced, names, fixed, reduced.latent_size((), example_inputs)).eval()
+    return _Step(reduced, names, fixed, reduced.latent_size((), example_inputs), expose).eval()
+
+
+def _merged(merge) -> torch.Tensor:
+    """(B, sources): each source's destination if it is merged, else -1 (a matching as a set, order aside)."""
+    r = merge.r
+    return torch.full_like(merge.choice, -1).scatter(1, merge.order[:, :r], merge.choice.gather(1, merge.order[:, :r]))
+
+
+def _check(session, step: _Step, inputs: list[torch.Tensor], cells: list[torch.Tensor]) -> tuple[float, float, int]:
+    """Run the exposed graph in ONNX Runtime and eager with the graph's own matchings: (the largest output difference,
+    how far the graph's matchings are from optimal under eager's scores, how many block calls matched otherwise than
+    eager on its own: near-ties that the two runtimes' rounding decides apart)."""
+    feeds = {i.name: a.detach().cpu().numpy() for i, a in zip(session.get_inputs(), [*inputs, *cells])}
+    got = [torch.from_numpy(np.asarray(o)) for o in session.run(None, feeds)]
+    decided = list(zip(got[1::2], got[2::2]))
+    with torch.no_grad():
+        replayed, draws = step.run(inputs, cells, decided)
+        own = step.run(inputs, cells)[1].merges
+    slack = max((m.slack for m in draws.merges), default=0.0)
+    apart = sum(not torch.equal(_merged(a), _merged(b)) for a, b in zip(draws.merges, own))
+    return max_abs_diff(got[0], replayed), slack, apart
 
 
 def _grids(reduced: ReducedDenoiser, inputs: dict) -> list[Grid]:
@@ -89,8 +118,10 @@ def export_denoiser_onnx(reduced: ReducedDenoiser, example_inputs: dict, output)
     if batch is None or (batch < 2 and not static):
         raise GraphPruneError("example_inputs need a batch of at least 2 (the exported batch is dynamic)")
     grids = _grids(reduced, example_inputs) if reduced.settings.use_rand else []
-    step = _step(reduced, example_inputs)
+    step = _step(reduced, example_inputs, expose=True)
     cells = _check_cells(grids)
+    with torch.no_grad():
+        calls = len(step.run(tensors, cells)[1].merges)
     b = Dim.AUTO  # (diffusers' UNet branches on a batch of 64 around a no-op: the ONNX graph serves any batch)
     dynamic = ([{0: b} if t.dim() and t.shape[0] == batch and not static else None for t in tensors],
                [None] * len(cells))
@@ -102,28 +133,31 @@ def export_denoiser_onnx(reduced: ReducedDenoiser, example_inputs: dict, output)
                     _quiet_loggers("torch.onnx", "onnx_ir"):
                 warnings.simplefilter("ignore")
                 program = torch.export.export(step, (tensors, cells), dynamic_shapes=dynamic, strict=False)
+                matchings = [f"{k}_{i}" for i in range(calls) for k in ("order", "choice")]
                 program = torch.onnx.export(program, dynamo=True,
                                             input_names=[*names, *(f"cells_{i}" for i in range(len(cells)))],
-                                            output_names=["output"], opset_version=OPSET, verbose=False)
+                                            output_names=["output", *matchings], opset_version=OPSET, verbose=False)
                 program.save(str(staged), external_data=True)
         except Exception as err:  # noqa: BLE001
             raise ExportError(f"ONNX export of the denoiser failed: {first_line(err)}") from err
         session = _session(staged)
         t = example_inputs["timestep"]
-        diffs = []
-        for when in (t, torch.div(t, 2, rounding_mode="floor")):  # (the timestep's dtype kept)
-            inputs = [when if k == "timestep" else v for k, v in zip(names, tensors)]
-            with torch.no_grad():
-                expected = step(inputs, cells)
-            feeds = {i.name: a.detach().cpu().numpy() for i, a in zip(session.get_inputs(), [*inputs, *cells])}
-            diffs.append(max_abs_diff(torch.from_numpy(np.asarray(session.run(None, feeds)[0])), expected))
-        diff = max(diffs)
+        checks = [_check(session, step, [when if k == "timestep" else v for k, v in zip(names, tensors)], cells)
+                  for when in (t, torch.div(t, 2, rounding_mode="floor"))]  # (the timestep's dtype kept)
+        diff, slack, apart = max(c[0] for c in checks), max(c[1] for c in checks), sum(c[2] for c in checks)
         if not diff <= TOLERANCE:
-            raise ExportError(f"the ONNX denoiser differs from the eager one by {diff:.3g} (> {TOLERANCE}); nothing "
-                              "was written")
+            raise ExportError(f"the ONNX denoiser differs from the eager one (with the same matchings) by {diff:.3g} "
+                              f"(> {TOLERANCE}); nothing was written")
+        if not slack <= TOLERANCE:
+            raise ExportError(f"the ONNX denoiser's matchings are {slack:.3g} from optimal under eager's similarities "
+                              f"(> {TOLERANCE}): its matching differs from the published one; nothing was written")
+        graph = onnx.load(str(staged), load_external_data=False)  # (the matchings were outputs for the check only)
+        del graph.graph.output[1:]
+        onnx.save(graph, str(staged))
         meta = {"inputs": names, "batch": batch if static else None,
                 "cells": [[g.h, g.w, g.sx, g.sy] for g in grids], "ratio": reduced.ratio,
-                "seed": reduced.seed, "max_abs_diff": diff}
+                "seed": reduced.seed, "max_abs_diff": diff, "matching_slack": slack, "near_ties": apart,
+                "checked_calls": 2 * calls}
         (tmp / META).write_text(json.dumps(meta, indent=2))
         publish(sorted(tmp.iterdir()), output, last=staged)
     return OnnxDenoiser(output)

@@ -53,11 +53,22 @@ def write_text(path, text: str) -> Path:
 
 @contextlib.contextmanager
 def staging_dir(target_dir: Path):
-    """A temporary folder beside ``target_dir``; files are moved in by :func:`publish`."""
+    """A temporary folder beside ``target_dir``; files are moved in by :func:`publish`. If the work fails, the
+    folders this created for ``target_dir`` are removed again (when still empty)."""
+    target_dir = Path(target_dir)
+    created = [d for d in (target_dir, *target_dir.parents) if not d.exists()]
     ensure_dir(target_dir)
     tmp = Path(tempfile.mkdtemp(prefix=".graphprune-", dir=target_dir))
     try:
         yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for folder in created:  # (deepest first)
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
