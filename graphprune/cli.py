@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
-import shutil
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -15,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from graphprune.errors import GraphPruneError, first_line
+from graphprune.exporters.files import removed_on_failure
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Token reduction for transformers as a compiler pass.")
 err_console = Console(stderr=True)
@@ -331,25 +330,9 @@ def export(
 
     Decoder LLMs take a KV-cache recipe (-O budget=...): --target onnx writes prefill.onnx and
     decode.onnx; --target eager writes the recipe as a schedule file to pass back with --schedule."""
-    with _removed_on_failure(output):
+    with removed_on_failure(output):
         _export(model, output, recipe, target, r, inflection, prop_attn, keep, locations, restore_tokens, option,
                 schedule, weights, trust_pickle, batch, input_size, prompt_len, new_tokens)
-
-
-@contextlib.contextmanager
-def _removed_on_failure(folder: Path):
-    """Remove the folders this command created on the way to ``folder`` if it fails (nothing half-written)."""
-    top = None
-    for p in (folder, *folder.parents):
-        if p.exists():
-            break
-        top = p
-    try:
-        yield
-    except BaseException:
-        if top is not None:
-            shutil.rmtree(top, ignore_errors=True)
-        raise
 
 
 def _export(model, output, recipe, target, r, inflection, prop_attn, keep, locations, restore_tokens, option, schedule,
@@ -617,7 +600,7 @@ def tune(
 ):
     """Choose a per-block schedule meeting --speedup or --latency-ms with the best fidelity, by profiling this device."""
     try:
-        with _removed_on_failure(output.parent):  # (the folder check_writable makes for the schedule file)
+        with removed_on_failure(output.parent):  # (the folder check_writable makes for the schedule file)
             import graphprune
 
             if (speedup is None) == (latency_ms is None):

@@ -273,6 +273,11 @@ def rewrite(model: torch.nn.Module, settings: Settings, run: _Run) -> tuple[torc
     return root, names
 
 
+def _sample(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The latent of a denoiser call (the first argument, or ``sample`` / ``hidden_states``)."""
+    return args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+
+
 def latent_size(model: torch.nn.Module, sample: torch.Tensor, kwargs: dict) -> tuple[int, int]:
     """The token grid of the first blocks: the latent's (H, W) for a UNet, (H / p, W / p) for a transformer with
     patches of ``p``; for packed tokens (Flux: ``(B, N, C)``) the rows and columns of their ``img_ids``."""
@@ -339,16 +344,14 @@ class ReducedDenoiser(_Wrapper):
 
     def latent_size(self, args: tuple, kwargs: dict) -> tuple[int, int]:
         """The token grid of the first blocks for a call with these arguments."""
-        return latent_size(self.inner, args[0] if args else kwargs.get("sample", kwargs.get("hidden_states")), kwargs)
+        return latent_size(self.inner, _sample(args, kwargs), kwargs)
 
     def call(self, args: tuple, kwargs: dict, draws: Draws | None = None, size: tuple[int, int] | None = None):
         """Run the reduced copy; ``draws``: the cells to use (default: this model's generator); ``size``: the token
         grid, if known (an exported graph fixes it; Flux's is read from the values of ``img_ids``)."""
-        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
-        draws = draws or Draws(self.generator(sample.device) if self.settings.use_rand else None)
-        size = size or self.latent_size(args, kwargs)
-        self.run.call = Call(size=size, ratio=self.ratio_at(timestep), draws=draws)
+        draws = draws or Draws(self.generator(_sample(args, kwargs).device) if self.settings.use_rand else None)
+        self.run.call = Call(size=size or self.latent_size(args, kwargs), ratio=self.ratio_at(timestep), draws=draws)
         try:
             return self.inner(*args, **kwargs)
         finally:

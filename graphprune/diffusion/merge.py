@@ -40,6 +40,11 @@ def draw_cells(grid: Grid, generator: torch.Generator | None) -> torch.Tensor:
                          device=generator.device).reshape(rows, cols)
 
 
+def _assignment(order: torch.Tensor, choice: torch.Tensor, r: int) -> torch.Tensor:
+    """(B, sources): each source's destination if it is merged, else -1 (a matching as a set, its order aside)."""
+    return torch.full_like(choice, -1).scatter(1, order[:, :r], choice.gather(1, order[:, :r]))
+
+
 def _slack(scores: torch.Tensor, best: torch.Tensor, order: torch.Tensor, choice: torch.Tensor, r: int) -> float:
     """How far a given matching is from optimal under ``scores``: the largest amount by which a chosen destination
     falls short of the source's best one, or a merged source's similarity of one kept (0: optimal; small: a near-tie
@@ -77,7 +82,8 @@ class Merge:
     def __init__(self, metric: torch.Tensor, grid: Grid, cells: torch.Tensor, r: int,
                  decided: tuple[torch.Tensor, torch.Tensor] | None = None):
         """``decided``: (order, choice) taken from another run of the same matching (an exported graph's), followed
-        instead of this one's; ``slack`` then says how far they are from optimal under this run's scores."""
+        instead of this one's; ``slack`` then says how far they are from optimal under this run's scores, ``differs``
+        whether this run would have merged other tokens."""
         b, n = metric.shape[:2]
         src, dst = split_indices(grid, cells)
         self.n, self.dst, self.r = n, dst, min(r, src.numel())
@@ -88,17 +94,18 @@ class Merge:
             order = best.argsort(dim=-1, descending=True)  # sources, most similar first: the first r merge
             if decided is not None:
                 self.slack = _slack(scores, best, *decided, self.r)
+                self.differs = not torch.equal(_assignment(order, choice, self.r), _assignment(*decided, self.r))
                 order, choice = decided
         self.order, self.choice = order, choice
         into = choice.gather(1, order[:, :self.r])  # their destinations (positions among the destinations)
         at = src[order]  # (B, sources) token positions: the merged ones, then those kept as they are
         self.kept_at = at[:, self.r:]
         kept = self.kept_at.shape[1]
+        self.width = kept + dst.numel()  # tokens after merging
         # slot of every token: kept sources 0.., the merged ones their destination's, destinations kept.. in cell order
         tokens = torch.cat([at, dst.expand(b, -1)], dim=1)
-        slots = torch.cat([into + kept, torch.arange(kept + dst.numel(), device=dst.device).expand(b, -1)], dim=1)
+        slots = torch.cat([into + kept, torch.arange(self.width, device=dst.device).expand(b, -1)], dim=1)
         self.slots = slots.new_empty(b, n).scatter_(1, tokens, slots)  # (B, N): the output slot of each token
-        self.width = kept + dst.numel()
         self.rows = flat_rows(self.slots, self.width)  # the slots as rows of a (B·width, C) view
         self.count = torch.zeros(b, self.width, 1, dtype=metric.dtype, device=metric.device).scatter_add_(
             1, self.slots.unsqueeze(-1), torch.ones_like(metric[..., :1]))

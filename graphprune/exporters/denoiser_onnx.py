@@ -59,33 +59,25 @@ def _step(reduced: ReducedDenoiser, example_inputs: dict, expose: bool = False) 
     return _Step(reduced, names, fixed, reduced.latent_size((), example_inputs), expose).eval()
 
 
-def _merged(merge) -> torch.Tensor:
-    """(B, sources): each source's destination if it is merged, else -1 (a matching as a set, order aside)."""
-    r = merge.r
-    return torch.full_like(merge.choice, -1).scatter(1, merge.order[:, :r], merge.choice.gather(1, merge.order[:, :r]))
-
-
 def _check(session, step: _Step, inputs: list[torch.Tensor], cells: list[torch.Tensor]) -> tuple[float, float, int]:
     """Run the exposed graph in ONNX Runtime and eager with the graph's own matchings: (the largest output difference,
-    how far the graph's matchings are from optimal under eager's scores, how many block calls matched otherwise than
-    eager on its own: near-ties that the two runtimes' rounding decides apart)."""
+    how far the graph's matchings are from optimal under eager's scores, at how many block calls eager would have
+    merged other tokens: near-ties that the two runtimes' rounding decides apart)."""
     feeds = {i.name: a.detach().cpu().numpy() for i, a in zip(session.get_inputs(), [*inputs, *cells])}
     got = [torch.from_numpy(np.asarray(o)) for o in session.run(None, feeds)]
-    decided = list(zip(got[1::2], got[2::2]))
     with torch.no_grad():
-        replayed, draws = step.run(inputs, cells, decided)
-        own = step.run(inputs, cells)[1].merges
+        replayed, draws = step.run(inputs, cells, list(zip(got[1::2], got[2::2])))
     slack = max((m.slack for m in draws.merges), default=0.0)
-    apart = sum(not torch.equal(_merged(a), _merged(b)) for a, b in zip(draws.merges, own))
-    return max_abs_diff(got[0], replayed), slack, apart
+    return max_abs_diff(got[0], replayed), slack, sum(m.differs for m in draws.merges)
 
 
-def _grids(reduced: ReducedDenoiser, inputs: dict) -> list[Grid]:
-    """The grid of every reduced block call, in call order (one eager run that records its draws)."""
+def _trace(reduced: ReducedDenoiser, inputs: dict) -> tuple[list[Grid], int]:
+    """The grid of every reduced block call, in call order, and how many block calls merge (one eager run that records
+    its draws)."""
     draws = Draws(torch.Generator().manual_seed(0))
     with torch.no_grad():
         reduced.call((), {**inputs, "return_dict": False}, draws)
-    return [g for g, _ in draws.log]
+    return [g for g, _ in draws.log], len(draws.merges)
 
 
 def _split(example_inputs: dict) -> tuple[list[str], list[torch.Tensor], dict]:
@@ -117,11 +109,10 @@ def export_denoiser_onnx(reduced: ReducedDenoiser, example_inputs: dict, output)
     static = per_sample(reduced)  # (Flux: each sample's attention runs apart, at its merged tokens' positions)
     if batch is None or (batch < 2 and not static):
         raise GraphPruneError("example_inputs need a batch of at least 2 (the exported batch is dynamic)")
-    grids = _grids(reduced, example_inputs) if reduced.settings.use_rand else []
+    grids, calls = _trace(reduced, example_inputs)
+    grids = grids if reduced.settings.use_rand else []
     step = _step(reduced, example_inputs, expose=True)
     cells = _check_cells(grids)
-    with torch.no_grad():
-        calls = len(step.run(tensors, cells)[1].merges)
     b = Dim.AUTO  # (diffusers' UNet branches on a batch of 64 around a no-op: the ONNX graph serves any batch)
     dynamic = ([{0: b} if t.dim() and t.shape[0] == batch and not static else None for t in tensors],
                [None] * len(cells))

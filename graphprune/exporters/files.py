@@ -54,23 +54,32 @@ def write_text(path, text: str) -> Path:
 @contextlib.contextmanager
 def staging_dir(target_dir: Path):
     """A temporary folder beside ``target_dir``; files are moved in by :func:`publish`. If the work fails, the
-    folders this created for ``target_dir`` are removed again (when still empty)."""
+    folders this created for ``target_dir`` are removed again."""
     target_dir = Path(target_dir)
-    created = [d for d in (target_dir, *target_dir.parents) if not d.exists()]
-    ensure_dir(target_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=".graphprune-", dir=target_dir))
+    with removed_on_failure(target_dir):
+        ensure_dir(target_dir)
+        tmp = Path(tempfile.mkdtemp(prefix=".graphprune-", dir=target_dir))
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def removed_on_failure(folder: Path):
+    """Remove the folders created from here on the way to ``folder`` if the work in the block fails (nothing
+    half-written stays behind)."""
+    top = None
+    for p in (folder, *folder.parents):
+        if p.exists():
+            break
+        top = p
     try:
-        yield tmp
+        yield
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for folder in created:  # (deepest first)
-            try:
-                folder.rmdir()
-            except OSError:
-                break
+        if top is not None:
+            shutil.rmtree(top, ignore_errors=True)
         raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def publish(files: list[Path], target_dir: Path, last: Path | None = None) -> None:

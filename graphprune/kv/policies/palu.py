@@ -179,12 +179,12 @@ class Palu(CachePolicy):
                               "(k_norm): the keys are not a linear map of the input; use another cache recipe")
         outputs = [(None, None)] * len(layers)
         if self.calibration is not None:
-            tokens = calibration_ids(model, self.calibration).numel()
-            if tokens < rank:
+            ids = calibration_ids(model, self.calibration)
+            if ids.numel() < rank:
                 raise RecipeError(f"palu whitens a latent of {rank} dimensions with the calibration text's "
-                                  f"statistics, but calibration holds {tokens} tokens: give at least {rank}, better "
-                                  "thousands")
-            outputs = calibrate(model, self.calibration, info, fisher=False)[0]
+                                  f"statistics, but calibration holds {ids.numel()} tokens: give at least {rank}, "
+                                  "better thousands")
+            outputs = calibrate(model, ids, info, fisher=False)[0]
         codecs = []
         for i, layer in enumerate(layers):
             (wk, bk), (wv, bv) = _projections(layer.self_attn, info)
