@@ -92,7 +92,8 @@ def streaming_llm(prompt: int, total: int, budget: int, sinks: int) -> set[int]:
 
 
 def pyramidkv_budgets(budget: int, window: int, beta: int, layers: int, prompt: int) -> list[int]:
-    """PyramidKV's per-layer budgets: an arithmetic sequence from the bottom layer down, window on top."""
+    """PyramidKV's per-layer budgets: an arithmetic sequence from the bottom layer down, window on top (the authors'
+    PyramidKVCluster: the step is (max − min) // num_hidden_layers)."""
     if prompt <= budget:
         return [budget] * layers
     lo = (budget - window) // beta
@@ -100,7 +101,7 @@ def pyramidkv_budgets(budget: int, window: int, beta: int, layers: int, prompt: 
     if hi >= prompt - window:
         hi = prompt - window
         lo = 2 * (budget - window) - hi
-    step = (hi - lo) // (layers - 1)
+    step = (hi - lo) // layers
     return [hi - i * step + window for i in range(layers)]
 
 

@@ -1,9 +1,10 @@
 """PyramidKV: Dynamic KV Cache Compression based on Pyramidal Information Funneling (Cai et al., 2024).
 
 Per-layer budgets as in the authors' code (``PyramidKVCluster``): with M the budget and w the window,
-the bottom layer chooses up to 2(M − w) − (M − w)//beta prompt tokens and the top one (M − w)//beta,
-in equal integer steps (rounded down, so the mean lies a little above M), each plus the window. A
-prompt shorter than 2(M − w) falls back to SnapKV's uniform M. kvpress's variant differs: its
+the bottom layer chooses up to 2(M − w) − (M − w)//beta prompt tokens, and each layer above it
+(high − low) // L fewer (L the number of layers: the code's ``steps``, so the top layer stays a step
+above (M − w)//beta and the mean lies a little above M), each plus the window. A prompt shorter
+than 2(M − w) falls back to SnapKV's uniform M. kvpress's variant differs: its
 budget counts the window inside the pyramid and its step is fractional, so its mean is exactly M.
 """
 
@@ -35,5 +36,5 @@ class PyramidKV(SnapKV):
         if high >= prompt_len - self.window:  # the bottom layer cannot keep more than the prompt
             high = prompt_len - self.window
             low = 2 * spare - high
-        step = (high - low) // (n_layers - 1)
+        step = (high - low) // n_layers  # the authors' divisor: the number of layers
         return high - layer * step + self.window
