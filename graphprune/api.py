@@ -14,7 +14,7 @@ from graphprune.exporters.eager import OptimizedModel
 from graphprune.exporters.files import check_writable
 from graphprune.exporters.decoder_onnx import export_decoder_onnx
 from graphprune.exporters.onnx import export_onnx
-from graphprune.buckets import optimize_buckets
+from graphprune.buckets import longest_example, optimize_buckets
 from graphprune.exporters import triton
 from graphprune.exporters.openvino import export_openvino
 from graphprune.exporters.trt import write_trt_build
@@ -92,16 +92,19 @@ def optimize(model: torch.nn.Module, recipe: str | list | None = None, target: s
         raise GraphPruneError(f"unknown target '{target}'; choose one of {', '.join(TARGETS)}")
     max_new_tokens = options.pop("max_new_tokens", 64)
     lengths = options.pop("lengths", None)
-    if lengths is not None:  # text models at any length up to the largest bucket (graphprune.buckets)
-        if target != "eager":
-            raise GraphPruneError("lengths=[...] (one graph per bucket) is for target='eager'; export one length at a "
-                                  "time with example_inputs of that length")
-        return optimize_buckets(optimize, model, recipe, example_inputs, lengths, {"schedule": schedule, **options})
+    if lengths is not None and target != "eager":
+        raise GraphPruneError("lengths=[...] (text models at any length) is for target='eager'; export one length at "
+                              "a time with example_inputs of that length")
     if isinstance(recipe, (list, tuple)):  # decoder policies at once, e.g. ["fastv", "snapkv"]
         rec = compose(list(recipe), options)
     else:
-        recipe, options = resolve(recipe, schedule, options)
-        rec = get_recipe(recipe, **options)
+        resolved, resolved_options = resolve(recipe, schedule, options)
+        rec = get_recipe(resolved, **resolved_options)
+    max_tokens = None
+    if lengths is not None:  # text models at any length up to the longest (graphprune.buckets)
+        if not (getattr(rec, "kind", None) == "tokens" and rec.any_length()):  # one graph per bucket length
+            return optimize_buckets(optimize, model, recipe, example_inputs, lengths, {"schedule": schedule, **options})
+        example_inputs, max_tokens = longest_example(model, example_inputs, lengths)
     if getattr(rec, "kind", None) == "prompt":  # compresses the prompts of generate (graphprune.prompt)
         if target != "eager":
             raise GraphPruneError(f"'{rec.name}' compresses prompts before the model: target='eager' only (export the "
@@ -125,7 +128,7 @@ def optimize(model: torch.nn.Module, recipe: str | list | None = None, target: s
         example_inputs = default_example_inputs(model)
     example_inputs = example_tuple(model, example_inputs)
 
-    captured = capture(model, example_inputs)
+    captured = capture(model, example_inputs, max_tokens)
     graph = analyze(captured)
     rec.check(graph)
     inputs = captured.example_inputs
@@ -149,7 +152,7 @@ def optimize(model: torch.nn.Module, recipe: str | list | None = None, target: s
         flops_after=flops_after, parity=parity,
         layout={"prefix_tokens": layout.prefix, "roles": layout.roles, "pooling": layout.pooling},
     )
-    result = OptimizedModel(graph.gm, report, inputs, CallMap(model, inputs))
+    result = OptimizedModel(graph.gm, report, inputs, CallMap(model, inputs), max_tokens)
     if target in ("onnx", "trt", "openvino", "triton"):
         runner, diff = export_onnx(result.gm, inputs, output)
         report.parity["onnx"] = diff

@@ -1,7 +1,10 @@
-"""Text models at any length: one captured graph per bucket length, calls padded to the next bucket.
+"""Text models at any length: one graph with a symbolic length, or one captured graph per bucket length.
 
-``graphprune.optimize(bert, "tome", r=4, example_inputs=tokenizer(texts, return_tensors="pt"), lengths=[64, 128, 256])``
-captures the model once per length (the example padded, its attention mask zero over the padding). A call pads its
+``graphprune.optimize(bert, "evit", example_inputs=tokenizer(texts, return_tensors="pt"), lengths=[64, 128, 256])``
+with a recipe that fixes token counts when the model is optimized captures the model once per length (the example
+padded, its attention mask zero over the padding). A recipe whose graph works out every count from the tokens it gets
+(``Recipe.any_length``: ToMe) is captured once, at the longest length with a symbolic one (:func:`longest_example`).
+With buckets, a call pads its
 per-token inputs (token ids, attention mask, token types: every 2-D input of the call's sequence length) with zeros to
 the smallest bucket that holds it, runs that bucket's graph, and cuts per-token outputs (3-D, of the bucket's length)
 back to the call's length. With the attention mask zero over the padding, the real tokens' outputs do not depend on it:
@@ -64,16 +67,29 @@ class Bucketed(torch.nn.Module):
                                t.shape[1] == length else t, out)
 
 
-def optimize_buckets(optimize, model, recipe, example_inputs, lengths, options: dict) -> Bucketed:
-    """``optimize`` (graphprune.optimize, eager) once per bucket length with the example padded to it."""
+def _text_example(model, example_inputs) -> tuple:
     if example_inputs is None:
-        raise GraphPruneError("lengths=[...] captures a text model per length: give example_inputs (e.g. "
+        raise GraphPruneError("lengths=[...] captures a text model at its longest length: give example_inputs (e.g. "
                               "tokenizer(texts, return_tensors='pt'))")
-    if options.get("restore_tokens") is False:
-        raise GraphPruneError("lengths=[...] cuts per-token outputs back to each call's length: it needs "
-                              "restore_tokens=True")
     example = example_tuple(model, example_inputs)
     if not isinstance(example[0], torch.Tensor) or example[0].dim() != 2:
         raise GraphPruneError("lengths=[...] is for text models whose first input is token ids (B, L)")
+    return example
+
+
+def longest_example(model, example_inputs, lengths) -> tuple[tuple, int]:
+    """For a recipe that works out its token counts from the tokens it gets (``Recipe.any_length``): the example padded
+    to the longest length, and that length. Captured there with a symbolic length, the graph serves every shorter
+    length as captured at it (no block merges more on a shorter call)."""
+    longest = bucket_lengths(lengths)[-1]
+    return padded(_text_example(model, example_inputs), longest), longest
+
+
+def optimize_buckets(optimize, model, recipe, example_inputs, lengths, options: dict) -> Bucketed:
+    """``optimize`` (graphprune.optimize, eager) once per bucket length with the example padded to it."""
+    example = _text_example(model, example_inputs)
+    if options.get("restore_tokens") is False:
+        raise GraphPruneError("lengths=[...] cuts per-token outputs back to each call's length: it needs "
+                              "restore_tokens=True")
     return Bucketed({n: optimize(model, recipe, example_inputs=padded(example, n), **options)
                      for n in bucket_lengths(lengths)})

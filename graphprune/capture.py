@@ -65,13 +65,29 @@ def first_two(inputs: tuple) -> tuple:
     return tuple(t[:2] if isinstance(t, torch.Tensor) and t.dim() else t for t in inputs)
 
 
-def dynamic_batch_shapes(example_inputs: tuple):
+def dynamic_shapes(example_inputs: tuple, tokens=None):
+    """A dynamic batch for every tensor input; with ``tokens`` (a ``Dim``), also a symbolic sequence length on the
+    second axis of every 2-D input as long as the first input's (token ids, attention mask, token types)."""
     batch = Dim("batch", min=1, max=4096)
-    return tuple({0: batch} if isinstance(t, torch.Tensor) and t.dim() > 0 else None for t in example_inputs)
+    n = example_inputs[0].shape[1] if tokens is not None else None
+
+    def axes(t):
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            return None
+        return {0: batch, 1: tokens} if tokens is not None and t.dim() == 2 and t.shape[1] == n else {0: batch}
+
+    return tuple(axes(t) for t in example_inputs)
 
 
-def export(module, example_inputs: tuple):
-    return torch.export.export(module, example_inputs, dynamic_shapes=dynamic_batch_shapes(example_inputs), strict=False)
+def export(module, example_inputs: tuple, max_tokens: int | None = None, rewritten: bool = False):
+    """``torch.export`` with a dynamic batch; with ``max_tokens``, a sequence length from 2 to it: strict when a model
+    is captured (an error if the model fixes its length), and for a ``rewritten`` graph one that takes the guards
+    graphprune's token ops add (each block's count is a function of the length)."""
+    tokens = None
+    if max_tokens is not None:
+        tokens = Dim.DYNAMIC(min=2, max=max_tokens) if rewritten else Dim("tokens", min=2, max=max_tokens)
+    return torch.export.export(module, example_inputs, dynamic_shapes=dynamic_shapes(example_inputs, tokens),
+                               strict=False)
 
 
 _INDEXED = re.compile(r"\.\d+$")
@@ -191,10 +207,11 @@ def mark_graph(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, list[str
     return new, paths
 
 
-def capture(model: torch.nn.Module, example_inputs: tuple) -> Captured:
+def capture(model: torch.nn.Module, example_inputs: tuple, max_tokens: int | None = None) -> Captured:
+    """``max_tokens``: a text model captured with a symbolic sequence length up to it (see :func:`dynamic_shapes`)."""
     example_inputs = batch_inputs(example_inputs)
     if isinstance(model, torch.fx.GraphModule):
-        return _capture_graph(model, example_inputs)
+        return _capture_graph(model, example_inputs, max_tokens)
     with eval_mode(model), torch.no_grad():
         paths = find_block_paths(model, example_inputs)
         blocks = {model.get_submodule(p): p for p in paths}
@@ -241,7 +258,7 @@ def capture(model: torch.nn.Module, example_inputs: tuple) -> Captured:
         h1 = torch.nn.modules.module.register_module_forward_pre_hook(pre_hook)
         h2 = torch.nn.modules.module.register_module_forward_hook(post_hook)
         try:
-            marked = export(model, example_inputs)
+            marked = export(model, example_inputs, max_tokens)
         except GraphPruneError:
             raise
         except Exception as err:  # noqa: BLE001
@@ -256,7 +273,7 @@ def capture(model: torch.nn.Module, example_inputs: tuple) -> Captured:
     return _finish(model, marked.module(), example_inputs, paths)
 
 
-def _capture_graph(model: torch.fx.GraphModule, example_inputs: tuple) -> Captured:
+def _capture_graph(model: torch.fx.GraphModule, example_inputs: tuple, max_tokens: int | None) -> Captured:
     with torch.no_grad():
         try:
             model(*example_inputs)
@@ -264,7 +281,7 @@ def _capture_graph(model: torch.fx.GraphModule, example_inputs: tuple) -> Captur
             raise _inputs_do_not_fit(example_inputs, err) from err
         marked, paths = mark_graph(model)
         try:
-            program = export(marked, example_inputs)
+            program = export(marked, example_inputs, max_tokens)
         except Exception as err:  # noqa: BLE001
             raise UnsupportedArchitectureError(
                 f"the graph's blocks depend on a fixed token count ({first_line(err)}); a program exported with a "

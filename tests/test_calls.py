@@ -84,10 +84,11 @@ def test_torch_compile_traces_one_graph_and_matches(vit):
 
 
 def test_text_model_buckets_serve_any_length_up_to_the_largest(bert):
-    """lengths=[16, 32]: one graph per bucket; a call pads to the next bucket and per-token outputs are cut back; at
-    zero reduction every length equals the unmodified model on the real tokens; longer calls are refused."""
+    """lengths=[16, 32] with a recipe that fixes token sets when optimized (ToMe's kth split): one graph per bucket; a
+    call pads to the next bucket and per-token outputs are cut back; at zero reduction every length equals the
+    unmodified model on the real tokens; longer calls are refused."""
     model, ids, mask = bert
-    fast = graphprune.optimize(model, "tome", r=0, example_inputs={"input_ids": ids, "attention_mask": mask},
+    fast = graphprune.optimize(model, "tome", r=0, split="kth", example_inputs={"input_ids": ids, "attention_mask": mask},
                                lengths=[32, 16])
     assert fast.lengths == [16, 32]
     g = torch.Generator().manual_seed(3)
@@ -105,8 +106,46 @@ def test_text_model_buckets_serve_any_length_up_to_the_largest(bert):
         assert torch.equal(fast(x, m).last_hidden_state, got.last_hidden_state)  # positional calls alike
     with pytest.raises(GraphPruneError, match="lengths up to 32"):
         fast(input_ids=torch.ones(1, 40, dtype=torch.long), attention_mask=torch.ones(1, 40, dtype=torch.long))
-    merged = graphprune.optimize(model, "tome", r=2, example_inputs={"input_ids": ids, "attention_mask": mask},
-                                 lengths=[16, 32])
+    merged = graphprune.optimize(model, "evit", keep=0.5, locations=[1], lengths=[16, 32],
+                                 example_inputs={"input_ids": ids, "attention_mask": mask})
+    assert merged.lengths == [16, 32]  # (EViT's kept count is fixed when optimized: buckets)
     assert merged(input_ids=ids[:, :10], attention_mask=mask[:, :10]).last_hidden_state.shape == (2, 10, 32)
     with pytest.raises(GraphPruneError, match="target='eager'"):
         graphprune.optimize(model, "tome", r=2, example_inputs=(ids, mask), lengths=[16], target="onnx", output="x")
+
+
+def test_tome_serves_any_length_from_one_graph_with_a_symbolic_length(bert, tmp_path):
+    """ToMe's merge works out how many tokens it merges from the tokens it gets, so lengths=[16, 32] captures one graph
+    with a symbolic sequence length (at 32): every length from 2 to 32 equals the model optimized at that length, at
+    zero reduction the unmodified model; other lengths are refused; it compiles in one graph and saves as a .pt2 that
+    keeps the symbolic length."""
+    model, ids, mask = bert
+    example = {"input_ids": ids, "attention_mask": mask}
+    fast = graphprune.optimize(model, "tome", r=3, example_inputs=example, lengths=[16, 32])
+    zero = graphprune.optimize(model, "tome", r=0, example_inputs=example, lengths=[16, 32])
+    assert not hasattr(fast, "lengths") and fast.max_tokens == 32  # one graph, not buckets
+    assert fast.report.tokens_per_block == [32, 29]  # counted at the longest length
+    g = torch.Generator().manual_seed(5)
+    for n in (2, 5, 12, 21, 32):
+        x = torch.randint(1, 100, (3, n), generator=g)
+        m = torch.ones_like(x)
+        m[1, n // 2:] = 0
+        got = fast(input_ids=x, attention_mask=m)
+        at_n = graphprune.optimize(model, "tome", r=3, example_inputs=(x, m))(x, m)
+        assert got.last_hidden_state.shape == (3, n, 32)
+        assert (got.last_hidden_state - at_n.last_hidden_state).abs().max() <= 1e-6
+        assert (got.pooler_output - at_n.pooler_output).abs().max() <= 1e-6
+        with torch.no_grad():
+            plain = model(input_ids=x, attention_mask=m)
+        real = m.bool()
+        assert (zero(x, m).last_hidden_state - plain.last_hidden_state)[real].abs().max() <= 1e-5
+    assert (got.last_hidden_state - zero(x, m).last_hidden_state).abs().max() > 1e-3  # (it does merge)
+    for n in (1, 33):
+        with pytest.raises(GraphPruneError, match="2 to 32 tokens"):
+            fast(input_ids=torch.ones(1, n, dtype=torch.long), attention_mask=torch.ones(1, n, dtype=torch.long))
+    x = torch.randint(1, 100, (2, 20), generator=g)
+    m = torch.ones_like(x)
+    compiled = torch.compile(fast, fullgraph=True)
+    assert (compiled(x, m).last_hidden_state - fast(x, m).last_hidden_state).abs().max() <= 1e-5
+    loaded = graphprune.load(fast.save(tmp_path / "tome.pt2"))
+    assert (loaded(x, m).last_hidden_state - fast(x, m).last_hidden_state).abs().max() <= 1e-5

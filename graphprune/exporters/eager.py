@@ -8,6 +8,7 @@ import torch
 
 from graphprune.calls import CallMap
 from graphprune.capture import export
+from graphprune.errors import GraphPruneError
 from graphprune.exporters.files import atomic_path
 from graphprune.report import Report
 
@@ -15,22 +16,27 @@ from graphprune.report import Report
 class OptimizedModel(torch.nn.Module):
     """The rewritten model. Call it like the original; ``.report`` says what was done."""
 
-    def __init__(self, gm: torch.fx.GraphModule, report: Report, example_inputs: tuple, calls: CallMap | None = None):
+    def __init__(self, gm: torch.fx.GraphModule, report: Report, example_inputs: tuple, calls: CallMap | None = None,
+                 max_tokens: int | None = None):
         super().__init__()
         self.gm = gm
         self.report = report
         self.example_inputs = example_inputs
         self.calls = calls  # how the original's calls map to the graph's inputs (None: as captured)
+        self.max_tokens = max_tokens  # a text model captured with a symbolic length: the longest (None: as captured)
 
     def forward(self, *args, **kwargs):
         if self.calls is not None:
             args, kwargs = self.calls(args, kwargs), {}
+        if self.max_tokens is not None and args and not 2 <= args[0].shape[1] <= self.max_tokens:
+            raise GraphPruneError(f"this model was captured for 2 to {self.max_tokens} tokens; the call has "
+                                  f"{args[0].shape[1]}: optimize with a longer length in lengths=[...]")
         with torch.no_grad():  # inference only (the token ops have no gradients), so torch.compile traces no backward
             return self.gm(*args, **kwargs)
 
     def export(self) -> torch.export.ExportedProgram:
         """The rewritten model as an ExportedProgram with a dynamic batch dimension."""
-        return export(self.gm, self.example_inputs)  # the inner graph keeps the original signature
+        return export(self.gm, self.example_inputs, self.max_tokens, rewritten=True)  # (the original signature)
 
     def save(self, path) -> Path:
         """Write a ``.pt2`` file; reload it with ``graphprune.load(path)``."""

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
-from graphprune.capture import dynamic_batch_shapes
+from graphprune.capture import dynamic_shapes
 from graphprune.errors import ExportError, first_line
 from graphprune.exporters.files import publish, staging_dir
 from graphprune.ops.onnx import TRANSLATIONS
@@ -75,7 +75,7 @@ def export_onnx(module: torch.fx.GraphModule, example_inputs: tuple, output: Pat
             with warnings.catch_warnings(), contextlib.redirect_stdout(log), _quiet_loggers("torch.onnx", "onnx_ir"):
                 warnings.simplefilter("ignore")
                 program = torch.onnx.export(
-                    pin_attention_layout(module), example_inputs, dynamo=True, dynamic_shapes=dynamic_batch_shapes(example_inputs),
+                    pin_attention_layout(module), example_inputs, dynamo=True, dynamic_shapes=dynamic_shapes(example_inputs),
                     custom_translation_table=TRANSLATIONS, opset_version=OPSET, verbose=False,
                     # onnxscript's rewriter is slow on very large graphs (unrolled loops such as ATC's
                     # clustering): there ONNX Runtime's own graph optimisations at load time suffice

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw, has_guarding_hint, statically_known_true
 
 
 from graphprune.errors import UnsupportedArchitectureError
@@ -47,6 +47,8 @@ def analyze(captured) -> ModelGraph:
             )
         site = own[0]
         tokens = markers[0].args[0].meta["val"].shape[1]  # unreduced, every block sees N tokens
+        if isinstance(tokens, torch.SymInt) and has_guarding_hint(tokens):  # a symbolic length: the example's count
+            tokens = int(guarding_hint_or_throw(tokens))
         if not isinstance(tokens, int):
             raise UnsupportedArchitectureError(f"block {path}: the token count entering it is not static ({tokens})")
         kv_tokens, block_tokens = site.k.meta["val"].shape[-2], marker.meta["val"].shape[1]

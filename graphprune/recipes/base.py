@@ -47,6 +47,13 @@ class Recipe:
     def apply(self, graph: ModelGraph) -> list[int]:
         raise NotImplementedError
 
+    def any_length(self) -> bool:
+        """Whether the rewritten graph works out every token count from the tokens it is given (none fixed when the
+        model is optimized): a text model then captures one graph with a symbolic sequence length for
+        ``lengths=[...]``, exact at every length up to the longest captured (it is captured there), instead of one
+        graph per bucket."""
+        return False
+
     def options(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -89,10 +89,11 @@ class ToMe(Recipe):
 
     def _step(self, flow: TokenFlow, block, r: int, protected: int, valid) -> None:
         n = flow.n
-        if self.split == "alternate":
-            r = tome_effective_r(n, r, protected)
-            if r:
-                flow.reduce(block, _merge, flow.size, block.site.k, self.metric, r, protected, valid, out_tokens=n - r)
+        if self.split == "alternate":  # the op clips r to the tokens it gets (the same r here; less on shorter calls)
+            merged = tome_effective_r(n, r, protected)
+            if merged:
+                flow.reduce(block, _merge, flow.size, block.site.k, self.metric, r, protected, valid,
+                            out_tokens=n - merged)
             return
         if self.split == "random":
             src, dst = random_split(n, protected, min(r, n - protected - 1), self.seed * 100003 + block.index)
@@ -103,6 +104,9 @@ class ToMe(Recipe):
         if r > 0 and dst:
             flow.reduce(block, _bipartite, flow.size, block.site.k, self.metric, src, dst, r, protected, valid, out_tokens=n - r,
                         drops=valid is not None)
+
+    def any_length(self) -> bool:
+        return self.split == "alternate"  # the other splits fix their token sets by position when optimized
 
     def check(self, graph: ModelGraph) -> None:
         parse_r(self.r, len(graph.blocks))
