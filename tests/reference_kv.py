@@ -474,3 +474,22 @@ def qhitter(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, pro
         enter([step])
         evict()
     return [set(k) for k in kept]
+
+
+def palu_fisher_ranks(means: list[list[float]], dims: int, ratio: float, align: int) -> list[list[int]]:
+    """Palu's Fisher rank search over modules (layer 0's keys, its values, layer 1's keys, ...), each a list of its
+    groups' mean Fisher information: the total rank (ratio of all groups' dimensions) shared in proportion, each share
+    floored and capped at ``dims``; the ranks still missing go one at a time, in passes, to the groups whose shares
+    had the smallest fractional parts (full groups skipped); each rank then rounded to a multiple of ``align``."""
+    target = ratio * dims * sum(len(m) for m in means)
+    total = sum(sum(m) for m in means)
+    shares = {(i, g): target * f / total for i, m in enumerate(means) for g, f in enumerate(m)}
+    ranks = {key: min(dims, int(share)) for key, share in shares.items()}
+    missing = int(target) - sum(ranks.values())
+    order = sorted(shares, key=lambda key: shares[key] - ranks[key])
+    while missing > 0:
+        for key in order:
+            if missing and ranks[key] < dims:
+                ranks[key] += 1
+                missing -= 1
+    return [[min(dims, max(1, round(ranks[i, g] / align)) * align) for g in range(len(m))] for i, m in enumerate(means)]

@@ -279,6 +279,63 @@ def test_palu_whitened_by_calibration_text():
         graphprune.optimize(model, "palu", ratio=0.5, align=8, group=2, calibration=calibration[:1, :10])
 
 
+def test_palu_fisher_rank_search():
+    """search='fisher': the projection weights' Fisher information equals autograd's on a copy of the model (root mean
+    over the calibration sequences of each weight's squared loss gradient, one backward pass per sequence); the ranks
+    are Palu's allocation written out by hand, over every layer's key and value groups at once (capped groups give
+    their share away); the cache holds each group's latent at its own rank, and the values attention reads are each
+    group's whitened SVD at that rank."""
+    import copy
+
+    from graphprune.kv.calibration import weight_fisher
+    from graphprune.kv.policies.palu import fisher_ranks
+
+    assert ref.palu_fisher_ranks([[9.0, 1.0], [1.0, 1.0]], 16, 0.5, 1) == [[16, 6], [5, 5]]  # (capped: 19.2 → 16)
+    assert fisher_ranks([(torch.tensor([[9.0], [1.0]]).expand(2, 3), torch.ones(2, 3))], 2, 16, 0.5, 1) == [([16, 6], [5, 5])]
+    model = tiny("qwen2", kv_heads=4)
+    calibration = prompts(3, 40, seed=6)
+    fast = graphprune.optimize(model, "palu", ratio=0.5, align=1, group=1, search="fisher", calibration=calibration)
+    info = fast.graphprune.info
+    fisher = weight_fisher(model, calibration, info)
+    twin = copy.deepcopy(model)
+    squares = {}
+    for row in calibration:
+        twin.zero_grad()
+        twin(row[None], labels=row[None]).loss.backward()
+        for i, layer in enumerate(twin.model.layers):
+            for j, proj in enumerate((layer.self_attn.k_proj, layer.self_attn.v_proj)):
+                squares[i, j] = squares.get((i, j), 0) + proj.weight.grad ** 2
+    for (i, j), sq in squares.items():
+        torch.testing.assert_close(fisher[i][j], (sq / 3).sqrt(), atol=1e-9, rtol=1e-4)
+    means = [f.reshape(4, -1).mean(-1).tolist() for pair in fisher for f in pair]
+    expected = ref.palu_fisher_ranks(means, 16, 0.5, 1)
+    ranks = [[p.encode.shape[-1] for p in projs for _ in range(p.encode.shape[0])] for codec in fast.graphprune.codecs
+             for projs in (codec.keys, codec.values)]  # (groups of one rank share a projection)
+    assert ranks == expected and len({r for m in ranks for r in m}) > 2  # (the groups' ranks differ)
+    assert sum(map(sum, ranks)) == 0.5 * 16 * 4 * 2 * 3
+    seen = []
+    attn = model.model.layers[2].self_attn
+    hook = attn.v_proj.register_forward_hook(lambda m, a, out: seen.append(a[0].double()))
+    try:
+        with torch.no_grad():
+            for row in calibration:
+                model(row[None])
+            model(prompts(2, 16))
+    finally:
+        hook.remove()
+    gram, x = sum(t[0].T @ t[0] for t in seen[:3]), seen[3]
+    with torch.no_grad():
+        cache = fast(prompts(2, 16), use_cache=True).cache
+    _, values = cache.layers[2].storage.kv()
+    w, b = attn.v_proj.weight, attn.v_proj.bias
+    v = torch.cat([_palu_reference(x, w[16 * g:16 * (g + 1)], b[16 * g:16 * (g + 1)], 16, r, 16, gram)
+                   for g, r in enumerate(ranks[5])], -1)
+    torch.testing.assert_close(values.double(), v.reshape(2, 16, 4, 16).transpose(1, 2), atol=1e-4, rtol=0)
+    assert cache.layers[2].storage.nbytes == 2 * 16 * 4 * (sum(ranks[4]) + sum(ranks[5]))  # float32 latents
+    with pytest.raises(graphprune.errors.RecipeError, match="calibration"):
+        graphprune.optimize(model, "palu", search="fisher")
+
+
 def test_palu_at_full_rank_and_batches():
     """Full rank through the codec reproduces the model; every token compresses alone, so a left-padded batch equals
     each prompt alone; models whose keys are normalised after the projection are refused."""

@@ -30,48 +30,69 @@ def calibration_ids(model, calibration) -> torch.Tensor:
     return ids[None] if ids.dim() == 1 else ids
 
 
+def _pass(model, row: torch.Tensor, info, fisher: bool):
+    """One calibration sequence through the model: per layer and projection (0: keys, 1: values) its input, its output
+    and, with ``fisher``, the language-model loss's gradient with respect to that output (else None)."""
+    captured = []
+
+    def hook(i, which):
+        def grab(module, args, out):  # a zero added to the output carries the loss's gradient with respect to it
+            if which is None:  # fused q/k/v (Phi-3): the key and value columns
+                keys, values = info.fused_kv()
+                parts = [out[..., keys], out[..., values]]
+                zeros = [torch.zeros_like(p, requires_grad=fisher) for p in parts]
+                captured.extend([(i, 0, args[0], parts[0], zeros[0]), (i, 1, args[0], parts[1], zeros[1])])
+                return torch.cat([out[..., :keys.start], parts[0] + zeros[0], parts[1] + zeros[1]], -1)
+            zero = torch.zeros_like(out, requires_grad=fisher)
+            captured.append((i, which, args[0], out, zero))
+            return out + zero
+        return grab
+
+    handles = []
+    for i, layer in enumerate(model.get_decoder().layers):
+        attn = layer.self_attn
+        if hasattr(attn, "qkv_proj"):
+            handles.append(attn.qkv_proj.register_forward_hook(hook(i, None)))
+        else:
+            handles.append(attn.k_proj.register_forward_hook(hook(i, 0)))
+            handles.append(attn.v_proj.register_forward_hook(hook(i, 1)))
+    try:
+        with torch.enable_grad() if fisher else torch.no_grad():
+            out = model(row[None], labels=row[None] if fisher else None, use_cache=False)
+            grads = torch.autograd.grad(out.loss, [c[4] for c in captured]) if fisher else [None] * len(captured)
+    finally:
+        for h in handles:
+            h.remove()
+    return [(i, which, x.detach()[0].float(), y.detach()[0].float(), None if g is None else g[0].float())
+            for (i, which, x, y, _), g in zip(captured, grads)]
+
+
 def calibrate(model, calibration, info, fisher: bool):
     """Each layer's key (pre-RoPE) and value projection outputs on ``calibration`` (a recipe's token ids: (N, T) or one
     sequence (T), a tensor or nested lists), each (N, T, H), and their Fisher information (the squared gradients of
     the language-model loss; ones where not asked), one sequence at a time. Reads the model and runs it; its weights'
     gradients are not touched."""
     ids = calibration_ids(model, calibration)
-    layers = model.get_decoder().layers
-    acts = [([], []) for _ in layers]
-    grads = [([], []) for _ in layers]
+    n_layers = len(model.get_decoder().layers)
+    acts = [([], []) for _ in range(n_layers)]
+    grads = [([], []) for _ in range(n_layers)]
     for row in ids:
-        captured = []
-
-        def hook(i, which):
-            def grab(module, args, out):  # a zero added to the output carries the loss's gradient with respect to it
-                if which is None:  # fused q/k/v (Phi-3): the key and value columns
-                    keys, values = info.fused_kv()
-                    parts = [out[..., keys], out[..., values]]
-                    zeros = [torch.zeros_like(p, requires_grad=fisher) for p in parts]
-                    captured.extend([(i, 0, parts[0], zeros[0]), (i, 1, parts[1], zeros[1])])
-                    return torch.cat([out[..., :keys.start], parts[0] + zeros[0], parts[1] + zeros[1]], -1)
-                zero = torch.zeros_like(out, requires_grad=fisher)
-                captured.append((i, which, out, zero))
-                return out + zero
-            return grab
-
-        handles = []
-        for i, layer in enumerate(layers):
-            attn = layer.self_attn
-            if hasattr(attn, "qkv_proj"):
-                handles.append(attn.qkv_proj.register_forward_hook(hook(i, None)))
-            else:
-                handles.append(attn.k_proj.register_forward_hook(hook(i, 0)))
-                handles.append(attn.v_proj.register_forward_hook(hook(i, 1)))
-        try:
-            with torch.enable_grad() if fisher else torch.no_grad():
-                out = model(row[None], labels=row[None] if fisher else None, use_cache=False)
-                g = torch.autograd.grad(out.loss, [c[3] for c in captured]) if fisher else [None] * len(captured)
-        finally:
-            for h in handles:
-                h.remove()
-        for (i, which, act, _), grad in zip(captured, g):
-            acts[i][which].append(act.detach()[0].float())
-            grads[i][which].append(torch.ones_like(act[0]).float() if grad is None else grad[0].float() ** 2)
+        for i, which, _, y, g in _pass(model, row, info, fisher):
+            acts[i][which].append(y)
+            grads[i][which].append(torch.ones_like(y) if g is None else g ** 2)
     stack = lambda pair: tuple(torch.stack(p) for p in pair)  # noqa: E731
     return [stack(a) for a in acts], [stack(g) for g in grads]
+
+
+def weight_fisher(model, calibration, info) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, the Fisher information of the key and value projections' weights on ``calibration``: the root mean
+    over the sequences of each weight's squared gradient of the language-model loss (Palu's rank search: one sequence
+    per backward pass), each (out, in) like the weight (fused q/k/v: its key and value rows). The gradient of a weight
+    is the output's gradient times the input, so the model's own weights' gradients are never touched."""
+    ids = calibration_ids(model, calibration)
+    n_layers = len(model.get_decoder().layers)
+    total: list[list] = [[0.0, 0.0] for _ in range(n_layers)]
+    for row in ids:
+        for i, which, x, _, g in _pass(model, row, info, fisher=True):
+            total[i][which] = total[i][which] + (g.T @ x) ** 2
+    return [tuple((t / len(ids)).sqrt() for t in pair) for pair in total]

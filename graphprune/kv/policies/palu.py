@@ -12,21 +12,26 @@ as the authors' quantiser (shadowpa0327/Palu at bb22666, ``quant_utils``).
 The decomposition is the authors' ``--decompose_method svd`` (plain SVD) or, with ``calibration`` token ids,
 ``whiten``: the SVD of W S where S is the Cholesky factor of the calibration inputs' Gram matrix Σ xxᵀ (from SVD-LLM),
 which minimises the reconstruction error of the calibration keys and values rather than of the weights. Ranks are
-``--search_method uniform`` (the same for every group); the Fisher-information rank allocation is not here (see
-docs/cache_methods.md). Their accuracy path
+``--search_method uniform`` (the same for every group) or, with ``search="fisher"``, their ``fisher`` search: each
+group's share of the total rank is its share of the Fisher information (the root mean squared gradient of the
+language-model loss with respect to the k/v projection weights, one calibration sequence per backward pass, averaged
+over the group's weights), over every layer's key and value groups at once, floored and capped at the group's
+dimensions, the remainder handed out one rank at a time to the groups with the smallest fractional parts (the
+authors' order), then rounded to a multiple of ``align``. Their accuracy path
 compresses every key and value before its own attention, the prompt's included; here the prompt pass attends to its
 exact keys and values (as KIVI and GEAR), and each token's own attention sees itself exactly.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 
 from graphprune.errors import RecipeError, ScheduleError
-from graphprune.kv.calibration import calibrate, calibration_ids
+from graphprune.kv.calibration import calibrate, calibration_ids, weight_fisher
 from graphprune.kv.policy import CachePolicy, Chunk, Codec, When
 from graphprune.ops.hadamard import hadamard
 from graphprune.ops.quant import dequantize_zero_point, quantize_zero_point
@@ -69,14 +74,53 @@ def projection(weight: torch.Tensor, bias: torch.Tensor | None, groups: int, ran
     return Projection(encode.float(), decode.float(), None if bias is None else bias.detach().float().reshape(groups, -1))
 
 
-def _rebuild(*parts, pos, proj: Projection, bits: int, heads: int, inv_freq: torch.Tensor | None, dtype):
-    if bits < 16:
-        h = dequantize_zero_point(*parts, bits)
-    else:
-        h = parts[0].float()
-    x = torch.einsum("bgnr,grk->bgnk", h, proj.decode.to(h.device))
-    if proj.bias is not None:
-        x = x + proj.bias.to(x.device)[None, :, None, :]
+def projections(weight: torch.Tensor, bias: torch.Tensor | None, ranks: list[int], rotate_latent: bool,
+                outputs: torch.Tensor | None = None) -> tuple[Projection, ...]:
+    """One projection for all groups where their ranks agree, else one per group (its rows of the weight)."""
+    groups = len(ranks)
+    if len(set(ranks)) == 1:
+        return (projection(weight, bias, groups, ranks[0], rotate_latent, outputs),)
+    rows = weight.shape[0] // groups
+    part = lambda t, g: None if t is None else t[..., g * rows:(g + 1) * rows]  # noqa: E731
+    return tuple(projection(weight[g * rows:(g + 1) * rows], part(bias, g), 1, r, rotate_latent, part(outputs, g))
+                 for g, r in enumerate(ranks))
+
+
+def fisher_ranks(fisher: list[tuple[torch.Tensor, torch.Tensor]], groups: int, dims: int, ratio: float,
+                 align: int) -> list[tuple[list[int], list[int]]]:
+    """Palu's Fisher rank search (the authors' ``rank_search``, ``fisher``): per layer, the key and the value groups'
+    ranks, from each projection weight's Fisher information ``fisher`` (per layer: keys' and values' (out, in))."""
+    means = [[float(f.reshape(groups, -1).mean(-1)[g]) for g in range(groups)] for pair in fisher for f in pair]
+    target = len(means) * groups * dims * ratio
+    total = sum(map(sum, means))
+    share = [[target * m / total for m in module] for module in means]
+    ranks = [[min(dims, math.floor(x)) for x in module] for module in share]
+    order = sorted(((i, g) for i in range(len(means)) for g in range(groups)),
+                   key=lambda ig: share[ig[0]][ig[1]] - ranks[ig[0]][ig[1]])
+    left = target - sum(map(sum, ranks))
+    while left > 0:  # one rank at a time, smallest fractional parts first (the authors' loop, overshoot included)
+        for i, g in order:
+            if ranks[i][g] == dims:
+                continue
+            ranks[i][g] += 1
+            left -= 1
+            if left == 0:
+                break
+    ranks = [[min(dims, max(1, round(r / align)) * align) for r in module] for module in ranks]
+    return [(ranks[2 * i], ranks[2 * i + 1]) for i in range(len(fisher))]
+
+
+def _rebuild(*parts, pos, projs: tuple[Projection, ...], bits: int, heads: int, inv_freq: torch.Tensor | None, dtype):
+    per = 3 if bits < 16 else 1  # (codes, scale, zero point) or the latent
+    xs = []
+    for j, proj in enumerate(projs):
+        own = parts[j * per:(j + 1) * per]
+        h = dequantize_zero_point(*own, bits) if bits < 16 else own[0].float()
+        x = torch.einsum("bgnr,grk->bgnk", h, proj.decode.to(h.device))
+        if proj.bias is not None:
+            x = x + proj.bias.to(x.device)[None, :, None, :]
+        xs.append(x)
+    x = torch.cat(xs, 1)
     b, g, n, _ = x.shape
     x = x.reshape(b, g, n, heads // g, -1).permute(0, 1, 3, 2, 4).reshape(b, heads, n, -1)
     if inv_freq is not None:  # keys: RoPE at their own positions
@@ -86,8 +130,8 @@ def _rebuild(*parts, pos, proj: Projection, bits: int, heads: int, inv_freq: tor
 
 @dataclass(frozen=True)
 class PaluCodec(Codec):
-    keys: Projection
-    values: Projection
+    keys: tuple[Projection, ...]  # consecutive groups of KV heads, each projection one rank
+    values: tuple[Projection, ...]
     inv_freq: torch.Tensor
     bits: int
 
@@ -98,18 +142,22 @@ class PaluCodec(Codec):
         return held
 
     def encode(self, x, valid, pos, keys, prompt):
-        proj = self.keys if keys else self.values
+        projs = self.keys if keys else self.values
         if keys:  # back to the projection's output
             x = rotate(x, -pos, self.inv_freq)
         b, heads, n, d = x.shape
-        g = proj.encode.shape[0]
+        g = sum(p.encode.shape[0] for p in projs)
         xg = x.float().reshape(b, g, heads // g, n, d).permute(0, 1, 3, 2, 4).reshape(b, g, n, -1)
-        if proj.bias is not None:
-            xg = xg - proj.bias.to(xg.device)[None, :, None, :]
-        h = torch.einsum("bgnk,gkr->bgnr", xg, proj.encode.to(xg.device))
-        parts = quantize_zero_point(h, self.bits) if self.bits < 16 else (h.to(x.dtype),)
-        rebuild = partial(_rebuild, proj=proj, bits=self.bits, heads=heads, inv_freq=self.inv_freq if keys else None,
-                          dtype=x.dtype)
+        parts, first = [], 0
+        for proj in projs:
+            own = xg[:, first:first + proj.encode.shape[0]]
+            first += proj.encode.shape[0]
+            if proj.bias is not None:
+                own = own - proj.bias.to(own.device)[None, :, None, :]
+            h = torch.einsum("bgnk,gkr->bgnr", own, proj.encode.to(own.device))
+            parts += quantize_zero_point(h, self.bits) if self.bits < 16 else (h.to(x.dtype),)
+        rebuild = partial(_rebuild, projs=projs, bits=self.bits, heads=heads,
+                          inv_freq=self.inv_freq if keys else None, dtype=x.dtype)
         return Chunk(tuple(parts), rebuild)
 
 
@@ -139,6 +187,8 @@ class Palu(CachePolicy):
     align: int = option(32, "ranks are rounded to a multiple of this (as the authors' rank allocation)")
     bits: int = option(16, "quantise the latent to 2, 3 or 4 bits (per token, after a Hadamard rotation); 16: not")
     calibration: object = option(None, "token ids (N, T) to whiten the SVD with (Palu's `whiten`); None: plain SVD")
+    search: str = option("uniform", "rank allocation: 'uniform' (every group `ratio` of its dimensions) or 'fisher' "
+                                    "(Palu's search: groups ranked by the Fisher information of calibration text)")
 
     def validate(self) -> None:
         super().validate()
@@ -148,6 +198,8 @@ class Palu(CachePolicy):
             raise ScheduleError(f"bits must be 2, 3, 4, 8 or 16 (no quantisation), got {self.bits}")
         if self.group < 1 or self.align < 1:
             raise ScheduleError("group and align must be ≥ 1")
+        if self.search not in ("uniform", "fisher"):
+            raise ScheduleError(f"search must be 'uniform' or 'fisher', got {self.search!r}")
 
     def rank(self, dims: int) -> int:
         """The latent size of a group of ``dims`` key (or value) dimensions."""
@@ -162,34 +214,44 @@ class Palu(CachePolicy):
         group = min(self.group, info.kv_heads)
         if info.kv_heads % group:
             raise RecipeError(f"group={self.group} does not divide the {info.kv_heads} KV heads: give a divisor")
-        dims = group * info.head_dim
-        rank = self.rank(dims)
-        if self.bits < 16:
-            try:
-                hadamard(rank)
-            except ValueError:
-                raise RecipeError(f"palu: a latent of {rank} dimensions has no Hadamard rotation here; choose another "
-                                  "ratio or align (ranks that are multiples of 32 up to 512, but 416, have one)") from None
-            if rank % 8:
-                raise RecipeError(f"palu: quantised latents are packed 8 codes at a time: rank {rank} (ratio × {dims}, "
-                                  f"rounded to a multiple of align) must be a multiple of 8")
+        dims, groups = group * info.head_dim, info.kv_heads // group
         layers = model.get_decoder().layers
         if any(hasattr(layer.self_attn, "k_norm") for layer in layers):
             raise RecipeError(f"palu decomposes the key projection, but {info.family} normalises keys after it "
                               "(k_norm): the keys are not a linear map of the input; use another cache recipe")
+        if self.search == "fisher" and self.calibration is None:
+            raise RecipeError("palu's Fisher rank search ranks the groups by the Fisher information of calibration "
+                              "text: pass calibration=token ids (N, T), e.g. tokenizer(texts).input_ids")
         outputs = [(None, None)] * len(layers)
+        ranks = [([self.rank(dims)] * groups, [self.rank(dims)] * groups)] * len(layers)
         if self.calibration is not None:
             ids = calibration_ids(model, self.calibration)
-            if ids.numel() < rank:
-                raise RecipeError(f"palu whitens a latent of {rank} dimensions with the calibration text's "
-                                  f"statistics, but calibration holds {ids.numel()} tokens: give at least {rank}, "
+            if self.search == "fisher":
+                ranks = fisher_ranks(weight_fisher(model, ids, info), groups, dims, self.ratio, self.align)
+            largest = max(r for pair in ranks for side in pair for r in side)
+            if ids.numel() < largest:
+                raise RecipeError(f"palu whitens a latent of {largest} dimensions with the calibration text's "
+                                  f"statistics, but calibration holds {ids.numel()} tokens: give at least {largest}, "
                                   "better thousands")
             outputs = calibrate(model, ids, info, fisher=False)[0]
+        if self.bits < 16:
+            for rank in sorted({r for pair in ranks for side in pair for r in side}):
+                self._check_quantisable(rank, dims)
         codecs = []
         for i, layer in enumerate(layers):
             (wk, bk), (wv, bv) = _projections(layer.self_attn, info)
-            groups, (keys, values) = info.kv_heads // group, outputs[i]
-            codecs.append(PaluCodec(projection(wk, bk, groups, rank, self.bits < 16, keys),
-                                    projection(wv, bv, groups, rank, self.bits < 16, values), info.inv_freq[i],
+            (key_ranks, value_ranks), (keys, values) = ranks[i], outputs[i]
+            codecs.append(PaluCodec(projections(wk, bk, key_ranks, self.bits < 16, keys),
+                                    projections(wv, bv, value_ranks, self.bits < 16, values), info.inv_freq[i],
                                     self.bits))
         return tuple(codecs)
+
+    def _check_quantisable(self, rank: int, dims: int) -> None:
+        try:
+            hadamard(rank)
+        except ValueError:
+            raise RecipeError(f"palu: a latent of {rank} dimensions has no Hadamard rotation here; choose another "
+                              "ratio or align (ranks that are multiples of 32 up to 512, but 416, have one)") from None
+        if rank % 8:
+            raise RecipeError(f"palu: quantised latents are packed 8 codes at a time: rank {rank} (of a group's {dims} "
+                              f"dimensions, rounded to a multiple of align) must be a multiple of 8")
