@@ -468,6 +468,48 @@ def test_onnx_check_replays_the_graphs_matchings(unet, tmp_path, monkeypatch):
     assert not (tmp_path / "d").exists()
 
 
+def test_openvino_check_replays_the_graphs_matchings(unet, tmp_path):
+    """The OpenVINO IR is checked as the ONNX graph is: its block calls' matchings are exposed again by name (the ONNX
+    graph keeps the tensors, not the outputs) and eager replays them; the IR written has the one output; matchings
+    far from optimal under eager's similarities are refused and nothing is written."""
+    pytest.importorskip("openvino")
+    import openvino
+
+    from graphprune.exporters import denoiser_onnx
+
+    inputs = _unet_inputs()
+    onnx_runner = graphprune.optimize(unet, "tomesd", ratio=0.5, seed=3, target="onnx", output=tmp_path / "d",
+                                      example_inputs=inputs)
+    calls = onnx_runner.meta["checked_calls"] // 2
+    names = [f"{k}_{i}" for i in range(calls) for k in ("order", "choice")]
+    reduced = graphprune.optimize(unet, "tomesd", ratio=0.5, seed=3)
+    step = denoiser_onnx._step(reduced, inputs)
+    cells = denoiser_onnx._check_cells(onnx_runner.grids)
+    seen = {}
+
+    def check(run):
+        outs = run([*denoiser_onnx._split(inputs)[1], *cells])
+        seen["outputs"] = len(outs)
+        return denoiser_onnx._checked(run, step, inputs, cells, "OpenVINO")
+
+    _, found = denoiser_onnx.export_openvino(tmp_path / "d" / "denoiser.onnx", None, (), exposed=names, check=check)
+    assert seen["outputs"] == 1 + 2 * calls and found["matching_slack"] <= 1e-4 and found["max_abs_diff"] <= 1e-4
+    assert len(openvino.Core().read_model(str(tmp_path / "d" / "denoiser.xml")).outputs) == 1
+
+    def reversed_choice(run):  # the worst matching instead of the graph's: refused
+        def worse(arrays):
+            outs = run(arrays)
+            return [outs[0]] + [o.flip(-1) if i % 2 else o for i, o in enumerate(outs[1:])]
+        return denoiser_onnx._checked(worse, step, inputs, cells, "OpenVINO")
+
+    (tmp_path / "e").mkdir()
+    for name in ("denoiser.onnx", "denoiser.onnx.data"):
+        (tmp_path / "e" / name).write_bytes((tmp_path / "d" / name).read_bytes())
+    with pytest.raises(GraphPruneError, match="from optimal|differs"):
+        denoiser_onnx.export_openvino(tmp_path / "e" / "denoiser.onnx", None, (), exposed=names, check=reversed_choice)
+    assert not (tmp_path / "e" / "denoiser.xml").exists()
+
+
 def test_onnx_denoiser_matches_eager_and_draws_alike(unet, tmp_path):
     inputs = _unet_inputs()
     onnx = graphprune.optimize(unet, "tomesd", ratio=0.5, seed=3, target="onnx", output=tmp_path / "d",

@@ -10,6 +10,7 @@ reduced block call: the destination's slot in each cell (int64, ``[rows, cols]``
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 import io
 import json
 import warnings
@@ -59,16 +60,33 @@ def _step(reduced: ReducedDenoiser, example_inputs: dict, expose: bool = False) 
     return _Step(reduced, names, fixed, reduced.latent_size((), example_inputs), expose).eval()
 
 
-def _check(session, step: _Step, inputs: list[torch.Tensor], cells: list[torch.Tensor]) -> tuple[float, float, int]:
-    """Run the exposed graph in ONNX Runtime and eager with the graph's own matchings: (the largest output difference,
-    how far the graph's matchings are from optimal under eager's scores, at how many block calls eager would have
-    merged other tokens: near-ties that the two runtimes' rounding decides apart)."""
-    feeds = {i.name: a.detach().cpu().numpy() for i, a in zip(session.get_inputs(), [*inputs, *cells])}
-    got = [torch.from_numpy(np.asarray(o)) for o in session.run(None, feeds)]
+def _check(run, step: _Step, inputs: list[torch.Tensor], cells: list[torch.Tensor]) -> tuple[float, float, int]:
+    """Run the exposed graph (``run``: its inputs to its outputs, the output then each block call's order and choice)
+    and eager with the graph's own matchings: (the largest output difference, how far the graph's matchings are from
+    optimal under eager's scores, at how many block calls eager would have merged other tokens: near-ties that the two
+    runtimes' rounding decides apart)."""
+    got = run([*inputs, *cells])
     with torch.no_grad():
         replayed, draws = step.run(inputs, cells, list(zip(got[1::2], got[2::2])))
     slack = max((m.slack for m in draws.merges), default=0.0)
     return max_abs_diff(got[0], replayed), slack, sum(m.differs for m in draws.merges)
+
+
+def _checked(run, step: _Step, example_inputs: dict, cells: list[torch.Tensor], runtime: str) -> dict:
+    """The exposed graph checked at the example's timestep and at half of it (``_check``); an ExportError if it
+    differs from eager with its own matchings or its matchings are not optimal under eager's similarities."""
+    names, tensors, _ = _split(example_inputs)
+    t = example_inputs["timestep"]
+    checks = [_check(run, step, [when if k == "timestep" else v for k, v in zip(names, tensors)], cells)
+              for when in (t, torch.div(t, 2, rounding_mode="floor"))]  # (the timestep's dtype kept)
+    diff, slack, apart = max(c[0] for c in checks), max(c[1] for c in checks), sum(c[2] for c in checks)
+    if not diff <= TOLERANCE:
+        raise ExportError(f"the {runtime} denoiser differs from the eager one (with the same matchings) by {diff:.3g} "
+                          f"(> {TOLERANCE}); nothing was written")
+    if not slack <= TOLERANCE:
+        raise ExportError(f"the {runtime} denoiser's matchings are {slack:.3g} from optimal under eager's similarities "
+                          f"(> {TOLERANCE}): its matching differs from the published one; nothing was written")
+    return {"max_abs_diff": diff, "matching_slack": slack, "near_ties": apart}
 
 
 def _trace(reduced: ReducedDenoiser, inputs: dict) -> tuple[list[Grid], int]:
@@ -132,23 +150,18 @@ def export_denoiser_onnx(reduced: ReducedDenoiser, example_inputs: dict, output)
         except Exception as err:  # noqa: BLE001
             raise ExportError(f"ONNX export of the denoiser failed: {first_line(err)}") from err
         session = _session(staged)
-        t = example_inputs["timestep"]
-        checks = [_check(session, step, [when if k == "timestep" else v for k, v in zip(names, tensors)], cells)
-                  for when in (t, torch.div(t, 2, rounding_mode="floor"))]  # (the timestep's dtype kept)
-        diff, slack, apart = max(c[0] for c in checks), max(c[1] for c in checks), sum(c[2] for c in checks)
-        if not diff <= TOLERANCE:
-            raise ExportError(f"the ONNX denoiser differs from the eager one (with the same matchings) by {diff:.3g} "
-                              f"(> {TOLERANCE}); nothing was written")
-        if not slack <= TOLERANCE:
-            raise ExportError(f"the ONNX denoiser's matchings are {slack:.3g} from optimal under eager's similarities "
-                              f"(> {TOLERANCE}): its matching differs from the published one; nothing was written")
+
+        def run(arrays: list[torch.Tensor]) -> list[torch.Tensor]:
+            feeds = {i.name: a.detach().cpu().numpy() for i, a in zip(session.get_inputs(), arrays)}
+            return [torch.from_numpy(np.asarray(o)) for o in session.run(None, feeds)]
+
+        checked = _checked(run, step, example_inputs, cells, "ONNX")
         graph = onnx.load(str(staged), load_external_data=False)  # (the matchings were outputs for the check only)
         del graph.graph.output[1:]
         onnx.save(graph, str(staged))
         meta = {"inputs": names, "batch": batch if static else None,
                 "cells": [[g.h, g.w, g.sx, g.sy] for g in grids], "ratio": reduced.ratio,
-                "seed": reduced.seed, "max_abs_diff": diff, "matching_slack": slack, "near_ties": apart,
-                "checked_calls": 2 * calls}
+                "seed": reduced.seed, **checked, "checked_calls": 2 * calls}
         (tmp / META).write_text(json.dumps(meta, indent=2))
         publish(sorted(tmp.iterdir()), output, last=staged)
     return OnnxDenoiser(output)
@@ -221,12 +234,12 @@ def deploy_denoiser(reduced: ReducedDenoiser, example_inputs: dict, output, targ
     onnx_runner = export_denoiser_onnx(reduced, example_inputs, folder)
     written = [folder / name for name in ("denoiser.onnx", "denoiser.onnx.data", META)]
     try:
-        if target == "openvino":
-            tensors = _split(example_inputs)[1]
+        if target == "openvino":  # checked as the ONNX graph is: with its own matchings (exposed again by name)
             cells = _check_cells(onnx_runner.grids)
-            with torch.no_grad():
-                expected = _step(reduced, example_inputs)(tensors, cells)
-            export_openvino(folder / "denoiser.onnx", expected, (*tensors, *cells))
+            matchings = [f"{k}_{i}" for i in range(onnx_runner.meta["checked_calls"] // 2) for k in ("order", "choice")]
+            check = partial(_checked, step=_step(reduced, example_inputs), example_inputs=example_inputs, cells=cells,
+                            runtime="OpenVINO")
+            export_openvino(folder / "denoiser.onnx", None, (), exposed=matchings, check=check)
             return OpenVinoDenoiser(folder)
         if target == "trt":
             shapes = {i.name: tuple(t.shape) for i, t in zip(onnx_runner.session.get_inputs(), _split(example_inputs)[1])}
