@@ -245,15 +245,10 @@ def test_palu_caches_the_latent_and_attention_reads_its_reconstruction(family, b
     assert held == (latents * 4 if bits == 16 else latents * bits // 8 + 2 * 2 * 16 * (4 // group) * (4 + 1))
 
 
-def test_palu_whitened_by_calibration_text():
-    """With calibration token ids, the keys and values attention reads are Palu's whitened SVD (S from the Cholesky
-    factor of the calibration inputs' Gram matrix, accumulated one sequence at a time) written out from each layer's
-    input; on the calibration text itself they are closer to the model's keys than plain SVD's (the whitening's aim)."""
-    model = tiny("qwen2", kv_heads=4)
-    attn = model.model.layers[1].self_attn
-    calibration = prompts(4, 40, seed=5)
+def _inputs_seen(model, projection, calibration) -> list[torch.Tensor]:
+    """The inputs of ``projection`` (float64) on each calibration sequence, then on ``prompts(2, 16)``."""
     seen = []
-    hook = attn.k_proj.register_forward_hook(lambda m, a, out: seen.append(a[0].double()))
+    hook = projection.register_forward_hook(lambda m, a, out: seen.append(a[0].double()))
     try:
         with torch.no_grad():
             for row in calibration:
@@ -261,6 +256,17 @@ def test_palu_whitened_by_calibration_text():
             model(prompts(2, 16))
     finally:
         hook.remove()
+    return seen
+
+
+def test_palu_whitened_by_calibration_text():
+    """With calibration token ids, the keys and values attention reads are Palu's whitened SVD (S from the Cholesky
+    factor of the calibration inputs' Gram matrix, accumulated one sequence at a time) written out from each layer's
+    input; on the calibration text itself they are closer to the model's keys than plain SVD's (the whitening's aim)."""
+    model = tiny("qwen2", kv_heads=4)
+    attn = model.model.layers[1].self_attn
+    calibration = prompts(4, 40, seed=5)
+    seen = _inputs_seen(model, attn.k_proj, calibration)
     gram = sum(x[0].T @ x[0] for x in seen[:4])
     x = seen[4]
     fast = graphprune.optimize(model, "palu", ratio=0.5, align=8, group=2, calibration=calibration)
@@ -313,16 +319,8 @@ def test_palu_fisher_rank_search():
              for projs in (codec.keys, codec.values)]  # (groups of one rank share a projection)
     assert ranks == expected and len({r for m in ranks for r in m}) > 2  # (the groups' ranks differ)
     assert sum(map(sum, ranks)) == 0.5 * 16 * 4 * 2 * 3
-    seen = []
     attn = model.model.layers[2].self_attn
-    hook = attn.v_proj.register_forward_hook(lambda m, a, out: seen.append(a[0].double()))
-    try:
-        with torch.no_grad():
-            for row in calibration:
-                model(row[None])
-            model(prompts(2, 16))
-    finally:
-        hook.remove()
+    seen = _inputs_seen(model, attn.v_proj, calibration)
     gram, x = sum(t[0].T @ t[0] for t in seen[:3]), seen[3]
     with torch.no_grad():
         cache = fast(prompts(2, 16), use_cache=True).cache
