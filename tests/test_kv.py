@@ -167,9 +167,8 @@ def test_snapkv_keeps_the_papers_set(pooling, kernel):
         assert len(kept[h]) == 10 and set(range(16, 20)) <= kept[h]
         chosen, dropped = kept[h] - set(range(16, 20)), set(range(16)) - kept[h]
         assert min(pooled[k] for k in chosen) >= max(pooled[k] for k in dropped) - 1e-12  # a top set of the votes
-        if pooling == "avg":
-            assert kept[h] == expected
-    assert kept[0] != kept[1]  # per KV head
+        assert kept[h] == expected  # (max pooling ties often: the earlier slots win, as in the reference)
+    assert kept[0] != kept[1] or pooling == "max"  # per KV head (here max pooling's plateaus pick the same set)
 
 
 def test_snapkv_is_a_no_op_below_budget_and_grows_while_decoding():
@@ -374,7 +373,7 @@ def test_pyramidkv_budgets_fall_with_depth_and_keep_the_mean():
     for layer in (0, 5):  # each layer is SnapKV at its own budget
         kept = drive(rec, logits, 2, prompt=24, total=24, layer_idx=layer, n_layers=6)
         for h in range(2):
-            assert kept[h] == ref.snapkv(list(logits[2 * h:2 * h + 2]), 24, caps[layer], 4, 5, "avg")[0]
+            assert kept[h] == ref.snapkv(list(logits[2 * h:2 * h + 2]), 24, caps[layer], 4, 7, "max")[0]
 
 
 @pytest.mark.parametrize("bits", [2, 4])

@@ -65,11 +65,15 @@ def ranked(scores: torch.Tensor, valid: torch.Tensor | None, protect: torch.Tens
 
 
 def top(scores: torch.Tensor, valid: torch.Tensor | None, k: int, protect: torch.Tensor | None = None) -> torch.Tensor:
-    """Sorted indices (B, Hkv, k) of the ``k`` best slots: protected ones first, invalid ones last."""
+    """Sorted indices (B, Hkv, k) of the ``k`` best slots: protected ones first, invalid ones last; of tied scores the
+    earlier slots (torch.topk would take any: a left-padded row could then keep other tokens than its prompt alone,
+    e.g. on the plateaus of max-pooled votes)."""
     s = ranked(scores, valid, protect)
     if k == s.shape[-1] - 1:  # one slot goes: an argmin, not a sort
         return all_but(s.argmin(-1), k + 1)
-    return s.topk(k, dim=-1).indices.sort(dim=-1).values
+    if torch.compiler.is_exporting():  # ONNX's TopK takes the lower index of equal scores, as the stable sort does
+        return s.topk(k, dim=-1).indices.sort(dim=-1).values
+    return s.argsort(dim=-1, descending=True, stable=True)[..., :k].sort(dim=-1).values
 
 
 def all_but(slot: torch.Tensor, n: int) -> torch.Tensor:

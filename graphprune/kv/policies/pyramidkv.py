@@ -6,6 +6,8 @@ the bottom layer chooses up to 2(M − w) − (M − w)//beta prompt tokens, and
 above (M − w)//beta and the mean lies a little above M), each plus the window. A prompt shorter
 than 2(M − w) falls back to SnapKV's uniform M. kvpress's variant differs: its
 budget counts the window inside the pyramid and its step is fractional, so its mean is exactly M.
+The observation window (8), pooling kernel (7) and max pooling are the authors' settings (their LongBench driver
+sets them for PyramidKV and SnapKV alike); ``snapkv`` keeps SnapKV's own (32, 5, average).
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ class PyramidKV(SnapKV):
     summary = "SnapKV scoring with per-layer budgets falling linearly with depth (about the same mean budget)"
     paper = "PyramidKV: Dynamic KV Cache Compression based on Pyramidal Information Funneling (2024)"
 
+    window: int = option(8, "observation window: the last prompt queries that score the earlier keys; always kept "
+                            "(the authors' setting, as their kernel and pooling)")
+    kernel: int = option(7, "1-D pooling kernel that smooths the votes")
+    pooling: str = option("max", "pooling of the votes: avg or max")
     beta: int = option(20, "the pyramid's slope: the top layer chooses about (budget − window) // beta prompt tokens "
                            "besides the window")
 
