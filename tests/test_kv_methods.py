@@ -293,7 +293,7 @@ def test_palu_fisher_rank_search():
     group's whitened SVD at that rank."""
     import copy
 
-    from graphprune.kv.calibration import weight_fisher
+    from graphprune.kv.calibration import calibrate, weight_fisher
     from graphprune.kv.policies.palu import fisher_ranks
 
     assert ref.palu_fisher_ranks([[9.0, 1.0], [1.0, 1.0]], 16, 0.5, 1) == [[16, 6], [5, 5]]  # (capped: 19.2 → 16)
@@ -302,7 +302,9 @@ def test_palu_fisher_rank_search():
     calibration = prompts(3, 40, seed=6)
     fast = graphprune.optimize(model, "palu", ratio=0.5, align=1, group=1, search="fisher", calibration=calibration)
     info = fast.graphprune.info
-    fisher = weight_fisher(model, calibration, info)
+    fisher, outputs = weight_fisher(model, calibration, info)
+    (keys, values), = calibrate(model, calibration, info, False)[0][1:2]  # (the same passes' outputs)
+    assert torch.equal(outputs[1][0], keys) and torch.equal(outputs[1][1], values)
     twin = copy.deepcopy(model)
     squares = {}
     for row in calibration:
@@ -332,6 +334,8 @@ def test_palu_fisher_rank_search():
     assert cache.layers[2].storage.nbytes == 2 * 16 * 4 * (sum(ranks[4]) + sum(ranks[5]))  # float32 latents
     with pytest.raises(graphprune.errors.RecipeError, match="calibration"):
         graphprune.optimize(model, "palu", search="fisher")
+    with pytest.raises(graphprune.errors.ScheduleError, match="search must be 'uniform' or 'fisher'"):
+        graphprune.optimize(model, "palu", search="fischer", calibration=calibration)
 
 
 def test_palu_at_full_rank_and_batches():

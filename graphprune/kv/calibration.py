@@ -67,32 +67,40 @@ def _pass(model, row: torch.Tensor, info, fisher: bool):
             for (i, which, x, y, _), g in zip(captured, grads)]
 
 
+def _collect(model, calibration, info, fisher: bool, weights: bool = False):
+    """One pass per calibration sequence: per layer, the key and value projections' outputs stacked (N, T, H), their
+    squared output gradients (ones without ``fisher``) and, with ``weights``, the root mean over the sequences of each
+    weight's squared gradient (the output's gradient times the input)."""
+    ids = calibration_ids(model, calibration)
+    n_layers = len(model.get_decoder().layers)
+    acts = [([], []) for _ in range(n_layers)]
+    grads = [([], []) for _ in range(n_layers)]
+    squares: list[list] = [[0.0, 0.0] for _ in range(n_layers)]
+    for row in ids:
+        for i, which, x, y, g in _pass(model, row, info, fisher or weights):
+            acts[i][which].append(y)
+            grads[i][which].append(g ** 2 if fisher else torch.ones_like(y))
+            if weights:
+                squares[i][which] = squares[i][which] + (g.T @ x) ** 2
+    stack = lambda pair: tuple(torch.stack(p) for p in pair)  # noqa: E731
+    fisher_weights = [tuple((t / len(ids)).sqrt() for t in pair) for pair in squares] if weights else None
+    return [stack(a) for a in acts], [stack(g) for g in grads], fisher_weights
+
+
 def calibrate(model, calibration, info, fisher: bool):
     """Each layer's key (pre-RoPE) and value projection outputs on ``calibration`` (a recipe's token ids: (N, T) or one
     sequence (T), a tensor or nested lists), each (N, T, H), and their Fisher information (the squared gradients of
     the language-model loss; ones where not asked), one sequence at a time. Reads the model and runs it; its weights'
     gradients are not touched."""
-    ids = calibration_ids(model, calibration)
-    n_layers = len(model.get_decoder().layers)
-    acts = [([], []) for _ in range(n_layers)]
-    grads = [([], []) for _ in range(n_layers)]
-    for row in ids:
-        for i, which, _, y, g in _pass(model, row, info, fisher):
-            acts[i][which].append(y)
-            grads[i][which].append(torch.ones_like(y) if g is None else g ** 2)
-    stack = lambda pair: tuple(torch.stack(p) for p in pair)  # noqa: E731
-    return [stack(a) for a in acts], [stack(g) for g in grads]
+    acts, grads, _ = _collect(model, calibration, info, fisher)
+    return acts, grads
 
 
-def weight_fisher(model, calibration, info) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def weight_fisher(model, calibration, info):
     """Per layer, the Fisher information of the key and value projections' weights on ``calibration``: the root mean
     over the sequences of each weight's squared gradient of the language-model loss (Palu's rank search: one sequence
-    per backward pass), each (out, in) like the weight (fused q/k/v: its key and value rows). The gradient of a weight
-    is the output's gradient times the input, so the model's own weights' gradients are never touched."""
-    ids = calibration_ids(model, calibration)
-    n_layers = len(model.get_decoder().layers)
-    total: list[list] = [[0.0, 0.0] for _ in range(n_layers)]
-    for row in ids:
-        for i, which, x, _, g in _pass(model, row, info, fisher=True):
-            total[i][which] = total[i][which] + (g.T @ x) ** 2
-    return [tuple((t / len(ids)).sqrt() for t in pair) for pair in total]
+    per backward pass), each (out, in) like the weight (fused q/k/v: its key and value rows); and, from the same
+    passes, the projections' outputs as :func:`calibrate` gives them. The gradient of a weight is the output's
+    gradient times the input, so the model's own weights' gradients are never touched."""
+    acts, _, fisher = _collect(model, calibration, info, fisher=False, weights=True)
+    return fisher, acts

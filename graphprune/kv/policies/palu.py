@@ -226,14 +226,16 @@ class Palu(CachePolicy):
         ranks = [([self.rank(dims)] * groups, [self.rank(dims)] * groups)] * len(layers)
         if self.calibration is not None:
             ids = calibration_ids(model, self.calibration)
-            if self.search == "fisher":
-                ranks = fisher_ranks(weight_fisher(model, ids, info), groups, dims, self.ratio, self.align)
+            if self.search == "fisher":  # (the same passes give the outputs that whiten the SVD)
+                fisher, outputs = weight_fisher(model, ids, info)
+                ranks = fisher_ranks(fisher, groups, dims, self.ratio, self.align)
             largest = max(r for pair in ranks for side in pair for r in side)
             if ids.numel() < largest:
                 raise RecipeError(f"palu whitens a latent of {largest} dimensions with the calibration text's "
                                   f"statistics, but calibration holds {ids.numel()} tokens: give at least {largest}, "
                                   "better thousands")
-            outputs = calibrate(model, ids, info, fisher=False)[0]
+            if self.search == "uniform":
+                outputs = calibrate(model, ids, info, fisher=False)[0]
         if self.bits < 16:
             for rank in sorted({r for pair in ranks for side in pair for r in side}):
                 self._check_quantisable(rank, dims)
