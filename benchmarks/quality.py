@@ -295,7 +295,8 @@ def ttft(args) -> None:
     for context in args.context:
         examples = [_example(tokenizer, seed, context) for seed in range(args.samples)]
         path = OUT / f"ttft_{context}.json"
-        runs = json.loads(path.read_text())["runs"] if path.is_file() else []
+        earlier = json.loads(path.read_text()) if path.is_file() else {}  # (its note and other models' runs stay)
+        runs = earlier.get("runs", [])
         flops = {label: _flops(lambda: first_token(examples[0][0], examples[0][1], recipe)) for label, recipe in ways}
         if args.flops_only:  # the work of each way on the first sample, added to this model's timed run
             run = next(r for r in runs if r["model"] == args.model and r["samples"] == args.samples)
@@ -303,7 +304,7 @@ def ttft(args) -> None:
                 r["flops"], r["flop_ratio"] = flops[r["label"]], flops[r["label"]] / flops["uncompressed"]
             run["flops_command"] = "python benchmarks/quality.py " + " ".join(sys.argv[1:])
             run["flops_commit"] = _commit()
-            path.write_text(json.dumps({**json.loads(path.read_text()), "runs": runs}, indent=2))
+            path.write_text(json.dumps({**earlier, "runs": runs}, indent=2))
             for label, n in flops.items():
                 print(f"[{context}] {label:<18} {n / 1e12:.2f} TFLOP ({n / flops['uncompressed']:.2f}x the uncompressed)")
             continue
@@ -331,8 +332,7 @@ def ttft(args) -> None:
             "samples": args.samples, "commit": _commit(), "rows": rows,
             "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:])}]
         OUT.mkdir(parents=True, exist_ok=True)
-        earlier = json.loads(path.read_text()) if path.is_file() else {}
-        path.write_text(json.dumps({**earlier, "context": context, "runs": runs}, indent=2))  # (a note stays)
+        path.write_text(json.dumps({**earlier, "context": context, "runs": runs}, indent=2))
         for r in rows:
             print(f"[{context}] {r['label']:<18} TTFT {r['ttft_s']:.2f} s ({r['ratio']:.2f}x the uncompressed)")
 
