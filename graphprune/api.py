@@ -13,7 +13,7 @@ from graphprune.diffusion import is_diffusion, optimize_diffusion
 from graphprune.exporters.eager import OptimizedModel
 from graphprune.exporters.files import check_writable
 from graphprune.exporters.decoder_onnx import export_decoder_onnx
-from graphprune.exporters.onnx import export_onnx
+from graphprune.exporters.onnx import export_onnx, length_checks
 from graphprune.buckets import longest_example, optimize_buckets
 from graphprune.exporters import triton
 from graphprune.exporters.openvino import export_openvino
@@ -85,16 +85,14 @@ def optimize(model: torch.nn.Module, recipe: str | list | None = None, target: s
     (``target="eager"``), or as prefill/decode ONNX graphs in the folder ``output``
     (``target="onnx"``; ``max_new_tokens=`` sizes them). ``schedule``: a schedule from :func:`graphprune.tune` (or its JSON
     file) giving the recipe and its per-block options; explicit options override it. ``lengths=[64, 128, ...]``
-    (text models): one graph per bucket length, each call padded to the next bucket (:mod:`graphprune.buckets`). The
-    input model is not modified.
+    (text models): one graph per bucket length, each call padded to the next bucket (:mod:`graphprune.buckets`), or,
+    where the recipe works out its counts from the tokens it gets (ToMe), one graph with a symbolic sequence length up
+    to the longest: the only form the ONNX targets take. The input model is not modified.
     """
     if target not in TARGETS:
         raise GraphPruneError(f"unknown target '{target}'; choose one of {', '.join(TARGETS)}")
     max_new_tokens = options.pop("max_new_tokens", 64)
     lengths = options.pop("lengths", None)
-    if lengths is not None and target != "eager":
-        raise GraphPruneError("lengths=[...] (text models at any length) is for target='eager'; export one length at "
-                              "a time with example_inputs of that length")
     if isinstance(recipe, (list, tuple)):  # decoder policies at once, e.g. ["fastv", "snapkv"]
         rec = compose(list(recipe), options)
     else:
@@ -103,6 +101,11 @@ def optimize(model: torch.nn.Module, recipe: str | list | None = None, target: s
     max_tokens = None
     if lengths is not None:  # text models at any length up to the longest (graphprune.buckets)
         if not (getattr(rec, "kind", None) == "tokens" and rec.any_length()):  # one graph per bucket length
+            if target != "eager":
+                raise GraphPruneError(f"lengths=[...] with target='{target}' exports one graph with a symbolic "
+                                      f"sequence length, which '{rec.name}' cannot give (it fixes its token counts "
+                                      "when optimized; ToMe's alternate split can): export one length at a time with "
+                                      "example_inputs of that length, or use target='eager' for buckets")
             return optimize_buckets(optimize, model, recipe, example_inputs, lengths, {"schedule": schedule, **options})
         example_inputs, max_tokens = longest_example(model, example_inputs, lengths)
     if getattr(rec, "kind", None) == "prompt":  # compresses the prompts of generate (graphprune.prompt)
@@ -154,7 +157,7 @@ def optimize(model: torch.nn.Module, recipe: str | list | None = None, target: s
     )
     result = OptimizedModel(graph.gm, report, inputs, CallMap(model, inputs), max_tokens)
     if target in ("onnx", "trt", "openvino", "triton"):
-        runner, diff = export_onnx(result.gm, inputs, output)
+        runner, diff = export_onnx(result.gm, inputs, output, max_tokens=max_tokens)
         report.parity["onnx"] = diff
         report.artifact = str(output)
         try:
@@ -163,8 +166,8 @@ def optimize(model: torch.nn.Module, recipe: str | list | None = None, target: s
                 report.artifact = str(model_dir)
             if target == "openvino":  # the IR converted from the checked ONNX model, checked again
                 with torch.no_grad():
-                    expected = result.gm(*inputs)
-                runner, diff = export_openvino(output, expected, inputs)
+                    cases = [(case, result.gm(*case)) for case in length_checks(inputs, max_tokens)]
+                runner, diff = export_openvino(output, cases, max_tokens=max_tokens)
                 report.parity["openvino"] = diff
                 report.artifact = str(runner.path)
         except Exception:
@@ -174,7 +177,8 @@ def optimize(model: torch.nn.Module, recipe: str | list | None = None, target: s
         if target == "trt":  # the checked ONNX model plus its engine build (run here only where TensorRT imports)
             names = [i.name for i in runner.session.get_inputs()]
             shapes = [tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)]
-            build = write_trt_build(output, dict(zip(names, shapes)))
+            tokens = {i.name for i in runner.session.get_inputs() if len(i.shape) > 1 and not isinstance(i.shape[1], int)}
+            build = write_trt_build(output, dict(zip(names, shapes)), tokens=(2, tokens) if max_tokens else None)
             report.engine = None if build.engine is None else str(build.engine)
             report.engine_note = build.note
         runner.report = report

@@ -30,6 +30,13 @@ def bucket_lengths(lengths) -> list[int]:
     return out
 
 
+def check_length(n: int, max_tokens: int) -> None:
+    """Refuse a call of ``n`` tokens to a graph with a symbolic length captured for 2 to ``max_tokens``."""
+    if not 2 <= n <= max_tokens:
+        raise GraphPruneError(f"this model was captured for 2 to {max_tokens} tokens; the call has {n}: optimize with "
+                              "a longer length in lengths=[...]")
+
+
 def padded(example: tuple, length: int) -> tuple:
     """The example inputs with every 2-D tensor of the first input's sequence length padded (or cut) to ``length``."""
     n = example[0].shape[1]

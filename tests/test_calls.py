@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import BertConfig, BertModel, ViTConfig, ViTModel
@@ -110,8 +113,10 @@ def test_text_model_buckets_serve_any_length_up_to_the_largest(bert):
                                  example_inputs={"input_ids": ids, "attention_mask": mask})
     assert merged.lengths == [16, 32]  # (EViT's kept count is fixed when optimized: buckets)
     assert merged(input_ids=ids[:, :10], attention_mask=mask[:, :10]).last_hidden_state.shape == (2, 10, 32)
-    with pytest.raises(GraphPruneError, match="target='eager'"):
-        graphprune.optimize(model, "tome", r=2, example_inputs=(ids, mask), lengths=[16], target="onnx", output="x")
+    with pytest.raises(GraphPruneError, match="symbolic sequence length, which 'evit' cannot give"):
+        graphprune.optimize(model, "evit", keep=0.5, example_inputs=(ids, mask), lengths=[16], target="onnx",
+                            output="x")
+    assert not Path("x").exists()
 
 
 def test_tome_serves_any_length_from_one_graph_with_a_symbolic_length(bert, tmp_path):
@@ -149,3 +154,39 @@ def test_tome_serves_any_length_from_one_graph_with_a_symbolic_length(bert, tmp_
     assert (compiled(x, m).last_hidden_state - fast(x, m).last_hidden_state).abs().max() <= 1e-5
     loaded = graphprune.load(fast.save(tmp_path / "tome.pt2"))
     assert (loaded(x, m).last_hidden_state - fast(x, m).last_hidden_state).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("target", ["onnx", "trt", "openvino", "triton"])
+def test_tome_exports_one_graph_with_a_symbolic_length(bert, tmp_path, target):
+    """lengths=[16, 32] with ToMe and an exported target: one graph whose sequence length is symbolic (the merges'
+    ONNX lowering works out r from the tokens it gets), checked at 2, 17 and 32 tokens before it is written; it equals
+    the model optimized at each length from 2 to 32, refuses other lengths, and the deployment files say the length
+    is dynamic (TensorRT's profile from 2 to 32 tokens, Triton's dims -1)."""
+    model, ids, mask = bert
+    example = {"input_ids": ids, "attention_mask": mask}
+    out = tmp_path / ("repo/bert" if target == "triton" else "out")
+    runner = graphprune.optimize(model, "tome", r=3, example_inputs=example, lengths=[16, 32], target=target,
+                                 output=out)
+    fast = graphprune.optimize(model, "tome", r=3, example_inputs=example, lengths=[16, 32])
+    assert runner.report.parity["onnx"] <= 1e-4 and runner.max_tokens == 32
+    session = runner.session if target != "openvino" else graphprune.OnnxModel(out / "model.onnx").session
+    assert [i.shape[1] for i in session.get_inputs()] == [session.get_inputs()[0].shape[1]] * 2
+    assert not isinstance(session.get_inputs()[0].shape[1], int)  # (symbolic in the graph)
+    g = torch.Generator().manual_seed(7)
+    for n in (2, 3, 5, 12, 21, 32):
+        x = torch.randint(1, 100, (3, n), generator=g)
+        m = torch.ones_like(x)
+        m[1, n // 2:] = 0
+        got, expected = runner(x, m), fast(x, m)
+        assert got.last_hidden_state.shape == (3, n, 32)
+        assert (got.last_hidden_state - expected.last_hidden_state).abs().max() <= 1e-4
+        assert (got.pooler_output - expected.pooler_output).abs().max() <= 1e-4
+    with pytest.raises(GraphPruneError, match="2 to 32 tokens"):
+        runner(torch.ones(1, 33, dtype=torch.long), torch.ones(1, 33, dtype=torch.long))
+    if target == "trt":
+        profile = json.loads((out / "profile.json").read_text())
+        assert [profile[name]["min"][1] for name in profile] == [2, 2]
+        assert [profile[name]["max"][1] for name in profile] == [32, 32]
+    if target == "triton":
+        config = (out / "config.pbtxt").read_text()
+        assert config.count("dims: [ -1 ]") == 2 and "dims: [ -1, 32 ]" in config

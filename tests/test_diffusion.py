@@ -492,7 +492,7 @@ def test_openvino_check_replays_the_graphs_matchings(unet, tmp_path):
         seen["outputs"] = len(outs)
         return denoiser_onnx._checked(run, step, inputs, cells, "OpenVINO")
 
-    _, found = denoiser_onnx.export_openvino(tmp_path / "d" / "denoiser.onnx", None, (), exposed=names, check=check)
+    _, found = denoiser_onnx.export_openvino(tmp_path / "d" / "denoiser.onnx", [], exposed=names, check=check)
     assert seen["outputs"] == 1 + 2 * calls and found["matching_slack"] <= 1e-4 and found["max_abs_diff"] <= 1e-4
     assert len(openvino.Core().read_model(str(tmp_path / "d" / "denoiser.xml")).outputs) == 1
 
@@ -506,7 +506,7 @@ def test_openvino_check_replays_the_graphs_matchings(unet, tmp_path):
     for name in ("denoiser.onnx", "denoiser.onnx.data"):
         (tmp_path / "e" / name).write_bytes((tmp_path / "d" / name).read_bytes())
     with pytest.raises(GraphPruneError, match="from optimal|differs"):
-        denoiser_onnx.export_openvino(tmp_path / "e" / "denoiser.onnx", None, (), exposed=names, check=reversed_choice)
+        denoiser_onnx.export_openvino(tmp_path / "e" / "denoiser.onnx", [], exposed=names, check=reversed_choice)
     assert not (tmp_path / "e" / "denoiser.xml").exists()
 
 

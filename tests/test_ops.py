@@ -60,6 +60,46 @@ def test_tome_merge_never_mixes_padding_with_real_tokens():
             assert valid[b, assign[b] == j].unique().numel() == 1
 
 
+class _Tome(torch.nn.Module):
+    def forward(self, x, size, metric, valid):
+        return TOME(x, size, metric, 2, 1, valid)
+
+
+def test_tome_merge_keeps_the_class_token_where_padding_leaves_no_pair(tmp_path):
+    """A row with one padding token of five (A = 0, 2, 4; B = 1, 3) has one pair that may merge (2 with a real B) but
+    the batch merges two: the second merge takes the padding token into a real one, never the protected class token
+    (its row is -inf, below the pairs that may not merge), which stays at output 0. ONNX Runtime and OpenVINO, each
+    with its own rules for equal values and infinities, give the same maps, also with a symbolic token count."""
+    g = torch.Generator().manual_seed(0)
+    x, metric = torch.randn(2, 5, 4, generator=g), torch.randn(2, 5, 3, generator=g)
+    size = torch.ones(2, 5, 1)
+    valid = torch.tensor([[True, True, True, True, False], [True, True, False, False, False]])
+    out, _, assign, rep = TOME(x, size, metric, 2, 1, valid)
+    assert rep[:, 0].tolist() == [0, 0] and assign[:, 0].tolist() == [0, 0]  # the class token alone, in place
+    assert assign[0, 4] == assign[0, 1] and torch.equal(out[:, 0], x[:, 0])  # (row 0: padding into the first B)
+    n = Dim("n", min=4, max=64)
+    prog = torch.onnx.export(_Tome(), (x, size, metric, valid), dynamo=True, custom_translation_table=TRANSLATIONS,
+                             dynamic_shapes=({1: n}, {1: n}, {1: n}, {1: n}), opset_version=18, verbose=False)
+    path = tmp_path / "tome.onnx"
+    prog.save(str(path))
+    runs = [lambda *a: ort.InferenceSession(str(path)).run(None, {i.name: t.numpy() for i, t in zip(
+        ort.InferenceSession(str(path)).get_inputs(), a)})]
+    try:
+        import openvino as ov
+    except ImportError:
+        pass
+    else:
+        compiled = ov.Core().compile_model(ov.convert_model(str(path)), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        runs.append(lambda *a: [compiled([t.numpy() for t in a])[o] for o in compiled.outputs])
+    for run in runs:
+        for n_tokens in (5, 9):
+            big = torch.randn(2, n_tokens, 4, generator=g), torch.ones(2, n_tokens, 1), torch.randn(2, n_tokens, 3, generator=g)
+            mask = torch.arange(n_tokens) < torch.tensor([[n_tokens - 1], [2]])
+            args = (x, size, metric, valid) if n_tokens == 5 else (*big, mask)
+            for got, want in zip(run(*args), TOME(*args[:3], 2, 1, args[3])):
+                np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
+
+
 def test_tome_merge_caps_r_and_r0_is_identity():
     x, size, metric = _inputs(n=9)
     out, s, _, _ = TOME(x, size, metric, 100, 1)

@@ -239,7 +239,7 @@ def deploy_denoiser(reduced: ReducedDenoiser, example_inputs: dict, output, targ
             matchings = [f"{k}_{i}" for i in range(onnx_runner.meta["checked_calls"] // 2) for k in ("order", "choice")]
             check = partial(_checked, step=_step(reduced, example_inputs), example_inputs=example_inputs, cells=cells,
                             runtime="OpenVINO")
-            export_openvino(folder / "denoiser.onnx", None, (), exposed=matchings, check=check)
+            export_openvino(folder / "denoiser.onnx", [], exposed=matchings, check=check)
             return OpenVinoDenoiser(folder)
         if target == "trt":
             shapes = {i.name: tuple(t.shape) for i, t in zip(onnx_runner.session.get_inputs(), _split(example_inputs)[1])}

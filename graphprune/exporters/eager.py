@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from graphprune.calls import CallMap
+from graphprune.buckets import check_length
 from graphprune.capture import export
-from graphprune.errors import GraphPruneError
 from graphprune.exporters.files import atomic_path
 from graphprune.report import Report
 
@@ -28,9 +28,8 @@ class OptimizedModel(torch.nn.Module):
     def forward(self, *args, **kwargs):
         if self.calls is not None:
             args, kwargs = self.calls(args, kwargs), {}
-        if self.max_tokens is not None and args and not 2 <= args[0].shape[1] <= self.max_tokens:
-            raise GraphPruneError(f"this model was captured for 2 to {self.max_tokens} tokens; the call has "
-                                  f"{args[0].shape[1]}: optimize with a longer length in lengths=[...]")
+        if self.max_tokens is not None and args:
+            check_length(args[0].shape[1], self.max_tokens)
         with torch.no_grad():  # inference only (the token ops have no gradients), so torch.compile traces no backward
             return self.gm(*args, **kwargs)
 

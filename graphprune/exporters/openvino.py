@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
+from graphprune.buckets import check_length
 from graphprune.errors import ExportError, first_line
 from graphprune.exporters.files import publish, staging_dir
 from graphprune.report import max_abs_diff
@@ -29,16 +30,19 @@ def openvino_available() -> bool:
 class OpenVinoModel:
     """Runs an OpenVINO IR compiled for the CPU, with torch tensors in and out."""
 
-    def __init__(self, path, out_spec=None, report=None):
+    def __init__(self, path, out_spec=None, report=None, max_tokens: int | None = None):
         import openvino as ov
 
         self.path = Path(path)
         self.compiled = ov.Core().compile_model(str(self.path), "CPU", CONFIG)
         self.out_spec = out_spec
         self.report = report
+        self.max_tokens = max_tokens  # converted with a symbolic sequence length: the longest checked (None: fixed)
 
     def __call__(self, *args):
         flat = [a.detach().cpu().numpy() for a in pytree.tree_leaves(args) if isinstance(a, torch.Tensor)]
+        if self.max_tokens is not None and flat:
+            check_length(flat[0].shape[1], self.max_tokens)
         result = self.compiled(flat)
         outs = [torch.from_numpy(np.asarray(result[o])) for o in self.compiled.outputs]
         if self.out_spec is None:
@@ -46,20 +50,21 @@ class OpenVinoModel:
         return pytree.tree_unflatten(outs, self.out_spec)
 
 
-def export_openvino(onnx: Path, expected, example_inputs: tuple, tolerance: float = TOLERANCE,
-                    exposed: list[str] | None = None, check: Callable | None = None):
+def export_openvino(onnx: Path, cases: list[tuple], tolerance: float = TOLERANCE,
+                    exposed: list[str] | None = None, check: Callable | None = None, max_tokens: int | None = None):
     """Convert the checked ONNX model ``onnx`` to ``model.xml`` / ``model.bin`` beside it; compiled for the CPU and
-    compared with the eager outputs ``expected`` on ``example_inputs`` first. Returns (OpenVinoModel, diff). A graph
+    compared first with the eager outputs on each of ``cases`` ((inputs, eager outputs) pairs: the example, and other
+    lengths where the graph's length is symbolic). Returns (OpenVinoModel, diff). A graph
     whose check needs more than its outputs gives ``check(run)`` instead: ``run`` takes the inputs to the outputs
     followed by the inner tensors named ``exposed`` (the IR written keeps its own outputs only); ``check`` raises
-    ExportError or returns what it found."""
+    ExportError or returns what it found. ``max_tokens``: the graph's sequence length is symbolic, up to it."""
     if not openvino_available():
         raise ExportError("target='openvino' needs OpenVINO: pip install openvino (or graphprune[deploy])")
     import openvino as ov
 
     onnx = Path(onnx)
     xml = onnx.with_suffix(".xml")
-    _, out_spec = pytree.tree_flatten(expected)
+    out_spec = pytree.tree_flatten(cases[0][1])[1] if cases else None
     with staging_dir(onnx.parent) as tmp:
         staged = tmp / xml.name
         try:
@@ -77,9 +82,10 @@ def export_openvino(onnx: Path, expected, example_inputs: tuple, tolerance: floa
 
             diff = check(run)
         else:
-            diff = max_abs_diff(OpenVinoModel(staged, out_spec)(*example_inputs), expected)
+            runner = OpenVinoModel(staged, out_spec)
+            diff = max(max_abs_diff(runner(*inputs), expected) for inputs, expected in cases)
             if not diff <= tolerance:
                 raise ExportError(f"the OpenVINO model differs from the eager model by {diff:.3g} (> {tolerance}); "
                                   "nothing was written")
         publish(sorted(tmp.iterdir()), onnx.parent, last=staged)
-    return OpenVinoModel(xml, out_spec), diff
+    return OpenVinoModel(xml, out_spec, max_tokens=max_tokens), diff

@@ -1,7 +1,8 @@
 """The TensorRT target: the checked ONNX model, plus what builds its engine wherever TensorRT is installed.
 
 TensorRT cannot be installed everywhere graphprune runs. ``target="trt"`` therefore writes, beside ``model.onnx``
-(checked in ONNX Runtime first): ``profile.json`` (the optimisation profile: dynamic batch, fixed token counts),
+(checked in ONNX Runtime first): ``profile.json`` (the optimisation profile: dynamic batch; fixed token counts, or a
+symbolic sequence length from 2 tokens to the longest),
 ``build_engine.sh`` (the ``trtexec`` command line) and ``build_engine.py`` (the same build with TensorRT's Python
 builder; a copy of :mod:`graphprune.exporters.trt_build`). Where ``tensorrt`` imports, the engine is built right away
 (``model.plan``); elsewhere the report says it was not built. No engine is ever claimed that was not built.
@@ -39,11 +40,18 @@ class TrtBuild:
     note: str
 
 
-def profile_for(inputs: dict[str, tuple], max_batch: int = MAX_BATCH, fixed: frozenset = frozenset()) -> dict:
+def profile_for(inputs: dict[str, tuple], max_batch: int = MAX_BATCH, fixed: frozenset = frozenset(),
+                tokens: tuple[int, set] | None = None) -> dict:
     """One optimisation profile: every input's shape at batch 1, at the example's batch, and at ``max_batch``; the
-    inputs named in ``fixed`` (no batch axis) at their one shape."""
+    inputs named in ``fixed`` (no batch axis) at their one shape. ``tokens`` (shortest, names): those inputs' second
+    axis is a symbolic sequence length, from the shortest to the example's (the longest) at its optimum."""
+    shortest, names = tokens if tokens is not None else (None, set())
+
+    def least(name, shape):
+        return [1, shortest, *shape[2:]] if name in names else [1, *shape[1:]]
+
     return {name: {"min": list(shape), "opt": list(shape), "max": list(shape)} if name in fixed else
-            {"min": [1, *shape[1:]], "opt": list(shape), "max": [max(max_batch, shape[0]), *shape[1:]]}
+            {"min": least(name, shape), "opt": list(shape), "max": [max(max_batch, shape[0]), *shape[1:]]}
             for name, shape in inputs.items()}
 
 
@@ -56,11 +64,11 @@ def trtexec_command(onnx: Path, profile: dict, engine: Path) -> str:
 
 
 def write_trt_build(onnx: Path, inputs: dict[str, tuple], max_batch: int = MAX_BATCH,
-                    fixed: frozenset = frozenset()) -> TrtBuild:
+                    fixed: frozenset = frozenset(), tokens: tuple[int, set] | None = None) -> TrtBuild:
     """Write the build files beside ``onnx`` (an exported, checked model); build the engine if TensorRT imports.
-    ``fixed``: inputs without a batch axis."""
+    ``fixed``: inputs without a batch axis; ``tokens``: see :func:`profile_for`."""
     folder, engine = onnx.parent, onnx.with_suffix(".plan")
-    profile = profile_for(inputs, max_batch, frozenset(fixed))
+    profile = profile_for(inputs, max_batch, frozenset(fixed), tokens)
     profile_path = write_text(folder / "profile.json", json.dumps(profile, indent=2))
     script = write_text(folder / "build_engine.py", Path(trt_build.__file__).read_text(encoding="utf-8"))
     shell = write_text(folder / "build_engine.sh", "#!/bin/sh\n# Build the TensorRT engine from the checked ONNX model "

@@ -6,8 +6,9 @@ build can run them. Merges add the moved tokens into their destinations with
 merge of k tokens: several tokens may land on one destination. (A one-hot assignment matrix
 times the tokens, the earlier lowering, costs O(N·k·C): at a thousand tokens it rivalled
 attention.)
-The token count must be static in the exported graph (only the batch is dynamic);
-it is, because every recipe's token counts are a function of N and the schedule.
+The token count is static in the exported graph (only the batch is dynamic) for every recipe
+but ToMe's alternate split, whose merge works out r from the tokens it gets
+(``Recipe.any_length``): its lowering reads the count from the graph when it is symbolic.
 """
 
 from __future__ import annotations
@@ -73,54 +74,92 @@ def _interleave_prefix(unm, dst, protected: int):
     return op.Concat(*parts, axis=1)
 
 
-def _arange(n: int):
-    return op.Range(op.Constant(value_int=0), op.Constant(value_int=n), op.Constant(value_int=1))
+def _arange(n):
+    """0..n-1 for a count ``n``: an int, or a one-element int64 tensor (a symbolic token count)."""
+    end = op.Constant(value_int=n) if isinstance(n, int) else op.Squeeze(n, _ints(0))
+    return op.Range(op.Constant(value_int=0), end, op.Constant(value_int=1))
 
 
-def _positions(like, n: int):
-    """(B, n) int64 rows of 0..n-1, with the batch size of ``like``."""
-    return op.Expand(op.Unsqueeze(_arange(n), _ints(0)), op.Concat(op.Shape(like, start=0, end=1), _ints(n), axis=0))
+def _positions(like, n=None):
+    """(B, n) int64 rows of 0..n-1, with the batch size of ``like``; ``n``: an int, a one-element tensor, or None for
+    the length of ``like``'s second axis."""
+    if n is None:
+        n = op.Shape(like, start=1, end=2)
+    count = _ints(n) if isinstance(n, int) else n
+    return op.Expand(op.Unsqueeze(_arange(n), _ints(0)), op.Concat(op.Shape(like, start=0, end=1), count, axis=0))
 
 
-def _identity_maps(x, n: int):
+def _identity_maps(x, n=None):
     idx = _positions(x, n)
     return op.Identity(idx), op.Identity(idx)
 
 
+def _untied(t, axis: int):
+    """``t`` in float32 with the equal values that padding gives (+inf for a padding pair, the dtype's least value for
+    a pair that may not merge) as distinct finite ones of the same rank, falling with the index along ``axis``
+    (±1e30 − i·1e24): eager's max and stable sort take the first of equal values, and so do ONNX Runtime's ArgMax and
+    TopK, but not every runtime (OpenVINO orders such ties its own way), so the order is written into the values.
+    (-inf, the protected tokens, stays: they come last and never merge.)"""
+    t = op.Cast(t, to=ir.DataType.FLOAT)  # (exact from float16 and bfloat16)
+    step = op.Mul(op.Cast(_arange(op.Shape(t, start=axis, end=axis + 1)), to=ir.DataType.FLOAT),
+                  op.Constant(value_float=1e24))
+    big = op.Constant(value_float=1e30)
+    barred = op.And(op.Less(t, op.Constant(value_float=-1e38)), op.Not(op.IsInf(t)))
+    return op.Where(op.IsInf(t, detect_negative=0), op.Sub(big, step), op.Where(barred, op.Sub(op.Neg(big), step), t))
+
+
+def _tome_counts(x, r: int, protected: int):
+    """ToMe's (n, r, |A|) as one-element int64 tensors, worked out in the graph when the token count is symbolic
+    (``tome_effective_r``: at most half of the unprotected tokens), else constants. None when nothing merges."""
+    n = x.shape[1] if x.shape is not None else None
+    if isinstance(n, int):
+        r = tome_effective_r(n, r, protected)
+        return None if r == 0 else (_ints(n), _ints(r), _ints((n + 1) // 2))
+    if r <= 0:
+        return None
+    n = op.Shape(x, start=1, end=2)
+    half = op.Div(op.Sub(n, _ints(protected)), _ints(2))
+    applied = op.Max(op.Min(_ints(r), half), _ints(0))
+    return n, applied, op.Div(op.Add(n, _ints(1)), _ints(2))
+
+
 def tome_merge(x, size, metric, r: int, protected: int, valid=None, penalty=None):
-    n = _static(x, 1, "tome_merge")
-    r = tome_effective_r(n, r, protected)
-    if r == 0:
-        return op.Identity(x), op.Identity(size), *_identity_maps(x, n)
-    na, nb = (n + 1) // 2, n // 2
+    counts = _tome_counts(x, r, protected)
+    if counts is None:
+        return op.Identity(x), op.Identity(size), *_identity_maps(x)
+    n, r, na = counts
     pa, pb = (protected + 1) // 2, protected // 2
+    end = 2**62
 
     m = op.Div(metric, op.ReduceL2(metric, _ints(-1), keepdims=1))
-    scores = op.MatMul(_slice(m, 0, n, step=2), op.Transpose(_slice(m, 1, n, step=2), perm=[0, 2, 1]))
+    scores = op.MatMul(_slice(m, 0, end, step=2), op.Transpose(_slice(m, 1, end, step=2), perm=[0, 2, 1]))
     if penalty is not None:  # (Turbo: each A token's similarities drop by its penalty)
-        scores = op.Sub(scores, op.CastLike(op.Unsqueeze(_slice(penalty, 0, n, step=2), _ints(2)), scores))
+        scores = op.Sub(scores, op.CastLike(op.Unsqueeze(_slice(penalty, 0, end, step=2), _ints(2)), scores))
     if valid is not None:  # padding merges first, into padding only; real tokens never merge with padding
-        va, vb = op.Unsqueeze(_slice(valid, 0, n, step=2), _ints(2)), op.Unsqueeze(_slice(valid, 1, n, step=2), _ints(1))
-        inf = op.CastLike(op.Constant(value_float=np.inf), scores)
-        scores = op.Where(op.Equal(va, vb), scores, op.Neg(inf))
-        scores = op.Where(op.And(op.Not(va), op.Not(vb)), inf, scores)
+        va = op.Unsqueeze(_slice(valid, 0, end, step=2), _ints(2))
+        vb = op.Unsqueeze(_slice(valid, 1, end, step=2), _ints(1))
+        least = op.CastLike(op.Constant(value_float=float(np.finfo(np.float32).min)), scores)  # (see ops.tome)
+        scores = op.Where(op.Equal(va, vb), scores, least)
+        scores = op.Where(op.And(op.Not(va), op.Not(vb)), op.CastLike(op.Constant(value_float=np.inf), scores), scores)
     if protected:  # last, so nothing overrides it; Where, not Add: a protected token's score may be NaN (a zero key, e.g. a zero-initialised cls token)
-        mask = np.zeros((na, nb), dtype=np.bool_)
-        mask[:pa, :] = True
-        mask[:, :pb] = True
-        scores = op.Where(op.Constant(value=ir.tensor(mask)), op.CastLike(op.Constant(value_float=-np.inf), scores), scores)
-    node_max = op.ReduceMax(scores, _ints(-1), keepdims=0)
-    node_idx = op.ArgMax(scores, axis=-1, keepdims=0)
-    _, edge = op.TopK(node_max, _ints(na), axis=-1, largest=1, sorted=1)
-    src_idx = _slice(edge, 0, r)
-    unm_idx = _slice(edge, r, na)
+        rows = op.Less(_arange(op.Shape(scores, start=1, end=2)), op.Constant(value_int=pa))
+        cols = op.Less(_arange(op.Shape(scores, start=2, end=3)), op.Constant(value_int=pb))
+        mask = op.Or(op.Unsqueeze(rows, _ints(1)), op.Unsqueeze(cols, _ints(0)))
+        scores = op.Where(mask, op.CastLike(op.Constant(value_float=-np.inf), scores), scores)
+    node_max = _untied(op.ReduceMax(scores, _ints(-1), keepdims=0), 1)
+    if protected:  # (OpenVINO's ReduceMax of a row of -inf gives the least finite value)
+        node_max = op.Where(rows, op.Constant(value_float=-np.inf), node_max)
+    node_idx = op.ArgMax(_untied(scores, 2), axis=-1, keepdims=0)
+    _, edge = op.TopK(node_max, na, axis=-1, largest=1, sorted=1)
+    src_idx = op.Slice(edge, _ints(0), r, _ints(1))
+    unm_idx = op.Slice(edge, r, _ints(end), _ints(1))
     if protected:  # unmerged A tokens back in positional order
-        pos, _ = op.TopK(op.Cast(unm_idx, to=ir.DataType.FLOAT), _ints(na - r), axis=-1, largest=0, sorted=1)
+        pos, _ = op.TopK(op.Cast(unm_idx, to=ir.DataType.FLOAT), op.Sub(na, r), axis=-1, largest=0, sorted=1)
         unm_idx = op.Cast(pos, to=ir.DataType.INT64)
     dst_idx = op.GatherElements(node_idx, src_idx, axis=1)
 
     def merge(t, width: int):
-        src, dst = _slice(t, 0, n, step=2), _slice(t, 1, n, step=2)
+        src, dst = _slice(t, 0, end, step=2), _slice(t, 1, end, step=2)
         unm = _take(src, unm_idx, width)
         moved = _take(src, src_idx, width)
         return _interleave_prefix(unm, _scatter_add(dst, dst_idx, moved, width), protected)
@@ -129,10 +168,10 @@ def tome_merge(x, size, metric, r: int, protected: int, valid=None, penalty=None
     new_size = merge(size, 1)
     # token maps: rep = positions of [unm A, B] in the input; assign inverts it, merged A follow their destination
     two, one = op.Constant(value_int=2), op.Constant(value_int=1)
-    b_pos = op.Add(op.Mul(_positions(node_idx, nb), two), one)
+    b_pos = op.Add(op.Mul(_positions(node_idx, op.Shape(scores, start=2, end=3)), two), one)
     rep = op.Squeeze(_interleave_prefix(op.Unsqueeze(op.Mul(unm_idx, two), _ints(-1)), op.Unsqueeze(b_pos, _ints(-1)), protected), _ints(-1))
     zeros = op.Mul(_positions(node_idx, n), op.Constant(value_int=0))
-    where = op.ScatterElements(zeros, rep, _positions(rep, n - r), axis=1)
+    where = op.ScatterElements(zeros, rep, _positions(rep), axis=1)
     where = op.ScatterElements(where, op.Mul(src_idx, two), op.GatherElements(where, op.Add(op.Mul(dst_idx, two), one), axis=1), axis=1)
     return op.Div(merge(op.Mul(x, size), c), new_size), new_size, where, rep
 

@@ -10,6 +10,8 @@
   similarity are merged into their match as a size-weighted average; sizes add up;
 * with ``valid`` (B, N) given (padding), a valid token and a padded one never merge, and
   padding merges first (into padding), so which real tokens merge never depends on the padding;
+  only where a row has no such pair left (the batch merges the same count in every row) does a
+  padding token merge with a real one, never with a protected token;
 * with ``penalty`` (B, N) given, each A token's similarities drop by its penalty: it ranks the A
   tokens (which merge) without changing where each goes (Turbo's semantic value);
 * output order is ``[unmerged A, B]`` with the protected tokens interleaved back at the
@@ -28,8 +30,9 @@ from graphprune.ops.maps import add_rows, identity_maps, take_rows
 
 
 def tome_effective_r(n: int, r: int, protected: int) -> int:
-    """The r actually applied to ``n`` tokens: at most half of the unprotected tokens."""
-    return max(0, min(r, (n - protected) // 2))
+    """The r actually applied to ``n`` tokens: at most half of the unprotected tokens. (``torch.sym_min``: a symbolic
+    token count stays symbolic; Python's ``min`` would specialise it to the example's length.)"""
+    return torch.sym_max(0, torch.sym_min(r, (n - protected) // 2))
 
 
 def _interleave_prefix(unm: torch.Tensor, dst: torch.Tensor, protected: int) -> torch.Tensor:
@@ -52,9 +55,11 @@ def match(metric: torch.Tensor, r: int, protected: int, valid: torch.Tensor | No
     scores = a @ b.transpose(-1, -2)
     if penalty is not None:
         scores = scores - penalty[:, ::2, None].to(scores.dtype)
-    if valid is not None:  # padding merges first, into padding only; real tokens never merge with padding
+    if valid is not None:  # padding merges first, into padding only; real tokens never merge with padding, unless
+        # a row has no other pair left (the batch merges one count in every row): then below every pair but above the
+        # protected tokens (-inf), which never merge
         va, vb = valid[:, ::2, None], valid[:, None, 1::2]
-        scores = scores.masked_fill(va != vb, -math.inf).masked_fill(~va & ~vb, math.inf)
+        scores = scores.masked_fill(va != vb, torch.finfo(scores.dtype).min).masked_fill(~va & ~vb, math.inf)
     pa, pb = (protected + 1) // 2, protected // 2
     if pa:
         scores[..., :pa, :] = -math.inf
