@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.utils._pytree as pytree
-
 from torch.export import Dim
 
 from graphprune.buckets import check_length, padded
