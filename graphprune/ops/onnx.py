@@ -95,7 +95,7 @@ def _identity_maps(x, n=None):
 
 
 def _untied(t, axis: int):
-    """``t`` in float32 with the equal values that padding gives (+inf for a padding pair, the dtype's least value for
+    """``t`` in float32 with the equal values that padding gives (+inf for a padding pair, float32's least value for
     a pair that may not merge) as distinct finite ones of the same rank, falling with the index along ``axis``
     (±1e30 − i·1e24): eager's max and stable sort take the first of equal values, and so do ONNX Runtime's ArgMax and
     TopK, but not every runtime (OpenVINO orders such ties its own way), so the order is written into the values.
