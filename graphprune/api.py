@@ -178,7 +178,7 @@ def optimize(model: torch.nn.Module, recipe: str | list | None = None, target: s
             names = [i.name for i in runner.session.get_inputs()]
             shapes = [tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)]
             tokens = {i.name for i in runner.session.get_inputs() if len(i.shape) > 1 and not isinstance(i.shape[1], int)}
-            build = write_trt_build(output, dict(zip(names, shapes)), tokens=(2, tokens) if max_tokens else None)
+            build = write_trt_build(output, dict(zip(names, shapes)), tokens=tokens)  # (none where the length is fixed)
             report.engine = None if build.engine is None else str(build.engine)
             report.engine_note = build.note
         runner.report = report

@@ -17,6 +17,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from graphprune.calls import example_tuple
+from graphprune.capture import SHORTEST
 from graphprune.errors import GraphPruneError
 
 
@@ -31,10 +32,10 @@ def bucket_lengths(lengths) -> list[int]:
 
 
 def check_length(n: int, max_tokens: int) -> None:
-    """Refuse a call of ``n`` tokens to a graph with a symbolic length captured for 2 to ``max_tokens``."""
-    if not 2 <= n <= max_tokens:
-        raise GraphPruneError(f"this model was captured for 2 to {max_tokens} tokens; the call has {n}: optimize with "
-                              "a longer length in lengths=[...]")
+    """Refuse a call of ``n`` tokens to a graph with a symbolic length captured for SHORTEST to ``max_tokens``."""
+    if not SHORTEST <= n <= max_tokens:
+        raise GraphPruneError(f"this model was captured for {SHORTEST} to {max_tokens} tokens; the call has {n}: "
+                              "optimize with a longer length in lengths=[...]")
 
 
 def padded(example: tuple, length: int) -> tuple:

@@ -65,11 +65,20 @@ def first_two(inputs: tuple) -> tuple:
     return tuple(t[:2] if isinstance(t, torch.Tensor) and t.dim() else t for t in inputs)
 
 
-def dynamic_shapes(example_inputs: tuple, tokens=None):
-    """A dynamic batch for every tensor input; with ``tokens`` (a ``Dim``), also a symbolic sequence length on the
-    second axis of every 2-D input as long as the first input's (token ids, attention mask, token types)."""
+SHORTEST = 2  # the fewest tokens a symbolic sequence length takes
+
+
+def dynamic_shapes(example_inputs: tuple, max_tokens: int | None = None, rewritten: bool = True):
+    """A dynamic batch for every tensor input; with ``max_tokens``, also a symbolic sequence length from
+    :data:`SHORTEST` to it on the second axis of every 2-D input as long as the first input's (token ids, attention
+    mask, token types): strict when a model is captured (``rewritten=False``: an error if the model fixes its length),
+    and for a rewritten graph one that takes the guards graphprune's token ops add (each block's count is a function of
+    the length)."""
     batch = Dim("batch", min=1, max=4096)
-    n = example_inputs[0].shape[1] if tokens is not None else None
+    tokens, n = None, None
+    if max_tokens is not None:
+        tokens = Dim.DYNAMIC(min=SHORTEST, max=max_tokens) if rewritten else Dim("tokens", min=SHORTEST, max=max_tokens)
+        n = example_inputs[0].shape[1]
 
     def axes(t):
         if not isinstance(t, torch.Tensor) or t.dim() == 0:
@@ -80,14 +89,10 @@ def dynamic_shapes(example_inputs: tuple, tokens=None):
 
 
 def export(module, example_inputs: tuple, max_tokens: int | None = None, rewritten: bool = False):
-    """``torch.export`` with a dynamic batch; with ``max_tokens``, a sequence length from 2 to it: strict when a model
-    is captured (an error if the model fixes its length), and for a ``rewritten`` graph one that takes the guards
-    graphprune's token ops add (each block's count is a function of the length)."""
-    tokens = None
-    if max_tokens is not None:
-        tokens = Dim.DYNAMIC(min=2, max=max_tokens) if rewritten else Dim("tokens", min=2, max=max_tokens)
-    return torch.export.export(module, example_inputs, dynamic_shapes=dynamic_shapes(example_inputs, tokens),
-                               strict=False)
+    """``torch.export`` with a dynamic batch; with ``max_tokens``, a sequence length up to it (see
+    :func:`dynamic_shapes`)."""
+    return torch.export.export(module, example_inputs, strict=False,
+                               dynamic_shapes=dynamic_shapes(example_inputs, max_tokens, rewritten))
 
 
 _INDEXED = re.compile(r"\.\d+$")

@@ -11,10 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.utils._pytree as pytree
-from torch.export import Dim
 
 from graphprune.buckets import check_length, padded
-from graphprune.capture import dynamic_shapes
+from graphprune.capture import SHORTEST, dynamic_shapes
 from graphprune.errors import ExportError, first_line
 from graphprune.exporters.files import publish, staging_dir
 from graphprune.ops.onnx import TRANSLATIONS
@@ -75,7 +74,7 @@ def length_checks(example_inputs: tuple, max_tokens: int | None) -> list[tuple]:
     the longest, ``max_tokens``), also the example cut to the shortest length and to a middle one."""
     if max_tokens is None:
         return [example_inputs]
-    return [padded(example_inputs, n) for n in sorted({2, (2 + max_tokens) // 2, max_tokens})]
+    return [padded(example_inputs, n) for n in sorted({SHORTEST, (SHORTEST + max_tokens) // 2, max_tokens})]
 
 
 def export_onnx(module: torch.fx.GraphModule, example_inputs: tuple, output: Path, tolerance: float = TOLERANCE,
@@ -84,7 +83,6 @@ def export_onnx(module: torch.fx.GraphModule, example_inputs: tuple, output: Pat
     ``max_tokens``: a text model's graph with a symbolic sequence length (the example at the longest length), exported
     with one and checked at the shortest length, a middle one and the longest."""
     output = Path(output)
-    tokens = None if max_tokens is None else Dim.DYNAMIC(min=2, max=max_tokens)
     checks = length_checks(example_inputs, max_tokens)
     with staging_dir(output.parent) as tmp:
         staged = tmp / output.name
@@ -93,7 +91,7 @@ def export_onnx(module: torch.fx.GraphModule, example_inputs: tuple, output: Pat
             with warnings.catch_warnings(), contextlib.redirect_stdout(log), _quiet_loggers("torch.onnx", "onnx_ir"):
                 warnings.simplefilter("ignore")
                 program = torch.onnx.export(
-                    pin_attention_layout(module), example_inputs, dynamo=True, dynamic_shapes=dynamic_shapes(example_inputs, tokens),
+                    pin_attention_layout(module), example_inputs, dynamo=True, dynamic_shapes=dynamic_shapes(example_inputs, max_tokens),
                     custom_translation_table=TRANSLATIONS, opset_version=OPSET, verbose=False,
                     # onnxscript's rewriter is slow on very large graphs (unrolled loops such as ATC's
                     # clustering): there ONNX Runtime's own graph optimisations at load time suffice

@@ -15,6 +15,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+from graphprune.capture import SHORTEST
 from graphprune.exporters import trt_build
 from graphprune.exporters.files import write_text
 
@@ -41,14 +42,13 @@ class TrtBuild:
 
 
 def profile_for(inputs: dict[str, tuple], max_batch: int = MAX_BATCH, fixed: frozenset = frozenset(),
-                tokens: tuple[int, set] | None = None) -> dict:
+                tokens: frozenset = frozenset()) -> dict:
     """One optimisation profile: every input's shape at batch 1, at the example's batch, and at ``max_batch``; the
-    inputs named in ``fixed`` (no batch axis) at their one shape. ``tokens`` (shortest, names): those inputs' second
-    axis is a symbolic sequence length, from the shortest to the example's (the longest) at its optimum."""
-    shortest, names = tokens if tokens is not None else (None, set())
+    inputs named in ``fixed`` (no batch axis) at their one shape. The inputs named in ``tokens`` have a symbolic
+    sequence length on their second axis: from ``SHORTEST`` tokens to the example's (the longest), its optimum."""
 
     def least(name, shape):
-        return [1, shortest, *shape[2:]] if name in names else [1, *shape[1:]]
+        return [1, SHORTEST, *shape[2:]] if name in tokens else [1, *shape[1:]]
 
     return {name: {"min": list(shape), "opt": list(shape), "max": list(shape)} if name in fixed else
             {"min": least(name, shape), "opt": list(shape), "max": [max(max_batch, shape[0]), *shape[1:]]}
@@ -64,11 +64,11 @@ def trtexec_command(onnx: Path, profile: dict, engine: Path) -> str:
 
 
 def write_trt_build(onnx: Path, inputs: dict[str, tuple], max_batch: int = MAX_BATCH,
-                    fixed: frozenset = frozenset(), tokens: tuple[int, set] | None = None) -> TrtBuild:
+                    fixed: frozenset = frozenset(), tokens: frozenset = frozenset()) -> TrtBuild:
     """Write the build files beside ``onnx`` (an exported, checked model); build the engine if TensorRT imports.
     ``fixed``: inputs without a batch axis; ``tokens``: see :func:`profile_for`."""
     folder, engine = onnx.parent, onnx.with_suffix(".plan")
-    profile = profile_for(inputs, max_batch, frozenset(fixed), tokens)
+    profile = profile_for(inputs, max_batch, frozenset(fixed), frozenset(tokens))
     profile_path = write_text(folder / "profile.json", json.dumps(profile, indent=2))
     script = write_text(folder / "build_engine.py", Path(trt_build.__file__).read_text(encoding="utf-8"))
     shell = write_text(folder / "build_engine.sh", "#!/bin/sh\n# Build the TensorRT engine from the checked ONNX model "
