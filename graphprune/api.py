@@ -14,7 +14,7 @@ from graphprune.exporters.eager import OptimizedModel
 from graphprune.exporters.files import check_writable
 from graphprune.exporters.decoder_onnx import export_decoder_onnx
 from graphprune.exporters.onnx import export_onnx, length_checks
-from graphprune.buckets import longest_example, optimize_buckets
+from graphprune.buckets import longest_example, one_graph, optimize_buckets
 from graphprune.exporters import triton
 from graphprune.exporters.openvino import export_openvino
 from graphprune.exporters.trt import write_trt_build
@@ -31,9 +31,15 @@ TARGETS = ("eager", "onnx", "trt", "openvino", "triton")
 
 
 def default_example_inputs(model: torch.nn.Module) -> tuple:
-    """One image of the size the model was built for (timm's ``pretrained_cfg`` or ``patch_embed``)."""
+    """Two images of the size the model was built for (timm's ``pretrained_cfg`` or ``patch_embed``, or a Hugging
+    Face vision encoder's ``config.image_size`` and ``num_channels``)."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     size = cfg.get("input_size")
+    config = getattr(model, "config", None)
+    if size is None and isinstance(getattr(config, "num_channels", None), int) \
+            and getattr(config, "image_size", None) is not None:
+        side = config.image_size
+        size = (config.num_channels, *((side, side) if isinstance(side, int) else side))
     pe = getattr(model, "patch_embed", None)
     if pe is not None and getattr(pe, "img_size", None) is not None:
         chans = getattr(getattr(pe, "proj", None), "in_channels", 3)
@@ -100,7 +106,7 @@ def optimize(model: torch.nn.Module, recipe: str | list | None = None, target: s
         rec = get_recipe(resolved, **resolved_options)
     max_tokens = None
     if lengths is not None:  # text models at any length up to the longest (graphprune.buckets)
-        if not (getattr(rec, "kind", None) == "tokens" and rec.any_length()):  # one graph per bucket length
+        if not one_graph(rec):  # one graph per bucket length
             if target != "eager":
                 raise GraphPruneError(f"lengths=[...] with target='{target}' exports one graph with a symbolic "
                                       f"sequence length, which '{rec.name}' cannot give (it fixes its token counts "

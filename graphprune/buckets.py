@@ -75,6 +75,12 @@ class Bucketed(torch.nn.Module):
                                t.shape[1] == length else t, out)
 
 
+def one_graph(recipe) -> bool:
+    """Whether ``lengths=[...]`` captures ``recipe`` once with a symbolic sequence length (a token recipe that works
+    out its counts from the tokens it gets: ``Recipe.any_length``) rather than once per bucket length."""
+    return getattr(recipe, "kind", None) == "tokens" and recipe.any_length()
+
+
 def _text_example(model, example_inputs) -> tuple:
     if example_inputs is None:
         raise GraphPruneError("lengths=[...] captures a text model at its longest length: give example_inputs (e.g. "

@@ -43,8 +43,10 @@ def load_model(spec: str, weights: Optional[Path], trust_pickle: bool):
     from graphprune.errors import UntrustedFileError
 
     path = Path(spec)
-    if path.suffix == ".gguf" or (path.is_dir() and (path / "config.json").is_file()):
+    if path.suffix == ".gguf":
         return load_hf_decoder(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        return load_hf_folder(path)
     if path.suffix in (".pt2",):
         return load_exported(path)
     if path.is_dir():
@@ -145,6 +147,43 @@ def load_hf_decoder(path: Path):
               f".safetensors weights, or a .gguf file): {first_line(err)}")
 
 
+GENERATIVE = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+def load_hf_folder(path: Path):
+    """A Hugging Face model folder: a causal LM or vision-language model (:func:`load_hf_decoder`), else an encoder
+    (ViT, DINOv2, CLIP's or SigLIP's vision tower, BERT, RoBERTa, ...) as the class its config.json names."""
+    import transformers
+    from transformers import AutoConfig, AutoModel, PreTrainedModel
+
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except Exception as err:  # noqa: BLE001
+        _fail(f"cannot read the Hugging Face config in {path}: {first_line(err)}")
+    names = getattr(config, "architectures", None) or []
+    if not names or hasattr(config, "vision_config") or any(n.endswith(GENERATIVE) for n in names):
+        return load_hf_decoder(path)
+    cls = getattr(transformers, names[0], None)
+    if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
+        cls = AutoModel
+    try:
+        return cls.from_pretrained(str(path), use_safetensors=True).eval()
+    except Exception as err:  # noqa: BLE001
+        _fail(f"cannot load {names[0]} from {path} (a folder with config.json and .safetensors weights): "
+              f"{first_line(err)}")
+
+
+def takes_token_ids(net) -> bool:
+    """A Hugging Face text encoder (BERT, RoBERTa, ...): its forward takes token ids and no pixels."""
+    import inspect
+
+    try:
+        params = inspect.signature(net.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "input_ids" in params and "pixel_values" not in params and hasattr(net, "config")
+
+
 def is_vlm(net) -> bool:
     return hasattr(getattr(net, "config", None), "vision_config")
 
@@ -227,8 +266,10 @@ def read_state_dict(path: Path) -> dict:
 
 
 # options shared by the commands that apply a recipe
-ModelArg = Annotated[str, typer.Argument(help="timm model name, a .pt2 exported program, a Hugging Face causal LM (a folder "
-                                             "with config.json, or a .gguf file), or a pickled module (.pt, needs --trust-pickle)")]
+ModelArg = Annotated[str, typer.Argument(help="timm model name, a .pt2 exported program, a Hugging Face model folder "
+                                             "(config.json and safetensors: an encoder such as ViT or BERT, a causal LM "
+                                             "or a vision-language model), a .gguf file, or a pickled module (.pt, needs "
+                                             "--trust-pickle)")]
 PromptLenOpt = Annotated[int, typer.Option("--prompt-len", min=1, help="decoder LLMs: prompt tokens (ONNX exports take this length)")]
 NewTokensOpt = Annotated[int, typer.Option("--new-tokens", min=1, help="decoder LLMs: tokens generated / decoded per prompt")]
 ROpt = Annotated[Optional[str], typer.Option("--r", help="tome: tokens merged per block, or a comma-separated per-block list")]
@@ -244,6 +285,10 @@ ScheduleOpt = Annotated[Optional[Path], typer.Option("--schedule", help="a sched
 WeightsOpt = Annotated[Optional[Path], typer.Option("--weights", help="weights for a timm model: .safetensors or a weights-only state dict")]
 TrustOpt = Annotated[bool, typer.Option("--trust-pickle", help="allow loading a pickled model (runs code from the file)")]
 InputSizeOpt = Annotated[Optional[str], typer.Option("--input-size", help="input shape C,H,W (default: the model's)")]
+LengthsOpt = Annotated[Optional[str], typer.Option(
+    "--lengths", help="text encoders: the sequence lengths served, comma-separated (default 128). ToMe captures one "
+    "graph for every length up to the longest; other recipes one length per export")]
+DEFAULT_LENGTH = 128
 
 
 def recipe_options(r, inflection, prop_attn, keep, locations, restore_tokens, option) -> dict:
@@ -295,12 +340,27 @@ def resolve_recipe(recipe: Optional[str], schedule: Optional[Path], options: dic
     return recipe, options
 
 
-def example_inputs(net, batch: int, input_size: Optional[str]):
-    """(batch, C, H, W) random images: of --input-size, or of the model's own size."""
+def example_inputs(net, batch: int, input_size: Optional[str], lengths: Optional[list[int]] = None):
+    """(batch, C, H, W) random images: of --input-size, or of the model's own size. A text encoder: random token ids
+    of the longest of --lengths (default 128) and their attention mask."""
     import torch
 
     from graphprune.api import default_example_inputs
 
+    if takes_token_ids(net):
+        if input_size is not None:
+            _fail("--input-size is for image models; a text model takes --lengths")
+        n, config = max(lengths or [DEFAULT_LENGTH]), net.config
+        limit = getattr(config, "max_position_embeddings", None)
+        if limit is not None and n > limit:
+            _fail(f"--lengths {n}: this model takes at most {limit} tokens")
+        ids = torch.randint(0, config.vocab_size, (batch, n), generator=torch.Generator().manual_seed(0))
+        pad = getattr(config, "pad_token_id", None)
+        if pad is not None:  # real tokens only (RoBERTa numbers positions from the non-padding ones)
+            ids[ids == pad] = (pad + 1) % config.vocab_size
+        return ids, torch.ones_like(ids)
+    if lengths is not None:
+        _fail("--lengths is for text models (token ids); image models take --input-size")
     if input_size is None:
         shape = default_example_inputs(net)[0].shape[1:]
     else:
@@ -324,19 +384,50 @@ def export(
     locations: LocationsOpt = None, restore_tokens: RestoreOpt = None, option: OptionOpt = [],  # noqa: B006
     schedule: ScheduleOpt = None, weights: WeightsOpt = None, trust_pickle: TrustOpt = False,
     batch: Annotated[int, typer.Option("--batch", min=1, help="example batch size used for capture and checks")] = 2,
-    input_size: InputSizeOpt = None, prompt_len: PromptLenOpt = 128, new_tokens: NewTokensOpt = 64,
+    input_size: InputSizeOpt = None, lengths: LengthsOpt = None, prompt_len: PromptLenOpt = 128,
+    new_tokens: NewTokensOpt = 64,
 ):
     """Optimize MODEL with a recipe and write the artifact plus report.json into the output folder.
 
-    Decoder LLMs take a KV-cache recipe (-O budget=...): --target onnx writes prefill.onnx and
-    decode.onnx; --target eager writes the recipe as a schedule file to pass back with --schedule."""
+    Text encoders (a Hugging Face BERT or RoBERTa folder) serve the --lengths given. Decoder LLMs take a KV-cache
+    recipe (-O budget=...): --target onnx writes prefill.onnx and decode.onnx; --target eager writes the recipe as a
+    schedule file to pass back with --schedule."""
     with removed_on_failure(output):
         _export(model, output, recipe, target, r, inflection, prop_attn, keep, locations, restore_tokens, option,
-                schedule, weights, trust_pickle, batch, input_size, prompt_len, new_tokens)
+                schedule, weights, trust_pickle, batch, input_size, parse_lengths(lengths), prompt_len, new_tokens)
+
+
+def parse_lengths(text: Optional[str]) -> Optional[list[int]]:
+    if text is None:
+        return None
+    try:
+        values = sorted({int(v) for v in text.split(",")})
+    except ValueError:
+        _fail(f"--lengths takes comma-separated token counts, e.g. 128,512; got '{text}'")
+    if values[0] < 2:
+        _fail(f"--lengths: every length is at least 2 tokens; got {values[0]}")
+    return values
+
+
+def length_options(net, recipe: str, options: dict, lengths: Optional[list[int]]) -> dict:
+    """``lengths=`` for a text encoder: ToMe (one graph with a symbolic length) serves every length up to the longest;
+    another recipe exports one graph at the one length given."""
+    import graphprune
+    from graphprune.buckets import one_graph
+
+    if not takes_token_ids(net):
+        return {}
+    lengths = lengths or [DEFAULT_LENGTH]
+    if one_graph(graphprune.recipes.get_recipe(recipe, **options)):
+        return {"lengths": lengths}
+    if len(lengths) > 1:
+        _fail(f"'{recipe}' fixes its token counts when optimized, so an export serves one length: give one --lengths "
+              "value per export (ToMe serves every length up to the longest in one graph)")
+    return {}
 
 
 def _export(model, output, recipe, target, r, inflection, prop_attn, keep, locations, restore_tokens, option, schedule,
-            weights, trust_pickle, batch, input_size, prompt_len, new_tokens):
+            weights, trust_pickle, batch, input_size, lengths, prompt_len, new_tokens):
     try:
         import graphprune
 
@@ -353,7 +444,8 @@ def _export(model, output, recipe, target, r, inflection, prop_attn, keep, locat
 
         if is_decoder_lm(net):
             return export_decoder(net, model, recipe, options, target, output, batch, prompt_len, new_tokens)
-        example = example_inputs(net, batch, input_size)
+        example = example_inputs(net, batch, input_size, lengths)
+        options = {**options, **length_options(net, recipe, options, lengths)}
         with console.status(f"optimizing {model} with {recipe}…"):
             if target in ("onnx", "trt", "openvino"):
                 result = graphprune.optimize(net, recipe, target=target, example_inputs=example, output=output / "model.onnx", **options)
@@ -367,6 +459,9 @@ def _export(model, output, recipe, target, r, inflection, prop_attn, keep, locat
         write_text(output / "report.json", report.to_json())
         console.print(report.table())
         console.print(f"wrote {report.artifact} and {output / 'report.json'}")
+        if takes_token_ids(net):
+            n = example[0].shape[1]
+            console.print(f"it takes 2 to {n} tokens" if "lengths" in options else f"it takes {n} tokens (--lengths)")
         if target == "trt":
             console.print(f"wrote {output / 'build_engine.sh'} (trtexec) and {output / 'build_engine.py'} (TensorRT's "
                           f"Python builder), with the profile in {output / 'profile.json'}; {report.engine_note}")

@@ -263,3 +263,54 @@ def test_export_triton_writes_a_repository_named_after_the_model(tmp_path):
     assert res.exit_code == 0, res.output
     assert (tmp_path / "repo" / "test_vit" / "config.pbtxt").is_file()
     assert (tmp_path / "repo" / "test_vit" / "1" / "model.onnx").is_file()
+
+
+@pytest.fixture(scope="module")
+def hf_folders(tmp_path_factory):
+    """A tiny BERT and a tiny ViT saved as Hugging Face model folders (config.json + safetensors)."""
+    from tests.conftest import HF
+
+    root = tmp_path_factory.mktemp("hf")
+    models = {key: HF[key]() for key in ("bert", "vit")}
+    for key, model in models.items():
+        model.save_pretrained(root / key)
+    return root, models
+
+
+def test_export_a_text_encoder_folder_at_every_length_up_to_the_longest(hf_folders, tmp_path):
+    """A BERT folder exports with ToMe as one ONNX graph for 2 to 32 tokens (--lengths 16,32), equal to the model
+    optimized in Python with lengths=[16, 32]; a recipe that fixes its counts exports one length, and is refused
+    several."""
+    import graphprune
+
+    root, models = hf_folders
+    out = tmp_path / "bert"
+    res = _run("export", root / "bert", "--recipe", "tome", "--r", "3", "--target", "onnx", "--lengths", "32,16", "-o", out)
+    assert res.exit_code == 0, res.output
+    assert "2 to 32 tokens" in res.output
+    onnx = graphprune.OnnxModel(out / "model.onnx")
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(2, 100, (2, 32), generator=g)
+    fast = graphprune.optimize(models["bert"], "tome", r=3, example_inputs=(ids, torch.ones_like(ids)), lengths=[16, 32])
+    for n in (5, 32):
+        x, m = ids[:, :n], torch.ones_like(ids[:, :n])
+        m[1, n - 2:] = 0
+        got, expected = onnx(x, m), fast(x, m)
+        assert got[0].shape == (2, n, 48)
+        assert (torch.as_tensor(got[0]) - expected.last_hidden_state).abs().max() <= 1e-4
+    res = _run("export", root / "bert", "--recipe", "evit", "--keep", "0.5", "--lengths", "16,32", "-o", tmp_path / "e")
+    assert res.exit_code == 2 and "one --lengths value" in res.output and not (tmp_path / "e").exists()
+    res = _run("export", root / "bert", "--recipe", "evit", "--keep", "0.5", "--lengths", "24", "-o", tmp_path / "e")
+    assert res.exit_code == 0, res.output
+    assert "it takes 24 tokens" in res.output
+    assert json.loads((tmp_path / "e" / "report.json").read_text())["tokens_per_block"][0] == 24
+
+
+def test_export_an_image_encoder_folder(hf_folders, tmp_path):
+    """A Hugging Face ViT folder exports at its config's image size; --lengths is for text models."""
+    root, _ = hf_folders
+    res = _run("export", root / "vit", "--recipe", "tome", "--r", "4", "-o", tmp_path / "vit")
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "vit" / "report.json").read_text())["tokens_per_block"] == [65, 61, 57, 53]
+    res = _run("export", root / "vit", "--recipe", "tome", "--lengths", "16", "-o", tmp_path / "v2")
+    assert res.exit_code == 2 and "--lengths is for text models" in res.output and not (tmp_path / "v2").exists()
