@@ -286,7 +286,8 @@ WeightsOpt = Annotated[Optional[Path], typer.Option("--weights", help="weights f
 TrustOpt = Annotated[bool, typer.Option("--trust-pickle", help="allow loading a pickled model (runs code from the file)")]
 InputSizeOpt = Annotated[Optional[str], typer.Option("--input-size", help="input shape C,H,W (default: the model's)")]
 LengthsOpt = Annotated[Optional[str], typer.Option(
-    "--lengths", help="text encoders: the sequence lengths served, comma-separated (default 128). ToMe captures one "
+    "--lengths", help="text encoders: the sequence lengths served, comma-separated (default 128, or the model's "
+    "longest if shorter). ToMe captures one "
     "graph for every length up to the longest; other recipes one length per export")]
 DEFAULT_LENGTH = 128
 
@@ -342,7 +343,7 @@ def resolve_recipe(recipe: Optional[str], schedule: Optional[Path], options: dic
 
 def example_inputs(net, batch: int, input_size: Optional[str], lengths: Optional[list[int]] = None):
     """(batch, C, H, W) random images: of --input-size, or of the model's own size. A text encoder: random token ids
-    of the longest of --lengths (default 128) and their attention mask."""
+    of the longest of --lengths (default 128, or the model's longest if shorter) and their attention mask."""
     import torch
 
     from graphprune.api import default_example_inputs
@@ -350,9 +351,10 @@ def example_inputs(net, batch: int, input_size: Optional[str], lengths: Optional
     if takes_token_ids(net):
         if input_size is not None:
             _fail("--input-size is for image models; a text model takes --lengths")
-        n, config = max(lengths or [DEFAULT_LENGTH]), net.config
-        limit = getattr(config, "max_position_embeddings", None)
-        if limit is not None and n > limit:
+        config = net.config
+        limit = getattr(config, "max_position_embeddings", None) or DEFAULT_LENGTH
+        n = max(lengths) if lengths else min(DEFAULT_LENGTH, limit)
+        if n > limit:
             _fail(f"--lengths {n}: this model takes at most {limit} tokens")
         ids = torch.randint(0, config.vocab_size, (batch, n), generator=torch.Generator().manual_seed(0))
         pad = getattr(config, "pad_token_id", None)
@@ -417,7 +419,7 @@ def length_options(net, recipe: str, options: dict, lengths: Optional[list[int]]
 
     if not takes_token_ids(net):
         return {}
-    lengths = lengths or [DEFAULT_LENGTH]
+    lengths = lengths or [example_inputs(net, 1, None)[0].shape[1]]
     if one_graph(graphprune.recipes.get_recipe(recipe, **options)):
         return {"lengths": lengths}
     if len(lengths) > 1:

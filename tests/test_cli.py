@@ -304,6 +304,10 @@ def test_export_a_text_encoder_folder_at_every_length_up_to_the_longest(hf_folde
     assert res.exit_code == 0, res.output
     assert "it takes 24 tokens" in res.output
     assert json.loads((tmp_path / "e" / "report.json").read_text())["tokens_per_block"][0] == 24
+    res = _run("export", root / "bert", "--recipe", "tome", "--r", "2", "-o", tmp_path / "t")  # default: 128, or the
+    assert res.exit_code == 0 and "2 to 64 tokens" in res.output, res.output  # model's longest (64) if shorter
+    res = _run("export", root / "bert", "--recipe", "tome", "--lengths", "65", "-o", tmp_path / "t2")
+    assert res.exit_code == 2 and "at most 64 tokens" in res.output
 
 
 def test_export_an_image_encoder_folder(hf_folders, tmp_path):
