@@ -10,7 +10,9 @@ Variants, timed interleaved (``graphprune.bench.interleaved``): the unmodified d
 (ratio 0.5, defaults otherwise) and, where installed, the official ``tomesd`` 0.1.3 patched into a private copy (on
 DiT with ``max_downsample=2``, which reaches the same patch grid). FLOPs counted by ``graphprune.report``'s counter
 (the matching's similarity and merges included); bound = 1 / FLOP ratio; efficiency = speedup / bound.
-``--targets onnx`` adds ONNX Runtime (unmodified and reduced, both exported here). ``--device cuda --dtype float16``
+``--targets eager onnx`` adds ONNX Runtime (unmodified and reduced, both exported here); ``--targets onnx`` times
+ONNX Runtime alone (no eager variants or official copy in memory: what fits SD 1.5's UNet on a 24 GB machine;
+``<model>-<latent>-onnx.json``). ``--device cuda --dtype float16``
 runs on a GPU; ``--compile`` adds ``torch.compile`` of the unmodified and the reduced denoiser (and of the official
 patch, where installed), each compiled once before the timed rounds (compile time reported apart).
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import gc
 import json
 import sys
 import tempfile
@@ -82,6 +85,7 @@ def run(name: str, latent: int, rounds: int, targets: list[str], commit: str, ma
         device: str = "cpu", dtype: str = "float32", compile: bool = False, batch: int = 2) -> dict:
     import graphprune
     from graphprune.bench import interleaved
+    from graphprune.exporters.denoiser_onnx import OnnxDenoiser
     from graphprune.report import count_flops
 
     model, inputs = build(name, latent, device, getattr(torch, dtype), batch)
@@ -89,10 +93,12 @@ def run(name: str, latent: int, rounds: int, targets: list[str], commit: str, ma
     fast = graphprune.optimize(model, "tomesd", **options)
     first, rest = next(iter(inputs.values())), dict(list(inputs.items())[1:])  # (tomesd's hook reads the latent
     # from the first positional argument: every variant is called so)
-    fns = {"unmodified": lambda: model(first, **rest), "graphprune tomesd": lambda: fast(first, **rest)}
-    theirs = official(model, name, max_downsample)
-    if theirs is not None:
-        fns["official tomesd"] = lambda: theirs(first, **rest)
+    fns = {}
+    if "eager" in targets:  # (ONNX Runtime alone: no eager variants, and no copy of the model for the official one)
+        fns = {"unmodified": lambda: model(first, **rest), "graphprune tomesd": lambda: fast(first, **rest)}
+        theirs = official(model, name, max_downsample)
+        if theirs is not None:
+            fns["official tomesd"] = lambda: theirs(first, **rest)
     compile_s = {}
     if compile:
         for k in list(fns):
@@ -110,10 +116,12 @@ def run(name: str, latent: int, rounds: int, targets: list[str], commit: str, ma
     tmp = None
     if "onnx" in targets:
         tmp = tempfile.TemporaryDirectory()
-        plain = graphprune.optimize(model, "tomesd", ratio=0.0, target="onnx", output=Path(tmp.name) / "plain",
-                                    example_inputs=inputs)
-        reduced = graphprune.optimize(model, "tomesd", **options, target="onnx",
-                                      output=Path(tmp.name) / "tomesd", example_inputs=inputs)
+        folders = {"plain": Path(tmp.name) / "plain", "tomesd": Path(tmp.name) / "tomesd"}
+        for key, settings in (("plain", {"ratio": 0.0}), ("tomesd", options)):  # exported one at a time, each
+            # runtime session dropped before the next export (a full UNet's are gigabytes each)
+            graphprune.optimize(model, "tomesd", **settings, target="onnx", output=folders[key], example_inputs=inputs)
+            gc.collect()
+        plain, reduced = (OnnxDenoiser(folders[key]) for key in ("plain", "tomesd"))
         fns["onnx unmodified"] = lambda: plain(**inputs)
         fns["onnx graphprune tomesd"] = lambda: reduced(**inputs)
     ratio = count_flops(lambda: fast(**inputs), ()) / count_flops(lambda: model(**inputs), ())
@@ -122,7 +130,8 @@ def run(name: str, latent: int, rounds: int, targets: list[str], commit: str, ma
     row = {"model": name, "latent": latent, "image": latent * 8, "batch": batch, "ratio": RATIO,
            "max_downsample": max_downsample, "flop_ratio": ratio,
            "bound": 1 / ratio, "seconds": med,
-           "speedup": {k: med["unmodified"] / v for k, v in med.items() if not k.startswith(("onnx", "compiled"))},
+           "speedup": {k: med["unmodified"] / v for k, v in med.items() if not k.startswith(("onnx", "compiled"))}
+           if "unmodified" in med else {},
            "device": _device_name(device), "dtype": dtype, "compile_s": compile_s,
            "threads": torch.get_num_threads(), "rounds": rounds, "commit": commit,
            "command": "python benchmarks/diffusion.py " + " ".join(sys.argv[1:]),
@@ -176,8 +185,9 @@ def report() -> None:
             base_k = seconds[f"{family} unmodified"] if family else seconds["unmodified"]
             label = k + setting if "tomesd" in k else k
             if k.endswith(" unmodified"):
-                lines.append(f"| {r['model']} | {_image(r)} | | | {_time(seconds['unmodified'])} | {label} | "
-                             f"{_time(v)} | {seconds['unmodified'] / v:.2f}× vs eager | | {_where(r)} | "
+                eager = seconds.get("unmodified")
+                lines.append(f"| {r['model']} | {_image(r)} | | | {_time(eager) if eager else ''} | {label} | "
+                             f"{_time(v)} | {f'{eager / v:.2f}× vs eager' if eager else ''} | | {_where(r)} | "
                              f"`{r['command']}` |")
                 continue
             speed = base_k / v
@@ -230,6 +240,7 @@ def main() -> None:
             suffix += f"-{args.device}-{args.dtype}" if args.device != "cpu" else ""
             suffix += "-compile" if args.compile else ""
             suffix += f"-b{args.batch}" if args.batch != 2 else ""
+            suffix += "-onnx" if "eager" not in args.targets else ""
             (OUT / f"{name}-{latent}{suffix}.json").write_text(json.dumps(row, indent=2))
 
 

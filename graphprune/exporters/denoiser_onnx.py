@@ -10,6 +10,7 @@ reduced block call: the destination's slot in each cell (int64, ``[rows, cols]``
 from __future__ import annotations
 
 import contextlib
+import gc
 from functools import partial
 import io
 import json
@@ -149,6 +150,8 @@ def export_denoiser_onnx(reduced: ReducedDenoiser, example_inputs: dict, output)
                 program.save(str(staged), external_data=True)
         except Exception as err:  # noqa: BLE001
             raise ExportError(f"ONNX export of the denoiser failed: {first_line(err)}") from err
+        del program  # (its graph and folded weights: a full denoiser's are gigabytes, not needed past the file)
+        gc.collect()
         session = _session(staged)
 
         def run(arrays: list[torch.Tensor]) -> list[torch.Tensor]:
