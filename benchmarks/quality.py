@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -170,7 +171,7 @@ def needle(args) -> None:
                                                                        if k != "calibration"},
                          "accuracy": sum(hits) / len(hits), "hits": hits, "ttft_s": sum(ttfts) / len(ttfts),
                          "ms_per_step": sorted(steps)[len(steps) // 2], "memory": sum(memories) / len(memories),
-                         "commit": _commit(), "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:])})
+                         "commit": _commit(), "command": "python benchmarks/quality.py " + shlex.join(sys.argv[1:])})
             _save("needle", context, args.samples, rows, args.first)  # (after every recipe: a later failure keeps these)
 
 
@@ -220,14 +221,16 @@ def _save(kind: str, context: int, samples: int, rows: list[dict], first: int = 
     path.write_text(json.dumps(payload, indent=2))
 
 
-PPL_SETTINGS = [s for s in SETTINGS if s[1] in (None, "kivi", "gear", "kvquant", "palu", "qhitter")]
+SCORED = 256  # continuation tokens teacher-forced (and scored) after the context in ``ppl``
+PPL_SETTINGS = [(label, recipe, {**options, "new_tokens": SCORED} if recipe == "rocketkv" else options)
+                for label, recipe, options in SETTINGS if recipe not in ("llmlingua", "longllmlingua")]
 PPL_TARGETS = {"kvquant 4-bit": 1.01, "gear 4-bit": 1.01, "kivi 4-bit": 1.01, "kvquant 3-bit": 1.05}
 
 
 def ppl(args) -> None:
-    """Continuation perplexity of the cache quantisers and low-rank caches (and Q-Hitter) against the full cache:
-    Wikipedia text, ``context`` tokens prefilled, 256 teacher-forced one per step (as ``benchmarks/llm.py ppl``);
-    KVQuant calibrated on other articles."""
+    """Continuation perplexity of every cache recipe against the full cache: Wikipedia text, ``context`` tokens
+    prefilled, ``SCORED`` teacher-forced one per step (as ``benchmarks/llm.py ppl``; RocketKV's budget split planned
+    for them); KVQuant and whitened Palu calibrated on other articles."""
     import assets
     import llm
 
@@ -237,7 +240,7 @@ def ppl(args) -> None:
     tokenizer, model = assets.load_qwen25()
     calibration = assets.wiki_token_stream(tokenizer, 4 * 512, 90).reshape(4, 512)
     for context in args.context:
-        texts = [assets.wiki_token_stream(tokenizer, context + 256, 30 * i) for i in range(args.samples)]
+        texts = [assets.wiki_token_stream(tokenizer, context + SCORED, 30 * i) for i in range(args.samples)]
         rows = []
         for label, recipe, options in [s for s in PPL_SETTINGS if _chosen(s, args.recipes)]:
             if recipe is None and args.recipes is not None and _measured("ppl", context, args.samples, label):
@@ -253,7 +256,7 @@ def ppl(args) -> None:
             value = float(torch.cat(nlls).mean().exp())
             rows.append({"label": label, "recipe": recipe, "ppl": value, "memory": sum(memories) / len(memories),
                          "per_sample": [float(n.mean().exp()) for n in nlls], "commit": _commit(),
-                         "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:])})
+                         "command": "python benchmarks/quality.py " + shlex.join(sys.argv[1:])})
             print(f"[{context}] {label:<20} ppl {value:.3f} memory {rows[-1]['memory']:.3f}", flush=True)
             _save("ppl", context, args.samples, rows)  # (after every recipe: a later failure keeps these)
 
@@ -302,7 +305,7 @@ def ttft(args) -> None:
             run = next(r for r in runs if r["model"] == args.model and r["samples"] == args.samples)
             for r in run["rows"]:
                 r["flops"], r["flop_ratio"] = flops[r["label"]], flops[r["label"]] / flops["uncompressed"]
-            run["flops_command"] = "python benchmarks/quality.py " + " ".join(sys.argv[1:])
+            run["flops_command"] = "python benchmarks/quality.py " + shlex.join(sys.argv[1:])
             run["flops_commit"] = _commit()
             path.write_text(json.dumps({**earlier, "runs": runs}, indent=2))
             for label, n in flops.items():
@@ -330,7 +333,7 @@ def ttft(args) -> None:
         runs = [r for r in runs if r["model"] != args.model] + [{
             "model": args.model, "date": datetime.date.today().isoformat(), "threads": torch.get_num_threads(),
             "samples": args.samples, "commit": _commit(), "rows": rows,
-            "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:])}]
+            "command": "python benchmarks/quality.py " + shlex.join(sys.argv[1:])}]
         OUT.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({**earlier, "context": context, "runs": runs}, indent=2))
         for r in rows:
@@ -396,7 +399,7 @@ def report(args) -> None:
         made = "; ".join(f"`{cmd}` (commit {commit})" for cmd, commit in runs)
         lines += [f"## Perplexity · {d['context']}-token context · {d['samples']} samples", "",
                   f"{made} ({d['date']}, {d['threads']} threads). Wikipedia text, "
-                  "256 tokens teacher-forced one per step after the context.", "",
+                  f"{SCORED} tokens teacher-forced one per step after the context.", "",
                   "| recipe | ppl | ratio to full | target | memory |", "|---|---|---|---|---|"]
         for r in d["rows"]:
             ratio = r["ppl"] / full["ppl"]
@@ -438,7 +441,7 @@ def main() -> None:
     n.add_argument("--threads", type=int, default=None)
     n.add_argument("--compressor", choices=("smollm2", "self"), default="smollm2",
                    help="the prompt compressors' small LM: SmolLM2-135M-Instruct, or the model itself")
-    p = sub.add_parser("ppl", help="continuation perplexity of the quantisers and low-rank caches")
+    p = sub.add_parser("ppl", help="continuation perplexity of every cache recipe against the full cache")
     p.add_argument("--context", type=int, nargs="+", default=[2048, 4096])
     p.add_argument("--samples", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
