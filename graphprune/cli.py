@@ -287,8 +287,8 @@ TrustOpt = Annotated[bool, typer.Option("--trust-pickle", help="allow loading a 
 InputSizeOpt = Annotated[Optional[str], typer.Option("--input-size", help="input shape C,H,W (default: the model's)")]
 LengthsOpt = Annotated[Optional[str], typer.Option(
     "--lengths", help="text encoders: the sequence lengths served, comma-separated (default 128, or the model's "
-    "longest if shorter). ToMe captures one "
-    "graph for every length up to the longest; other recipes one length per export")]
+    "longest if shorter). ToMe captures one graph for every length up to the longest; other recipes one length per "
+    "export")]
 DEFAULT_LENGTH = 128
 
 
