@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from graphprune.capture import SHORTEST
 from graphprune.errors import GraphPruneError, first_line
 from graphprune.exporters.files import removed_on_failure
 
@@ -341,6 +342,16 @@ def resolve_recipe(recipe: Optional[str], schedule: Optional[Path], options: dic
     return recipe, options
 
 
+def text_length(net, lengths: Optional[list[int]]) -> int:
+    """The length a text encoder is captured at: the longest of --lengths, by default 128 or the model's longest if
+    shorter."""
+    limit = getattr(net.config, "max_position_embeddings", None) or DEFAULT_LENGTH
+    n = max(lengths) if lengths else min(DEFAULT_LENGTH, limit)
+    if n > limit:
+        _fail(f"--lengths {n}: this model takes at most {limit} tokens")
+    return n
+
+
 def example_inputs(net, batch: int, input_size: Optional[str], lengths: Optional[list[int]] = None):
     """(batch, C, H, W) random images: of --input-size, or of the model's own size. A text encoder: random token ids
     of the longest of --lengths (default 128, or the model's longest if shorter) and their attention mask."""
@@ -351,11 +362,7 @@ def example_inputs(net, batch: int, input_size: Optional[str], lengths: Optional
     if takes_token_ids(net):
         if input_size is not None:
             _fail("--input-size is for image models; a text model takes --lengths")
-        config = net.config
-        limit = getattr(config, "max_position_embeddings", None) or DEFAULT_LENGTH
-        n = max(lengths) if lengths else min(DEFAULT_LENGTH, limit)
-        if n > limit:
-            _fail(f"--lengths {n}: this model takes at most {limit} tokens")
+        config, n = net.config, text_length(net, lengths)
         ids = torch.randint(0, config.vocab_size, (batch, n), generator=torch.Generator().manual_seed(0))
         pad = getattr(config, "pad_token_id", None)
         if pad is not None:  # real tokens only (RoBERTa numbers positions from the non-padding ones)
@@ -406,8 +413,8 @@ def parse_lengths(text: Optional[str]) -> Optional[list[int]]:
         values = sorted({int(v) for v in text.split(",")})
     except ValueError:
         _fail(f"--lengths takes comma-separated token counts, e.g. 128,512; got '{text}'")
-    if values[0] < 2:
-        _fail(f"--lengths: every length is at least 2 tokens; got {values[0]}")
+    if values[0] < SHORTEST:
+        _fail(f"--lengths: every length is at least {SHORTEST} tokens; got {values[0]}")
     return values
 
 
@@ -419,7 +426,7 @@ def length_options(net, recipe: str, options: dict, lengths: Optional[list[int]]
 
     if not takes_token_ids(net):
         return {}
-    lengths = lengths or [example_inputs(net, 1, None)[0].shape[1]]
+    lengths = lengths or [text_length(net, None)]
     if one_graph(graphprune.recipes.get_recipe(recipe, **options)):
         return {"lengths": lengths}
     if len(lengths) > 1:
@@ -463,7 +470,8 @@ def _export(model, output, recipe, target, r, inflection, prop_attn, keep, locat
         console.print(f"wrote {report.artifact} and {output / 'report.json'}")
         if takes_token_ids(net):
             n = example[0].shape[1]
-            console.print(f"it takes 2 to {n} tokens" if "lengths" in options else f"it takes {n} tokens (--lengths)")
+            console.print(f"it takes {SHORTEST} to {n} tokens" if "lengths" in options else
+                          f"it takes {n} tokens (--lengths)")
         if target == "trt":
             console.print(f"wrote {output / 'build_engine.sh'} (trtexec) and {output / 'build_engine.py'} (TensorRT's "
                           f"Python builder), with the profile in {output / 'profile.json'}; {report.engine_note}")
