@@ -276,6 +276,16 @@ def test_openvino_target_writes_the_checked_ir(tmp_path, monkeypatch):
     with torch.no_grad():
         expected = eager(more)
     assert (fast(more) - expected).abs().max() <= 1e-4
+    from graphprune.exporters.openvino import OpenVinoModel
+
+    threads = torch.get_num_threads()  # the runtimes run on PyTorch's thread count (what a benchmark's --threads sets)
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            assert OpenVinoModel(out / "model.xml").compiled.get_property("INFERENCE_NUM_THREADS") == n
+            assert graphprune.OnnxModel(out / "model.onnx").session.get_session_options().intra_op_num_threads == n
+    finally:
+        torch.set_num_threads(threads)
     import openvino
 
     def broken(*args, **kwargs):

@@ -26,16 +26,18 @@ LARGE_GRAPH = 1500  # FX nodes
 
 
 def _session(path: Path, threads: int | None = None):
+    """An ONNX Runtime CPU session on ``threads`` intra-op threads (default: PyTorch's, ``torch.get_num_threads()``,
+    so that ``torch.set_num_threads`` governs the eager and the exported models alike)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
+    opts.intra_op_num_threads = threads or torch.get_num_threads()
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 class OnnxModel:
-    """Runs an exported ONNX model in ONNX Runtime with torch tensors in and out."""
+    """Runs an exported ONNX model in ONNX Runtime with torch tensors in and out (on PyTorch's thread count unless
+    ``threads`` says otherwise)."""
 
     def __init__(self, path, out_spec=None, report=None, threads: int | None = None, max_tokens: int | None = None):
         self.path = Path(path)

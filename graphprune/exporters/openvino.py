@@ -19,6 +19,12 @@ TOLERANCE = 1e-4
 CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}  # (a CPU with bf16 units would otherwise run in bf16)
 
 
+def _config() -> dict:
+    """The CPU plugin's settings: float32, on PyTorch's thread count (``torch.set_num_threads`` governs the eager and
+    the exported models alike)."""
+    return {**CONFIG, "INFERENCE_NUM_THREADS": torch.get_num_threads()}
+
+
 def openvino_available() -> bool:
     try:
         import openvino  # noqa: F401
@@ -28,13 +34,13 @@ def openvino_available() -> bool:
 
 
 class OpenVinoModel:
-    """Runs an OpenVINO IR compiled for the CPU, with torch tensors in and out."""
+    """Runs an OpenVINO IR compiled for the CPU, with torch tensors in and out, on PyTorch's thread count."""
 
     def __init__(self, path, out_spec=None, report=None, max_tokens: int | None = None):
         import openvino as ov
 
         self.path = Path(path)
-        self.compiled = ov.Core().compile_model(str(self.path), "CPU", CONFIG)
+        self.compiled = ov.Core().compile_model(str(self.path), "CPU", _config())
         self.out_spec = out_spec
         self.report = report
         self.max_tokens = max_tokens  # converted with a symbolic sequence length: the longest checked (None: fixed)
@@ -74,7 +80,7 @@ def export_openvino(onnx: Path, cases: list[tuple], tolerance: float = TOLERANCE
             raise ExportError(f"OpenVINO could not convert the ONNX model: {first_line(err)}") from err
         if check is not None:
             model.add_outputs(list(exposed or []))
-            compiled = ov.Core().compile_model(model, "CPU", CONFIG)
+            compiled = ov.Core().compile_model(model, "CPU", _config())
 
             def run(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
                 result = compiled([t.detach().cpu().numpy() for t in tensors])

@@ -313,7 +313,7 @@ def _onnx_block(block, args: tuple, kwargs: dict, path: Path) -> Callable:
         warnings.simplefilter("ignore")
         program = torch.onnx.export(_Call(block, kwargs), args, dynamo=True, opset_version=OPSET, verbose=False)
         program.save(str(path))
-    session = OnnxModel(path, threads=torch.get_num_threads())
+    session = OnnxModel(path)
     tensors = tuple(a for a in args if isinstance(a, torch.Tensor))
     return lambda: session(*tensors)
 
