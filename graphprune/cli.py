@@ -753,8 +753,10 @@ def serve(
                                                 "per batch")] = 8,
     cpus: Annotated[float, typer.Option("--cpus", help="CPUs per replica")] = 1.0,
 ):
-    """Serve PATH over HTTP on Ray Serve until interrupted: POST one sample as JSON ({"inputs": [...]}) or a .npy
-    body to http://HOST:PORT/; the answer is {"outputs": [...]}, a bad request gets {"error": ...} and status 400."""
+    """Serve PATH over HTTP on Ray Serve until interrupted: POST one sample as JSON ({"inputs": [...]}; a model of
+    several inputs, such as a text encoder: {"inputs": {"input_ids": [...], "attention_mask": [...]}}) or a .npy body
+    (.npz: one array per input name) to http://HOST:PORT/; the answer is {"outputs": [...]}, a bad request gets
+    {"error": ...} and status 400."""
     import time
 
     import graphprune

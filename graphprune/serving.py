@@ -4,22 +4,28 @@
     y = handle.remote(x).result()                                      # one sample, without the batch axis
 
 Each replica opens one runtime session (ONNX Runtime, or OpenVINO for ``model.xml``); requests are stacked into batches
-of up to ``max_batch_size`` by ``serve.batch``. A request is one sample of the model's one input (its shape without the
-batch axis); a bad one (wrong shape or type, NaN or infinity, a batch where one sample is expected, a body that is no
-array) gets an error that says what was expected, and the replica goes on serving. Over HTTP (``graphprune-cli serve``)
-a POST body is JSON (``{"inputs": [...]}`` or a bare nested list) or a ``.npy`` file; the answer is
-``{"outputs": [...]}``, or ``{"error": "..."}`` with status 400.
+of up to ``max_batch_size`` by ``serve.batch``. A request is one sample (the model's input without the batch axis; for
+a model of several inputs, such as a text encoder's ids and mask, a mapping from each input's name to its sample).
+Samples of a symbolic length (a text encoder exported with ``lengths=``) may differ in length: those of one length run
+as one batch, so each answer equals the sample run alone. A bad request (wrong shape, type or input names, NaN or
+infinity, a batch where one sample is expected, a body that is no array) gets an error that says what was expected,
+and the replica goes on serving. Over HTTP (``graphprune-cli serve``) a POST body is JSON (``{"inputs": [...]}``, a bare
+nested list, or ``{"inputs": {"input_ids": [...], "attention_mask": [...]}}``) or a ``.npy`` file (``.npz`` with one
+array per input name); the answer is ``{"outputs": [...]}``, or ``{"error": "..."}`` with status 400.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from graphprune.errors import GraphPruneError
+from graphprune.errors import GraphPruneError, first_line
 
 NAME = "graphprune"
 
@@ -47,62 +53,107 @@ def model_file(path) -> Path:
                           "entry (target='triton')")
 
 
+@dataclass(frozen=True)
+class Port:
+    """One input of the model: its name, its shape without the batch axis (``None``: any size) and its type."""
+
+    name: str
+    shape: tuple[int | None, ...]
+    dtype: np.dtype
+
+    def sample(self, x, label: str = "") -> np.ndarray:
+        """``x`` as one sample of this input, or :class:`BadRequest` saying why not (``label``: the input's name,
+        where the model has several)."""
+        try:
+            x = np.asarray(x)
+        except (ValueError, TypeError) as err:
+            raise BadRequest(f"{label}the request is not an array: {err}") from None
+        if x.dtype == object or not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
+            raise BadRequest(f"{label}the request must be numbers ({self.dtype}), got {x.dtype}")
+        expected = "×".join("?" if d is None else str(d) for d in self.shape)
+        if x.ndim != len(self.shape) or any(d is not None and d != n for d, n in zip(self.shape, x.shape)):
+            more = " (one sample per request: leave out the batch axis)" if x.ndim == len(self.shape) + 1 else ""
+            raise BadRequest(f"{label}one sample has shape {expected}, got {'×'.join(map(str, x.shape))}{more}")
+        if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+            raise BadRequest(f"{label}the request holds NaN or infinity")
+        if np.issubdtype(self.dtype, np.integer) and np.issubdtype(x.dtype, np.floating) and (x != np.round(x)).any():
+            raise BadRequest(f"{label}the request must be whole numbers ({self.dtype})")
+        return x.astype(self.dtype, copy=False)
+
+
 class Runtime:
-    """One session of the model file: its one input's name, per-sample shape and type, and a batched run."""
+    """One session of the model file: its inputs (:class:`Port`) and a batched run."""
 
     def __init__(self, file: Path):
         file = Path(file)
         if file.suffix == ".xml":
             from graphprune.exporters.openvino import OpenVinoModel
 
-            self.compiled = OpenVinoModel(file).compiled
-            port = self.compiled.inputs
-            if len(port) != 1:
-                raise GraphPruneError(f"serve takes models of one input; {file} has {len(port)}")
-            shape = port[0].get_partial_shape()
-            self.shape = tuple(int(d.get_length()) if d.is_static else None for d in list(shape)[1:])
-            self.dtype = np.dtype(port[0].get_element_type().to_dtype())
-            self._run = lambda x: self.compiled([x])[self.compiled.outputs[0]]
+            compiled = OpenVinoModel(file).compiled
+            self.inputs = [Port(port.get_any_name(), tuple(int(d.get_length()) if d.is_static else None
+                                                           for d in list(port.get_partial_shape())[1:]),
+                                np.dtype(port.get_element_type().to_dtype())) for port in compiled.inputs]
+            self._run = lambda arrays: compiled(list(arrays))[compiled.outputs[0]]
         else:
             from graphprune.exporters.onnx import OnnxModel
 
             session = OnnxModel(file).session
-            inputs = session.get_inputs()
-            if len(inputs) != 1:
-                raise GraphPruneError(f"serve takes models of one input; {file} has {len(inputs)}")
-            self.shape = tuple(d if isinstance(d, int) else None for d in inputs[0].shape[1:])
-            self.dtype = np.dtype({"tensor(float)": np.float32, "tensor(float16)": np.float16,
-                                   "tensor(double)": np.float64, "tensor(int64)": np.int64}[inputs[0].type])
-            name = inputs[0].name
-            self._run = lambda x: session.run(None, {name: x})[0]
+            types = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+                     "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+            self.inputs = [Port(i.name, tuple(d if isinstance(d, int) else None for d in i.shape[1:]),
+                                np.dtype(types[i.type])) for i in session.get_inputs()]
+            names = [p.name for p in self.inputs]
+            self._run = lambda arrays: session.run(None, dict(zip(names, arrays)))[0]
 
-    def check(self, x) -> np.ndarray:
-        """One sample as the model takes it, or :class:`BadRequest` saying why not."""
-        try:
-            x = np.asarray(x)
-        except (ValueError, TypeError) as err:
-            raise BadRequest(f"the request is not an array: {err}") from None
-        if x.dtype == object or not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
-            raise BadRequest(f"the request must be numbers ({self.dtype}), got {x.dtype}")
-        expected = "×".join("?" if d is None else str(d) for d in self.shape)
-        if x.ndim != len(self.shape) or any(d is not None and d != n for d, n in zip(self.shape, x.shape)):
-            more = " (one sample per request: leave out the batch axis)" if x.ndim == len(self.shape) + 1 else ""
-            raise BadRequest(f"one sample has shape {expected}, got {'×'.join(map(str, x.shape))}{more}")
-        if np.issubdtype(self.dtype, np.floating) and not np.isfinite(x).all():
-            raise BadRequest("the request holds NaN or infinity")
-        return x.astype(self.dtype, copy=False)
+    def check(self, request) -> tuple[np.ndarray, ...]:
+        """One sample as the model takes it (an array for a model of one input; for several, a mapping from each
+        input's name to its array), or :class:`BadRequest` saying why not."""
+        if len(self.inputs) == 1 and not isinstance(request, Mapping):
+            return (self.inputs[0].sample(request),)
+        names = [p.name for p in self.inputs]
+        if not isinstance(request, Mapping):
+            raise BadRequest(f"the model takes {len(names)} inputs: send them by name, {{{', '.join(names)}}}")
+        missing, unknown = [n for n in names if n not in request], [str(n) for n in request if n not in names]
+        if missing or unknown:
+            raise BadRequest(f"the model's inputs are {', '.join(names)}"
+                             + (f"; missing {', '.join(missing)}" if missing else "")
+                             + (f"; not inputs of the model: {', '.join(unknown)}" if unknown else ""))
+        label = len(names) > 1
+        return tuple(p.sample(request[p.name], f"{p.name}: " if label else "") for p in self.inputs)
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return np.asarray(self._run(np.ascontiguousarray(batch)))
+    def __call__(self, samples: list[tuple[np.ndarray, ...]]) -> list:
+        """Each checked sample's output: samples of the same shapes run stacked as one batch (those of other lengths
+        in batches of their own, so each equals its run alone); where the runtime refuses a batch, its samples get a
+        :class:`BadRequest` instead."""
+        groups: dict[tuple, list[int]] = {}
+        for i, sample in enumerate(samples):
+            groups.setdefault(tuple(a.shape for a in sample), []).append(i)
+        outputs: list = [None] * len(samples)
+        for members in groups.values():
+            arrays = [np.ascontiguousarray(np.stack([samples[i][k] for i in members])) for k in range(len(self.inputs))]
+            try:
+                result = np.asarray(self._run(arrays))
+            except Exception as err:  # noqa: BLE001 (the runtime's own refusal, e.g. inputs of unequal lengths)
+                for i in members:
+                    outputs[i] = BadRequest(f"the model could not run this request: {first_line(err)}")
+            else:
+                for row, i in enumerate(members):
+                    outputs[i] = result[row]
+        return outputs
 
 
 def parse_body(body: bytes, content_type: str | None):
-    """The array in an HTTP body: ``.npy`` bytes, or JSON (``{"inputs": ...}`` or a bare nested list)."""
-    if body[:6] == b"\x93NUMPY" or (content_type or "").startswith("application/octet-stream"):
+    """The request in an HTTP body: ``.npy`` bytes (``.npz`` for a model of several inputs, one array per input
+    name), or JSON (``{"inputs": ...}`` or a bare nested list; ``{"inputs": {"name": [...], ...}}`` for several)."""
+    if body[:6] == b"\x93NUMPY" or body[:2] == b"PK" or (content_type or "").startswith("application/octet-stream"):
         try:
-            return np.load(io.BytesIO(body), allow_pickle=False)
-        except (ValueError, OSError) as err:
-            raise BadRequest(f"the body is not a .npy array: {err}") from None
+            data = np.load(io.BytesIO(body), allow_pickle=False)
+            if isinstance(data, np.lib.npyio.NpzFile):
+                with data:
+                    return {name: data[name] for name in data.files}
+            return data
+        except (ValueError, OSError, zipfile.BadZipFile) as err:
+            raise BadRequest(f"the body is not a .npy array (or .npz of them): {err}") from None
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -124,18 +175,23 @@ def deployment(max_batch_size: int, batch_wait_timeout_s: float):
             self.predict.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
         @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-        async def predict(self, samples: list[np.ndarray]) -> list[np.ndarray]:
-            out = self.runtime(np.stack(samples))
-            return list(out)
+        async def predict(self, samples: list[tuple[np.ndarray, ...]]) -> list:
+            return self.runtime(samples)
+
+        async def run(self, request) -> np.ndarray:
+            out = await self.predict(self.runtime.check(request))
+            if isinstance(out, BadRequest):
+                raise out
+            return out
 
         async def __call__(self, request):
             if isinstance(request, Request):  # HTTP: a clear 400 for a bad body, the replica goes on
                 try:
-                    x = self.runtime.check(parse_body(await request.body(), request.headers.get("content-type")))
+                    out = await self.run(parse_body(await request.body(), request.headers.get("content-type")))
                 except BadRequest as err:
                     return JSONResponse({"error": str(err)}, status_code=400)
-                return JSONResponse({"outputs": (await self.predict(x)).tolist()})
-            return await self.predict(self.runtime.check(request))
+                return JSONResponse({"outputs": out.tolist()})
+            return await self.run(request)
 
     return Model
 
