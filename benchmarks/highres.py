@@ -80,7 +80,7 @@ def main() -> None:
         f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items()
         if v is not None and v is not False)
     payload = {"date": datetime.date.today().isoformat(), "commit": commit, "threads": torch.get_num_threads(),
-               "command": command, "rows": rows}
+               "runtime_threads": torch.get_num_threads(), "command": command, "rows": rows}  # (every runtime's)
     if on_gpu:
         payload["device"] = f"{torch.cuda.get_device_name()}, {args.dtype or 'float32'}"
     (OUT / "highres").mkdir(parents=True, exist_ok=True)
@@ -180,6 +180,9 @@ def report() -> None:
         if "rows" not in run:  # (the profile: in the notes)
             continue
         where = run.get("device") or f"{run['threads']} threads"
+        if "runtime_threads" not in run and any(r["target"] != "eager" for r in run["rows"]):
+            where = (f"torch on {run['threads']}; ONNX Runtime and OpenVINO on their default, both cores: before "
+                     "commit 203ad3d the exported models' sessions ignored --threads")
         lines += ["", f"`{run['command']}` ({run['date']}, commit {run['commit']}, {where})", "",
                   "| px | batch | runtime | recipe | unmodified ms | ms | speedup | FLOP ratio | bound | efficiency |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
