@@ -587,7 +587,8 @@ def bench(
     batch: Annotated[int, typer.Option("--batch", min=1, help="batch size of the timed inputs")] = 8,
     rounds: Annotated[int, typer.Option("--rounds", min=1, help="interleaved timing rounds (after warm-up)")] = 10,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="warm-up rounds")] = 2,
-    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="torch / ORT threads (default: torch's)")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="threads of every runtime: torch, ONNX "
+                                                   "Runtime, OpenVINO (default: torch's)")] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="fidelity inputs: a folder of images or a tensor file; decoder LLMs: a text file; vision-language models: a folder of images (default: random inputs)")] = None,
     labels: Annotated[Optional[Path], typer.Option("--labels", help="labels of --data (.npy or integers): adds accuracy")] = None,
     table_out: Annotated[Optional[Path], typer.Option("--table", help="write the table as Markdown")] = None,
