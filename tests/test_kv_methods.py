@@ -540,6 +540,21 @@ def test_kvquant_zero_batches_and_refusals(kvquant_setup):
     assert greedy(fused, ids[:1], n=4).shape == (1, 4)
 
 
+def test_calibration_under_inference_mode_equals_it_outside(kvquant_setup):
+    """KVQuant's and Palu's Fisher calibration need gradients: built inside ``torch.inference_mode()`` (calibration
+    ids made there too) they fit what they fit outside it (was: 'element 0 of tensors does not require grad')."""
+    model, calibration, fast = kvquant_setup
+    with torch.inference_mode():
+        inside = graphprune.optimize(model, "kvquant", bits=3, outliers=0.05, calibration=calibration.clone())
+        palu = graphprune.optimize(model, "palu", ratio=0.5, align=8, search="fisher", calibration=calibration.clone())
+    for a, b in zip(inside.graphprune.codecs, fast.graphprune.codecs):
+        torch.testing.assert_close(a.fitted.key_levels, b.fitted.key_levels)
+    outside = graphprune.optimize(model, "palu", ratio=0.5, align=8, search="fisher", calibration=calibration)
+    assert palu.report.options == outside.report.options
+    ids = prompts(2, 20)
+    assert torch.equal(greedy(palu, ids, n=4), greedy(outside, ids, n=4))
+
+
 @pytest.mark.parametrize("recipe", ["palu", "kvquant"])
 def test_calibration_that_is_not_token_ids_is_refused_with_what_to_give(recipe):
     """Text, floats, an empty list or ids outside the vocabulary get one clear error naming what to pass, before any

@@ -57,7 +57,9 @@ def _pass(model, row: torch.Tensor, info, fisher: bool):
             handles.append(attn.k_proj.register_forward_hook(hook(i, 0)))
             handles.append(attn.v_proj.register_forward_hook(hook(i, 1)))
     try:
-        with torch.enable_grad() if fisher else torch.no_grad():
+        # (normal mode even when called under torch.inference_mode: gradients need tensors autograd can save)
+        with torch.inference_mode(False), torch.enable_grad() if fisher else torch.no_grad():
+            row = row.clone()
             out = model(row[None], labels=row[None] if fisher else None, use_cache=False)
             grads = torch.autograd.grad(out.loss, [c[4] for c in captured]) if fisher else [None] * len(captured)
     finally:
