@@ -13,6 +13,7 @@ import graphprune
 from tests.conftest import images, tiny
 from tests.test_kv import SMALL, greedy, left_padded
 from tests.test_kv import tiny as tiny_lm
+from tests.test_prompt import lm  # noqa: F401 (a fixture)
 
 DEVICE = os.environ.get("GRAPHPRUNE_TEST_DEVICE", "cuda")  # (=cpu runs these tests' code paths without a GPU)
 pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -47,7 +48,16 @@ def test_encoder_recipes_on_cuda_equal_the_cpu(recipe):
 
 @pytest.mark.parametrize("recipe", list(CACHE))
 def test_cache_policies_on_cuda_generate_the_cpus_tokens(recipe):
-    model = tiny_lm("llama")
+    _generates_the_cpus_tokens(tiny_lm("llama"), recipe)
+
+
+@pytest.mark.parametrize("recipe", ["snapkv", "streaming_llm", "tova", "kivi", "rocketkv"])
+def test_cache_policies_on_cuda_respect_gemma3s_sliding_layers(recipe):
+    """Gemma 3 (sliding-window layers around a global one): the CPU's greedy tokens on CUDA."""
+    _generates_the_cpus_tokens(tiny_lm("gemma3"), recipe)
+
+
+def _generates_the_cpus_tokens(model, recipe):
     ids, mask, _ = left_padded()
     options = {**SMALL.get(recipe, {}), **CACHE[recipe]}
     expected = greedy(graphprune.optimize(model, recipe, **options), ids, mask)
@@ -90,3 +100,43 @@ def test_tomesd_on_cuda_equals_the_cpu(use_rand):
         got = on_gpu.call((), {k: v.to(DEVICE) for k, v in inputs.items()}, given).sample
     assert got.device.type == DEVICE
     torch.testing.assert_close(got.cpu(), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["dit", "pixart", "sd3", "flux"])
+def test_tomesd_transformer_denoisers_on_cuda_equal_the_cpu(kind):
+    """A reduced DiT, PixArt, SD3 and Flux (top-left cells: no draw) on CUDA gives the CPU's output."""
+    pytest.importorskip("diffusers")
+    from tests.test_diffusion import _dit_inputs, _flux, _pixart, _sd3, dit
+
+    model, inputs = {"dit": lambda: (dit.__wrapped__(), _dit_inputs()), "pixart": _pixart, "sd3": _sd3,
+                     "flux": _flux}[kind]()
+    on_cpu = graphprune.optimize(model, "tomesd", ratio=0.5, use_rand=False)
+    on_gpu = graphprune.optimize(copy.deepcopy(model).to(DEVICE), "tomesd", ratio=0.5, use_rand=False)
+    to = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in inputs.items()}
+    with torch.no_grad():
+        expected, got = on_cpu(**inputs).sample, on_gpu(**to).sample
+    assert got.device.type == DEVICE
+    assert (expected - model(**inputs).sample).abs().max() > 1e-3  # (the merge changes the output)
+    torch.testing.assert_close(got.cpu(), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_prompt_compression_on_cuda_equals_the_cpu(lm):
+    """LLMLingua and LongLLMLingua with the compressor on CUDA keep the tokens they keep on the CPU; the llmlingua
+    recipe's generate on CUDA gives the CPU's tokens."""
+    from tests.test_prompt import _doc
+
+    model, tokenizer = lm
+    gpu = copy.deepcopy(model).to(DEVICE)
+    docs = [_doc(40, 80), _doc(41, 60)]
+    for method, extra in (("llmlingua", {}), ("longllmlingua", {"question": "w3 w5 ?", "use_context_filter": False})):
+        kw = dict(tokenizer=tokenizer, rate=0.5, iterative_size=30, method=method, **extra)
+        assert (graphprune.compress_prompt(docs, compressor=gpu, **kw)["compressed_prompt"]
+                == graphprune.compress_prompt(docs, compressor=model, **kw)["compressed_prompt"])
+    tokenizer.padding_side = "left"
+    enc = tokenizer(docs, return_tensors="pt", padding=True)
+    gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    expected = graphprune.optimize(model, "llmlingua", rate=0.5, tokenizer=tokenizer, iterative_size=30).generate(
+        enc["input_ids"], attention_mask=enc["attention_mask"], **gen)
+    got = graphprune.optimize(gpu, "llmlingua", rate=0.5, tokenizer=tokenizer, iterative_size=30).generate(
+        enc["input_ids"].to(DEVICE), attention_mask=enc["attention_mask"].to(DEVICE), **gen)
+    assert torch.equal(got.cpu(), expected)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from graphprune.errors import ScheduleError
+from graphprune.kv.model import cache_argument, returned_cache
 
 SUFFIX = " We can get the answer to this question in the given documents."
 
@@ -50,9 +51,9 @@ class _Scorer:
         and the cache of ``ids[:end]``."""
         past_len = 0 if past is None else past.get_seq_length()
         end = ids.shape[0] if end is None else end
-        out = self.model(ids[None, past_len:end], past_key_values=past, use_cache=True)
+        out = self.model(ids[None, past_len:end], **{cache_argument(self.model): past}, use_cache=True)
         logits = out.logits[0, :-1].float()
-        return torch.nn.functional.cross_entropy(logits, ids[past_len + 1:end], reduction="none"), out.past_key_values
+        return torch.nn.functional.cross_entropy(logits, ids[past_len + 1:end], reduction="none"), returned_cache(out)
 
 
 def _budget(expression: str, base: float) -> float:
