@@ -5,7 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw, has_guarding_hint, statically_known_true
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+try:
+    from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw, has_guarding_hint
+except ImportError:  # torch before 2.13: the symbolic node's own hint
+    def has_guarding_hint(a) -> bool:
+        return not isinstance(a, torch.SymInt) or a.node.has_hint()
+
+    def guarding_hint_or_throw(a) -> int:
+        return a.node.hint if isinstance(a, torch.SymInt) else a
 
 
 from graphprune.errors import UnsupportedArchitectureError
