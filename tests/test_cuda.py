@@ -23,7 +23,8 @@ ENCODER = {"tome": {"r": 6}, "evit": {"keep": 0.7}, "ats": {"capacity": 0.6}, "t
            "evo_vit": {"keep": 0.6}, "ppt": {"r": 6}, "tps": {"keep": 0.7}, "zero_tprune": {"keep": 0.7}}
 CACHE = {"streaming_llm": {"budget": 12}, "h2o": {"budget": 12}, "tova": {"budget": 12}, "snapkv": {"budget": 12},
          "pyramidkv": {"budget": 12}, "scissorhands": {"budget": 12}, "kivi": {"bits": 4}, "gear": {"bits": 4},
-         "kvquant": {"bits": 4}, "palu": {"ratio": 0.5, "align": 8}, "qhitter": {},
+         "kvquant": {"bits": 4}, "palu": {"ratio": 0.5, "align": 8}, "palu 3-bit": {"ratio": 0.5, "align": 8, "bits": 3},
+         "qhitter": {},
          "rocketkv": {"budget": 12, "window": 4, "kernel": 3, "new_tokens": 8}}
 
 
@@ -57,9 +58,10 @@ def test_cache_policies_on_cuda_respect_gemma3s_sliding_layers(recipe):
     _generates_the_cpus_tokens(tiny_lm("gemma3"), recipe)
 
 
-def _generates_the_cpus_tokens(model, recipe):
+def _generates_the_cpus_tokens(model, label):
+    recipe = label.split()[0]
     ids, mask, _ = left_padded()
-    options = {**SMALL.get(recipe, {}), **CACHE[recipe]}
+    options = {**SMALL.get(recipe, {}), **CACHE[label]}
     expected = greedy(graphprune.optimize(model, recipe, **options), ids, mask)
     fast = graphprune.optimize(copy.deepcopy(model).to(DEVICE), recipe, **options)
     assert torch.equal(greedy(fast, ids.to(DEVICE), mask.to(DEVICE)).cpu(), expected)

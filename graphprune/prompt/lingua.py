@@ -48,12 +48,14 @@ class _Scorer:
     @torch.no_grad()
     def losses(self, ids: torch.Tensor, past=None, end: int | None = None):
         """Per-token NLL of ``ids[past_len + 1:end]`` given what precedes (``past``: the cache of ``ids[:past_len]``),
-        and the cache of ``ids[:end]``."""
+        and the cache of ``ids[:end]``. The compressor runs on its own device; the losses come back on ``ids``'s."""
         past_len = 0 if past is None else past.get_seq_length()
         end = ids.shape[0] if end is None else end
-        out = self.model(ids[None, past_len:end], **{cache_argument(self.model): past}, use_cache=True)
+        on = ids[:end].to(self.model.get_input_embeddings().weight.device)
+        out = self.model(on[None, past_len:], **{cache_argument(self.model): past}, use_cache=True)
         logits = out.logits[0, :-1].float()
-        return torch.nn.functional.cross_entropy(logits, ids[past_len + 1:end], reduction="none"), returned_cache(out)
+        losses = torch.nn.functional.cross_entropy(logits, on[past_len + 1:], reduction="none")
+        return losses.to(ids.device), returned_cache(out)
 
 
 def _budget(expression: str, base: float) -> float:

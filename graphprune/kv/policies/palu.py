@@ -69,7 +69,7 @@ def projection(weight: torch.Tensor, bias: torch.Tensor | None, groups: int, ran
     u, root = u[..., :rank], sigma[..., :rank].sqrt().clamp_min(1e-30)
     encode, decode = u / root[:, None, :], (u * root[:, None, :]).transpose(1, 2)
     if rotate_latent:
-        m = hadamard(rank)
+        m = hadamard(rank).to(encode.device)
         encode, decode = encode @ m, m.T @ decode
     return Projection(encode.float(), decode.float(), None if bias is None else bias.detach().float().reshape(groups, -1))
 
