@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +23,9 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import graphprune
 from graphprune.kv.bench import bench_decoder
+
+sys.path.insert(0, str(Path(__file__).parent))
+from llm import _commit  # noqa: E402  (the commit the run imported, once)
 
 QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                   num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6,
@@ -43,14 +46,6 @@ def settings(steps: int) -> list[tuple[str, str, dict]]:
             ("palu 0.5", "palu", {"ratio": 0.5}), ("palu 0.5 3-bit", "palu", {"ratio": 0.5, "bits": 3})]
 
 
-def _commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prompt", type=int, default=4096)
@@ -63,6 +58,7 @@ def main() -> None:
     p.add_argument("--only", nargs="*", help="labels to run (default: all)")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args()
+    commit = _commit()  # (read as the run starts: the code it runs)
     dtype = getattr(torch, a.dtype)
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(Qwen2Config(**(TINY if a.tiny else QWEN25_05B))).eval().to(a.device, dtype)
@@ -93,8 +89,9 @@ def main() -> None:
                    f"--{k.replace('_', '-')} {v}" for k, v in (("prompt", a.prompt), ("batch", a.batch),
                                                                ("steps", a.steps), ("rounds", a.rounds),
                                                                ("dtype", a.dtype))),
-               "device": device, "torch": torch.__version__, "commit": _commit(),
+               "device": device, "torch": torch.__version__, "commit": commit,
                "date": time.strftime("%Y-%m-%d"), "seconds": round(time.perf_counter() - t0, 1),
+               "prompt": a.prompt, "batch": a.batch, "steps": a.steps, "rounds": a.rounds,
                "full": {"ttft_ms": base.baseline_prefill_ms, "ms_per_step": base.baseline_ms} if base else None,
                "rows": rows, "failed": failed}
     print(f"full cache: TTFT {payload['full']['ttft_ms']:.1f} ms, {payload['full']['ms_per_step']:.2f} ms/step"

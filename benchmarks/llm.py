@@ -513,6 +513,9 @@ NOTES = [
     "layer) slowed down 30–40× in trial runs while the full model barely did (thread oversubscription); prefer "
     "`--threads 1` for `ppl`/`stream` on a shared machine.",
     "- `speed` decodes from a `copy.deepcopy` of each prefilled cache, so every round starts at the same length.",
+    "- On a GPU every cache recipe generates the CPU's greedy tokens (`tests/test_cuda.py`: 41 passed on an H200, torch "
+    "2.11, transformers 5.24, 2026-11-27). The GPU table's run was short (16 steps, 2 rounds): the session's device "
+    "time.",
     "- `pyramidkv` changed on 2026-11-27: its layer step divides the spread by the number of layers, as the authors' "
     "`PyramidKVCluster` (commit 6352233; it divided by one less), and its defaults are the authors' observation window "
     "8, pooling kernel 7 and max pooling (commit c423a20; they were SnapKV's 32, 5 and average). Every `pyramidkv` "
@@ -736,17 +739,16 @@ def report() -> None:
     if path.is_file():
         d = json.loads(path.read_text())
         full = d["full"]
-        lines += ["## Every cache recipe on a GPU · 4096-token prompt", "",
+        lines += [f"## Every cache recipe on a GPU · {d['prompt']}-token prompt", "",
                   f"`{d['command']}` ({d['date']}, commit {d['commit']}, {d['device']}, torch {d['torch']})", "",
                   "Qwen2.5-0.5B's shapes (24 layers, 14 query heads, 2 KV heads, 151,936-token vocabulary) with random "
-                  "weights, batch 1, a random prompt, the unmodified model's greedy continuation fed one token per step, "
+                  f"weights, batch {d['batch']}, a random prompt, the unmodified model's greedy continuation fed one token per step, "
                   "rounds interleaved with the full cache (`benchmarks/gpu_decode.py`, `graphprune.kv.bench`). At batch "
                   "1 a decode step is launch-bound: what a recipe adds per step is kernel launches and Python, and it "
                   "outweighs the attention it saves. The quantised and low-rank caches trade step time for memory here; "
                   "a fused kernel (as the papers' CUDA code) is what turns their memory into speed. TTFT: the prompt "
-                  "pass with the recipe's own work (H2O and Q-Hitter need the attention weights: eager attention). A short run (the "
-                  "session's device time): 16 steps per round, 2 rounds after a warm-up. Every recipe also generates the "
-                  "CPU's tokens on CUDA (`tests/test_cuda.py`: 41 passed on this H200, torch 2.11, transformers 5.24).", "",
+                  "pass with the recipe's own work (H2O and Q-Hitter need the attention weights: eager attention). "
+                  f"{d['steps']} steps per round, {d['rounds']} rounds after a warm-up.", "",
                   f"Full cache: TTFT {full['ttft_ms']:.1f} ms, {full['ms_per_step']:.2f} ms per step.", "",
                   "| variant | TTFT ms | ms/step | step speedup | cache |", "|---|---:|---:|---:|---:|"]
         for row in d["rows"]:
