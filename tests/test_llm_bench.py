@@ -63,4 +63,4 @@ def test_h2o_keeps_half_the_cache_while_decoding(smollm2):
             mem = cache.memory()
             assert mem["ratio"] <= 0.5 + 0.02, mem
             assert max(mem["slots_per_layer"]) <= 128 + 1  # one free slot the next token is written into (ring mode)
-            assert all(int(layer.valid.sum(-1).max()) == 128 for layer in cache.layers)
+            assert all(int(layer.storage.valid.sum(-1).max()) == 128 for layer in cache.layers)
