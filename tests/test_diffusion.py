@@ -231,6 +231,31 @@ def test_zero_ratio_reproduces_every_denoiser(unet, dit):
             assert (reduced(**inputs).sample - expected.sample).abs().max() > 1e-4  # merging does change the output
 
 
+@pytest.mark.parametrize("h, w, sx, sy", [(8, 8, 2, 2), (7, 9, 2, 3), (5, 6, 3, 1)])
+def test_merge_equals_the_published_matching_on_any_grid(h, w, sx, sy):
+    """One block call's merge, unmerge and merged tokens' positions equal the published algorithm's, also where rows
+    and columns past whole cells are always sources; on the same inputs twice (the layout kept from the first call)
+    and under inference mode."""
+    from graphprune.diffusion.merge import Grid, Merge, draw_cells
+
+    gen = torch.Generator().manual_seed(h * w)
+    x = torch.randn(3, h * w, 6, generator=gen)
+    grid = Grid(h=h, w=w, sx=sx, sy=sy)
+    for r in (0, h * w // 3, h * w):  # (r past the sources merges them all)
+        cells = draw_cells(grid, gen)
+        merge, unmerge, positions = reference_matching(x, w, h, sx, sy, r, cells)
+        for mode in (torch.no_grad, torch.inference_mode, torch.no_grad):
+            with mode():
+                ours = Merge(x, grid, cells, r)
+                merged = ours.merge(x)
+                assert (ours.unmerge(merged) - unmerge(merge(x))).abs().max() <= 1e-6
+                # the merged tokens, each at the position it stands at (the published order of equal keys is argsort's)
+                at, theirs = ours.positions().sort(dim=1), positions.sort(dim=1)
+                assert torch.equal(at.values, theirs.values)
+                take = lambda t, i: t.gather(1, i[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
+                assert (take(merged, at.indices) - take(merge(x), theirs.indices)).abs().max() <= 1e-6
+
+
 @pytest.mark.parametrize("options", [{}, {"merge_crossattn": True, "merge_mlp": True, "max_downsample": 2},
                                      {"use_rand": False, "ratio": 0.75}])
 def test_unet_equals_the_published_algorithm(unet, options):

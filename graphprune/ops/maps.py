@@ -32,16 +32,22 @@ def take_rows(t: torch.Tensor, idx: torch.Tensor, flat: torch.Tensor | None = No
 
 def add_rows(base: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, flat: torch.Tensor | None = None) -> torch.Tensor:
     """``base`` (B, n, C) with ``rows`` (B, k, C) added at the tokens ``idx`` (B, k) (repeats add up, in order);
-    ``flat``: ``flat_rows(idx, n)``, if already worked out.
+    ``flat``: ``flat_rows(idx, n)``, if already worked out."""
+    b, n, c = base.shape
+    if torch.compiler.is_exporting():
+        return base.scatter_add(1, idx.unsqueeze(-1).expand(-1, -1, c), rows)
+    return add_flat(base.reshape(b * n, c), flat_rows(idx, n) if flat is None else flat, rows.reshape(-1, c)).view(b, n, c)
+
+
+def add_flat(base: torch.Tensor, at: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``base`` (M, ...) with ``rows`` (k, ...) added at the rows ``at`` (k,) (repeats add up).
 
     Exported, it adds element by element: ``index_add`` exports as ScatterND with reduction "add", which ONNX
     Runtime's CPU kernel runs in parallel over the indices, losing additions to a repeated row with more than one
     thread (onnxruntime#18048); ScatterElements adds them in order."""
-    b, n, c = base.shape
     if torch.compiler.is_exporting():
-        return base.scatter_add(1, idx.unsqueeze(-1).expand(-1, -1, c), rows)
-    flat = flat_rows(idx, n) if flat is None else flat
-    return base.reshape(b * n, c).index_add(0, flat, rows.reshape(-1, c)).view(b, n, c)
+        return base.scatter_add(0, at.view(-1, *[1] * (rows.dim() - 1)).expand_as(rows), rows)
+    return base.index_add(0, at, rows)
 
 
 # The helpers below are plain tensor code that FX tracing can record (no Python ints read from shapes).
