@@ -12,7 +12,9 @@ DiT with ``max_downsample=2``, which reaches the same patch grid). FLOPs counted
 (the matching's similarity and merges included); bound = 1 / FLOP ratio; efficiency = speedup / bound.
 ``--targets eager onnx`` adds ONNX Runtime (unmodified and reduced, both exported here); ``--targets onnx`` times
 ONNX Runtime alone (no eager variants or official copy in memory: what fits SD 1.5's UNet on a 24 GB machine;
-``<model>-<latent>-onnx.json``). ``--device cuda --dtype float16``
+``<model>-<latent>-onnx.json``). ONNX Runtime runs each exported graph's copy with fused attention (its
+MultiHeadAttention, see ``graphprune.exporters.ort_attention``; the JSON's ``onnx_fused_attention`` counts them).
+``--device cuda --dtype float16``
 runs on a GPU; ``--compile`` adds ``torch.compile`` of the unmodified and the reduced denoiser (and of the official
 patch, where installed), each compiled once before the timed rounds (compile time reported apart).
 """
@@ -113,7 +115,7 @@ def run(name: str, latent: int, rounds: int, targets: list[str], commit: str, ma
             compile_s["compiled " + k] = time.perf_counter() - t0
             fns["compiled " + k] = compiled
             print(f"compiled {k} in {compile_s['compiled ' + k]:.0f} s", flush=True)
-    tmp = None
+    tmp, fused = None, {}
     if "onnx" in targets:
         tmp = tempfile.TemporaryDirectory()
         folders = {"plain": Path(tmp.name) / "plain", "tomesd": Path(tmp.name) / "tomesd"}
@@ -124,6 +126,8 @@ def run(name: str, latent: int, rounds: int, targets: list[str], commit: str, ma
         plain, reduced = (OnnxDenoiser(folders[key]) for key in ("plain", "tomesd"))
         fns["onnx unmodified"] = lambda: plain(**inputs)
         fns["onnx graphprune tomesd"] = lambda: reduced(**inputs)
+        fused = {"onnx unmodified": plain.meta.get("fused_attention", 0),
+                 "onnx graphprune tomesd": reduced.meta.get("fused_attention", 0)}  # (ONNX Runtime's MHA)
     ratio = count_flops(lambda: fast(**inputs), ()) / count_flops(lambda: model(**inputs), ())
     times = interleaved(fns, (), rounds=rounds, warmup=1)
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
@@ -141,6 +145,7 @@ def run(name: str, latent: int, rounds: int, targets: list[str], commit: str, ma
             row["speedup"][k] = med["compiled unmodified"] / med[k]
     if "onnx unmodified" in med:
         row["speedup"]["onnx graphprune tomesd"] = med["onnx unmodified"] / med["onnx graphprune tomesd"]
+        row["onnx_fused_attention"] = fused  # attentions run as ONNX Runtime's MultiHeadAttention, per graph
     row["efficiency"] = {k: v / row["bound"] for k, v in row["speedup"].items() if "tomesd" in k}
     if tmp is not None:
         tmp.cleanup()

@@ -541,7 +541,7 @@ def test_onnx_denoiser_matches_eager_and_draws_alike(unet, tmp_path):
                                example_inputs=inputs)
     assert onnx.max_abs_diff <= 1e-4
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["denoiser.json", "denoiser.onnx",
-                                                                  "denoiser.onnx.data"]
+                                                                  "denoiser.onnx.data", "denoiser.ort.onnx"]
     import onnx as onnx_lib  # ONNX Runtime's ScatterND with a reduction loses updates to repeated indices with more
     # than one thread (onnxruntime#18048): the merge's additions must export as ScatterElements
     graph = onnx_lib.load(tmp_path / "d" / "denoiser.onnx", load_external_data=False)
@@ -550,7 +550,15 @@ def test_onnx_denoiser_matches_eager_and_draws_alike(unet, tmp_path):
     assert not [n for n in nodes if n.op_type == "ScatterND" and any(a.name == "reduction" and a.s != b"none"
                                                                      for a in n.attribute)]
     assert [o.name for o in graph.graph.output] == ["output"]  # (the matchings were outputs for the check only)
+    # what ONNX Runtime runs (and the check ran): every attention fused, reading the portable graph's weights file
+    fused = onnx_lib.load(tmp_path / "d" / "denoiser.ort.onnx", load_external_data=False)
+    kinds = [n.op_type for n in fused.graph.node]
+    assert "Softmax" not in kinds and "MultiHeadAttention" not in [n.op_type for n in nodes]
+    assert kinds.count("MultiHeadAttention") == 8 and [o.name for o in fused.graph.output] == ["output"]
+    assert {e.value for t in fused.graph.initializer for e in t.external_data if e.key == "location"} == {
+        "denoiser.onnx.data"}
     meta = json.loads((tmp_path / "d" / "denoiser.json").read_text())
+    assert meta["fused_attention"] == 8  # (4 transformer blocks: self- and cross-attention)
     assert meta["checked_calls"] == 2 * len(meta["cells"]) > 0 and meta["matching_slack"] <= 1e-4 and meta["near_ties"] == 0
     eager = graphprune.optimize(unet, "tomesd", ratio=0.5, seed=3)
     with torch.no_grad():

@@ -29,10 +29,12 @@ from graphprune.exporters import triton
 from graphprune.exporters.files import publish, staging_dir
 from graphprune.exporters.onnx import OPSET, TOLERANCE, _quiet_loggers, _session
 from graphprune.exporters.openvino import OpenVinoModel, export_openvino
+from graphprune.exporters.ort_attention import fuse_attention
 from graphprune.exporters.trt import write_trt_build
 from graphprune.report import max_abs_diff
 
 META = "denoiser.json"
+ORT_GRAPH = "denoiser.ort.onnx"  # the graph with ONNX Runtime's fused attention, beside the portable one
 
 
 class _Step(torch.nn.Module):
@@ -152,19 +154,23 @@ def export_denoiser_onnx(reduced: ReducedDenoiser, example_inputs: dict, output)
             raise ExportError(f"ONNX export of the denoiser failed: {first_line(err)}") from err
         del program  # (its graph and folded weights: a full denoiser's are gigabytes, not needed past the file)
         gc.collect()
-        session = _session(staged)
+        fused = fuse_attention(staged, tmp / ORT_GRAPH)  # (what ONNX Runtime runs: checked as it will run)
+        graphs = [staged, tmp / ORT_GRAPH] if fused else [staged]
+        session = _session(graphs[-1])
 
         def run(arrays: list[torch.Tensor]) -> list[torch.Tensor]:
             feeds = {i.name: a.detach().cpu().numpy() for i, a in zip(session.get_inputs(), arrays)}
             return [torch.from_numpy(np.asarray(o)) for o in session.run(None, feeds)]
 
         checked = _checked(run, step, example_inputs, cells, "ONNX")
-        graph = onnx.load(str(staged), load_external_data=False)  # (the matchings were outputs for the check only)
-        del graph.graph.output[1:]
-        onnx.save(graph, str(staged))
+        del session
+        for path in graphs:
+            graph = onnx.load(str(path), load_external_data=False)  # (the matchings were outputs for the check only)
+            del graph.graph.output[1:]
+            onnx.save(graph, str(path))
         meta = {"inputs": names, "batch": batch if static else None,
                 "cells": [[g.h, g.w, g.sx, g.sy] for g in grids], "ratio": reduced.ratio,
-                "seed": reduced.seed, **checked, "checked_calls": 2 * calls}
+                "seed": reduced.seed, **checked, "checked_calls": 2 * calls, "fused_attention": fused}
         (tmp / META).write_text(json.dumps(meta, indent=2))
         publish(sorted(tmp.iterdir()), output, last=staged)
     return OnnxDenoiser(output)
@@ -203,11 +209,13 @@ class _Runner:
 
 
 class OnnxDenoiser(_Runner):
-    """The exported denoiser in ONNX Runtime (``denoiser.onnx``)."""
+    """The exported denoiser in ONNX Runtime: its copy with fused attention (``denoiser.ort.onnx``, see
+    :mod:`graphprune.exporters.ort_attention`) where the export wrote one, else ``denoiser.onnx``."""
 
     def __init__(self, folder, threads: int | None = None):
         super().__init__(folder)
-        self.session = _session(self.folder / "denoiser.onnx", threads)
+        fused = self.folder / ORT_GRAPH
+        self.session = _session(fused if fused.exists() else self.folder / "denoiser.onnx", threads)
 
     def run(self, feeds: dict) -> np.ndarray:
         return self.session.run(None, feeds)[0]
@@ -235,7 +243,7 @@ def deploy_denoiser(reduced: ReducedDenoiser, example_inputs: dict, output, targ
     else:
         folder = Path(output)
     onnx_runner = export_denoiser_onnx(reduced, example_inputs, folder)
-    written = [folder / name for name in ("denoiser.onnx", "denoiser.onnx.data", META)]
+    written = [folder / name for name in ("denoiser.onnx", "denoiser.onnx.data", ORT_GRAPH, META)]
     try:
         if target == "openvino":  # checked as the ONNX graph is: with its own matchings (exposed again by name)
             cells = _check_cells(onnx_runner.grids)

@@ -50,7 +50,8 @@ def build_engine(onnx: Path, profile: dict, engine: Path, fp16: bool = False) ->
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Build a TensorRT engine from the checked ONNX model.")
-    models = sorted(HERE.glob("*.onnx"))  # model.onnx, or denoiser.onnx for a diffusion denoiser
+    # model.onnx, or denoiser.onnx for a diffusion denoiser (not ONNX Runtime's copy, *.ort.onnx: its contrib ops)
+    models = sorted(p for p in HERE.glob("*.onnx") if not p.name.endswith(".ort.onnx"))
     onnx = models[0] if len(models) == 1 else HERE / "model.onnx"
     p.add_argument("--onnx", type=Path, default=onnx)
     p.add_argument("--profile", type=Path, default=HERE / "profile.json")
