@@ -21,18 +21,18 @@ log = logging.getLogger(__name__)
 def fuse_attention(src: Path, dst: Path) -> int:
     """Write ``src`` (an ONNX graph with external weights) to ``dst``, in the same folder, with its attention fused;
     returns how many attentions were fused (0: nothing written)."""
-    import onnx_ir as ir
-    from onnxscript.rewriter.ort_fusions.sdpa import fuse_sdpa
-    from onnxscript.rewriter.ort_fusions.sdpa_via_mha import replace_sdpa_by_mha
-
     if Path(src).parent != Path(dst).parent:
         raise ValueError("the fused copy goes beside its graph (it reads the graph's weights file)")
-    model = ir.load(src)  # (the weights stay in their file: external tensors are read only where a rewrite needs them)
     try:
+        import onnx_ir as ir
+        from onnxscript.rewriter.ort_fusions.sdpa import fuse_sdpa
+        from onnxscript.rewriter.ort_fusions.sdpa_via_mha import replace_sdpa_by_mha
+
+        model = ir.load(src)  # (the weights stay in their file, read only where a rewrite needs them)
         fused = fuse_sdpa(model, apply_shape_inference=True)
         if fused and replace_sdpa_by_mha(model) != fused:
             return 0  # (an attention left half-rewritten: run the portable graph)
-    except Exception as err:  # noqa: BLE001  (an optimisation: the portable graph still runs)
+    except Exception as err:  # noqa: BLE001  (an optimisation: without these fusions the portable graph runs)
         log.info("attention left unfused: %s", err)
         return 0
     if fused:
