@@ -13,7 +13,8 @@ DiT with ``max_downsample=2``, which reaches the same patch grid). FLOPs counted
 ``--targets eager onnx`` adds ONNX Runtime (unmodified and reduced, both exported here); ``--targets onnx`` times
 ONNX Runtime alone (no eager variants or official copy in memory: what fits SD 1.5's UNet on a 24 GB machine;
 ``<model>-<latent>-onnx.json``). ONNX Runtime runs each exported graph's copy with fused attention (its
-MultiHeadAttention, see ``graphprune.exporters.ort_attention``; the JSON's ``onnx_fused_attention`` counts them).
+MultiHeadAttention, see ``graphprune.exporters.ort_attention``; the JSON's ``onnx_fused_attention`` counts them),
+each session handing its working memory back after each step (``OnnxDenoiser(release_memory=True)``).
 ``--device cuda --dtype float16``
 runs on a GPU; ``--compile`` adds ``torch.compile`` of the unmodified and the reduced denoiser (and of the official
 patch, where installed), each compiled once before the timed rounds (compile time reported apart).
@@ -123,7 +124,8 @@ def run(name: str, latent: int, rounds: int, targets: list[str], commit: str, ma
             # runtime session dropped before the next export (a full UNet's are gigabytes each)
             graphprune.optimize(model, "tomesd", **settings, target="onnx", output=folders[key], example_inputs=inputs)
             gc.collect()
-        plain, reduced = (OnnxDenoiser(folders[key]) for key in ("plain", "tomesd"))
+        plain, reduced = (OnnxDenoiser(folders[key], release_memory=True) for key in ("plain", "tomesd"))  # (each
+        # step's working memory handed back: two SD 1.5 sessions at 1024² would keep about 7 GB each)
         fns["onnx unmodified"] = lambda: plain(**inputs)
         fns["onnx graphprune tomesd"] = lambda: reduced(**inputs)
         fused = {"onnx unmodified": plain.meta.get("fused_attention", 0),
@@ -189,6 +191,8 @@ def report() -> None:
             family = k.split(" ")[0] if k.startswith(("onnx", "compiled")) else ""
             base_k = seconds[f"{family} unmodified"] if family else seconds["unmodified"]
             label = k + setting if "tomesd" in k else k
+            if r.get("onnx_fused_attention", {}).get(k):  # (ONNX Runtime's MultiHeadAttention: see the module doc)
+                label += " (fused attention)"
             if k.endswith(" unmodified"):
                 eager = seconds.get("unmodified")
                 lines.append(f"| {r['model']} | {_image(r)} | | | {_time(eager) if eager else ''} | {label} | "

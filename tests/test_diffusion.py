@@ -567,6 +567,8 @@ def test_onnx_denoiser_matches_eager_and_draws_alike(unet, tmp_path):
             assert (onnx(**step) - eager(**step).sample).abs().max() <= 1e-4
         one = _unet_inputs(batch=1)  # the exported batch is dynamic
         assert (onnx(**one) - eager(**one).sample).abs().max() <= 1e-4
+    from graphprune.exporters.denoiser_onnx import OnnxDenoiser  # (a runner that hands its memory back after a step)
+    assert torch.equal(OnnxDenoiser(tmp_path / "d", release_memory=True)(**step), OnnxDenoiser(tmp_path / "d")(**step))
     with pytest.raises(GraphPruneError, match="example_inputs"):
         graphprune.optimize(unet, "tomesd", target="onnx", output=tmp_path / "e")
     with pytest.raises(GraphPruneError, match="timestep"):  # a Python number would be baked into the graph
