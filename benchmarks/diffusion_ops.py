@@ -4,7 +4,7 @@ package (needs ``pip install tomesd``), on a tiny 4-block DiT at ratio 0.5:
 - the ops: every op the call dispatches, counted with a dispatch-mode hook, minus the unmodified model's. On a
   launch-bound GPU each op that runs a kernel costs a launch;
 - the host time: the call's time minus the unmodified model's, per reduced block, on one CPU thread (medians of
-  interleaved rounds). With tiny tensors the time is Python and dispatch, the work that issues the kernels: on a GPU
+  interleaved rounds, each round's difference). With tiny tensors the time is Python and dispatch, the work that issues the kernels: on a GPU
   whose step is launch-bound (a guidance batch of 2, tomesd #6 and #19) that is the step's time.
 
     python benchmarks/diffusion_ops.py [--rounds 15]
@@ -79,7 +79,8 @@ def main() -> None:
         added.subtract(counts["unmodified"])
         total = sum(added.values()) / BLOCKS
         kernels = sum(v for op, v in added.items() if op not in VIEWS) / BLOCKS
-        host = (statistics.median(times[name]) - base) / BLOCKS * 1e6
+        host = statistics.median(t - u for t, u in zip(times[name], times["unmodified"])) / BLOCKS * 1e6  # (paired
+        # within each round: the machine's drift between rounds cancels)
         print(f"{name}: {total:.0f} dispatched ops per reduced block, {kernels:.0f} of them run a kernel; "
               f"{host:.0f} µs of host time added per reduced block")
     print(f"(the unmodified call: {base * 1e6:.0f} µs, {BLOCKS} blocks; medians of {args.rounds} interleaved rounds "
