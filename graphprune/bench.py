@@ -96,12 +96,19 @@ class _LiveBytes(TorchDispatchMode):
         return out
 
 
+def _is_tensor(obj) -> bool:
+    try:
+        return isinstance(obj, torch.Tensor)
+    except ReferenceError:  # a weakref.proxy whose object is gone (isinstance reads its __class__)
+        return False
+
+
 def _cpu_storages() -> frozenset:
     """Addresses of the CPU tensor storages alive now (inputs, weights, caches)."""
     found = set()
     with warnings.catch_warnings():  # isinstance on some foreign objects warns (deprecated attributes)
         warnings.simplefilter("ignore")
-        objects = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+        objects = [o for o in gc.get_objects() if _is_tensor(o)]
     for obj in objects:
         if obj.device.type == "cpu" and not obj.is_sparse:
             try:

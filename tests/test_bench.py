@@ -46,6 +46,21 @@ def test_fidelity_measures():
         gb.fidelity(tokens, tokens[:, :3])
 
 
+def test_peak_memory_with_a_dead_weak_proxy_alive():
+    """A weakref.proxy whose object is gone (libraries leave them about) does not stop the count: isinstance on it
+    raises ReferenceError."""
+    import weakref
+
+    class Thing:
+        pass
+
+    thing = Thing()
+    proxy = weakref.proxy(thing)
+    del thing
+    assert gb.peak_memory(lambda t: (t + 1).sum(), (torch.zeros(250_000),)) >= 1_000_000
+    del proxy
+
+
 def test_peak_memory_counts_live_activations():
     x = torch.zeros(250_000)  # 1 MB, allocated before: not counted
 
