@@ -34,8 +34,6 @@ def add_rows(base: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, flat: to
     """``base`` (B, n, C) with ``rows`` (B, k, C) added at the tokens ``idx`` (B, k) (repeats add up, in order);
     ``flat``: ``flat_rows(idx, n)``, if already worked out. Exported, element by element (see :func:`add_flat`)."""
     b, n, c = base.shape
-    if torch.compiler.is_exporting():
-        return base.scatter_add(1, idx.unsqueeze(-1).expand(-1, -1, c), rows)
     return add_flat(base.reshape(b * n, c), flat_rows(idx, n) if flat is None else flat, rows.reshape(-1, c)).view(b, n, c)
 
 
